@@ -1,0 +1,31 @@
+"""backfill: safe, resumable, keyset-batched PostgreSQL backfills and data moves."""
+
+from backfill.api import Backfill, Plan
+from backfill.errors import (
+    BackfillError,
+    ColumnNotFound,
+    DatabaseUnavailable,
+    IllegalTransition,
+    InvalidInput,
+    InvalidKey,
+    InvalidOption,
+    InvalidStatement,
+    JobConflict,
+    JobFailed,
+    JobNotFound,
+    SchemaError,
+    TableNotFound,
+)
+from backfill.options import JobOptions
+from backfill.registry import Registry
+from backfill.spec import JobSpec, copy, delete, move, sql_job, transform, update
+from backfill.states import JobState
+from backfill.store import Event, JobRecord
+
+__all__ = [
+    "Backfill", "BackfillError", "ColumnNotFound", "DatabaseUnavailable", "Event",
+    "IllegalTransition", "InvalidInput", "InvalidKey", "InvalidOption", "InvalidStatement",
+    "JobConflict", "JobFailed", "JobNotFound", "JobOptions", "JobRecord", "JobSpec", "JobState",
+    "Plan", "Registry", "SchemaError", "TableNotFound", "copy", "delete", "move", "sql_job",
+    "transform", "update",
+]

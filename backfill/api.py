@@ -1,0 +1,276 @@
+"""The Python API for scripts: define, enqueue, run, wait, inspect and steer jobs.
+
+    from backfill import Backfill, update
+
+    bf = Backfill("postgresql://localhost/app")
+    job = bf.enqueue(update("users", {"email_lower": "lower(email)"}, batch_size=5000))
+    bf.run(job.id)                      # inline, in this process
+    print(bf.get(job.id).state)
+"""
+
+from __future__ import annotations
+
+import builtins
+import getpass
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from backfill import registry as registry_mod
+from backfill import store
+from backfill.catalog import Conn
+from backfill.db import connect
+from backfill.errors import InvalidInput, JobNotFound
+from backfill.keyset import KeyCodec, render_key
+from backfill.kinds import prepare
+from backfill.runner import Runner, Tick
+from backfill.schema import require_current, upgrade_conn
+from backfill.spec import JobSpec
+from backfill.states import JobState
+from backfill.verify import VerifyReport, verify
+
+S = JobState
+JobRef = int | str | store.JobRecord
+
+
+def default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``run --dry-run`` shows: the job's shape and its first batch, nothing written."""
+
+    table: str
+    kind: str
+    key: tuple[str, ...]
+    key_types: tuple[str, ...]
+    rows_estimate: int | None
+    batch_size: int
+    first_batch: tuple[str, str] | None
+    statement: str
+    explain: str
+    options: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table, "kind": self.kind, "key": list(self.key),
+            "key_types": list(self.key_types), "rows_estimate": self.rows_estimate,
+            "batch_size": self.batch_size,
+            "first_batch": list(self.first_batch) if self.first_batch else None,
+            "statement": self.statement, "explain": self.explain, "options": self.options,
+        }
+
+
+class Backfill:
+    """A handle on one database: its state schema and its jobs."""
+
+    def __init__(self, dsn: str, *, actor: str | None = None, jobs_module: str = "jobs") -> None:
+        self.dsn = dsn
+        self.actor = actor or default_actor()
+        self.jobs_module = jobs_module
+        self._registry: registry_mod.Registry | None = None
+
+    @contextmanager
+    def _conn(self, *, check_schema: bool = True) -> Iterator[Conn]:
+        conn = connect(self.dsn)
+        try:
+            if check_schema:
+                require_current(conn)
+            yield conn
+        finally:
+            conn.close()
+
+    @property
+    def registry(self) -> registry_mod.Registry:
+        if self._registry is None:
+            self._registry = registry_mod.load(self.jobs_module)
+        return self._registry
+
+    # -- schema -------------------------------------------------------------------------
+
+    def upgrade(self) -> tuple[int, int]:
+        """Create or upgrade the ``backfill`` state schema; returns (before, after) versions."""
+        with self._conn(check_schema=False) as conn:
+            return upgrade_conn(conn)
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def spec_for(self, spec_or_name: JobSpec | str, **options: Any) -> JobSpec:
+        spec = self.registry.get(spec_or_name).spec() if isinstance(spec_or_name, str) else spec_or_name
+        return spec.with_options(**options) if options else spec
+
+    def enqueue(self, spec_or_name: JobSpec | str, **options: Any) -> store.JobRecord:
+        """Validate the job against the database (dry EXPLAIN included) and store it as pending.
+
+        Raises an :class:`~backfill.errors.InvalidInput` subclass, writing nothing, when the
+        table, columns, key or SQL are wrong, or another active job writes the same columns.
+        """
+        spec = self.spec_for(spec_or_name, **options)
+        with self._conn() as conn:
+            prepared = prepare(conn, spec, explain=True)
+            return store.create_job(
+                conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
+                table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
+                conflict_key=prepared.conflict_key(), write_target=prepared.write_target(),
+                rows_estimate=prepared.table.rows_estimate, actor=self.actor,
+            )
+
+    def plan(self, spec_or_job: JobSpec | JobRef) -> Plan:
+        """The dry run: table, key, estimated rows, first batch bounds, SQL and its EXPLAIN."""
+        with self._conn() as conn:
+            if isinstance(spec_or_job, JobSpec):
+                spec = spec_or_job
+            elif (isinstance(spec_or_job, str) and not spec_or_job.isdigit()
+                  and spec_or_job in self.registry):
+                spec = self.registry.get(spec_or_job).spec()
+            else:
+                spec = self._resolve(conn, spec_or_job).spec
+            prepared = prepare(conn, spec, explain=False)
+            ks = prepared.keyset
+            explain = prepared.dry_explain(conn)
+            upper = ks.max_key(conn)
+            first_batch = None
+            if upper is not None:
+                first = ks.first_key(conn, None, upper)
+                last = ks.probe(conn, None, upper, spec.options.batch_size - 1) or upper
+                first_batch = (render_key(first), render_key(last))
+            return Plan(
+                table=prepared.table.qualified, kind=spec.kind, key=prepared.key,
+                key_types=prepared.key_types, rows_estimate=prepared.table.rows_estimate,
+                batch_size=spec.options.batch_size, first_batch=first_batch,
+                statement=prepared.write_statement(lower=False).as_string(conn),
+                explain=explain, options=spec.options.to_json(),
+            )
+
+    def _resolve(self, conn: Conn, ref: JobRef) -> store.JobRecord:
+        if isinstance(ref, store.JobRecord):
+            return store.get_job(conn, ref.id)
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isdigit()):
+            return store.get_job(conn, int(ref))
+        jobs = store.find_jobs_by_name(conn, ref)
+        if not jobs:
+            hint = (" (it is defined: `backfill enqueue " + ref + "` creates it)"
+                    if ref in self.registry else "")
+            raise JobNotFound(f"no job with id or name {ref!r}{hint}")
+        active = [j for j in jobs if j.state not in (S.SUCCEEDED, S.CANCELLED)]
+        return active[0] if active else jobs[0]
+
+    def get(self, ref: JobRef) -> store.JobRecord:
+        with self._conn() as conn:
+            return self._resolve(conn, ref)
+
+    def list(self, *, include_finished: bool = False) -> builtins.list[store.JobRecord]:
+        with self._conn() as conn:
+            return store.list_jobs(conn, include_finished=include_finished)
+
+    def events(self, ref: JobRef) -> builtins.list[store.Event]:
+        with self._conn() as conn:
+            return store.events(conn, self._resolve(conn, ref).id)
+
+    def progress(self, ref: JobRef) -> store.Progress:
+        with self._conn() as conn:
+            return store.progress(conn, self._resolve(conn, ref).id)
+
+    def slices(self, ref: JobRef) -> builtins.list[store.SliceRecord]:
+        with self._conn() as conn:
+            return store.slices(conn, self._resolve(conn, ref).id)
+
+    # -- operator actions ---------------------------------------------------------------
+
+    def _transition(self, ref: JobRef, to: JobState, reason: str | None,
+                    expect: frozenset[JobState] | None = None) -> store.JobRecord:
+        with self._conn() as conn:
+            job = self._resolve(conn, ref)
+            return store.transition(conn, job.id, to, actor=self.actor, reason=reason,
+                                    expect=expect)
+
+    def pause(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
+        """Pause: the runner stops after its current batch and keeps the checkpoint."""
+        return self._transition(ref, S.PAUSED, reason or "paused by operator")
+
+    def resume(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
+        """paused -> pending: a runner (``backfill run``) or a worker picks it up again."""
+        return self._transition(ref, S.PENDING, reason or "resumed by operator",
+                                expect=frozenset({S.PAUSED}))
+
+    def cancel(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
+        return self._transition(ref, S.CANCELLED, reason or "cancelled by operator")
+
+    def retry(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
+        """failed -> pending; the next run resumes from the checkpoint."""
+        return self._transition(ref, S.PENDING, reason or "retried by operator",
+                                expect=frozenset({S.FAILED}))
+
+    def tune(self, ref: JobRef, **changes: Any) -> store.JobRecord:
+        """Change options (``batch_size``, ``target_duration``, ``rate``, ``pause``, …);
+        a running job applies them before its next batch, whichever process runs it."""
+        if not any(v is not None for v in changes.values()):
+            raise InvalidInput("nothing to tune: give at least one option")
+        with self._conn() as conn:
+            job = self._resolve(conn, ref)
+            return store.tune(conn, job.id, changes, actor=self.actor)
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(
+        self,
+        ref: JobRef | JobSpec,
+        *,
+        stop: threading.Event | None = None,
+        on_tick: Callable[[Tick], None] | None = None,
+        takeover_after_s: float = 30.0,
+    ) -> store.JobRecord:
+        """Run a job inline until it ends or is paused. A spec or a defined name with no
+        active job is enqueued first. Returns the job as it stands afterwards."""
+        if isinstance(ref, JobSpec):
+            job = self.enqueue(ref)
+        elif isinstance(ref, str) and not ref.strip().isdigit() and ref in self.registry:
+            with self._conn() as conn:
+                existing = [j for j in store.find_jobs_by_name(conn, ref)
+                            if j.state not in (S.SUCCEEDED, S.CANCELLED)]
+            job = existing[0] if existing else self.enqueue(ref)
+        else:
+            job = self.get(ref)
+        runner = Runner(self.dsn, job.id, actor=self.actor, stop=stop, on_tick=on_tick,
+                        takeover_after_s=takeover_after_s)
+        return runner.run()
+
+    def wait(self, ref: JobRef, *, timeout: float | None = None, poll: float = 0.5,
+             until: frozenset[JobState] = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
+             ) -> store.JobRecord:
+        """Block until the job reaches one of ``until`` (default: an end state)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(ref)
+            if job.state in until:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job.id} is still {job.state} after {timeout}s")
+            time.sleep(poll)
+
+    def verify(self, ref: JobRef, *, chunk: int = 50_000) -> VerifyReport:
+        with self._conn() as conn:
+            return verify(conn, self._resolve(conn, ref).id, chunk=chunk)
+
+    def table_checksum(self, table: str) -> tuple[int, int]:
+        """(count, checksum) of a whole table; handy in scripts and tests."""
+        with self._conn(check_schema=False) as conn:
+            row = conn.execute(sql.SQL(
+                "SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint), 0)"
+                " FROM {} t").format(sql.Identifier(*table.split(".")))).fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+
+__all__ = ["Backfill", "KeyCodec", "Plan"]

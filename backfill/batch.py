@@ -1,0 +1,86 @@
+"""One batch: probe the next key, write, and checkpoint, all in one transaction."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from backfill import store
+from backfill.catalog import Conn
+from backfill.errors import LeaseLost
+from backfill.keyset import Key, KeyCodec
+from backfill.kinds import PreparedJob
+from backfill.options import JobOptions
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    lower: Key | None
+    upper: Key
+    done: bool
+    rows_scanned: int
+    rows_affected: int
+    duration_ms: float
+
+
+def run_batch(
+    conn: Conn,
+    prepared: PreparedJob,
+    *,
+    job_id: int,
+    slice_no: int,
+    cursor: Key | None,
+    slice_upper: Key,
+    size: int,
+    options: JobOptions,
+    codec: KeyCodec,
+    attempts: int = 1,
+    next_size: Any = None,
+) -> BatchResult:
+    """Process ``(cursor, next]`` where ``next`` is ``size`` keys past ``cursor`` (or the slice's
+    upper bound). The checkpoint is a compare-and-set on ``cursor``: if the slice moved on, the
+    whole transaction rolls back and :class:`LeaseLost` is raised.
+    """
+    keyset = prepared.keyset
+    started = time.perf_counter()
+    with conn.transaction():
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
+            (f"{int(options.statement_timeout_ms)}ms", f"{int(options.lock_timeout_ms)}ms"),
+        )
+        nxt = keyset.probe(conn, cursor, slice_upper, size - 1)
+        if nxt is None:
+            hi, done = slice_upper, True
+            row = conn.execute(
+                keyset.count_query(lower=cursor is not None), keyset.params(cursor, slice_upper)
+            ).fetchone()
+            scanned = int(row[0]) if row else 0
+        else:
+            hi, done, scanned = nxt, nxt == slice_upper, size
+        first = None
+        if prepared.spec.kind == "sql":
+            first = keyset.first_key(conn, cursor, hi)
+        affected = prepared.write_batch(conn, cursor, hi, first) if scanned or first else 0
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        upcoming = next_size(scanned, duration_ms) if next_size is not None else size
+        ok = store.checkpoint(
+            conn,
+            job_id=job_id,
+            slice_no=slice_no,
+            prev=codec.encode(cursor),
+            new=codec.encode(hi) or [],
+            done=done,
+            rows_scanned=scanned,
+            rows_affected=affected,
+            batch_size=size,
+            next_batch_size=upcoming,
+            duration_ms=duration_ms,
+            attempts=attempts,
+        )
+        if not ok:
+            raise LeaseLost(
+                f"slice {slice_no} of job {job_id} is no longer at this cursor, or the job is "
+                "no longer running: batch rolled back"
+            )
+    return BatchResult(cursor, hi, done, scanned, affected, duration_ms)

@@ -1,0 +1,690 @@
+"""The ``backfill`` command line: operators' and scripts' entry point.
+
+Exit codes: 0 success; 1 operational failure (job failed or cancelled, database unreachable,
+verify found differences); 2 bad input (nothing was written); 3 the job is paused or throttled
+(by an operator or the controller); 130 interrupted with Ctrl-C (job paused, checkpoint kept).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from backfill import logs, store
+from backfill.api import Backfill, default_actor
+from backfill.db import connect, describe
+from backfill.durations import format_duration
+from backfill.errors import BackfillError, InvalidInput
+from backfill.runner import Tick
+from backfill.schema import LATEST, MIGRATIONS, current_version
+from backfill.settings import Settings, dsn_from_env
+from backfill.spec import JobSpec, parse_set
+from backfill.states import JobState
+from backfill.throttle import eta_seconds
+
+app = typer.Typer(
+    name="backfill",
+    help="Run large PostgreSQL backfills and data moves safely: keyset batches, checkpoints "
+    "in the batch's transaction, live pause/resume/tune.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+db_app = typer.Typer(help="Create, upgrade and inspect the `backfill` state schema.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+# Off a terminal, do not wrap at 80 columns: lines go to logs and scripts whole.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+T = TypeVar("T")
+
+EXIT_PAUSED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    if not isinstance(settings, Settings) or not settings.dsn:
+        raise InvalidInput(
+            "no database given: pass --dsn or set BACKFILL_DSN "
+            "(e.g. postgresql://user@host:5432/dbname)"
+        )
+    return settings
+
+
+def _client(ctx: typer.Context) -> Backfill:
+    s = _settings(ctx)
+    return Backfill(s.dsn, actor=s.actor, jobs_module=s.jobs_module)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except BackfillError as exc:
+        _fail(str(exc), exc.exit_code)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    dsn: Annotated[str | None, typer.Option(
+        "--dsn", help="Database to work on (default: $BACKFILL_DSN, then $DATABASE_URL).",
+        show_default=False)] = None,
+    actor: Annotated[str | None, typer.Option(
+        "--actor", envvar="BACKFILL_ACTOR",
+        help="Who you are, recorded with every state change (default: user@host).")] = None,
+    jobs_module: Annotated[str, typer.Option(
+        "--jobs-module", envvar="BACKFILL_JOBS_MODULE",
+        help="Module holding defined jobs (a `registry`).")] = "jobs",
+    log_format: Annotated[str, typer.Option(
+        "--log-format", envvar="BACKFILL_LOG_FORMAT",
+        help="auto (console on a terminal, JSON otherwise), json or console.")] = "auto",
+    log_level: Annotated[str, typer.Option("--log-level", envvar="BACKFILL_LOG_LEVEL")] = "info",
+) -> None:
+    settings = _guard(lambda: Settings(
+        dsn=dsn or dsn_from_env() or "", actor=actor or default_actor(),
+        jobs_module=jobs_module, log_format=log_format, log_level=log_level))
+    logs.configure(
+        json=None if log_format == "auto" else log_format == "json", level=log_level
+    )
+    ctx.obj = settings
+
+
+# -- db ---------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create the `backfill` schema or apply pending migrations (idempotent, concurrency-safe)."""
+    bf = _client(ctx)
+    before, after = _guard(bf.upgrade)
+    if before == after:
+        out.print(f"state schema already at version {after} ({describe(bf.dsn)})")
+    else:
+        out.print(f"state schema upgraded from version {before} to {after} ({describe(bf.dsn)})")
+
+
+@db_app.command("status")
+def db_status(ctx: typer.Context,
+              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the state schema's version and whether it is current."""
+    s = _settings(ctx)
+
+    def read() -> int | None:
+        conn = connect(s.dsn)
+        try:
+            return current_version(conn)
+        finally:
+            conn.close()
+
+    version = _guard(read)
+    state = ("missing" if version is None else "current" if version == LATEST
+             else "outdated" if version < LATEST else "newer than this backfill")
+    if as_json:
+        out.print_json(json.dumps({"version": version, "latest": LATEST, "state": state}))
+    else:
+        out.print(f"database: {describe(s.dsn)}\nstate schema: {state} "
+                  f"(version {version if version is not None else '-'}, latest {LATEST})")
+        for m in MIGRATIONS:
+            mark = "applied" if version is not None and m.version <= version else "pending"
+            out.print(f"  {m.version:>3}  {mark:<8} {m.description}")
+    if version != LATEST:
+        raise typer.Exit(1)
+
+
+# -- enqueue ----------------------------------------------------------------------------------
+
+OptBatch = Annotated[str | None, typer.Option("--batch-size", help="Starting rows per batch.")]
+OptMinBatch = Annotated[str | None, typer.Option("--min-batch-size")]
+OptMaxBatch = Annotated[str | None, typer.Option("--max-batch-size")]
+OptTarget = Annotated[str | None, typer.Option(
+    "--target-duration", help="Batch duration the size adapts to (e.g. 500ms, 2s).")]
+OptRate = Annotated[str | None, typer.Option("--rate", help="Rows/s cap (0 or none: no cap).")]
+OptPause = Annotated[str | None, typer.Option("--pause", help="Sleep between batches (e.g. 100ms).")]
+OptStmt = Annotated[str | None, typer.Option("--statement-timeout", help="Per batch (e.g. 30s).")]
+OptLock = Annotated[str | None, typer.Option("--lock-timeout", help="Per batch (e.g. 2s).")]
+OptRetries = Annotated[str | None, typer.Option("--max-retries", help="Per batch.")]
+
+
+def _option_changes(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command()
+def enqueue(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(
+        help="A defined job (see `backfill list --defined`); or give --table and a kind.",
+        show_default=False)] = None,
+    table: Annotated[str | None, typer.Option("--table", "-t", help="Source table.")] = None,
+    kind: Annotated[str | None, typer.Option(
+        "--kind", help="update, sql, copy, move, transform or delete (inferred when clear).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="`column = expression` (repeatable), for update jobs.")] = None,
+    where: Annotated[str | None, typer.Option("--where", help="Extra predicate per batch.")] = None,
+    statement: Annotated[str | None, typer.Option(
+        "--sql", help="Per-batch statement; bounds in %(lower)s / %(upper)s (inclusive).")] = None,
+    dest: Annotated[str | None, typer.Option("--dest", help="Destination table (copy/move).")] = None,
+    columns: Annotated[str | None, typer.Option(
+        "--columns", help="Comma-separated columns (copy/move: copied; transform: read).")] = None,
+    on_conflict: Annotated[str, typer.Option(
+        "--on-conflict", help="copy/move: error, nothing or update.")] = "error",
+    function: Annotated[str | None, typer.Option(
+        "--function", help="transform: module:function applied to each row.")] = None,
+    key: Annotated[str | None, typer.Option(
+        "--key", help="Key columns, comma-separated (default: the primary key).")] = None,
+    job_name: Annotated[str | None, typer.Option("--name", help="A name for an ad hoc job.")] = None,
+    batch_size: OptBatch = None,
+    min_batch_size: OptMinBatch = None,
+    max_batch_size: OptMaxBatch = None,
+    target_duration: OptTarget = None,
+    rate: OptRate = None,
+    pause: OptPause = None,
+    statement_timeout: OptStmt = None,
+    lock_timeout: OptLock = None,
+    max_retries: OptRetries = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Validate a job against the database (dry EXPLAIN included) and store it as pending.
+
+    Nothing is written to your tables; `backfill run JOB` executes it.
+    """
+    bf = _client(ctx)
+    options = _option_changes(
+        batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+        target_duration=target_duration, rate=rate, pause=pause,
+        statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries)
+
+    def build() -> store.JobRecord:
+        spec: JobSpec | str
+        if name is not None:
+            if any(v is not None for v in (table, kind, set_, statement, dest, function)):
+                raise InvalidInput("give either a defined job name or --table/--kind options, not both")
+            spec = name
+        else:
+            spec = _adhoc_spec(table, kind, set_, where, statement, dest, columns, on_conflict,
+                               function, key, job_name)
+        return bf.enqueue(spec, **options)
+
+    job = _guard(build)
+    if quiet:
+        out.print(job.id)
+    elif as_json:
+        out.print_json(json.dumps(_job_json(job), default=str))
+    else:
+        out.print(f"enqueued job {job.id} ({job.name}) on {job.table}, key "
+                  f"({', '.join(job.key_columns)}): run it with `backfill run {job.id}`")
+
+
+def _adhoc_spec(table: str | None, kind: str | None, set_: list[str] | None, where: str | None,
+                statement: str | None, dest: str | None, columns: str | None, on_conflict: str,
+                function: str | None, key: str | None, name: str | None) -> JobSpec:
+    if not table:
+        raise InvalidInput("give a defined job name, or --table with --set/--sql/--dest/--function")
+    if kind is None:
+        inferred = [k for k, v in (("update", set_), ("sql", statement), ("copy", dest),
+                                   ("transform", function)) if v]
+        if len(inferred) != 1:
+            raise InvalidInput("say what the job does: --set (update), --sql, --dest (copy; "
+                               "--kind move to move), --function (transform) or --kind delete")
+        kind = inferred[0]
+    cols = tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else ()
+    keys = tuple(c.strip() for c in key.split(",") if c.strip()) if key else ()
+    return JobSpec(
+        kind=kind, table=table, key=keys, set=parse_set(set_ or []) if kind == "update" else (),
+        where=where, statement=statement, dest=dest, columns=cols, on_conflict=on_conflict,
+        function=function, name=name,
+    )
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id, or a defined job's name.")],
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show the plan (key, estimated rows, first batch, SQL, EXPLAIN); "
+        "write nothing.")] = False,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Live progress bar (default: on a terminal).")] = True,
+    takeover_after: Annotated[float, typer.Option(
+        "--takeover-after", help="Seconds after which a silent previous runner's job is "
+        "taken over.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
+) -> None:
+    """Run a job in this process (no broker) until it finishes. Ctrl-C pauses it with the
+    checkpoint kept; running it again resumes. Exit: 0 done, 1 failed, 3 paused, 130 Ctrl-C."""
+    bf = _client(ctx)
+    if dry_run:
+        plan = _guard(lambda: bf.plan(job))
+        if as_json:
+            out.print_json(json.dumps(plan.to_json(), default=str))
+            return
+        estimate = plan.rows_estimate if plan.rows_estimate is not None else "unknown (not analyzed)"
+        out.print(f"[bold]dry run[/] - nothing will be written\n"
+                  f"table:          {plan.table}\nkind:           {plan.kind}\n"
+                  f"key:            ({', '.join(plan.key)}) {', '.join(plan.key_types)}\n"
+                  f"estimated rows: {estimate}\n"
+                  f"batch size:     {plan.batch_size} (adapts toward "
+                  f"{plan.options['target_duration_ms']:.0f} ms per batch)\n"
+                  f"first batch:    "
+                  + (f"keys {plan.first_batch[0]} .. {plan.first_batch[1]}" if plan.first_batch
+                     else "none (table is empty)"), highlight=False)
+        out.print("statement per batch:", highlight=False)
+        out.print(f"  {plan.statement}", highlight=False, soft_wrap=True)
+        out.print("EXPLAIN (first batch):", highlight=False)
+        for line in plan.explain.splitlines():
+            out.print(f"  {line}", highlight=False, soft_wrap=True)
+        return
+
+    stop = threading.Event()
+    interrupted = {"n": 0}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted["n"] += 1
+        if interrupted["n"] > 1:
+            raise KeyboardInterrupt
+        err.print("\n[yellow]interrupt: pausing after the current batch "
+                  "(Ctrl-C again to abort it)[/]")
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    show_bar = progress and out.is_terminal
+    view = _ProgressView(show_bar)
+    try:
+        with view:
+            result = _guard(lambda: bf.run(job, stop=stop, on_tick=view.tick,
+                                           takeover_after_s=takeover_after))
+    except KeyboardInterrupt:
+        err.print("[red]aborted: the batch in flight was rolled back; the job keeps its last "
+                  "checkpoint (it may show as running until taken over; `backfill run` again "
+                  "resumes it)[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    _report_run(bf, result, interrupted["n"] > 0)
+
+
+class _ProgressView:
+    """A rich progress bar on a terminal; a log line every few seconds elsewhere."""
+
+    def __init__(self, show_bar: bool) -> None:
+        self.show_bar = show_bar
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rows]}"),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("batch {task.fields[size]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=err,
+            transient=False,
+        )
+        self.task: Any = None
+        self.last_log = 0.0
+        self.log = logs.get_logger()
+
+    def __enter__(self) -> _ProgressView:
+        if self.show_bar:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.show_bar:
+            self.progress.__exit__(None, None, None)
+
+    def tick(self, t: Tick) -> None:
+        total = t.job.rows_estimate or None
+        if total is not None and t.rows_scanned > total:
+            total = t.rows_scanned
+        eta = eta_seconds(t.rows_scanned, total, t.rows_per_s)
+        fields: dict[str, Any] = {
+            "rows": f"{t.rows_scanned:,}/{total:,}" if total else f"{t.rows_scanned:,}",
+            "rate": f"{t.rows_per_s:,.0f} rows/s" if t.rows_per_s else "- rows/s",
+            "size": f"{t.batch_size:,}",
+            "eta": format_duration(eta),
+            "note": f"[yellow]{t.state}: {t.note}[/]" if t.state == JobState.THROTTLED else "",
+        }
+        if self.show_bar:
+            if self.task is None:
+                self.task = self.progress.add_task(f"job {t.job.id}", total=total, **fields)
+            self.progress.update(self.task, completed=t.rows_scanned, total=total, **fields)
+            return
+        now = time.monotonic()
+        if now - self.last_log >= 5.0 or t.state == JobState.SUCCEEDED:
+            self.last_log = now
+            self.log.info("job.progress", job_id=t.job.id, state=str(t.state),
+                          rows_done=t.rows_scanned, rows_total=total,
+                          rows_per_s=round(t.rows_per_s or 0), batch_size=t.batch_size,
+                          eta_s=round(eta) if eta is not None else None)
+
+
+def _report_run(bf: Backfill, job: store.JobRecord, interrupted: bool) -> None:
+    prog = _guard(lambda: bf.progress(job.id))
+    if job.state == JobState.SUCCEEDED:
+        elapsed = ((job.finished_at - job.started_at).total_seconds()
+                   if job.finished_at and job.started_at else None)
+        out.print(f"job {job.id} succeeded: {prog.rows_scanned:,} rows in range, "
+                  f"{prog.rows_affected:,} changed, {prog.batches:,} batches"
+                  + (f", {format_duration(elapsed)} since first start" if elapsed else ""))
+        return
+    if job.state == JobState.FAILED:
+        _fail(f"job {job.id} failed: {job.state_reason}\n"
+              f"  fix the cause, then `backfill retry {job.id}` and `backfill run {job.id}` "
+              "(it resumes from the checkpoint)", 1)
+    if job.state == JobState.CANCELLED:
+        _fail(f"job {job.id} was cancelled: {job.state_reason}", 1)
+    if interrupted and job.state == JobState.PAUSED:
+        err.print(f"job {job.id} paused at {prog.rows_scanned:,} rows; "
+                  f"`backfill run {job.id}` resumes it")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    err.print(f"job {job.id} is {job.state}" + (f": {job.state_reason}" if job.state_reason else ""))
+    raise typer.Exit(EXIT_PAUSED)
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+def _job_json(job: store.JobRecord, prog: store.Progress | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": job.id, "name": job.name, "kind": job.kind, "table": job.table,
+        "key": list(job.key_columns), "state": str(job.state), "state_reason": job.state_reason,
+        "rows_estimate": job.rows_estimate, "options": job.options.to_json(),
+        "created_by": job.created_by, "created_at": job.created_at,
+        "started_at": job.started_at, "finished_at": job.finished_at, "owner": job.owner,
+        "last_error": job.last_error, "error_range": job.error_range,
+    }
+    if prog is not None:
+        eta = eta_seconds(prog.rows_scanned, job.rows_estimate, prog.recent_rows_per_s) if (
+            job.state == JobState.RUNNING) else None
+        data.update({"rows_done": prog.rows_scanned, "rows_changed": prog.rows_affected,
+                     "batches": prog.batches, "rows_per_s": prog.recent_rows_per_s,
+                     "batch_size": prog.current_batch_size, "eta_s": eta,
+                     "last_batch_at": prog.last_batch_at})
+    return data
+
+
+_STATE_STYLE = {
+    "pending": "cyan", "running": "green", "throttled": "yellow", "paused": "magenta",
+    "succeeded": "bold green", "failed": "bold red", "cancelled": "dim",
+}
+
+
+def _jobs_table(bf: Backfill, jobs: list[store.JobRecord]) -> Table:
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ID", "NAME", "TABLE", "STATE", "DONE", "ROWS/S", "BATCH", "ETA", "REASON"):
+        t.add_column(col, justify="right" if col in ("ID", "ROWS/S", "BATCH") else "left",
+                     overflow="fold")
+    for job in jobs:
+        prog = bf.progress(job.id)
+        total = job.rows_estimate
+        pct = f"{min(100.0, 100.0 * prog.rows_scanned / total):.1f}%" if total else "-"
+        if job.state == JobState.SUCCEEDED:
+            pct = "100%"
+        rate = prog.recent_rows_per_s if job.state == JobState.RUNNING else None
+        eta = eta_seconds(prog.rows_scanned, total, rate)
+        t.add_row(str(job.id), job.name, job.table,
+                  f"[{_STATE_STYLE.get(str(job.state), '')}]{job.state}[/]",
+                  f"{prog.rows_scanned:,} ({pct})", f"{rate:,.0f}" if rate else "-",
+                  f"{prog.current_batch_size:,}" if prog.current_batch_size else "-",
+                  format_duration(eta), job.state_reason or "")
+    return t
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
+    defined: Annotated[bool, typer.Option("--defined", help="List defined jobs instead.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs (active and failed by default), or the defined jobs with --defined."""
+    s = ctx.obj if isinstance(ctx.obj, Settings) else None
+    if defined:
+        from backfill import registry
+
+        reg = _guard(lambda: registry.load(s.jobs_module if s else "jobs"))
+        defs = [{"name": d.name, "description": d.summary, "doc": d.doc} for d in reg]
+        if as_json:
+            out.print_json(json.dumps(defs))
+            return
+        t = Table(box=None, pad_edge=False, header_style="bold")
+        t.add_column("NAME")
+        t.add_column("DESCRIPTION")
+        for d in defs:
+            t.add_row(d["name"], d["description"])
+        out.print(t)
+        return
+    bf = _client(ctx)
+    jobs = _guard(lambda: bf.list(include_finished=include_all))
+    if as_json:
+        out.print_json(json.dumps([_job_json(j, bf.progress(j.id)) for j in jobs], default=str))
+        return
+    if not jobs:
+        out.print("no jobs" + ("" if include_all else " (active or failed; --all shows finished)"))
+        return
+    out.print(_guard(lambda: _jobs_table(bf, jobs)))
+
+
+def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
+    bf = _client(ctx)
+    rec = _guard(lambda: bf.get(job))
+    prog = _guard(lambda: bf.progress(rec.id))
+    evs = _guard(lambda: bf.events(rec.id))
+    slices = _guard(lambda: bf.slices(rec.id))
+    if as_json:
+        data = _job_json(rec, prog)
+        data["spec"] = rec.spec.to_json()
+        data["slices"] = [{"slice": s.slice_no, "lower": s.lower_bound, "upper": s.upper_bound,
+                           "cursor": s.cursor, "done": s.done, "rows": s.rows_scanned,
+                           "batches": s.batches} for s in slices]
+        data["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
+                           "actor": e.actor, "reason": e.reason, "details": e.details}
+                          for e in evs]
+        out.print_json(json.dumps(data, default=str))
+        return
+    d = _job_json(rec, prog)
+    rate_text = f"{d['rows_per_s']:,.0f} rows/s" if d["rows_per_s"] else "-"
+    style = _STATE_STYLE.get(str(rec.state), "")
+    lines = [
+        f"[bold]job {rec.id}[/]  {rec.name}",
+        f"  state     [{style}]{rec.state}[/]" + (f"  ({rec.state_reason})" if rec.state_reason else ""),
+        f"  table     {rec.table}  key ({', '.join(rec.key_columns)})  kind {rec.kind}",
+        f"  progress  {prog.rows_scanned:,} of ~{rec.rows_estimate or 0:,} rows, "
+        f"{prog.rows_affected:,} changed, {prog.batches:,} batches",
+        f"  rate      {rate_text}"
+        f"  batch {prog.current_batch_size or '-'}  ETA {format_duration(d['eta_s'])}",
+        "  options   " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()),
+        f"  created   {rec.created_at:%Y-%m-%d %H:%M:%S} by {rec.created_by}"
+        + (f"; owner {rec.owner}" if rec.owner else ""),
+    ]
+    if rec.last_error:
+        lines.append(f"  [red]error     {rec.last_error}[/]")
+        if rec.error_range:
+            lines.append(f"  range     after {rec.error_range.get('after')}")
+    for s in slices:
+        lines.append(f"  slice {s.slice_no}   cursor {s.cursor} of {s.upper_bound}"
+                     f"{'  done' if s.done else ''}")
+    out.print("\n".join(lines), highlight=False)
+    t = Table(title="events", box=None, pad_edge=False, header_style="bold", title_justify="left")
+    for col in ("AT", "EVENT", "FROM", "TO", "BY", "REASON"):
+        t.add_column(col, overflow="fold")
+    for e in evs[-events:] if events else evs:
+        t.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", e.kind, e.from_state or "", e.to_state or "",
+                  e.actor, e.reason or "")
+    out.print(t)
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or name.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    events: Annotated[int, typer.Option("--events", help="Show the last N events (0: all).")] = 0,
+) -> None:
+    """Show one job: state, progress, options, slices and its event history."""
+    _show(ctx, job, as_json, events)
+
+
+@app.command("status")
+def status_(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or name.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    events: Annotated[int, typer.Option("--events", help="Show the last N events (0: all).")] = 0,
+) -> None:
+    """Same as `show`."""
+    _show(ctx, job, as_json, events)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    interval: Annotated[float, typer.Option("--interval", "-n", help="Seconds between refreshes.")] = 2.0,
+    include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
+    count: Annotated[int, typer.Option("--count", help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
+) -> None:
+    """A live table of jobs, refreshed every --interval seconds, until Ctrl-C."""
+    bf = _client(ctx)
+
+    def render() -> Any:
+        jobs = _guard(lambda: bf.list(include_finished=include_all))
+        header = f"backfill jobs on {describe(bf.dsn)}  ({time.strftime('%H:%M:%S')})"
+        return Group(header, _jobs_table(bf, jobs) if jobs else "no jobs")
+
+    n = 0
+    try:
+        with Live(render(), console=out, refresh_per_second=4, transient=False) as live:
+            while True:
+                n += 1
+                if count and n >= count:
+                    break
+                time.sleep(interval)
+                live.update(render())
+    except KeyboardInterrupt:
+        pass
+
+
+# -- operator actions -------------------------------------------------------------------------
+
+Reason = Annotated[str | None, typer.Option("--reason", "-r", help="Why; recorded in the events.")]
+
+
+@app.command()
+def pause(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
+    """Pause a job: its runner stops after the current batch; the checkpoint is kept."""
+    rec = _guard(lambda: _client(ctx).pause(job, reason))
+    out.print(f"job {rec.id} paused; `backfill resume {rec.id}` to continue")
+
+
+@app.command()
+def resume(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
+    """Resume a paused job: it becomes pending; `backfill run` (or a worker) continues it."""
+    rec = _guard(lambda: _client(ctx).resume(job, reason))
+    out.print(f"job {rec.id} is pending again; `backfill run {rec.id}` continues from its checkpoint")
+
+
+@app.command()
+def cancel(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
+    """Cancel a job for good (rows already written stay written)."""
+    rec = _guard(lambda: _client(ctx).cancel(job, reason))
+    out.print(f"job {rec.id} cancelled")
+
+
+@app.command()
+def retry(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
+    """Move a failed job back to pending; it resumes from its checkpoint when run."""
+    rec = _guard(lambda: _client(ctx).retry(job, reason))
+    out.print(f"job {rec.id} is pending; `backfill run {rec.id}` resumes from its checkpoint")
+
+
+@app.command()
+def tune(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument()],
+    batch_size: OptBatch = None,
+    min_batch_size: OptMinBatch = None,
+    max_batch_size: OptMaxBatch = None,
+    target_duration: OptTarget = None,
+    rate: OptRate = None,
+    pause: OptPause = None,
+    statement_timeout: OptStmt = None,
+    lock_timeout: OptLock = None,
+    max_retries: OptRetries = None,
+) -> None:
+    """Change a job's options; a running job applies them before its next batch."""
+    changes = _option_changes(
+        batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+        target_duration=target_duration, rate=rate, pause=pause,
+        statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries)
+    rec = _guard(lambda: _client(ctx).tune(job, **changes))
+    out.print(f"job {rec.id} options: " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()))
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument()],
+    chunk: Annotated[int, typer.Option("--chunk", help="Keys per checked range.")] = 50_000,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-check every completed range: update jobs for rows where the SET is not true yet,
+    copy jobs by count and checksum per range, move/delete jobs for rows left behind."""
+    if chunk <= 0:
+        _fail("--chunk must be a positive number of keys", 2)
+    report = _guard(lambda: _client(ctx).verify(job, chunk=chunk))
+    if as_json:
+        out.print_json(json.dumps(report.to_json(), default=str))
+    elif report.unverifiable:
+        out.print(f"job {report.job_id}: not verifiable: {report.unverifiable}")
+    elif report.ok:
+        out.print(f"job {report.job_id} verified: {report.checked_rows:,} rows in "
+                  f"{report.checked_chunks} ranges, no differences")
+    else:
+        out.print(f"[red]job {report.job_id}: {len(report.diffs)} ranges differ[/]")
+        for d in report.to_json()["diffs"]:
+            out.print(f"  ({d['after']}, {d['through']}]: {d['detail']}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except BackfillError as exc:  # a path that escaped _guard: still one line, no traceback
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

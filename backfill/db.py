@@ -1,0 +1,58 @@
+"""Connections: one place that connects, redacts DSNs and turns failures into one-line errors."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from backfill.catalog import Conn
+from backfill.errors import DatabaseUnavailable
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***``; safe to log and show."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return redact_text(dsn)
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo("", **params)
+
+
+def redact_text(text: str) -> str:
+    """Mask passwords in free text (URL-style and ``password=`` pairs)."""
+    return _KV_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def describe(dsn: str) -> str:
+    """``host:port/dbname`` for messages."""
+    try:
+        p: dict[str, Any] = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<malformed DSN>"
+    host = p.get("host") or "localhost"
+    port = p.get("port") or "5432"
+    return f"{host}:{port}/{p.get('dbname') or p.get('user') or ''}"
+
+
+def connect(dsn: str, *, application_name: str = "backfill", connect_timeout: int = 10) -> Conn:
+    """An autocommit connection (transactions are explicit), or :class:`DatabaseUnavailable`."""
+    try:
+        conn = psycopg.connect(
+            dsn, autocommit=True, application_name=application_name,
+            connect_timeout=connect_timeout,
+        )
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseUnavailable(f"malformed database DSN: {redact_text(str(exc))}") from None
+    except psycopg.OperationalError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        first = redact_text(lines[0]) if lines else type(exc).__name__
+        raise DatabaseUnavailable(f"cannot connect to {describe(dsn)}: {first}") from None
+    return conn

@@ -1,0 +1,67 @@
+"""The exception hierarchy. Every error a user can meet derives from :class:`BackfillError`.
+
+Each class says when it is raised. ``exit_code`` is what the CLI exits with: 2 for input the user
+must fix, 1 for operational failures, so scripts can tell the two apart.
+"""
+
+from __future__ import annotations
+
+
+class BackfillError(Exception):
+    """Root of every error raised by backfill."""
+
+    exit_code = 1
+
+
+class InvalidInput(BackfillError):
+    """Raised when user input (a job spec, an option, a name) is wrong; nothing was written."""
+
+    exit_code = 2
+
+
+class InvalidOption(InvalidInput):
+    """Raised when an option is malformed or out of range (``batch_size=0``, ``"5 parsecs"``)."""
+
+
+class TableNotFound(InvalidInput):
+    """Raised when the source or destination table does not exist."""
+
+
+class ColumnNotFound(InvalidInput):
+    """Raised when a column named in a job (SET target, key, copy column) does not exist."""
+
+
+class InvalidKey(InvalidInput):
+    """Raised when the key is not usable: not unique, nullable, or of an unsupported type."""
+
+
+class InvalidStatement(InvalidInput):
+    """Raised when a job's SQL does not parse or type-check (found by a dry EXPLAIN)."""
+
+
+class JobNotFound(InvalidInput):
+    """Raised when no job has the given id and no defined job has the given name."""
+
+
+class JobConflict(InvalidInput):
+    """Raised when another active job already works on the same table and columns."""
+
+
+class IllegalTransition(InvalidInput):
+    """Raised when a state change is not allowed from the job's current state."""
+
+
+class SchemaError(BackfillError):
+    """Raised when the ``backfill`` state schema is missing, outdated or newer than this code."""
+
+
+class DatabaseUnavailable(BackfillError):
+    """Raised when the database cannot be reached."""
+
+
+class JobFailed(BackfillError):
+    """Raised by the runner when a job ends in the ``failed`` state."""
+
+
+class LeaseLost(BackfillError):
+    """Raised when a batch's checkpoint compare-and-set fails: someone else advanced the slice."""

@@ -1,0 +1,280 @@
+"""Binding a :class:`JobSpec` to the catalog, and the SQL each kind runs per batch.
+
+``prepare`` checks everything that can be checked before the first write: tables, columns, the
+key, and (``dry_explain``) that the batch statement parses and type-checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, LiteralString, cast
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg import sql
+
+from backfill.catalog import Conn, Table, resolve_key, resolve_table
+from backfill.errors import ColumnNotFound, InvalidInput, InvalidStatement
+from backfill.keyset import Key, Keyset
+from backfill.spec import JobSpec, TransformFn, load_function
+
+
+def _user_sql(text: str) -> sql.SQL:
+    # Deliberate: SET expressions, predicates and statements are SQL written by the operator who
+    # defines the job; they are the job. Identifiers and values are never spliced in this way.
+    return sql.SQL(cast(LiteralString, text))  # type: ignore[redundant-cast]
+
+
+def _ident(table: Table) -> sql.Identifier:
+    return sql.Identifier(table.schema, table.name)
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A spec checked against the catalog, able to build and run its batch statement."""
+
+    spec: JobSpec
+    table: Table
+    key: tuple[str, ...]
+    key_types: tuple[str, ...]
+    dest: Table | None
+    copy_columns: tuple[str, ...]
+    fn: TransformFn | None
+
+    @property
+    def keyset(self) -> Keyset:
+        return Keyset(_ident(self.table), self.key)
+
+    def conflict_key(self) -> str:
+        """Identity of what this job writes: one active job per key (see the unique index)."""
+        target = self.dest if self.dest is not None else self.table
+        cols = self.spec.write_columns()
+        if self.spec.kind in ("update", "transform") and cols:
+            return f"{target.qualified}({','.join(sorted(cols))})"
+        return f"{target.qualified}(*)"
+
+    def write_target(self) -> tuple[str, frozenset[str] | None]:
+        target = self.dest if self.dest is not None else self.table
+        cols = self.spec.write_columns()
+        return target.qualified, (frozenset(cols) if cols else None)
+
+    # -- statements -----------------------------------------------------------------------
+
+    def _filter(self) -> sql.Composable:
+        if self.spec.where:
+            return sql.SQL(" AND ({})").format(_user_sql(self.spec.where))
+        return sql.SQL("")
+
+    def write_statement(self, *, lower: bool) -> sql.Composed:
+        """The statement of one batch over ``(lo, hi]`` (``lower=False``: from the first key)."""
+        s = self.spec
+        pred = self.keyset.predicate(lower=lower)
+        t = _ident(self.table)
+        if s.kind == "update":
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
+            )
+            return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
+                t=t, a=assignments, p=pred, f=self._filter()
+            )
+        if s.kind == "delete":
+            return sql.SQL("DELETE FROM {t} WHERE {p}{f}").format(t=t, p=pred, f=self._filter())
+        if s.kind in ("copy", "move"):
+            assert self.dest is not None
+            cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.copy_columns)
+            conflict = self._on_conflict()
+            if s.kind == "copy":
+                return sql.SQL(
+                    "INSERT INTO {d} ({c}) SELECT {c} FROM {t} WHERE {p}{f}{conflict}"
+                ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self._filter(),
+                         conflict=conflict)
+            return sql.SQL(
+                "WITH moved AS (DELETE FROM {t} WHERE {p}{f} RETURNING {c}) "
+                "INSERT INTO {d} ({c}) SELECT {c} FROM moved{conflict}"
+            ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self._filter(),
+                     conflict=conflict)
+        if s.kind == "transform":
+            read = sql.SQL(", ").join(
+                sql.Identifier(c) for c in dict.fromkeys((*self.key, *s.columns))
+            )
+            return sql.SQL(
+                "SELECT {r} FROM {t} WHERE {p}{f} ORDER BY {o} FOR NO KEY UPDATE"
+            ).format(r=read, t=t, p=pred, f=self._filter(), o=self.keyset.order_by())
+        assert s.statement is not None
+        return sql.Composed([_user_sql(s.statement)])
+
+    def _on_conflict(self) -> sql.Composable:
+        mode = self.spec.on_conflict
+        if mode == "nothing":
+            return sql.SQL(" ON CONFLICT DO NOTHING")
+        if mode == "update":
+            rest = [c for c in self.copy_columns if c not in self.key]
+            keys = sql.SQL(", ").join(sql.Identifier(c) for c in self.key)
+            if not rest:
+                return sql.SQL(" ON CONFLICT ({k}) DO NOTHING").format(k=keys)
+            sets = sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in rest
+            )
+            return sql.SQL(" ON CONFLICT ({k}) DO UPDATE SET {s}").format(k=keys, s=sets)
+        return sql.SQL("")
+
+    def statement_params(self, lo: Key | None, hi: Key, first: Key | None) -> dict[str, Any]:
+        """Parameters of the batch statement; the sql kind gets inclusive bounds by name."""
+        if self.spec.kind != "sql":
+            return Keyset.params(lo, hi)
+        lower = first if first is not None else hi
+        params: dict[str, Any] = {}
+        for i, col in enumerate(self.key):
+            params[f"lower_{col}"] = lower[i]
+            params[f"upper_{col}"] = hi[i]
+        if len(self.key) == 1:
+            params["lower"] = lower[0]
+            params["upper"] = hi[0]
+        return params
+
+    def write_batch(self, conn: Conn, lo: Key | None, hi: Key, first: Key | None) -> int:
+        """Run the batch's write on ``conn`` (inside the caller's transaction); rows changed."""
+        stmt = self.write_statement(lower=lo is not None)
+        params = self.statement_params(lo, hi, first)
+        if self.spec.kind != "transform":
+            cur = conn.execute(stmt, params)
+            return max(cur.rowcount, 0)
+        return self._transform_batch(conn, stmt, params)
+
+    def _transform_batch(self, conn: Conn, select: sql.Composed, params: dict[str, Any]) -> int:
+        assert self.fn is not None
+        writes = set(self.spec.write_columns())
+        with conn.cursor() as cur:
+            cur.execute(select, params)
+            names = [d.name for d in cur.description or ()]
+            rows = cur.fetchall()
+        changes: list[tuple[tuple[str, ...], list[Any]]] = []
+        for values in rows:
+            row = dict(zip(names, values, strict=True))
+            out = self.fn(dict(row))
+            if not out:
+                continue
+            unknown = set(out) - writes
+            if unknown:
+                raise InvalidInput(
+                    f"transform {self.spec.function} returned columns it may not write: "
+                    f"{', '.join(sorted(unknown))} (writes: {', '.join(sorted(writes))})"
+                )
+            changed = {c: v for c, v in out.items() if row.get(c) != v}
+            if not changed:
+                continue
+            cols = tuple(sorted(changed))
+            changes.append((cols, [*(changed[c] for c in cols), *(row[k] for k in self.key)]))
+        by_cols: dict[tuple[str, ...], list[list[Any]]] = {}
+        for cols, args in changes:
+            by_cols.setdefault(cols, []).append(args)
+        where = sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder()) for k in self.key
+        )
+        for cols, arg_rows in by_cols.items():
+            stmt = sql.SQL("UPDATE {t} SET {s} WHERE {w}").format(
+                t=_ident(self.table),
+                s=sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder()) for c in cols
+                ),
+                w=where,
+            )
+            with conn.cursor() as cur:
+                cur.executemany(stmt, arg_rows)
+        return len(changes)
+
+    def dry_explain(self, conn: Conn) -> str:
+        """EXPLAIN the first batch's statement in a rolled-back transaction; return the plan.
+
+        Raises :class:`InvalidStatement` when it does not parse or type-check.
+        """
+        ks = self.keyset
+        upper = ks.max_key(conn)
+        first = ks.first_key(conn, None, upper) if upper is not None else None
+        stmt = self.write_statement(lower=False)
+        if upper is None:
+            params: dict[str, Any] = {f"hi{i}": None for i in range(len(self.key))}
+            if self.spec.kind == "sql":
+                params = {f"lower_{c}": None for c in self.key} | {f"upper_{c}": None for c in self.key}
+                params |= {"lower": None, "upper": None}
+        else:
+            params = self.statement_params(None, upper, first)
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("SET LOCAL statement_timeout = '30s'")
+                rows = conn.execute(sql.SQL("EXPLAIN {}").format(stmt), params).fetchall()
+        except (pgerrors.SyntaxError, pgerrors.UndefinedColumn, pgerrors.UndefinedFunction,
+                pgerrors.DatatypeMismatch, pgerrors.UndefinedTable, pgerrors.UndefinedObject,
+                pgerrors.InvalidTextRepresentation, pgerrors.AmbiguousColumn,
+                pgerrors.GroupingError, pgerrors.WrongObjectType,
+                pgerrors.InvalidColumnReference, pgerrors.FeatureNotSupported,
+                pgerrors.CannotCoerce, pgerrors.InvalidParameterValue) as exc:
+            raise InvalidStatement(_explain_error(self.spec, exc)) from exc
+        except psycopg.ProgrammingError as exc:
+            raise InvalidStatement(_explain_error(self.spec, exc)) from exc
+        except psycopg.DataError as exc:
+            raise InvalidStatement(_explain_error(self.spec, exc)) from exc
+        return "\n".join(str(r[0]) for r in rows)
+
+
+def _explain_error(spec: JobSpec, exc: Exception) -> str:
+    what = {
+        "update": "the SET expression or WHERE",
+        "sql": "the statement",
+        "delete": "the WHERE predicate",
+        "copy": "the copy",
+        "move": "the move",
+        "transform": "the transform's read",
+    }[spec.kind]
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{what} of job {spec.display_name!r} does not check out: {msg}"
+
+
+def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
+    """Validate ``spec`` against the database; nothing is written."""
+    table = resolve_table(conn, spec.table)
+    key = resolve_key(conn, table, spec.key or None)
+    key_types = tuple(table.column(k).type for k in key)
+    dest: Table | None = None
+    copy_columns: tuple[str, ...] = ()
+    fn: TransformFn | None = None
+    if spec.kind == "update":
+        for col, _ in spec.set:
+            if table.column(col).generated:
+                raise ColumnNotFound(f"column {table.qualified}.{col} is generated; it cannot be SET")
+    if spec.kind in ("copy", "move"):
+        assert spec.dest is not None
+        dest = resolve_table(conn, spec.dest)
+        if dest.oid == table.oid:
+            raise InvalidInput(f"{spec.kind}: source and destination are the same table")
+        if spec.columns:
+            for name in spec.columns:
+                table.column(name)
+                dest.column(name)
+            copy_columns = spec.columns
+        else:
+            source_names = {c.name for c in table.columns if not c.generated}
+            copy_columns = tuple(
+                col.name for col in dest.columns if not col.generated and col.name in source_names
+            )
+            if not copy_columns:
+                raise ColumnNotFound(
+                    f"{table.qualified} and {dest.qualified} have no column in common to copy"
+                )
+        missing_key = [k for k in key if k not in copy_columns]
+        if spec.on_conflict == "update" and missing_key:
+            raise InvalidInput(
+                f"on_conflict=update needs the key ({', '.join(key)}) among the copied columns"
+            )
+    if spec.kind == "transform":
+        for name in (*spec.columns, *spec.write_columns()):
+            table.column(name)
+        for name in spec.write_columns():
+            if name in key:
+                raise InvalidInput(f"transform may not write key column {name!r}")
+        assert spec.function is not None
+        fn = load_function(spec.function)
+    prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn)
+    if explain:
+        prepared.dry_explain(conn)
+    return prepared

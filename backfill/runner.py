@@ -1,0 +1,451 @@
+"""The inline runner: executes a job's batches in this process, no broker needed.
+
+It owns the job while it runs (``owner`` + heartbeat in the state store), re-reads the job's
+state and options between batches (so pause, cancel and tune from another process take effect
+on the next batch), retries transient errors with tenacity by error class, and checkpoints each
+batch in the batch's own transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg import sql
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from backfill import store
+from backfill.batch import BatchResult, run_batch
+from backfill.catalog import Conn
+from backfill.db import connect
+from backfill.errors import BackfillError, IllegalTransition, JobConflict, LeaseLost
+from backfill.keyset import Key, KeyCodec, render_key
+from backfill.kinds import PreparedJob, prepare
+from backfill.logs import get_logger
+from backfill.options import JobOptions
+from backfill.retry import Verdict, classify, describe_error
+from backfill.schema import require_current
+from backfill.states import JobState
+from backfill.throttle import BatchSizer, rate_delay
+
+S = JobState
+HEARTBEAT_EVERY_S = 2.0
+PRUNE_EVERY_BATCHES = 500
+
+
+def default_owner() -> str:
+    return f"runner:{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str) -> bool | None:
+    """Whether a runner on this host is alive; ``None`` when we cannot tell (another host)."""
+    parts = owner.split(":")
+    if len(parts) != 3 or parts[0] != "runner" or parts[1] != socket.gethostname():
+        return None
+    try:
+        pid = int(parts[2])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):
+        return None
+    return True
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What a progress display needs after each batch."""
+
+    job: store.JobRecord
+    batch: BatchResult | None
+    batch_size: int
+    rows_scanned: int
+    rows_affected: int
+    rows_per_s: float | None
+    state: JobState
+    note: str | None = None
+
+
+class Runner:
+    """Run one job inline until it succeeds, fails, is paused or cancelled, or ``stop`` is set."""
+
+    def __init__(
+        self,
+        dsn: str,
+        job_id: int,
+        *,
+        actor: str,
+        owner: str | None = None,
+        stop: threading.Event | None = None,
+        on_tick: Callable[[Tick], None] | None = None,
+        takeover_after_s: float = 30.0,
+        poll_interval_s: float = 1.0,
+    ) -> None:
+        self.dsn = dsn
+        self.job_id = job_id
+        self.actor = actor
+        self.owner = owner or default_owner()
+        self.stop = stop or threading.Event()
+        self.on_tick = on_tick
+        self.takeover_after_s = takeover_after_s
+        self.poll_interval_s = poll_interval_s
+        self.log = get_logger(job_id=job_id)
+        self._conn: Conn | None = None
+        self._retry_notes: list[dict[str, Any]] = []
+        self._scanned = 0
+        self._affected = 0
+
+    # -- connection ---------------------------------------------------------------------
+
+    @property
+    def conn(self) -> Conn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = connect(self.dsn, application_name=f"backfill job {self.job_id}")
+        return self._conn
+
+    def _drop_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def run(self) -> store.JobRecord:
+        try:
+            require_current(self.conn)
+            job = self._acquire()
+            if job.state != S.RUNNING:
+                return job
+            prepared = prepare(self.conn, job.spec, explain=False)
+            job = self._ensure_slices(job, prepared)
+            if job.state != S.RUNNING:
+                return job
+            return self._loop(job, prepared)
+        finally:
+            self._drop_conn()
+
+    def _acquire(self) -> store.JobRecord:
+        conn = self.conn
+        job = store.get_job(conn, self.job_id)
+        if job.state in (S.SUCCEEDED, S.CANCELLED):
+            raise IllegalTransition(f"job {job.id} is {job.state}: nothing to run")
+        if job.state == S.FAILED:
+            raise IllegalTransition(
+                f"job {job.id} failed ({job.last_error}); `backfill retry {job.id}` moves it "
+                "back to pending, then run it again"
+            )
+        if job.state == S.PAUSED:
+            job = store.transition(conn, job.id, S.PENDING, actor=self.actor,
+                                   reason="resumed by run", expect=frozenset({S.PAUSED}))
+        if job.state == S.PENDING:
+            # Check the spec again against today's catalog before the first write.
+            prepare(conn, job.spec, explain=True)
+            return store.transition(conn, job.id, S.RUNNING, actor=self.actor,
+                                    reason="started by inline runner", set_owner=self.owner,
+                                    expect=frozenset({S.PENDING}))
+        # running or throttled: someone owns it, or owned it and died.
+        if job.owner and job.owner != self.owner:
+            alive = _owner_alive(job.owner)
+            age = self._heartbeat_age(job)
+            stale = age is None or age > self.takeover_after_s
+            if alive is True or (alive is None and not stale):
+                raise JobConflict(
+                    f"job {job.id} is {job.state} under {job.owner} (heartbeat "
+                    f"{age:.0f}s ago); pause it first, or wait {self.takeover_after_s:.0f}s "
+                    "after that runner died"
+                    if age is not None else f"job {job.id} is owned by {job.owner}"
+                )
+            reason = ("previous runner process is gone" if alive is False
+                      else f"previous runner's heartbeat is {age:.0f}s old")
+            store.take_over(conn, job.id, self.owner, actor=self.actor, reason=reason)
+            self.log.warning("job.takeover", previous_owner=job.owner, reason=reason)
+        elif not job.owner:
+            store.take_over(conn, job.id, self.owner, actor=self.actor,
+                            reason="job had no owner")
+        return store.get_job(conn, job.id)
+
+    def _heartbeat_age(self, job: store.JobRecord) -> float | None:
+        if job.heartbeat_at is None:
+            return None
+        row = self.conn.execute("SELECT extract(epoch FROM now() - %s)", (job.heartbeat_at,)).fetchone()
+        return float(row[0]) if row else None
+
+    def _ensure_slices(self, job: store.JobRecord, prepared: PreparedJob) -> store.JobRecord:
+        """Snapshot the range's upper bound (once, at the first start) as the job's one slice."""
+        conn = self.conn
+        if store.slices(conn, job.id):
+            return job
+        codec = KeyCodec(prepared.key_types)
+        with conn.transaction():
+            store.get_job(conn, job.id, for_update=True)
+            if store.slices(conn, job.id):
+                return job
+            upper = prepared.keyset.max_key(conn)
+            estimate = prepared.table.rows_estimate
+            if upper is None:
+                estimate = 0
+            elif estimate is None or estimate < 100_000:
+                estimate = self._count(prepared)
+            store.set_rows_estimate(conn, job.id, estimate)
+            if upper is None:
+                store.add_event(conn, job.id, "info", actor=self.owner,
+                                reason="source table is empty: nothing to do")
+            else:
+                store.create_slices(conn, job.id, [(None, codec.encode(upper) or [])],
+                                    job.options.batch_size)
+                store.add_event(conn, job.id, "snapshot", actor=self.owner,
+                                reason="range snapshotted",
+                                details={"upper": codec.encode(upper), "rows_estimate": estimate})
+        if upper is None:
+            return store.transition(conn, job.id, S.SUCCEEDED, actor=self.owner,
+                                    reason="source table is empty", clear_owner=True)
+        return store.get_job(conn, job.id)
+
+    def _count(self, prepared: PreparedJob) -> int | None:
+        """Exact row count for small or never-analyzed tables, bounded by a timeout."""
+        try:
+            with self.conn.transaction():
+                self.conn.execute("SET LOCAL statement_timeout = '10s'")
+                row = self.conn.execute(
+                    sql.SQL("SELECT count(*) FROM {}").format(prepared.keyset.table)
+                ).fetchone()
+        except pgerrors.QueryCanceled:
+            return None
+        return int(row[0]) if row else 0
+
+    # -- the batch loop -----------------------------------------------------------------
+
+    def _loop(self, job: store.JobRecord, prepared: PreparedJob) -> store.JobRecord:
+        codec = KeyCodec(prepared.key_types)
+        options = job.options
+        options_version = job.options_version
+        batches_since_prune = 0
+        last_heartbeat = time.monotonic()
+        window: list[tuple[float, int]] = []  # (monotonic end, rows) of recent batches
+        prog = store.progress(self.conn, job.id)
+        self._scanned, self._affected = prog.rows_scanned, prog.rows_affected
+        for slc in store.slices(self.conn, job.id):
+            if slc.done:
+                continue
+            upper = codec.decode(slc.upper_bound)
+            assert upper is not None
+            cursor = codec.decode(slc.cursor)
+            sizer = BatchSizer(size=slc.batch_size or options.batch_size)
+            sizer.clamp(options)
+            while True:
+                # Control: stop request, state and options changed by others, heartbeat.
+                if self.stop.is_set():
+                    return self._pause_on_stop()
+                now = time.monotonic()
+                status = store.heartbeat(self.conn, job.id, self.owner) if (
+                    now - last_heartbeat >= HEARTBEAT_EVERY_S or batches_since_prune == 0
+                ) else None
+                if status is not None:
+                    last_heartbeat = now
+                else:
+                    st, ver, why, owner = store.job_status(self.conn, job.id)
+                    if owner != self.owner:
+                        return self._lost_ownership(store.get_job(self.conn, job.id))
+                    status = (st, ver, why)
+                state, version, reason = status
+                if state == S.THROTTLED:
+                    self._tick(job, None, sizer.size, window, state, note=reason)
+                    self._sleep(self.poll_interval_s)
+                    continue
+                if state != S.RUNNING:
+                    self.log.info("job.stopped", state=str(state), reason=reason)
+                    store.release(self.conn, job.id, self.owner)
+                    return store.get_job(self.conn, job.id)
+                if version != options_version:
+                    fresh = store.get_job(self.conn, job.id)
+                    if fresh.options.batch_size != options.batch_size:
+                        sizer.size = fresh.options.batch_size
+                    options, options_version = fresh.options, fresh.options_version
+                    sizer.clamp(options)
+                    self.log.info("job.tuned", options=options.to_json())
+
+                outcome = self._batch_with_retry(job, prepared, slc.slice_no, cursor, upper,
+                                                 sizer, options, codec)
+                if isinstance(outcome, store.JobRecord):
+                    return outcome
+                if outcome is None:
+                    # Someone else advanced the slice or the state changed: re-read and go on.
+                    fresh_slice = store.get_slice(self.conn, job.id, slc.slice_no)
+                    cursor = codec.decode(fresh_slice.cursor)
+                    if fresh_slice.done:
+                        break
+                    batches_since_prune = 0
+                    continue
+                cursor = outcome.upper
+                self._scanned += outcome.rows_scanned
+                self._affected += outcome.rows_affected
+                batches_since_prune += 1
+                if batches_since_prune % PRUNE_EVERY_BATCHES == 0:
+                    store.prune_batches(self.conn, job.id)
+                end = time.monotonic()
+                window.append((end, outcome.rows_scanned))
+                self._tick(job, outcome, sizer.size, window, S.RUNNING)
+                self.log.debug("batch.done", slice=slc.slice_no, lower=render_key(outcome.lower),
+                               upper=render_key(outcome.upper), rows=outcome.rows_scanned,
+                               affected=outcome.rows_affected,
+                               ms=round(outcome.duration_ms, 1), next_size=sizer.size)
+                if outcome.done:
+                    break
+                delay = rate_delay(outcome.rows_scanned, outcome.duration_ms / 1000.0,
+                                   options.rate_limit) + options.pause_ms / 1000.0
+                if delay > 0:
+                    self._sleep(delay)
+        return self._finish(job)
+
+    def _batch_with_retry(
+        self,
+        job: store.JobRecord,
+        prepared: PreparedJob,
+        slice_no: int,
+        cursor: Key | None,
+        upper: Key,
+        sizer: BatchSizer,
+        options: JobOptions,
+        codec: KeyCodec,
+    ) -> BatchResult | store.JobRecord | None:
+        """A batch, retried on transient errors; ``None`` if the checkpoint was refused;
+        a job record when the job ended (failed)."""
+        attempts = 0
+        start_cursor = codec.encode(cursor)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if exc is None:
+                return
+            verdict = classify(exc)
+            note = {"attempt": state.attempt_number, "error": describe_error(exc),
+                    "verdict": verdict.value, "batch_size": sizer.size,
+                    "cursor": start_cursor}
+            if verdict is Verdict.SHRINK:
+                note["new_batch_size"] = sizer.shrink(options)
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and (
+                self._conn is None or self._conn.broken or self._conn.closed
+            ):
+                self._drop_conn()
+            self._retry_notes.append(note)
+            self.log.warning("batch.retry", **note)
+
+        def attempt() -> BatchResult:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                # The last attempt may have committed before the connection dropped: the
+                # state store, not memory, says where the slice is.
+                fresh = store.get_slice(self.conn, job.id, slice_no)
+                if codec.encode(cursor) != fresh.cursor or fresh.done:
+                    raise _SliceMoved
+            return run_batch(
+                self.conn, prepared, job_id=job.id, slice_no=slice_no, cursor=cursor,
+                slice_upper=upper, size=sizer.size, options=options, codec=codec,
+                attempts=attempts,
+                next_size=lambda rows, ms: sizer.observe(rows, ms, options),
+            )
+
+        retrying = Retrying(
+            retry=retry_if_exception(lambda e: classify(e) is not Verdict.FATAL),
+            stop=stop_after_attempt(options.max_retries + 1),
+            wait=wait_random_exponential(multiplier=0.2, max=10),
+            before_sleep=before_sleep,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            result = retrying(attempt)
+        except (_SliceMoved, LeaseLost):
+            self._flush_retry_notes(job.id)
+            return None
+        except BackfillError:
+            raise
+        except Exception as exc:
+            return self._fail(job, prepared, exc, cursor, codec, attempts)
+        self._flush_retry_notes(job.id)
+        return result
+
+    def _flush_retry_notes(self, job_id: int) -> None:
+        notes, self._retry_notes = self._retry_notes, []
+        for note in notes:
+            store.add_event(self.conn, job_id, "retry", actor=self.owner,
+                            reason=note["error"], details=note)
+
+    def _fail(self, job: store.JobRecord, prepared: PreparedJob, exc: Exception,
+              cursor: Key | None, codec: KeyCodec, attempts: int) -> store.JobRecord:
+        error = describe_error(exc)
+        err_range = {"after": codec.encode(cursor), "attempts": attempts,
+                     "batch_kind": prepared.spec.kind}
+        self.log.error("job.failed", error=error, after=render_key(cursor), attempts=attempts)
+        self._drop_conn()
+        self._flush_retry_notes(job.id)
+        reason = (f"batch after {render_key(cursor)} failed"
+                  + (f" after {attempts} attempts" if attempts > 1 else "") + f": {error}")
+        return store.transition(self.conn, job.id, S.FAILED, actor=self.owner,
+                                reason=reason, error=(error, err_range), clear_owner=True)
+
+    def _finish(self, job: store.JobRecord) -> store.JobRecord:
+        pending = [s for s in store.slices(self.conn, job.id) if not s.done]
+        if pending:  # another runner still holds a slice; leave the job to it
+            return store.get_job(self.conn, job.id)
+        prog = store.progress(self.conn, job.id)
+        done = store.transition(self.conn, job.id, S.SUCCEEDED, actor=self.owner,
+                                reason=f"all {prog.batches} batches done",
+                                details={"rows_scanned": prog.rows_scanned,
+                                         "rows_affected": prog.rows_affected},
+                                clear_owner=True)
+        self.log.info("job.succeeded", rows=prog.rows_scanned, affected=prog.rows_affected)
+        self._tick(done, None, 0, [], S.SUCCEEDED)
+        return done
+
+    def _pause_on_stop(self) -> store.JobRecord:
+        job = store.get_job(self.conn, self.job_id)
+        if job.state in (S.RUNNING, S.THROTTLED):
+            job = store.transition(self.conn, self.job_id, S.PAUSED, actor=self.actor,
+                                   reason="interrupted (Ctrl-C); run again to resume",
+                                   clear_owner=True)
+        self.log.info("job.paused", reason="interrupted")
+        return job
+
+    def _lost_ownership(self, job: store.JobRecord) -> store.JobRecord:
+        self.log.warning("job.lost_ownership", new_owner=job.owner, state=str(job.state))
+        return job
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop.wait(seconds)
+
+    def _tick(self, job: store.JobRecord, batch: BatchResult | None, size: int,
+              window: list[tuple[float, int]], state: JobState, note: str | None = None) -> None:
+        if self.on_tick is None:
+            return
+        cutoff = time.monotonic() - 10.0
+        while window and window[0][0] < cutoff:
+            window.pop(0)
+        rate = None
+        if len(window) >= 2:
+            span = window[-1][0] - window[0][0]
+            if span > 0:
+                rate = sum(r for _, r in window[1:]) / span
+        self.on_tick(Tick(job, batch, size, self._scanned, self._affected, rate, state, note))
+
+
+class _SliceMoved(Exception):
+    """The slice's cursor is not where this attempt expected it (an earlier one committed)."""

@@ -1,0 +1,190 @@
+"""Versioned migrations of the ``backfill`` state schema.
+
+Each migration is applied once, in order, inside one transaction that holds an advisory lock, so
+``backfill db upgrade`` is idempotent and two processes running it at once do not collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from backfill.errors import SchemaError
+
+SCHEMA = "backfill"
+#: Key of the advisory lock held while migrating (any constant unlikely to collide).
+_MIGRATION_LOCK = 0x6266_696C_6C00  # "bfill"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "jobs, slices, events, batches",
+        """
+CREATE TABLE backfill.jobs (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name            text NOT NULL,
+    kind            text NOT NULL
+                    CHECK (kind IN ('update', 'sql', 'copy', 'move', 'transform', 'delete')),
+    source_schema   text NOT NULL,
+    source_table    text NOT NULL,
+    key_columns     text[] NOT NULL,
+    key_types       text[] NOT NULL,
+    spec            jsonb NOT NULL,
+    options         jsonb NOT NULL,
+    options_version integer NOT NULL DEFAULT 1,
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'throttled', 'paused',
+                                     'succeeded', 'failed', 'cancelled')),
+    state_reason    text,
+    conflict_key    text NOT NULL,
+    rows_estimate   bigint,
+    created_by      text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    owner           text,
+    heartbeat_at    timestamptz,
+    last_error      text,
+    error_range     jsonb
+);
+-- One active job per table and set of written columns (see backfill.kinds.conflict_key).
+CREATE UNIQUE INDEX jobs_one_active_per_target ON backfill.jobs (conflict_key)
+    WHERE state IN ('pending', 'running', 'throttled', 'paused');
+CREATE INDEX jobs_state ON backfill.jobs (state);
+
+CREATE TABLE backfill.slices (
+    job_id        bigint NOT NULL REFERENCES backfill.jobs (id),
+    slice_no      integer NOT NULL,
+    lower_bound   jsonb,           -- exclusive; NULL: from the first key
+    upper_bound   jsonb NOT NULL,  -- inclusive; snapshotted when the job starts
+    cursor        jsonb,           -- last key processed; NULL: nothing yet
+    done          boolean NOT NULL DEFAULT false,
+    rows_scanned  bigint NOT NULL DEFAULT 0,
+    rows_affected bigint NOT NULL DEFAULT 0,
+    batches       bigint NOT NULL DEFAULT 0,
+    batch_size    integer,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, slice_no)
+);
+
+CREATE TABLE backfill.events (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id     bigint NOT NULL REFERENCES backfill.jobs (id),
+    at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    kind       text NOT NULL,
+    from_state text,
+    to_state   text,
+    actor      text NOT NULL,
+    reason     text,
+    details    jsonb
+);
+CREATE INDEX events_job ON backfill.events (job_id, id);
+
+-- Events are append-only: nothing an operator did may be rewritten or lost.
+CREATE FUNCTION backfill.events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'backfill.events is append-only';
+END $$;
+CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON backfill.events
+    FOR EACH ROW EXECUTE FUNCTION backfill.events_append_only();
+
+-- Per-batch statistics, bounded: the runner prunes all but the most recent rows of each job
+-- (totals live in backfill.slices).
+CREATE TABLE backfill.batches (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id        bigint NOT NULL REFERENCES backfill.jobs (id),
+    slice_no      integer NOT NULL,
+    finished_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    duration_ms   real NOT NULL,
+    batch_size    integer NOT NULL,
+    rows_scanned  integer NOT NULL,
+    rows_affected integer NOT NULL,
+    attempts      integer NOT NULL DEFAULT 1,
+    lower_bound   jsonb,
+    upper_bound   jsonb
+);
+CREATE INDEX batches_job ON backfill.batches (job_id, id);
+""",
+    ),
+)
+
+LATEST = MIGRATIONS[-1].version
+
+
+def current_version(conn: psycopg.Connection[Any]) -> int | None:
+    """The applied version, or ``None`` when the state schema does not exist."""
+    exists = conn.execute(
+        "SELECT to_regclass('backfill.schema_version') IS NOT NULL"
+    ).fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute("SELECT max(version) FROM backfill.schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def upgrade_conn(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """Apply pending migrations on ``conn``; return (version before, version after)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("CREATE SCHEMA IF NOT EXISTS backfill")
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS backfill.schema_version (
+                   version     integer PRIMARY KEY,
+                   description text NOT NULL,
+                   applied_at  timestamptz NOT NULL DEFAULT now())"""
+        )
+        before = current_version(conn) or 0
+        if before > LATEST:
+            raise SchemaError(
+                f"the backfill state schema is at version {before}, newer than this "
+                f"backfill ({LATEST}): upgrade the backfill package"
+            )
+        for m in MIGRATIONS:
+            if m.version > before:
+                conn.execute(m.sql.encode())
+                conn.execute(
+                    "INSERT INTO backfill.schema_version (version, description) VALUES (%s, %s)",
+                    (m.version, m.description),
+                )
+    return before, LATEST
+
+
+def upgrade(dsn: str) -> int:
+    """Connect to ``dsn``, apply pending migrations, return the resulting version."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return upgrade_conn(conn)[1]
+
+
+def require_current(conn: psycopg.Connection[Any]) -> None:
+    """Raise :class:`SchemaError` naming the fix unless the state schema is at :data:`LATEST`."""
+    try:
+        version = current_version(conn)
+    except pgerrors.InsufficientPrivilege as exc:
+        raise SchemaError(f"cannot read the backfill state schema: {exc}") from exc
+    if version is None:
+        raise SchemaError(
+            "the backfill state schema is missing in this database: "
+            "run `backfill db upgrade` first"
+        )
+    if version < LATEST:
+        raise SchemaError(
+            f"the backfill state schema is outdated (version {version}, this backfill needs "
+            f"{LATEST}): run `backfill db upgrade`"
+        )
+    if version > LATEST:
+        raise SchemaError(
+            f"the backfill state schema (version {version}) is newer than this backfill "
+            f"({LATEST}): upgrade the backfill package"
+        )

@@ -1,0 +1,285 @@
+"""What a job does, as data: the kind, the source table, the key and kind-specific fields.
+
+A :class:`JobSpec` is plain, serialisable and checked for shape only; :mod:`backfill.kinds`
+binds it to the catalog (``prepare``) and builds the SQL of a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from backfill.errors import InvalidInput, InvalidOption
+from backfill.options import JobOptions, build_options
+
+KINDS = ("update", "sql", "copy", "move", "transform", "delete")
+CONFLICT_MODES = ("error", "nothing", "update")
+
+#: A transform gets one row (column -> value) and returns the columns to change, or None.
+TransformFn = Callable[[dict[str, Any]], Mapping[str, Any] | None]
+
+_SET_RE = re.compile(r"^\s*(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*=(?!=)\s*(.+?)\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job's definition. Build it with :func:`update`, :func:`sql_job`, :func:`copy`, …"""
+
+    kind: str
+    table: str
+    key: tuple[str, ...] = ()
+    set: tuple[tuple[str, str], ...] = ()
+    where: str | None = None
+    statement: str | None = None
+    dest: str | None = None
+    columns: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    on_conflict: str = "error"
+    function: str | None = None
+    name: str | None = None
+    description: str | None = None
+    options: JobOptions = field(default_factory=JobOptions)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidInput(f"unknown job kind {self.kind!r} (kinds: {', '.join(KINDS)})")
+        if not self.table or not self.table.strip():
+            raise InvalidInput("a job needs a table")
+        if self.kind == "update" and not self.set:
+            raise InvalidInput("an update job needs at least one SET expression (col = expr)")
+        if self.kind == "sql" and not (self.statement and self.statement.strip()):
+            raise InvalidInput("a sql job needs a statement")
+        if self.kind in ("copy", "move") and not self.dest:
+            raise InvalidInput(f"a {self.kind} job needs a destination table (--dest)")
+        if self.kind == "delete" and not (self.where and self.where.strip()):
+            raise InvalidInput(
+                "a delete job needs a predicate (--where); use --where true to delete every row"
+            )
+        if self.kind == "transform":
+            if not self.function:
+                raise InvalidInput("a transform job needs a function (module:function)")
+            if not self.columns:
+                raise InvalidInput("a transform job needs the columns it reads (--columns)")
+        if self.on_conflict not in CONFLICT_MODES:
+            raise InvalidOption(
+                f"on_conflict must be one of {', '.join(CONFLICT_MODES)}, got {self.on_conflict!r}"
+            )
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "update":
+            return f"update {self.table}: " + ", ".join(c for c, _ in self.set)
+        if self.kind in ("copy", "move"):
+            return f"{self.kind} {self.table} -> {self.dest}"
+        return f"{self.kind} {self.table}"
+
+    def write_columns(self) -> tuple[str, ...]:
+        if self.kind == "update":
+            return tuple(c for c, _ in self.set)
+        if self.kind == "transform":
+            return self.writes or self.columns
+        return ()
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["options"] = self.options.to_json()
+        data["set"] = [list(p) for p in self.set]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobSpec:
+        d = dict(data)
+        d["options"] = JobOptions.from_json(d.get("options") or {})
+        d["set"] = tuple(tuple(p) for p in d.get("set") or ())
+        for name in ("key", "columns", "writes"):
+            d[name] = tuple(d.get(name) or ())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_options(self, **changes: Any) -> JobSpec:
+        return dataclasses.replace(self, options=self.options.merged(changes))
+
+
+def parse_set(expressions: Iterable[str] | Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """``["total = qty * price"]`` or ``{"total": "qty * price"}`` -> ``(("total", "qty * price"),)``."""
+    if isinstance(expressions, Mapping):
+        pairs = [(str(k), str(v)) for k, v in expressions.items()]
+    else:
+        pairs = []
+        for text in expressions:
+            m = _SET_RE.match(text)
+            if not m:
+                raise InvalidInput(f"cannot parse SET expression {text!r}: expected `column = expression`")
+            col = m.group(1)
+            if col.startswith('"'):
+                col = col[1:-1].replace('""', '"')
+            pairs.append((col, m.group(2)))
+    for col, expr in pairs:
+        if not col or not expr.strip():
+            raise InvalidInput(f"empty column or expression in SET {col!r} = {expr!r}")
+    if len({c for c, _ in pairs}) != len(pairs):
+        raise InvalidInput("a column is assigned twice in SET")
+    return tuple(pairs)
+
+
+def _key(key: str | Iterable[str] | None) -> tuple[str, ...]:
+    if key is None:
+        return ()
+    if isinstance(key, str):
+        return tuple(k.strip() for k in key.split(",") if k.strip())
+    return tuple(key)
+
+
+def function_name(fn: TransformFn | str) -> str:
+    """``module:qualname`` of an importable function (checked), so another process can load it."""
+    if isinstance(fn, str):
+        load_function(fn)
+        return fn
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if not module or "<" in qualname or module == "__main__":
+        raise InvalidInput(
+            f"transform function {fn!r} must be defined at module level in an importable "
+            "module (not a lambda, a nested function or __main__)"
+        )
+    name = f"{module}:{qualname}"
+    load_function(name)
+    return name
+
+
+def load_function(name: str) -> TransformFn:
+    module_name, sep, qualname = name.partition(":")
+    if not sep or not module_name or not qualname:
+        raise InvalidInput(f"transform function {name!r}: expected module:function")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidInput(f"transform function {name!r}: cannot import {module_name}: {exc}") from exc
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise InvalidInput(f"transform function {name!r}: {module_name} has no {qualname}")
+    if not callable(obj):
+        raise InvalidInput(f"transform function {name!r} is not callable")
+    fn: TransformFn = obj
+    return fn
+
+
+def update(
+    table: str,
+    set: Mapping[str, str] | Iterable[str],
+    *,
+    where: str | None = None,
+    key: str | Iterable[str] | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    **options: Any,
+) -> JobSpec:
+    """``UPDATE table SET col = expr ... WHERE <batch range> [AND where]``, batch by batch."""
+    return JobSpec(
+        "update", table, key=_key(key), set=parse_set(set), where=where, name=name,
+        description=description, options=build_options(**options),
+    )
+
+
+def sql_job(
+    table: str,
+    statement: str,
+    *,
+    key: str | Iterable[str] | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    **options: Any,
+) -> JobSpec:
+    """Run ``statement`` once per batch with the batch's inclusive key bounds as parameters.
+
+    Single-column keys get ``%(lower)s`` and ``%(upper)s``; every key also gets
+    ``%(lower_<column>)s`` and ``%(upper_<column>)s``. Example:
+    ``UPDATE t SET c = f(x) WHERE id BETWEEN %(lower)s AND %(upper)s``.
+    """
+    return JobSpec(
+        "sql", table, key=_key(key), statement=statement, name=name, description=description,
+        options=build_options(**options),
+    )
+
+
+def copy(
+    table: str,
+    dest: str,
+    *,
+    columns: Iterable[str] | None = None,
+    where: str | None = None,
+    on_conflict: str = "error",
+    key: str | Iterable[str] | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    **options: Any,
+) -> JobSpec:
+    """``INSERT INTO dest SELECT ... FROM table`` batch by batch (``on_conflict``: error, nothing, update)."""
+    return JobSpec(
+        "copy", table, key=_key(key), dest=dest, columns=tuple(columns or ()), where=where,
+        on_conflict=on_conflict, name=name, description=description,
+        options=build_options(**options),
+    )
+
+
+def move(
+    table: str,
+    dest: str,
+    *,
+    columns: Iterable[str] | None = None,
+    where: str | None = None,
+    on_conflict: str = "error",
+    key: str | Iterable[str] | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    **options: Any,
+) -> JobSpec:
+    """Like :func:`copy`, and deletes the copied source rows in the same transaction."""
+    return JobSpec(
+        "move", table, key=_key(key), dest=dest, columns=tuple(columns or ()), where=where,
+        on_conflict=on_conflict, name=name, description=description,
+        options=build_options(**options),
+    )
+
+
+def transform(
+    table: str,
+    fn: TransformFn | str,
+    *,
+    columns: Iterable[str],
+    writes: Iterable[str] | None = None,
+    where: str | None = None,
+    key: str | Iterable[str] | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    **options: Any,
+) -> JobSpec:
+    """Apply ``fn`` to each row (``columns`` read, ``writes`` written) and write changes back."""
+    return JobSpec(
+        "transform", table, key=_key(key), function=function_name(fn), columns=tuple(columns),
+        writes=tuple(writes or ()), where=where, name=name, description=description,
+        options=build_options(**options),
+    )
+
+
+def delete(
+    table: str,
+    where: str,
+    *,
+    key: str | Iterable[str] | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    **options: Any,
+) -> JobSpec:
+    """``DELETE FROM table WHERE <batch range> AND where``, batch by batch."""
+    return JobSpec(
+        "delete", table, key=_key(key), where=where, name=name, description=description,
+        options=build_options(**options),
+    )

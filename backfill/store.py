@@ -1,0 +1,511 @@
+"""The state store: jobs, slices, events and batch statistics in the ``backfill`` schema.
+
+All SQL that touches the state schema lives here. Functions take a connection so a caller can
+put them in the same transaction as a batch's write (that is how checkpoints are atomic).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import errors as pgerrors
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from backfill.catalog import Conn
+from backfill.errors import JobConflict, JobNotFound
+from backfill.options import JobOptions
+from backfill.spec import JobSpec
+from backfill.states import ACTIVE, JobState, check_transition
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    name: str
+    kind: str
+    source_schema: str
+    source_table: str
+    key_columns: tuple[str, ...]
+    key_types: tuple[str, ...]
+    spec: JobSpec
+    options: JobOptions
+    options_version: int
+    state: JobState
+    state_reason: str | None
+    conflict_key: str
+    rows_estimate: int | None
+    created_by: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    owner: str | None
+    heartbeat_at: dt.datetime | None
+    last_error: str | None
+    error_range: dict[str, Any] | None
+
+    @property
+    def table(self) -> str:
+        return f"{self.source_schema}.{self.source_table}"
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    job_id: int
+    slice_no: int
+    lower_bound: list[Any] | None
+    upper_bound: list[Any]
+    cursor: list[Any] | None
+    done: bool
+    rows_scanned: int
+    rows_affected: int
+    batches: int
+    batch_size: int | None
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    job_id: int
+    at: dt.datetime
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    actor: str
+    reason: str | None
+    details: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    rows_scanned: int
+    rows_affected: int
+    batches: int
+    slices: int
+    slices_done: int
+    last_batch_at: dt.datetime | None
+    recent_rows_per_s: float | None
+    current_batch_size: int | None
+
+
+_JOB_COLUMNS = (
+    "id, name, kind, source_schema, source_table, key_columns, key_types, spec, options, "
+    "options_version, state, state_reason, conflict_key, rows_estimate, created_by, created_at, "
+    "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range"
+)
+
+
+def _job(row: dict[str, Any]) -> JobRecord:
+    r = dict(row)
+    r["key_columns"] = tuple(r["key_columns"])
+    r["key_types"] = tuple(r["key_types"])
+    r["spec"] = JobSpec.from_json(r["spec"])
+    r["options"] = JobOptions.from_json(r["options"])
+    r["state"] = JobState(r["state"])
+    return JobRecord(**r)
+
+
+def create_job(
+    conn: Conn,
+    *,
+    name: str,
+    spec: JobSpec,
+    schema: str,
+    table: str,
+    key: tuple[str, ...],
+    key_types: tuple[str, ...],
+    conflict_key: str,
+    write_target: tuple[str, frozenset[str] | None],
+    rows_estimate: int | None,
+    actor: str,
+) -> JobRecord:
+    """Insert a pending job and its ``created`` event; refuse a conflicting active job."""
+    with conn.transaction():
+        # Serialise enqueues per target so the overlap check below cannot race.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (write_target[0],))
+        _check_overlap(conn, write_target, exclude_id=None)
+        try:
+            row = conn.cursor(row_factory=dict_row).execute(
+                f"""INSERT INTO backfill.jobs (name, kind, source_schema, source_table,
+                        key_columns, key_types, spec, options, conflict_key, rows_estimate,
+                        created_by)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                    RETURNING {_JOB_COLUMNS}""",  # noqa: S608 - constant column list
+                (name, spec.kind, schema, table, list(key), list(key_types),
+                 Jsonb(spec.to_json()), Jsonb(spec.options.to_json()), conflict_key,
+                 rows_estimate, actor),
+            ).fetchone()
+        except pgerrors.UniqueViolation as exc:
+            raise JobConflict(_conflict_message(conn, conflict_key)) from exc
+        assert row is not None
+        job = _job(row)
+        add_event(conn, job.id, "created", actor=actor, to_state=JobState.PENDING,
+                  reason="enqueued", details={"spec": spec.to_json()})
+    return job
+
+
+def _targets_overlap(a: frozenset[str] | None, b: frozenset[str] | None) -> bool:
+    return a is None or b is None or bool(a & b)
+
+
+def _check_overlap(
+    conn: Conn, write_target: tuple[str, frozenset[str] | None], exclude_id: int | None
+) -> None:
+    target, cols = write_target
+    rows = conn.execute(
+        """SELECT id, state, conflict_key FROM backfill.jobs
+           WHERE state = ANY(%s) AND split_part(conflict_key, '(', 1) = %s
+             AND id IS DISTINCT FROM %s""",
+        ([str(s) for s in ACTIVE], target, exclude_id),
+    ).fetchall()
+    for job_id, state, other_key in rows:
+        inner = other_key.split("(", 1)[1].rstrip(")")
+        other = None if inner == "*" else frozenset(inner.split(","))
+        if _targets_overlap(cols, other):
+            raise JobConflict(
+                f"job {job_id} ({state}) already writes {other_key}: one active job per table "
+                f"and columns; wait for it, or cancel it with `backfill cancel {job_id}`"
+            )
+
+
+def _conflict_message(conn: Conn, conflict_key: str) -> str:
+    row = conn.execute(
+        "SELECT id, state FROM backfill.jobs WHERE conflict_key = %s AND state = ANY(%s)",
+        (conflict_key, [str(s) for s in ACTIVE]),
+    ).fetchone()
+    if row:
+        return (f"job {row[0]} ({row[1]}) already writes {conflict_key}: one active job per "
+                f"table and columns; wait for it, or cancel it with `backfill cancel {row[0]}`")
+    return f"another active job already writes {conflict_key}"
+
+
+def get_job(conn: Conn, job_id: int, *, for_update: bool = False) -> JobRecord:
+    lock = " FOR UPDATE" if for_update else ""
+    row = conn.cursor(row_factory=dict_row).execute(
+        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE id = %s{lock}",  # noqa: S608
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        raise JobNotFound(f"no job with id {job_id} (see `backfill list --all`)")
+    return _job(row)
+
+
+def find_jobs_by_name(conn: Conn, name: str) -> list[JobRecord]:
+    rows = conn.cursor(row_factory=dict_row).execute(
+        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE name = %s ORDER BY id DESC",  # noqa: S608
+        (name,),
+    ).fetchall()
+    return [_job(r) for r in rows]
+
+
+def list_jobs(conn: Conn, *, include_finished: bool = False, limit: int = 200) -> list[JobRecord]:
+    where = "" if include_finished else "WHERE state <> ALL(ARRAY['succeeded', 'cancelled'])"
+    rows = conn.cursor(row_factory=dict_row).execute(
+        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs {where} ORDER BY id DESC LIMIT %s",  # noqa: S608
+        (limit,),
+    ).fetchall()
+    return [_job(r) for r in rows]
+
+
+def add_event(
+    conn: Conn,
+    job_id: int,
+    kind: str,
+    *,
+    actor: str,
+    from_state: str | None = None,
+    to_state: str | None = None,
+    reason: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        """INSERT INTO backfill.events (job_id, kind, from_state, to_state, actor, reason, details)
+           VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+        (job_id, kind, from_state, to_state, actor, reason,
+         Jsonb(details) if details is not None else None),
+    )
+
+
+def events(conn: Conn, job_id: int, *, limit: int | None = None) -> list[Event]:
+    if limit is None:
+        rows = conn.cursor(row_factory=dict_row).execute(
+            "SELECT * FROM backfill.events WHERE job_id = %s ORDER BY id", (job_id,)
+        ).fetchall()
+    else:
+        rows = conn.cursor(row_factory=dict_row).execute(
+            """SELECT * FROM (SELECT * FROM backfill.events WHERE job_id = %s
+                              ORDER BY id DESC LIMIT %s) e ORDER BY id""",
+            (job_id, limit),
+        ).fetchall()
+    return [Event(**r) for r in rows]
+
+
+def transition(
+    conn: Conn,
+    job_id: int,
+    to: JobState,
+    *,
+    actor: str,
+    reason: str | None = None,
+    expect: frozenset[JobState] | None = None,
+    details: dict[str, Any] | None = None,
+    set_owner: str | None = None,
+    clear_owner: bool = False,
+    error: tuple[str, dict[str, Any] | None] | None = None,
+) -> JobRecord:
+    """Move a job to ``to``, checked against the transition table, with one event row.
+
+    Runs in its own transaction (or the caller's). ``expect`` narrows the states the caller
+    believes the job is in; anything else is an :class:`IllegalTransition`.
+    """
+    with conn.transaction():
+        job = get_job(conn, job_id, for_update=True)
+        if expect is not None and job.state not in expect:
+            check_transition(job_id, job.state, to)  # gives the precise message if illegal
+            from backfill.errors import IllegalTransition
+
+            raise IllegalTransition(
+                f"job {job_id} is {job.state}, expected {' or '.join(sorted(expect))}"
+            )
+        check_transition(job_id, job.state, to)
+        assignments = ["state = %(to)s", "state_reason = %(reason)s", "updated_at = now()"]
+        params: dict[str, Any] = {"to": str(to), "reason": reason, "id": job_id}
+        if to == JobState.RUNNING and job.started_at is None:
+            assignments.append("started_at = now()")
+        if to in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.FAILED):
+            assignments.append("finished_at = now()")
+        elif to == JobState.PENDING:
+            assignments.append("finished_at = NULL")
+        if set_owner is not None:
+            assignments.append("owner = %(owner)s, heartbeat_at = now()")
+            params["owner"] = set_owner
+        elif clear_owner:
+            assignments.append("owner = NULL, heartbeat_at = NULL")
+        if error is not None:
+            assignments.append("last_error = %(err)s, error_range = %(err_range)s")
+            params["err"] = error[0]
+            params["err_range"] = Jsonb(error[1]) if error[1] is not None else None
+        elif to == JobState.PENDING:
+            assignments.append("last_error = NULL, error_range = NULL")
+        try:
+            conn.execute(
+                "UPDATE backfill.jobs SET " + ", ".join(assignments) + " WHERE id = %(id)s",  # type: ignore[arg-type]  # noqa: S608 - fixed fragments
+                params,
+            )
+        except pgerrors.UniqueViolation as exc:
+            raise JobConflict(_conflict_message(conn, job.conflict_key)) from exc
+        add_event(conn, job_id, "transition", actor=actor, from_state=str(job.state),
+                  to_state=str(to), reason=reason, details=details)
+        return get_job(conn, job_id)
+
+
+def tune(conn: Conn, job_id: int, changes: dict[str, Any], *, actor: str) -> JobRecord:
+    """Change a job's options; running batches pick them up before their next batch."""
+    with conn.transaction():
+        job = get_job(conn, job_id, for_update=True)
+        if job.state in (JobState.SUCCEEDED, JobState.CANCELLED):
+            from backfill.errors import IllegalTransition
+
+            raise IllegalTransition(f"job {job_id} is {job.state}: nothing to tune")
+        new = job.options.merged(changes)
+        before = job.options.to_json()
+        after = new.to_json()
+        diff = {k: [before[k], after[k]] for k in after if before.get(k) != after[k]}
+        conn.execute(
+            """UPDATE backfill.jobs SET options = %s, options_version = options_version + 1,
+                   updated_at = now() WHERE id = %s""",
+            (Jsonb(after), job_id),
+        )
+        add_event(conn, job_id, "tuned", actor=actor, reason="options changed",
+                  details={"changes": diff})
+        return get_job(conn, job_id)
+
+
+def heartbeat(conn: Conn, job_id: int, owner: str) -> tuple[JobState, int, str | None] | None:
+    """Refresh the owner's heartbeat; ``None`` when ``owner`` no longer owns the job."""
+    row = conn.execute(
+        """UPDATE backfill.jobs SET heartbeat_at = now() WHERE id = %s AND owner = %s
+           RETURNING state, options_version, state_reason""",
+        (job_id, owner),
+    ).fetchone()
+    return (JobState(row[0]), int(row[1]), row[2]) if row else None
+
+
+def job_status(conn: Conn, job_id: int) -> tuple[JobState, int, str | None, str | None]:
+    """(state, options_version, state_reason, owner): the cheap read between batches."""
+    row = conn.execute(
+        "SELECT state, options_version, state_reason, owner FROM backfill.jobs WHERE id = %s",
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    return JobState(row[0]), int(row[1]), row[2], row[3]
+
+
+def take_over(conn: Conn, job_id: int, owner: str, *, actor: str, reason: str) -> None:
+    with conn.transaction():
+        old = get_job(conn, job_id, for_update=True)
+        conn.execute(
+            "UPDATE backfill.jobs SET owner = %s, heartbeat_at = now() WHERE id = %s",
+            (owner, job_id),
+        )
+        add_event(conn, job_id, "takeover", actor=actor, from_state=str(old.state),
+                  to_state=str(old.state), reason=reason,
+                  details={"previous_owner": old.owner,
+                           "previous_heartbeat": old.heartbeat_at.isoformat()
+                           if old.heartbeat_at else None})
+
+
+def release(conn: Conn, job_id: int, owner: str) -> None:
+    conn.execute(
+        "UPDATE backfill.jobs SET owner = NULL, heartbeat_at = NULL WHERE id = %s AND owner = %s",
+        (job_id, owner),
+    )
+
+
+# -- slices and checkpoints -------------------------------------------------------------------
+
+
+def slices(conn: Conn, job_id: int) -> list[SliceRecord]:
+    rows = conn.cursor(row_factory=dict_row).execute(
+        "SELECT * FROM backfill.slices WHERE job_id = %s ORDER BY slice_no", (job_id,)
+    ).fetchall()
+    return [SliceRecord(**r) for r in rows]
+
+
+def get_slice(conn: Conn, job_id: int, slice_no: int) -> SliceRecord:
+    row = conn.cursor(row_factory=dict_row).execute(
+        "SELECT * FROM backfill.slices WHERE job_id = %s AND slice_no = %s", (job_id, slice_no)
+    ).fetchone()
+    if row is None:
+        raise JobNotFound(f"job {job_id} has no slice {slice_no}")
+    return SliceRecord(**row)
+
+
+def create_slices(
+    conn: Conn, job_id: int, bounds: list[tuple[list[Any] | None, list[Any]]], batch_size: int
+) -> None:
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO backfill.slices (job_id, slice_no, lower_bound, upper_bound, batch_size)
+               VALUES (%s, %s, %s, %s, %s)""",
+            [(job_id, i, Jsonb(lo) if lo is not None else None, Jsonb(hi), batch_size)
+             for i, (lo, hi) in enumerate(bounds)],
+        )
+
+
+def set_rows_estimate(conn: Conn, job_id: int, estimate: int | None) -> None:
+    conn.execute("UPDATE backfill.jobs SET rows_estimate = %s WHERE id = %s", (estimate, job_id))
+
+
+def checkpoint(
+    conn: Conn,
+    *,
+    job_id: int,
+    slice_no: int,
+    prev: list[Any] | None,
+    new: list[Any],
+    done: bool,
+    rows_scanned: int,
+    rows_affected: int,
+    batch_size: int,
+    next_batch_size: int,
+    duration_ms: float,
+    attempts: int,
+) -> bool:
+    """Advance a slice's cursor from ``prev`` to ``new`` and record the batch; ``False`` if the
+    cursor was not ``prev`` (a duplicate or late batch) or the job is no longer running.
+
+    Called inside the batch's transaction: the checkpoint commits with the write or not at all.
+    """
+    row = conn.execute(
+        """WITH cp AS (
+               UPDATE backfill.slices s
+               SET cursor = %(new)s, done = %(done)s,
+                   rows_scanned = s.rows_scanned + %(scanned)s,
+                   rows_affected = s.rows_affected + %(affected)s,
+                   batches = s.batches + 1, batch_size = %(next_size)s, updated_at = now()
+               FROM backfill.jobs j
+               WHERE s.job_id = %(job)s AND s.slice_no = %(slice)s AND NOT s.done
+                 AND s.cursor IS NOT DISTINCT FROM %(prev)s
+                 AND j.id = s.job_id AND j.state = 'running'
+               RETURNING s.job_id)
+           INSERT INTO backfill.batches (job_id, slice_no, duration_ms, batch_size, rows_scanned,
+                                         rows_affected, attempts, lower_bound, upper_bound)
+           SELECT job_id, %(slice)s, %(duration)s, %(size)s, %(scanned)s, %(affected)s,
+                  %(attempts)s, %(prev)s, %(new)s FROM cp
+           RETURNING id""",
+        {
+            "new": Jsonb(new), "done": done, "scanned": rows_scanned, "affected": rows_affected,
+            "next_size": next_batch_size, "job": job_id, "slice": slice_no,
+            "prev": Jsonb(prev) if prev is not None else None, "duration": duration_ms,
+            "size": batch_size, "attempts": attempts,
+        },
+    ).fetchone()
+    return row is not None
+
+
+def mark_slice_done(conn: Conn, job_id: int, slice_no: int, prev: list[Any] | None) -> bool:
+    cur = conn.execute(
+        """UPDATE backfill.slices SET done = true, updated_at = now()
+           WHERE job_id = %s AND slice_no = %s AND cursor IS NOT DISTINCT FROM %s AND NOT done""",
+        (job_id, slice_no, Jsonb(prev) if prev is not None else None),
+    )
+    return cur.rowcount == 1
+
+
+def prune_batches(conn: Conn, job_id: int, keep: int = 1000) -> int:
+    cur = conn.execute(
+        """DELETE FROM backfill.batches WHERE job_id = %(job)s AND id < (
+               SELECT id FROM backfill.batches WHERE job_id = %(job)s
+               ORDER BY id DESC OFFSET %(keep)s LIMIT 1)""",
+        {"job": job_id, "keep": keep},
+    )
+    return cur.rowcount
+
+
+def progress(conn: Conn, job_id: int) -> Progress:
+    row = conn.execute(
+        """SELECT coalesce(sum(rows_scanned), 0), coalesce(sum(rows_affected), 0),
+                  coalesce(sum(batches), 0), count(*), count(*) FILTER (WHERE done),
+                  max(batch_size) FILTER (WHERE NOT done)
+           FROM backfill.slices WHERE job_id = %s""",
+        (job_id,),
+    ).fetchone()
+    assert row is not None
+    recent = conn.execute(
+        """SELECT max(finished_at), sum(rows_scanned),
+                  extract(epoch FROM max(finished_at) - min(finished_at - duration_ms
+                          * interval '1 millisecond'))
+           FROM (SELECT finished_at, rows_scanned, duration_ms FROM backfill.batches
+                 WHERE job_id = %s ORDER BY id DESC LIMIT 20) b""",
+        (job_id,),
+    ).fetchone()
+    rate = None
+    last_at = None
+    if recent and recent[0] is not None:
+        last_at = recent[0]
+        if recent[2] and float(recent[2]) > 0:
+            rate = float(recent[1]) / float(recent[2])
+    return Progress(
+        rows_scanned=int(row[0]), rows_affected=int(row[1]), batches=int(row[2]),
+        slices=int(row[3]), slices_done=int(row[4]), last_batch_at=last_at,
+        recent_rows_per_s=rate, current_batch_size=int(row[5]) if row[5] is not None else None,
+    )
+
+
+def recent_batches(conn: Conn, job_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    return conn.cursor(row_factory=dict_row).execute(
+        """SELECT * FROM (SELECT * FROM backfill.batches WHERE job_id = %s ORDER BY id DESC
+                          LIMIT %s) b ORDER BY id""",
+        (job_id, limit),
+    ).fetchall()
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str)

@@ -1,0 +1,71 @@
+# shellcheck shell=bash
+# Shared setup for scripts/test.sh and scripts/demo.sh. Source it from the repository root.
+#
+#   step "name"                 print a step banner (on stderr)
+#   ensure_venv EXTRAS          create .venv if missing, pip install -e ".[EXTRAS]" when needed,
+#                               and put .venv/bin first on PATH (also in $VENV_BIN)
+#   ensure_postgres             make sure PostgreSQL server binaries exist (installs
+#                               postgresql-15 with apt-get when root on Debian/Ubuntu)
+
+VENV_DIR="${VENV_DIR:-.venv}"
+
+step() {
+    printf '\n==> %s\n' "$*" >&2
+}
+
+_find_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.11 python3.12 python3.13 python3; do
+        [[ -n "$candidate" ]] || continue
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        if "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    echo "error: Python >= 3.11 not found (set PYTHON=/path/to/python3.11)" >&2
+    return 1
+}
+
+ensure_venv() {
+    local extras="${1:-}" spec="." python stamp want
+    [[ -z "$extras" ]] || spec=".[${extras}]"
+    if [[ ! -x "$VENV_DIR/bin/python" ]]; then
+        python="$(_find_python)"
+        step "creating $VENV_DIR with $python"
+        "$python" -m venv "$VENV_DIR"
+    fi
+    # Reinstall only when pyproject.toml or the requested extras changed since the last install.
+    stamp="$VENV_DIR/.backfill-install-stamp"
+    want="$(cat pyproject.toml; echo "extras=$extras")"
+    want="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
+    if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
+        step "pip install -e '$spec'"
+        "$VENV_DIR/bin/python" -m pip install -q -e "$spec"
+        echo "$want" >>"$stamp"
+    fi
+    VENV_BIN="$(cd "$VENV_DIR/bin" && pwd)"
+    PATH="$VENV_BIN:$PATH"
+    export PATH VENV_BIN
+    hash -r
+}
+
+_have_postgres() {
+    python -c 'from backfill.localpg import find_pg_bindir; find_pg_bindir()' 2>/dev/null
+}
+
+ensure_postgres() {
+    if _have_postgres; then
+        return 0
+    fi
+    if [[ "$(id -u)" == 0 && -f /etc/debian_version ]] && command -v apt-get >/dev/null; then
+        step "installing PostgreSQL 15 server binaries (apt-get install postgresql-15)"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15
+    fi
+    if ! _have_postgres; then
+        python -c 'from backfill.localpg import find_pg_bindir; find_pg_bindir()' || true
+        echo "error: PostgreSQL server binaries are required (see above)" >&2
+        return 1
+    fi
+}

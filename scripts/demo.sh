@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The newcomer's one command: a throwaway PostgreSQL, a demo table, one backfill job run to the end.
+#
+#   BACKFILL_DEMO_DIR  data directory of the throwaway server (default /tmp/backfill-demo-pg)
+#   DEMO_ROWS          rows in demo_orders (default 2000000)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/_venv.sh
+source scripts/_venv.sh
+
+DEMO_DIR="${BACKFILL_DEMO_DIR:-/tmp/backfill-demo-pg}"
+DEMO_ROWS="${DEMO_ROWS:-2000000}"
+DEMO_DB="backfill_demo"
+SERVER_STARTED=0
+
+stop_hint() {
+    if [[ "$SERVER_STARTED" == 1 ]]; then
+        printf '\nThe demo server is still running. Stop it with:\n' >&2
+        printf '  cd %q && %q/python -m backfill.localpg stop --dir %q\n' \
+            "$PWD" "$VENV_BIN" "$DEMO_DIR" >&2
+    fi
+}
+trap stop_hint EXIT
+
+ensure_venv ""
+step "PostgreSQL binaries"
+ensure_postgres
+
+step "starting a throwaway PostgreSQL in $DEMO_DIR"
+ADMIN_DSN="$(python -m backfill.localpg start --dir "$DEMO_DIR")"
+SERVER_STARTED=1
+echo "server: $ADMIN_DSN" >&2
+
+step "creating database $DEMO_DB (if missing)"
+BACKFILL_DSN="$(python - "$ADMIN_DSN" "$DEMO_DB" <<'PY'
+import sys
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+admin_dsn, dbname = sys.argv[1], sys.argv[2]
+with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as conn:
+    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+    if not exists:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+print(make_conninfo(admin_dsn, dbname=dbname))
+PY
+)"
+export BACKFILL_DSN
+echo "BACKFILL_DSN=$BACKFILL_DSN" >&2
+
+step "backfill db upgrade"
+backfill db upgrade
+
+step "creating demo_orders with $DEMO_ROWS rows"
+DEMO_ROWS="$DEMO_ROWS" python - <<'PY'
+import os
+import time
+
+import psycopg
+
+rows = int(os.environ["DEMO_ROWS"])
+started = time.monotonic()
+with psycopg.connect(os.environ["BACKFILL_DSN"], autocommit=True, connect_timeout=10) as conn:
+    conn.execute("DROP TABLE IF EXISTS demo_orders")
+    conn.execute(
+        """
+        CREATE TABLE demo_orders (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            quantity int NOT NULL,
+            unit_price_cents int NOT NULL,
+            total_cents bigint
+        )
+        """
+    )
+    conn.execute(
+        """
+        INSERT INTO demo_orders (quantity, unit_price_cents)
+        SELECT 1 + i %% 7, 100 + i %% 1000 FROM generate_series(1, %s) AS i
+        """,
+        (rows,),
+    )
+    conn.execute("VACUUM ANALYZE demo_orders")
+print(f"inserted {rows} rows in {time.monotonic() - started:.1f}s")
+PY
+
+step "backfill enqueue demo_fill_total"
+JOB="$(backfill enqueue demo_fill_total --quiet)"
+echo "job: $JOB" >&2
+
+step "backfill run $JOB"
+backfill run "$JOB"
+
+step "backfill verify $JOB"
+backfill verify "$JOB"
+
+step "backfill show $JOB"
+backfill show "$JOB"
+
+step "done"
+echo "Explore further with: BACKFILL_DSN='$BACKFILL_DSN' $VENV_BIN/backfill --help" >&2
