@@ -19,9 +19,16 @@ from backfill.keyset import Key, Keyset
 from backfill.spec import JobSpec, TransformFn, load_function
 
 
-def _user_sql(text: str) -> sql.SQL:
-    # Deliberate: SET expressions, predicates and statements are SQL written by the operator who
-    # defines the job; they are the job. Identifiers and values are never spliced in this way.
+def _user_sql(text: str, *, placeholders: bool = False) -> sql.SQL:
+    """Operator-written SQL: SET expressions, predicates and statements are the job itself.
+
+    Identifiers and values are never spliced this way. Fragments run next to our own
+    parameters, so a literal ``%`` (``val % 7``, ``LIKE 'a%'``) is escaped, except in a sql
+    job's statement, whose ``%(lower)s``/``%(upper)s`` placeholders are the point (there a
+    literal percent is written ``%%``).
+    """
+    if not placeholders:
+        text = text.replace("%", "%%")
     return sql.SQL(cast(LiteralString, text))  # type: ignore[redundant-cast]
 
 
@@ -101,7 +108,7 @@ class PreparedJob:
                 "SELECT {r} FROM {t} WHERE {p}{f} ORDER BY {o} FOR NO KEY UPDATE"
             ).format(r=read, t=t, p=pred, f=self._filter(), o=self.keyset.order_by())
         assert s.statement is not None
-        return sql.Composed([_user_sql(s.statement)])
+        return sql.Composed([_user_sql(s.statement, placeholders=True)])
 
     def _on_conflict(self) -> sql.Composable:
         mode = self.spec.on_conflict
@@ -191,6 +198,8 @@ class PreparedJob:
         ks = self.keyset
         upper = ks.max_key(conn)
         first = ks.first_key(conn, None, upper) if upper is not None else None
+        if upper is not None:  # explain the first batch as it will run, not the whole range
+            upper = ks.probe(conn, None, upper, self.spec.options.batch_size - 1) or upper
         stmt = self.write_statement(lower=False)
         if upper is None:
             params: dict[str, Any] = {f"hi{i}": None for i in range(len(self.key))}

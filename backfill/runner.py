@@ -8,13 +8,14 @@ batch in the batch's own transaction.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -24,6 +25,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_random_exponential,
 )
 
@@ -31,7 +33,13 @@ from backfill import store
 from backfill.batch import BatchResult, run_batch
 from backfill.catalog import Conn
 from backfill.db import connect
-from backfill.errors import BackfillError, IllegalTransition, JobConflict, LeaseLost
+from backfill.errors import (
+    BackfillError,
+    DatabaseUnavailable,
+    IllegalTransition,
+    JobConflict,
+    LeaseLost,
+)
 from backfill.keyset import Key, KeyCodec, render_key
 from backfill.kinds import PreparedJob, prepare
 from backfill.logs import get_logger
@@ -42,6 +50,7 @@ from backfill.states import JobState
 from backfill.throttle import BatchSizer, rate_delay
 
 S = JobState
+T = TypeVar("T")
 HEARTBEAT_EVERY_S = 2.0
 PRUNE_EVERY_BATCHES = 500
 
@@ -93,6 +102,7 @@ class Runner:
         on_tick: Callable[[Tick], None] | None = None,
         takeover_after_s: float = 30.0,
         poll_interval_s: float = 1.0,
+        reconnect_timeout_s: float = 120.0,
     ) -> None:
         self.dsn = dsn
         self.job_id = job_id
@@ -102,6 +112,7 @@ class Runner:
         self.on_tick = on_tick
         self.takeover_after_s = takeover_after_s
         self.poll_interval_s = poll_interval_s
+        self.reconnect_timeout_s = reconnect_timeout_s
         self.log = get_logger(job_id=job_id)
         self._conn: Conn | None = None
         self._retry_notes: list[dict[str, Any]] = []
@@ -254,16 +265,12 @@ class Runner:
                 if self.stop.is_set():
                     return self._pause_on_stop()
                 now = time.monotonic()
-                status = store.heartbeat(self.conn, job.id, self.owner) if (
-                    now - last_heartbeat >= HEARTBEAT_EVERY_S or batches_since_prune == 0
-                ) else None
-                if status is not None:
+                due = now - last_heartbeat >= HEARTBEAT_EVERY_S or batches_since_prune == 0
+                status = self._db(functools.partial(self._status, job.id, heartbeat=due))
+                if status is None:
+                    return self._lost_ownership(self._db(lambda: store.get_job(self.conn, job.id)))
+                if due:
                     last_heartbeat = now
-                else:
-                    st, ver, why, owner = store.job_status(self.conn, job.id)
-                    if owner != self.owner:
-                        return self._lost_ownership(store.get_job(self.conn, job.id))
-                    status = (st, ver, why)
                 state, version, reason = status
                 if state == S.THROTTLED:
                     self._tick(job, None, sizer.size, window, state, note=reason)
@@ -271,10 +278,10 @@ class Runner:
                     continue
                 if state != S.RUNNING:
                     self.log.info("job.stopped", state=str(state), reason=reason)
-                    store.release(self.conn, job.id, self.owner)
-                    return store.get_job(self.conn, job.id)
+                    self._db(lambda: store.release(self.conn, job.id, self.owner))
+                    return self._db(lambda: store.get_job(self.conn, job.id))
                 if version != options_version:
-                    fresh = store.get_job(self.conn, job.id)
+                    fresh = self._db(lambda: store.get_job(self.conn, job.id))
                     if fresh.options.batch_size != options.batch_size:
                         sizer.size = fresh.options.batch_size
                     options, options_version = fresh.options, fresh.options_version
@@ -287,7 +294,8 @@ class Runner:
                     return outcome
                 if outcome is None:
                     # Someone else advanced the slice or the state changed: re-read and go on.
-                    fresh_slice = store.get_slice(self.conn, job.id, slc.slice_no)
+                    slice_no = slc.slice_no
+                    fresh_slice = self._db(lambda: store.get_slice(self.conn, job.id, slice_no))
                     cursor = codec.decode(fresh_slice.cursor)
                     if fresh_slice.done:
                         break
@@ -298,7 +306,7 @@ class Runner:
                 self._affected += outcome.rows_affected
                 batches_since_prune += 1
                 if batches_since_prune % PRUNE_EVERY_BATCHES == 0:
-                    store.prune_batches(self.conn, job.id)
+                    self._db(lambda: store.prune_batches(self.conn, job.id))
                 end = time.monotonic()
                 window.append((end, outcome.rows_scanned))
                 self._tick(job, outcome, sizer.size, window, S.RUNNING)
@@ -312,7 +320,35 @@ class Runner:
                                    options.rate_limit) + options.pause_ms / 1000.0
                 if delay > 0:
                     self._sleep(delay)
-        return self._finish(job)
+        return self._db(lambda: self._finish(job))
+
+    def _status(self, job_id: int, *, heartbeat: bool) -> tuple[JobState, int, str | None] | None:
+        """State, options version and reason; ``None`` when this runner no longer owns the job."""
+        if heartbeat:
+            return store.heartbeat(self.conn, job_id, self.owner)
+        state, version, reason, owner = store.job_status(self.conn, job_id)
+        return (state, version, reason) if owner == self.owner else None
+
+    def _db(self, fn: Callable[[], T]) -> T:
+        """Run a state-store call, riding out a lost connection or a restarting server."""
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            note = {"attempt": state.attempt_number, "verdict": "reconnect",
+                    "error": describe_error(exc) if exc else "unknown"}
+            self._retry_notes.append(note)  # recorded as an event once the database is back
+            self.log.warning("db.retry", **note)
+            if self._conn is not None and (self._conn.broken or self._conn.closed):
+                self._drop_conn()
+
+        retrying = Retrying(
+            retry=retry_if_exception(_connection_trouble),
+            stop=stop_after_delay(self.reconnect_timeout_s),
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            before_sleep=before_sleep,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        return retrying(fn)
 
     def _batch_with_retry(
         self,
@@ -384,10 +420,15 @@ class Runner:
         return result
 
     def _flush_retry_notes(self, job_id: int) -> None:
-        notes, self._retry_notes = self._retry_notes, []
-        for note in notes:
-            store.add_event(self.conn, job_id, "retry", actor=self.owner,
-                            reason=note["error"], details=note)
+        def flush() -> None:
+            with self.conn.transaction():
+                for note in self._retry_notes:
+                    store.add_event(self.conn, job_id, "retry", actor=self.owner,
+                                    reason=note["error"], details=note)
+            self._retry_notes = []
+
+        if self._retry_notes:
+            self._db(flush)
 
     def _fail(self, job: store.JobRecord, prepared: PreparedJob, exc: Exception,
               cursor: Key | None, codec: KeyCodec, attempts: int) -> store.JobRecord:
@@ -399,10 +440,12 @@ class Runner:
         self._flush_retry_notes(job.id)
         reason = (f"batch after {render_key(cursor)} failed"
                   + (f" after {attempts} attempts" if attempts > 1 else "") + f": {error}")
-        return store.transition(self.conn, job.id, S.FAILED, actor=self.owner,
-                                reason=reason, error=(error, err_range), clear_owner=True)
+        return self._db(lambda: store.transition(
+            self.conn, job.id, S.FAILED, actor=self.owner, reason=reason,
+            error=(error, err_range), clear_owner=True))
 
     def _finish(self, job: store.JobRecord) -> store.JobRecord:
+        self._flush_retry_notes(job.id)
         pending = [s for s in store.slices(self.conn, job.id) if not s.done]
         if pending:  # another runner still holds a slice; leave the job to it
             return store.get_job(self.conn, job.id)
@@ -417,11 +460,15 @@ class Runner:
         return done
 
     def _pause_on_stop(self) -> store.JobRecord:
-        job = store.get_job(self.conn, self.job_id)
-        if job.state in (S.RUNNING, S.THROTTLED):
-            job = store.transition(self.conn, self.job_id, S.PAUSED, actor=self.actor,
-                                   reason="interrupted (Ctrl-C); run again to resume",
-                                   clear_owner=True)
+        def pause() -> store.JobRecord:
+            job = store.get_job(self.conn, self.job_id)
+            if job.state in (S.RUNNING, S.THROTTLED):
+                job = store.transition(self.conn, self.job_id, S.PAUSED, actor=self.actor,
+                                       reason="interrupted (Ctrl-C); run again to resume",
+                                       clear_owner=True)
+            return job
+
+        job = self._db(pause)
         self.log.info("job.paused", reason="interrupted")
         return job
 
@@ -445,6 +492,10 @@ class Runner:
             if span > 0:
                 rate = sum(r for _, r in window[1:]) / span
         self.on_tick(Tick(job, batch, size, self._scanned, self._affected, rate, state, note))
+
+
+def _connection_trouble(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | DatabaseUnavailable)
 
 
 class _SliceMoved(Exception):

@@ -461,7 +461,7 @@ def mark_slice_done(conn: Conn, job_id: int, slice_no: int, prev: list[Any] | No
 
 def prune_batches(conn: Conn, job_id: int, keep: int = 1000) -> int:
     cur = conn.execute(
-        """DELETE FROM backfill.batches WHERE job_id = %(job)s AND id < (
+        """DELETE FROM backfill.batches WHERE job_id = %(job)s AND id <= (
                SELECT id FROM backfill.batches WHERE job_id = %(job)s
                ORDER BY id DESC OFFSET %(keep)s LIMIT 1)""",
         {"job": job_id, "keep": keep},

@@ -1,0 +1,95 @@
+"""Helpers shared by integration tests: tables with per-row counters, polling, subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_counter_table(dsn: str, rows: int, *, table: str = "items", key: str = "bigint") -> None:
+    """A table whose jobs increment ``counter``: every row must end at exactly 1."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        if key == "bigint":
+            c.execute(f"""CREATE TABLE {table} (id bigint PRIMARY KEY, val int NOT NULL,
+                          counter int NOT NULL DEFAULT 0, note text)""")
+            c.execute(f"INSERT INTO {table} (id, val) SELECT i, i %% 100 FROM generate_series(1, %s) i",
+                      (rows,))
+        elif key == "uuid":
+            c.execute(f"""CREATE TABLE {table} (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                          val int NOT NULL, counter int NOT NULL DEFAULT 0, note text)""")
+            c.execute(f"INSERT INTO {table} (val) SELECT i %% 100 FROM generate_series(1, %s) i", (rows,))
+        elif key == "text":
+            c.execute(f"""CREATE TABLE {table} (id text PRIMARY KEY, val int NOT NULL,
+                          counter int NOT NULL DEFAULT 0, note text)""")
+            c.execute(f"""INSERT INTO {table} (id, val) SELECT md5(i::text) || ' x' || i, i %% 100
+                          FROM generate_series(1, %s) i""", (rows,))
+        elif key == "timestamptz":
+            c.execute(f"""CREATE TABLE {table} (id timestamptz PRIMARY KEY, val int NOT NULL,
+                          counter int NOT NULL DEFAULT 0, note text)""")
+            c.execute(f"""INSERT INTO {table} (id, val)
+                          SELECT timestamptz '2024-01-01 00:00:00+00' + i * interval '1.5 second',
+                                 i %% 100 FROM generate_series(1, %s) i""", (rows,))
+        elif key == "composite":
+            c.execute(f"""CREATE TABLE {table} (tenant int NOT NULL, seq bigint NOT NULL,
+                          val int NOT NULL, counter int NOT NULL DEFAULT 0, note text,
+                          PRIMARY KEY (tenant, seq))""")
+            c.execute(f"""INSERT INTO {table} (tenant, seq, val)
+                          SELECT i %% 7, i, i %% 100 FROM generate_series(1, %s) i""", (rows,))
+        else:
+            raise ValueError(key)
+        c.execute(f"ANALYZE {table}")
+
+
+def counter_histogram(dsn: str, table: str = "items") -> dict[int, int]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return {int(k): int(n) for k, n in c.execute(
+            f"SELECT counter, count(*) FROM {table} GROUP BY counter ORDER BY counter").fetchall()}
+
+
+def scalar(dsn: str, query: str, params: Any = None) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute(query, params).fetchone()
+        return row[0] if row else None
+
+
+def wait_for(predicate: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"BACKFILL_LOG_FORMAT": "json", "BACKFILL_ACTOR": "tester", **extra})
+    return env
+
+
+def cli(dsn: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT, check=False,
+    )
+
+
+def cli_popen(dsn: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
+    )

@@ -1,0 +1,387 @@
+"""The runner under pressure: duplicates, retries, timeouts, pause/cancel/tune from outside,
+Ctrl-C, SIGKILL and a database restart. Per-row counters prove nothing is skipped or repeated."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from backfill import Backfill, JobState, update
+from backfill.batch import run_batch
+from backfill.db import connect
+from backfill.errors import IllegalTransition, JobConflict, LeaseLost
+from backfill.keyset import KeyCodec
+from backfill.kinds import prepare
+from backfill.runner import Runner, Tick
+from backfill import store
+from tests.integration.helpers import (
+    cli,
+    cli_popen,
+    counter_histogram,
+    make_counter_table,
+    scalar,
+    wait_for,
+)
+
+INC = {"counter": "counter + 1"}
+
+
+def _events(bf: Backfill, job_id: int, kind: str) -> list[store.Event]:
+    return [e for e in bf.events(job_id) if e.kind == kind]
+
+
+def test_duplicate_or_late_batch_applies_nothing(dsn: str) -> None:
+    make_counter_table(dsn, 500)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100))
+    # Start it (snapshot the range) but stop before any batch.
+    stop = threading.Event()
+    stop.set()
+    assert bf.run(job.id, stop=stop).state == JobState.PAUSED
+    bf.resume(job.id)
+    conn = connect(dsn)
+    store.transition(conn, job.id, JobState.RUNNING, actor="test")
+    prepared = prepare(conn, store.get_job(conn, job.id).spec, explain=False)
+    codec = KeyCodec(prepared.key_types)
+    upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)
+    assert upper is not None
+    kwargs: dict[str, Any] = dict(job_id=job.id, slice_no=0, cursor=None, slice_upper=upper,
+                                  size=100, options=prepared.spec.options, codec=codec)
+    first = run_batch(conn, prepared, **kwargs)
+    assert first.upper == (100,)
+    with pytest.raises(LeaseLost):
+        run_batch(conn, prepared, **kwargs)  # the same batch again, e.g. a redelivered task
+    assert counter_histogram(dsn) == {0: 400, 1: 100}
+    assert store.slices(conn, job.id)[0].cursor == [100]
+    conn.close()
+
+
+def test_non_retryable_error_fails_with_range_then_retry_resumes(dsn: str) -> None:
+    make_counter_table(dsn, 1_000)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE items ADD CONSTRAINT small CHECK (counter < 1 OR id < 700)")
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100))
+    failed = bf.run(job.id)
+    assert failed.state == JobState.FAILED
+    assert "CheckViolation" in (failed.last_error or "")
+    assert failed.error_range == {"after": [600], "attempts": 1, "batch_kind": "update"}
+    assert not _events(bf, job.id, "retry"), "a check violation must not be retried"
+    with pytest.raises(IllegalTransition, match="retry"):
+        bf.run(job.id)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE items DROP CONSTRAINT small")
+    bf.retry(job.id, reason="constraint fixed")
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 1_000}
+
+
+def test_statement_timeout_shrinks_the_batch(dsn: str) -> None:
+    make_counter_table(dsn, 300)
+    bf = Backfill(dsn)
+    # 2 ms per row: 100 rows take ~200 ms, over the 120 ms statement timeout; 50 rows fit.
+    slow = {"counter": "counter + 1 + length(pg_sleep(0.002)::text)"}
+    job = bf.enqueue(update("items", slow, batch_size=100, min_batch_size=10, max_batch_size=100,
+                            statement_timeout="120ms", target_duration="50ms"))
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 300}
+    retries = _events(bf, job.id, "retry")
+    assert retries
+    assert retries[0].details is not None
+    assert retries[0].details["verdict"] == "shrink"
+    assert retries[0].details["new_batch_size"] == 50
+    assert "QueryCanceled" in (retries[0].reason or "")
+
+
+def test_lock_timeout_retries_until_the_lock_is_released(dsn: str) -> None:
+    make_counter_table(dsn, 400)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100,
+                            lock_timeout="100ms"))
+    blocker = psycopg.connect(dsn)
+    blocker.execute("SELECT * FROM items WHERE id = 250 FOR UPDATE")  # holds a row lock
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.setdefault("job", bf.run(job.id)))
+    t.start()
+    try:
+        wait_for(lambda: _events(bf, job.id, "retry") or
+                 scalar(dsn, "SELECT count(*) FROM backfill.batches WHERE attempts > 1"),
+                 timeout=60, what="a retry") if False else wait_for(
+            lambda: scalar(dsn, """SELECT count(*) FROM pg_stat_activity
+                                   WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%%'"""),
+            timeout=30, what="the batch to wait on the lock")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert result["job"].state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 400}
+
+
+def test_lock_timeout_is_retried_and_recorded(dsn: str) -> None:
+    make_counter_table(dsn, 400)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100,
+                            lock_timeout="50ms", max_retries=50))
+    blocker = psycopg.connect(dsn)
+    blocker.execute("SELECT * FROM items WHERE id = 250 FOR UPDATE")
+    released = threading.Event()
+
+    def release_after_retries() -> None:
+        # The runner records retries once the batch finally commits, so watch its log instead:
+        # wait until the batch has hit the lock timeout at least twice (each attempt is a new
+        # backend query), then release.
+        wait_for(lambda: scalar(dsn, """SELECT count(*) FROM pg_stat_activity
+                                        WHERE wait_event_type = 'Lock'"""), timeout=30)
+        wait_for(lambda: not scalar(dsn, """SELECT count(*) FROM pg_stat_activity
+                                            WHERE wait_event_type = 'Lock'"""), timeout=30)
+        blocker.rollback()
+        released.set()
+
+    t = threading.Thread(target=release_after_retries)
+    t.start()
+    try:
+        done = bf.run(job.id)
+    finally:
+        t.join(timeout=60)
+        blocker.close()
+    assert released.is_set()
+    assert done.state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 400}
+    retries = _events(bf, job.id, "retry")
+    assert retries
+    assert all("LockNotAvailable" in (e.reason or "") for e in retries)
+    assert scalar(dsn, "SELECT max(attempts) FROM backfill.batches WHERE job_id = %s", (job.id,)) > 1
+
+
+def _run_in_thread(bf: Backfill, job_id: int, **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["job"] = bf.run(job_id, **kw)
+        except Exception as exc:  # surfaced by the test
+            result["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, result
+
+
+def test_pause_cancel_and_tune_from_another_connection_take_effect_next_batch(dsn: str) -> None:
+    make_counter_table(dsn, 20_000)
+    runner_bf = Backfill(dsn, actor="runner-side")
+    operator = Backfill(dsn, actor="alice")
+    job = operator.enqueue(update("items", INC, batch_size=100, min_batch_size=100,
+                                  max_batch_size=100, pause="20ms"))
+    t, result = _run_in_thread(runner_bf, job.id)
+    wait_for(lambda: operator.progress(job.id).batches >= 3, what="3 batches")
+    operator.tune(job.id, batch_size=400)
+    wait_for(lambda: scalar(dsn, "SELECT count(*) FROM backfill.batches WHERE batch_size = 400"),
+             what="a batch of the tuned size")
+    operator.pause(job.id, reason="maintenance window")
+    t.join(timeout=30)
+    assert result["job"].state == JobState.PAUSED
+    batches_at_pause = operator.progress(job.id).batches
+    paused_at = operator.events(job.id)
+    pause_event = next(e for e in paused_at if e.to_state == "paused")
+    assert (pause_event.actor, pause_event.reason) == ("alice", "maintenance window")
+    # At most the batch in flight committed after the pause.
+    late = scalar(dsn, "SELECT count(*) FROM backfill.batches WHERE finished_at > %s",
+                  (pause_event.at,))
+    assert late <= 1
+    assert operator.progress(job.id).batches == batches_at_pause
+    tuned = [e for e in paused_at if e.kind == "tuned"]
+    assert tuned[0].details == {"changes": {"batch_size": [100, 400],
+                                            "max_batch_size": [100, 400]}}
+    # Resume and cancel mid-way: cancel is final, and nothing commits after it.
+    operator.resume(job.id)
+    t, result = _run_in_thread(runner_bf, job.id)
+    wait_for(lambda: operator.progress(job.id).batches >= batches_at_pause + 2, what="progress")
+    operator.cancel(job.id, reason="wrong column")
+    t.join(timeout=30)
+    assert result["job"].state == JobState.CANCELLED
+    done = operator.progress(job.id).rows_scanned
+    assert 0 < done < 20_000
+    hist = counter_histogram(dsn)
+    assert hist.get(1) == done
+    assert set(hist) <= {0, 1}
+    with pytest.raises(IllegalTransition, match="cancelled"):
+        operator.resume(job.id)
+
+
+def test_throttled_job_waits_without_a_transaction_and_continues(dsn: str) -> None:
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100,
+                            pause="10ms"))
+    ticks: list[Tick] = []
+    t, result = _run_in_thread(bf, job.id, on_tick=ticks.append)
+    wait_for(lambda: bf.progress(job.id).batches >= 2, what="2 batches")
+    conn = connect(dsn)
+    store.transition(conn, job.id, JobState.THROTTLED, actor="controller",
+                     reason="replica lag 12s > 5s")
+    wait_for(lambda: any(tk.state == JobState.THROTTLED for tk in ticks), what="throttled tick")
+    held = bf.progress(job.id).batches
+    # While throttled the runner holds no transaction open.
+    assert not scalar(dsn, """SELECT count(*) FROM pg_stat_activity
+                              WHERE application_name LIKE 'backfill job%%'
+                                AND state LIKE 'idle in transaction%%'""")
+    wait_for(lambda: [tk for tk in ticks if tk.state == JobState.THROTTLED][2:], what="3 polls")
+    assert bf.progress(job.id).batches == held
+    store.transition(conn, job.id, JobState.RUNNING, actor="controller", reason="lag 0.2s")
+    conn.close()
+    t.join(timeout=60)
+    assert result["job"].state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 5_000}
+    note = next(tk.note for tk in ticks if tk.state == JobState.THROTTLED)
+    assert note == "replica lag 12s > 5s"
+
+
+def test_a_second_runner_is_refused_while_the_first_is_alive(dsn: str) -> None:
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100,
+                            pause="10ms"))
+    t, result = _run_in_thread(bf, job.id)
+    wait_for(lambda: bf.progress(job.id).batches >= 1, what="a batch")
+    with pytest.raises(JobConflict, match="under runner:"):
+        Runner(dsn, job.id, actor="second", owner="runner:otherhost:1").run()
+    bf.pause(job.id)
+    t.join(timeout=30)
+    assert result["job"].state == JobState.PAUSED
+
+
+def _start_cli_run(dsn: str, job_id: int) -> Any:
+    return cli_popen(dsn, "run", str(job_id), "--no-progress")
+
+
+def test_ctrl_c_pauses_with_checkpoint_and_run_resumes(dsn: str) -> None:
+    make_counter_table(dsn, 50_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=200, min_batch_size=200, max_batch_size=200,
+                            pause="5ms"))
+    proc = _start_cli_run(dsn, job.id)
+    try:
+        wait_for(lambda: bf.progress(job.id).batches >= 5, timeout=60, what="5 batches")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    paused = bf.get(job.id)
+    assert paused.state == JobState.PAUSED
+    assert "Ctrl-C" in (paused.state_reason or "")
+    done = bf.progress(job.id).rows_scanned
+    assert 0 < done < 50_000
+    assert counter_histogram(dsn) == {0: 50_000 - done, 1: done}
+    again = cli(dsn, "run", str(job.id), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert counter_histogram(dsn) == {1: 50_000}
+    transitions = [(e.from_state, e.to_state) for e in bf.events(job.id) if e.kind == "transition"]
+    assert transitions == [("pending", "running"), ("running", "paused"), ("paused", "pending"),
+                           ("pending", "running"), ("running", "succeeded")]
+
+
+def test_sigkill_mid_run_then_run_takes_over_and_finishes_exactly_once(dsn: str) -> None:
+    make_counter_table(dsn, 50_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=200, min_batch_size=200, max_batch_size=200))
+    proc = _start_cli_run(dsn, job.id)
+    try:
+        wait_for(lambda: bf.progress(job.id).batches >= 10, timeout=60, what="10 batches")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert bf.get(job.id).state == JobState.RUNNING  # nobody said otherwise: the owner just died
+    again = cli(dsn, "run", str(job.id), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert counter_histogram(dsn) == {1: 50_000}
+    takeovers = _events(bf, job.id, "takeover")
+    assert len(takeovers) == 1
+    assert "gone" in (takeovers[0].reason or "")
+
+
+def test_database_restart_mid_run_is_retried_without_loss(dsn: str, pg_server: Any) -> None:
+    if pg_server is None:
+        pytest.skip("needs the test session's own server to restart it")
+    make_counter_table(dsn, 30_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=200, min_batch_size=200, max_batch_size=200,
+                            pause="5ms"))
+    proc = _start_cli_run(dsn, job.id)
+    try:
+        wait_for(lambda: bf.progress(job.id).batches >= 5, timeout=60, what="5 batches")
+        pg_server.restart(mode="fast")
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert counter_histogram(dsn) == {1: 30_000}
+    retries = _events(bf, job.id, "retry")
+    assert retries, "the restart should have cost at least one retry"
+    assert bf.get(job.id).state == JobState.SUCCEEDED
+
+
+def test_rate_limit_caps_rows_per_second(dsn: str) -> None:
+    import time
+
+    make_counter_table(dsn, 1_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100,
+                            rate=2_000))
+    started = time.monotonic()
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    # 1000 rows at 2000 rows/s: at least 9 waits of ~50 ms (no wait after the last batch).
+    assert time.monotonic() - started >= 0.4
+
+
+def test_batch_stats_are_pruned(dsn: str) -> None:
+    make_counter_table(dsn, 1_500)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=10, min_batch_size=10, max_batch_size=10))
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    conn = connect(dsn)
+    assert store.prune_batches(conn, job.id, keep=100) == 50
+    assert scalar(dsn, "SELECT count(*) FROM backfill.batches") == 100
+    assert bf.progress(job.id).batches == 150  # totals live in the slices
+    conn.close()
+
+
+def test_events_are_append_only(dsn: str) -> None:
+    make_counter_table(dsn, 10)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            c.execute("UPDATE backfill.events SET actor = 'mallory'")
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            c.execute("DELETE FROM backfill.events WHERE job_id = %s", (job.id,))
+
+
+def test_schema_upgrade_is_idempotent_and_safe_concurrently(bare_dsn: str) -> None:
+    results: list[Any] = []
+
+    def up() -> None:
+        try:
+            results.append(Backfill(bare_dsn).upgrade())
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=up) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert all(isinstance(r, tuple) for r in results), results
+    assert sorted(r[0] for r in results) == [0, 1, 1, 1]
+    assert scalar(bare_dsn, "SELECT count(*) FROM backfill.schema_version") == 1
