@@ -437,7 +437,8 @@ class LocalPostgres:
             if directory.exists():
                 break
             missing.append(directory)
-        existing = missing[-1].parent if missing else self.datadir
+        # The data directory itself is handed to postgres below; its parents must be traversable.
+        existing = missing[-1].parent if missing else self.datadir.parent
         if self._is_root and not self._access_checked:
             self._check_pg_user_access(existing)
             self._access_checked = True

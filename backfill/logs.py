@@ -48,4 +48,8 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
 
 
 def get_logger(**bindings: Any) -> Any:
+    # Scripts using the API without configuring logging get info-level lines on stderr, not
+    # structlog's default of every debug line on stdout.
+    if not structlog.is_configured():
+        configure()
     return structlog.get_logger("backfill").bind(**bindings)

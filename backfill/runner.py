@@ -53,6 +53,8 @@ S = JobState
 T = TypeVar("T")
 HEARTBEAT_EVERY_S = 2.0
 PRUNE_EVERY_BATCHES = 500
+#: Seconds of recent batches the live rows/s is computed over.
+RATE_WINDOW_S = 10.0
 
 
 def default_owner() -> str:
@@ -294,8 +296,7 @@ class Runner:
                     return outcome
                 if outcome is None:
                     # Someone else advanced the slice or the state changed: re-read and go on.
-                    slice_no = slc.slice_no
-                    fresh_slice = self._db(lambda: store.get_slice(self.conn, job.id, slice_no))
+                    fresh_slice = self._db(self._slice_reader(job.id, slc.slice_no))
                     cursor = codec.decode(fresh_slice.cursor)
                     if fresh_slice.done:
                         break
@@ -309,6 +310,8 @@ class Runner:
                     self._db(lambda: store.prune_batches(self.conn, job.id))
                 end = time.monotonic()
                 window.append((end, outcome.rows_scanned))
+                while window and window[0][0] < end - RATE_WINDOW_S:
+                    window.pop(0)
                 self._tick(job, outcome, sizer.size, window, S.RUNNING)
                 self.log.debug("batch.done", slice=slc.slice_no, lower=render_key(outcome.lower),
                                upper=render_key(outcome.upper), rows=outcome.rows_scanned,
@@ -321,6 +324,9 @@ class Runner:
                 if delay > 0:
                     self._sleep(delay)
         return self._db(lambda: self._finish(job))
+
+    def _slice_reader(self, job_id: int, slice_no: int) -> Callable[[], store.SliceRecord]:
+        return lambda: store.get_slice(self.conn, job_id, slice_no)
 
     def _status(self, job_id: int, *, heartbeat: bool) -> tuple[JobState, int, str | None] | None:
         """State, options version and reason; ``None`` when this runner no longer owns the job."""
@@ -483,9 +489,6 @@ class Runner:
               window: list[tuple[float, int]], state: JobState, note: str | None = None) -> None:
         if self.on_tick is None:
             return
-        cutoff = time.monotonic() - 10.0
-        while window and window[0][0] < cutoff:
-            window.pop(0)
         rate = None
         if len(window) >= 2:
             span = window[-1][0] - window[0][0]

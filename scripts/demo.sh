@@ -31,7 +31,7 @@ ADMIN_DSN="$(python -m backfill.localpg start --dir "$DEMO_DIR")"
 SERVER_STARTED=1
 echo "server: $ADMIN_DSN" >&2
 
-step "creating database $DEMO_DB (if missing)"
+step "creating database $DEMO_DB (fresh on every run)"
 BACKFILL_DSN="$(python - "$ADMIN_DSN" "$DEMO_DB" <<'PY'
 import sys
 
@@ -41,9 +41,8 @@ from psycopg.conninfo import make_conninfo
 
 admin_dsn, dbname = sys.argv[1], sys.argv[2]
 with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as conn:
-    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
-    if not exists:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
 print(make_conninfo(admin_dsn, dbname=dbname))
 PY
 )"
@@ -63,7 +62,6 @@ import psycopg
 rows = int(os.environ["DEMO_ROWS"])
 started = time.monotonic()
 with psycopg.connect(os.environ["BACKFILL_DSN"], autocommit=True, connect_timeout=10) as conn:
-    conn.execute("DROP TABLE IF EXISTS demo_orders")
     conn.execute(
         """
         CREATE TABLE demo_orders (

@@ -93,7 +93,7 @@ def admin_dsn(pg_server: LocalPostgres | None) -> str:
 @pytest.fixture(scope="session")
 def template_db(admin_dsn: str) -> str:
     """Create ``bf_template`` holding the current state schema; return its name."""
-    from backfill.schema import upgrade  # noqa: PLC0415 - lazy: collection must not need it
+    from backfill.schema import upgrade
 
     name = sql.Identifier(TEMPLATE_DB)
     with _admin_connect(admin_dsn) as conn:

@@ -10,14 +10,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from backfill import Backfill, JobState, update
+from backfill import Backfill, JobState, store, update
 from backfill.batch import run_batch
 from backfill.db import connect
 from backfill.errors import IllegalTransition, JobConflict, LeaseLost
 from backfill.keyset import KeyCodec
 from backfill.kinds import prepare
 from backfill.runner import Runner, Tick
-from backfill import store
 from tests.integration.helpers import (
     cli,
     cli_popen,
@@ -49,8 +48,9 @@ def test_duplicate_or_late_batch_applies_nothing(dsn: str) -> None:
     codec = KeyCodec(prepared.key_types)
     upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)
     assert upper is not None
-    kwargs: dict[str, Any] = dict(job_id=job.id, slice_no=0, cursor=None, slice_upper=upper,
-                                  size=100, options=prepared.spec.options, codec=codec)
+    kwargs: dict[str, Any] = {"job_id": job.id, "slice_no": 0, "cursor": None,
+                              "slice_upper": upper, "size": 100,
+                              "options": prepared.spec.options, "codec": codec}
     first = run_batch(conn, prepared, **kwargs)
     assert first.upper == (100,)
     with pytest.raises(LeaseLost):
@@ -95,32 +95,6 @@ def test_statement_timeout_shrinks_the_batch(dsn: str) -> None:
     assert retries[0].details["verdict"] == "shrink"
     assert retries[0].details["new_batch_size"] == 50
     assert "QueryCanceled" in (retries[0].reason or "")
-
-
-def test_lock_timeout_retries_until_the_lock_is_released(dsn: str) -> None:
-    make_counter_table(dsn, 400)
-    bf = Backfill(dsn)
-    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100,
-                            lock_timeout="100ms"))
-    blocker = psycopg.connect(dsn)
-    blocker.execute("SELECT * FROM items WHERE id = 250 FOR UPDATE")  # holds a row lock
-    result: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: result.setdefault("job", bf.run(job.id)))
-    t.start()
-    try:
-        wait_for(lambda: _events(bf, job.id, "retry") or
-                 scalar(dsn, "SELECT count(*) FROM backfill.batches WHERE attempts > 1"),
-                 timeout=60, what="a retry") if False else wait_for(
-            lambda: scalar(dsn, """SELECT count(*) FROM pg_stat_activity
-                                   WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%%'"""),
-            timeout=30, what="the batch to wait on the lock")
-    finally:
-        blocker.rollback()
-        blocker.close()
-    t.join(timeout=60)
-    assert not t.is_alive()
-    assert result["job"].state == JobState.SUCCEEDED
-    assert counter_histogram(dsn) == {1: 400}
 
 
 def test_lock_timeout_is_retried_and_recorded(dsn: str) -> None:

@@ -161,9 +161,9 @@ def test_spec_roundtrip_and_shape_checks() -> None:
         JobSpec("delete", "t")
     with pytest.raises(InvalidInput, match="kind"):
         JobSpec("truncate", "t")
-    with pytest.raises(InvalidInput, match="lambda"):
-        from backfill.spec import transform
+    from backfill.spec import transform
 
+    with pytest.raises(InvalidInput, match="lambda"):
         transform("t", lambda row: None, columns=["x"])
 
 
