@@ -189,11 +189,12 @@ class Backfill:
     # -- operator actions ---------------------------------------------------------------
 
     def _transition(self, ref: JobRef, to: JobState, reason: str | None,
-                    expect: frozenset[JobState] | None = None) -> store.JobRecord:
+                    expect: frozenset[JobState] | None = None,
+                    action: str | None = None) -> store.JobRecord:
         with self._conn() as conn:
             job = self._resolve(conn, ref)
             return store.transition(conn, job.id, to, actor=self.actor, reason=reason,
-                                    expect=expect)
+                                    expect=expect, action=action)
 
     def pause(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         """Pause: the runner stops after its current batch and keeps the checkpoint."""
@@ -202,7 +203,7 @@ class Backfill:
     def resume(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         """paused -> pending: a runner (``backfill run``) or a worker picks it up again."""
         return self._transition(ref, S.PENDING, reason or "resumed by operator",
-                                expect=frozenset({S.PAUSED}))
+                                expect=frozenset({S.PAUSED}), action="resume")
 
     def cancel(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         return self._transition(ref, S.CANCELLED, reason or "cancelled by operator")
@@ -210,7 +211,7 @@ class Backfill:
     def retry(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         """failed -> pending; the next run resumes from the checkpoint."""
         return self._transition(ref, S.PENDING, reason or "retried by operator",
-                                expect=frozenset({S.FAILED}))
+                                expect=frozenset({S.FAILED}), action="retry")
 
     def tune(self, ref: JobRef, **changes: Any) -> store.JobRecord:
         """Change options (``batch_size``, ``target_duration``, ``rate``, ``pause``, …);

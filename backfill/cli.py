@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import psycopg
 import typer
 from rich.console import Console, Group
 from rich.live import Live
@@ -29,7 +30,7 @@ from rich.table import Table
 
 from backfill import logs, store
 from backfill.api import Backfill, default_actor
-from backfill.db import connect, describe
+from backfill.db import connect, describe, redact_text
 from backfill.durations import format_duration
 from backfill.errors import BackfillError, InvalidInput
 from backfill.runner import Tick
@@ -86,6 +87,9 @@ def _guard(fn: Callable[[], T]) -> T:
         return fn()
     except BackfillError as exc:
         _fail(str(exc), exc.exit_code)
+    except psycopg.Error as exc:  # unexpected, but still one line and no traceback
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        _fail(f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}", 1)
 
 
 @app.callback()

@@ -9,7 +9,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from backfill.catalog import Conn
-from backfill.errors import DatabaseUnavailable
+from backfill.errors import DatabaseUnavailable, InvalidDsn
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
@@ -50,7 +50,8 @@ def connect(dsn: str, *, application_name: str = "backfill", connect_timeout: in
             connect_timeout=connect_timeout,
         )
     except psycopg.ProgrammingError as exc:
-        raise DatabaseUnavailable(f"malformed database DSN: {redact_text(str(exc))}") from None
+        detail = " ".join(redact_text(str(exc)).split())
+        raise InvalidDsn(f"malformed database DSN: {detail}") from None
     except psycopg.OperationalError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         first = redact_text(lines[0]) if lines else type(exc).__name__

@@ -35,6 +35,8 @@ def parse_duration_ms(text: str | float | int, *, option: str = "duration") -> f
                 raise InvalidOption(
                     f"{option}: cannot parse duration {text!r} (use e.g. 500ms, 2s, 1m30s)"
                 ) from None
+    if not math.isfinite(value):
+        raise InvalidOption(f"{option}: duration must be finite, got {text!r}")
     if value < 0:
         raise InvalidOption(f"{option}: duration must not be negative, got {text!r}")
     return value

@@ -31,6 +31,10 @@ class ColumnNotFound(InvalidInput):
     """Raised when a column named in a job (SET target, key, copy column) does not exist."""
 
 
+class InvalidDsn(InvalidInput):
+    """Raised when the database DSN cannot be parsed."""
+
+
 class InvalidKey(InvalidInput):
     """Raised when the key is not usable: not unique, nullable, or of an unsupported type."""
 

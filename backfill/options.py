@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,11 @@ class JobOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidOption(f"{name}: expected an integer, got {value!r}")
+        for name in ("target_duration_ms", "pause_ms", "statement_timeout_ms", "lock_timeout_ms",
+                     "rate_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
+                raise InvalidOption(f"{name}: expected a finite number, got {value!r}")
         for name in ("batch_size", "min_batch_size", "max_batch_size"):
             if getattr(self, name) <= 0:
                 raise InvalidOption(f"{name} must be a positive integer, got {getattr(self, name)}")

@@ -153,7 +153,15 @@ def upgrade_conn(conn: psycopg.Connection[Any]) -> tuple[int, int]:
             )
         for m in MIGRATIONS:
             if m.version > before:
-                conn.execute(m.sql.encode())
+                try:
+                    conn.execute(m.sql.encode())
+                except psycopg.Error as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise SchemaError(
+                        f"migration {m.version} ({m.description}) failed: {first}; the schema "
+                        f"records version {before} but its tables disagree. Inspect "
+                        "backfill.schema_version; nothing was changed"
+                    ) from exc
                 conn.execute(
                     "INSERT INTO backfill.schema_version (version, description) VALUES (%s, %s)",
                     (m.version, m.description),

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from backfill.catalog import Conn
-from backfill.errors import JobConflict, JobNotFound
+from backfill.errors import IllegalTransition, JobConflict, JobNotFound
 from backfill.options import JobOptions
 from backfill.spec import JobSpec
 from backfill.states import ACTIVE, JobState, check_transition
@@ -257,6 +257,7 @@ def transition(
     set_owner: str | None = None,
     clear_owner: bool = False,
     error: tuple[str, dict[str, Any] | None] | None = None,
+    action: str | None = None,
 ) -> JobRecord:
     """Move a job to ``to``, checked against the transition table, with one event row.
 
@@ -266,11 +267,11 @@ def transition(
     with conn.transaction():
         job = get_job(conn, job_id, for_update=True)
         if expect is not None and job.state not in expect:
-            check_transition(job_id, job.state, to)  # gives the precise message if illegal
-            from backfill.errors import IllegalTransition
-
+            if job.state in (JobState.SUCCEEDED, JobState.CANCELLED):
+                check_transition(job_id, job.state, to)  # "it has already succeeded", ...
             raise IllegalTransition(
-                f"job {job_id} is {job.state}, expected {' or '.join(sorted(expect))}"
+                f"job {job_id} is {job.state}, not {' or '.join(sorted(expect))}"
+                + (f": nothing to {action}" if action else "")
             )
         check_transition(job_id, job.state, to)
         assignments = ["state = %(to)s", "state_reason = %(reason)s", "updated_at = now()"]
@@ -309,8 +310,6 @@ def tune(conn: Conn, job_id: int, changes: dict[str, Any], *, actor: str) -> Job
     with conn.transaction():
         job = get_job(conn, job_id, for_update=True)
         if job.state in (JobState.SUCCEEDED, JobState.CANCELLED):
-            from backfill.errors import IllegalTransition
-
             raise IllegalTransition(f"job {job_id} is {job.state}: nothing to tune")
         new = job.options.merged(changes)
         before = job.options.to_json()

@@ -3,6 +3,8 @@
 #
 #   BACKFILL_DEMO_DIR  data directory of the throwaway server (default /tmp/backfill-demo-pg)
 #   DEMO_ROWS          rows in demo_orders (default 2000000)
+#   BACKFILL_DSN       use this database instead of starting a server (docker compose does);
+#                      the demo then only drops and recreates its own table, demo_orders
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/_venv.sh
@@ -23,6 +25,7 @@ stop_hint() {
 trap stop_hint EXIT
 
 ensure_venv ""
+start_local_server() {
 step "PostgreSQL binaries"
 ensure_postgres
 
@@ -46,8 +49,36 @@ with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as conn:
 print(make_conninfo(admin_dsn, dbname=dbname))
 PY
 )"
-export BACKFILL_DSN
 echo "BACKFILL_DSN=$BACKFILL_DSN" >&2
+
+}
+
+if [[ -n "${BACKFILL_DSN:-}" ]]; then
+    step "waiting for the database in BACKFILL_DSN"
+    python - <<'PY'
+import os
+import time
+
+import psycopg
+
+from backfill.db import redact_dsn
+
+dsn = os.environ["BACKFILL_DSN"]
+deadline = time.monotonic() + 60  # a database container may still be starting
+while True:
+    try:
+        psycopg.connect(dsn, connect_timeout=5).close()
+        break
+    except psycopg.OperationalError:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"cannot connect to {redact_dsn(dsn)}") from None
+        time.sleep(1)
+print(f"database: {redact_dsn(dsn)}")
+PY
+else
+    start_local_server
+fi
+export BACKFILL_DSN
 
 step "backfill db upgrade"
 backfill db upgrade
@@ -62,6 +93,7 @@ import psycopg
 rows = int(os.environ["DEMO_ROWS"])
 started = time.monotonic()
 with psycopg.connect(os.environ["BACKFILL_DSN"], autocommit=True, connect_timeout=10) as conn:
+    conn.execute("DROP TABLE IF EXISTS demo_orders")
     conn.execute(
         """
         CREATE TABLE demo_orders (
