@@ -174,6 +174,14 @@ class Backfill:
         with self._conn() as conn:
             return store.list_jobs(conn, include_finished=include_finished)
 
+    def overview(
+        self, *, include_finished: bool = False
+    ) -> builtins.list[tuple[store.JobRecord, store.Progress]]:
+        """Jobs with their progress, read over one connection (for list and watch)."""
+        with self._conn() as conn:
+            return [(j, store.progress(conn, j.id))
+                    for j in store.list_jobs(conn, include_finished=include_finished)]
+
     def events(self, ref: JobRef) -> builtins.list[store.Event]:
         with self._conn() as conn:
             return store.events(conn, self._resolve(conn, ref).id)

@@ -12,6 +12,7 @@ from backfill.errors import LeaseLost
 from backfill.keyset import Key, KeyCodec
 from backfill.kinds import PreparedJob
 from backfill.options import JobOptions
+from backfill.states import JobState
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class BatchResult:
     rows_scanned: int
     rows_affected: int
     duration_ms: float
+    batch_id: int
+    job_state: JobState  # as of the checkpoint: throttled means wait before the next batch
+    options_version: int  # a change means someone tuned the job
 
 
 def run_batch(
@@ -41,10 +45,14 @@ def run_batch(
     """Process ``(cursor, next]`` where ``next`` is ``size`` keys past ``cursor`` (or the slice's
     upper bound). The checkpoint is a compare-and-set on ``cursor``: if the slice moved on, the
     whole transaction rolls back and :class:`LeaseLost` is raised.
+
+    Four round trips, as many as a hand-written keyset loop: BEGIN, the timeouts and the probe
+    go together in a pipeline; then the write; then the checkpoint; then COMMIT. The job's
+    state and options version come back with the checkpoint, so no separate read is needed.
     """
     keyset = prepared.keyset
     started = time.perf_counter()
-    with conn.transaction():
+    with conn.pipeline() as pipeline, conn.transaction():
         conn.execute(
             "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
             (f"{int(options.statement_timeout_ms)}ms", f"{int(options.lock_timeout_ms)}ms"),
@@ -61,10 +69,12 @@ def run_batch(
         first = None
         if prepared.spec.kind == "sql":
             first = keyset.first_key(conn, cursor, hi)
-        affected = prepared.write_batch(conn, cursor, hi, first) if scanned or first else 0
+        affected = 0
+        if scanned or first:
+            affected = prepared.write_batch(conn, cursor, hi, first, sync=pipeline.sync)
         duration_ms = (time.perf_counter() - started) * 1000.0
         upcoming = next_size(scanned, duration_ms) if next_size is not None else size
-        ok = store.checkpoint(
+        result = store.checkpoint(
             conn,
             job_id=job_id,
             slice_no=slice_no,
@@ -78,9 +88,11 @@ def run_batch(
             duration_ms=duration_ms,
             attempts=attempts,
         )
-        if not ok:
+        if result is None:
             raise LeaseLost(
                 f"slice {slice_no} of job {job_id} is no longer at this cursor, or the job is "
                 "no longer running: batch rolled back"
             )
-    return BatchResult(cursor, hi, done, scanned, affected, duration_ms)
+    batch_id, state, options_version = result
+    return BatchResult(cursor, hi, done, scanned, affected, duration_ms, batch_id,
+                       JobState(state), options_version)

@@ -444,13 +444,12 @@ _STATE_STYLE = {
 }
 
 
-def _jobs_table(bf: Backfill, jobs: list[store.JobRecord]) -> Table:
+def _jobs_table(rows: list[tuple[store.JobRecord, store.Progress]]) -> Table:
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("ID", "NAME", "TABLE", "STATE", "DONE", "ROWS/S", "BATCH", "ETA", "REASON"):
         t.add_column(col, justify="right" if col in ("ID", "ROWS/S", "BATCH") else "left",
                      overflow="fold")
-    for job in jobs:
-        prog = bf.progress(job.id)
+    for job, prog in rows:
         total = job.rows_estimate
         pct = f"{min(100.0, 100.0 * prog.rows_scanned / total):.1f}%" if total else "-"
         if job.state == JobState.SUCCEEDED:
@@ -490,14 +489,14 @@ def list_(
         out.print(t)
         return
     bf = _client(ctx)
-    jobs = _guard(lambda: bf.list(include_finished=include_all))
+    rows = _guard(lambda: bf.overview(include_finished=include_all))
     if as_json:
-        out.print_json(json.dumps([_job_json(j, bf.progress(j.id)) for j in jobs], default=str))
+        out.print_json(json.dumps([_job_json(j, p) for j, p in rows], default=str))
         return
-    if not jobs:
+    if not rows:
         out.print("no jobs" + ("" if include_all else " (active or failed; --all shows finished)"))
         return
-    out.print(_guard(lambda: _jobs_table(bf, jobs)))
+    out.print(_jobs_table(rows))
 
 
 def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
@@ -582,9 +581,9 @@ def watch(
     bf = _client(ctx)
 
     def render() -> Any:
-        jobs = _guard(lambda: bf.list(include_finished=include_all))
+        rows = _guard(lambda: bf.overview(include_finished=include_all))
         header = f"backfill jobs on {describe(bf.dsn)}  ({time.strftime('%H:%M:%S')})"
-        return Group(header, _jobs_table(bf, jobs) if jobs else "no jobs")
+        return Group(header, _jobs_table(rows) if rows else "no jobs")
 
     n = 0
     try:

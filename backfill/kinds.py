@@ -6,6 +6,7 @@ key, and (``dry_explain``) that the batch statement parses and type-checks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, LiteralString, cast
 
@@ -139,12 +140,18 @@ class PreparedJob:
             params["upper"] = hi[0]
         return params
 
-    def write_batch(self, conn: Conn, lo: Key | None, hi: Key, first: Key | None) -> int:
-        """Run the batch's write on ``conn`` (inside the caller's transaction); rows changed."""
+    def write_batch(self, conn: Conn, lo: Key | None, hi: Key, first: Key | None,
+                    *, sync: Callable[[], None] | None = None) -> int:
+        """Run the batch's write on ``conn`` (inside the caller's transaction); rows changed.
+
+        ``sync`` flushes a pipeline so the statement's row count is known.
+        """
         stmt = self.write_statement(lower=lo is not None)
         params = self.statement_params(lo, hi, first)
         if self.spec.kind != "transform":
             cur = conn.execute(stmt, params)
+            if sync is not None:
+                sync()
             return max(cur.rowcount, 0)
         return self._transform_batch(conn, stmt, params)
 
@@ -153,8 +160,8 @@ class PreparedJob:
         writes = set(self.spec.write_columns())
         with conn.cursor() as cur:
             cur.execute(select, params)
+            rows = cur.fetchall()  # first: in a pipeline the description arrives with the rows
             names = [d.name for d in cur.description or ()]
-            rows = cur.fetchall()
         changes: list[tuple[tuple[str, ...], list[Any]]] = []
         for values in rows:
             row = dict(zip(names, values, strict=True))

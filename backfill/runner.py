@@ -34,7 +34,6 @@ from backfill.batch import BatchResult, run_batch
 from backfill.catalog import Conn
 from backfill.db import connect
 from backfill.errors import (
-    BackfillError,
     DatabaseUnavailable,
     IllegalTransition,
     JobConflict,
@@ -262,21 +261,24 @@ class Runner:
             cursor = codec.decode(slc.cursor)
             sizer = BatchSizer(size=slc.batch_size or options.batch_size)
             sizer.clamp(options)
+            status: tuple[JobState, int, str | None] | None = None
             while True:
-                # Control: stop request, state and options changed by others, heartbeat.
+                # Control: a stop request; the state and options others changed (they come back
+                # with each checkpoint); the heartbeat, and a full re-read, every few seconds.
                 if self.stop.is_set():
                     return self._pause_on_stop()
                 now = time.monotonic()
-                due = now - last_heartbeat >= HEARTBEAT_EVERY_S or batches_since_prune == 0
-                status = self._db(functools.partial(self._status, job.id, heartbeat=due))
-                if status is None:
-                    return self._lost_ownership(self._db(lambda: store.get_job(self.conn, job.id)))
-                if due:
+                if status is None or now - last_heartbeat >= HEARTBEAT_EVERY_S:
+                    status = self._db(functools.partial(self._status, job.id, heartbeat=True))
+                    if status is None:
+                        return self._lost_ownership(
+                            self._db(lambda: store.get_job(self.conn, job.id)))
                     last_heartbeat = now
                 state, version, reason = status
                 if state == S.THROTTLED:
                     self._tick(job, None, sizer.size, window, state, note=reason)
                     self._sleep(self.poll_interval_s)
+                    status = None
                     continue
                 if state != S.RUNNING:
                     self.log.info("job.stopped", state=str(state), reason=reason)
@@ -296,6 +298,7 @@ class Runner:
                     return outcome
                 if outcome is None:
                     # Someone else advanced the slice or the state changed: re-read and go on.
+                    status = None
                     fresh_slice = self._db(self._slice_reader(job.id, slc.slice_no))
                     cursor = codec.decode(fresh_slice.cursor)
                     if fresh_slice.done:
@@ -303,6 +306,9 @@ class Runner:
                     batches_since_prune = 0
                     continue
                 cursor = outcome.upper
+                status = (outcome.job_state, outcome.options_version, reason)
+                if outcome.job_state != S.RUNNING:
+                    status = None  # throttled meanwhile: read the reason
                 self._scanned += outcome.rows_scanned
                 self._affected += outcome.rows_affected
                 batches_since_prune += 1
@@ -313,17 +319,31 @@ class Runner:
                 while window and window[0][0] < end - RATE_WINDOW_S:
                     window.pop(0)
                 self._tick(job, outcome, sizer.size, window, S.RUNNING)
-                self.log.debug("batch.done", slice=slc.slice_no, lower=render_key(outcome.lower),
-                               upper=render_key(outcome.upper), rows=outcome.rows_scanned,
-                               affected=outcome.rows_affected,
+                self.log.debug("batch.done", batch_id=outcome.batch_id, slice=slc.slice_no,
+                               lower=render_key(outcome.lower), upper=render_key(outcome.upper),
+                               rows=outcome.rows_scanned, affected=outcome.rows_affected,
                                ms=round(outcome.duration_ms, 1), next_size=sizer.size)
                 if outcome.done:
                     break
                 delay = rate_delay(outcome.rows_scanned, outcome.duration_ms / 1000.0,
                                    options.rate_limit) + options.pause_ms / 1000.0
                 if delay > 0:
-                    self._sleep(delay)
+                    self._pace(job.id, delay)
         return self._db(lambda: self._finish(job))
+
+    def _pace(self, job_id: int, delay: float) -> None:
+        """Sleep ``delay`` seconds between batches, keeping the heartbeat fresh and waking
+        early for Ctrl-C or a change of state (a long rate-limit wait must not look dead)."""
+        deadline = time.monotonic() + delay
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._sleep(min(left, HEARTBEAT_EVERY_S))
+            if deadline - time.monotonic() > 0:
+                status = self._db(functools.partial(self._status, job_id, heartbeat=True))
+                if status is None or status[0] != S.RUNNING:
+                    return
 
     def _slice_reader(self, job_id: int, slice_no: int) -> Callable[[], store.SliceRecord]:
         return lambda: store.get_slice(self.conn, job_id, slice_no)
@@ -418,9 +438,7 @@ class Runner:
         except (_SliceMoved, LeaseLost):
             self._flush_retry_notes(job.id)
             return None
-        except BackfillError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # every other error ends the job, recorded with its range
             return self._fail(job, prepared, exc, cursor, codec, attempts)
         self._flush_retry_notes(job.id)
         return result

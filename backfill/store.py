@@ -416,9 +416,10 @@ def checkpoint(
     next_batch_size: int,
     duration_ms: float,
     attempts: int,
-) -> bool:
-    """Advance a slice's cursor from ``prev`` to ``new`` and record the batch; ``False`` if the
-    cursor was not ``prev`` (a duplicate or late batch) or the job is no longer running.
+) -> tuple[int, str, int] | None:
+    """Advance a slice's cursor from ``prev`` to ``new`` and record the batch; returns the
+    batch's id with the job's state and options version, or ``None`` if the cursor was not
+    ``prev`` (a duplicate or late batch) or the job is no longer running.
 
     Called inside the batch's transaction: the checkpoint commits with the write or not at all.
     """
@@ -432,13 +433,18 @@ def checkpoint(
                FROM backfill.jobs j
                WHERE s.job_id = %(job)s AND s.slice_no = %(slice)s AND NOT s.done
                  AND s.cursor IS NOT DISTINCT FROM %(prev)s
-                 AND j.id = s.job_id AND j.state = 'running'
-               RETURNING s.job_id)
-           INSERT INTO backfill.batches (job_id, slice_no, duration_ms, batch_size, rows_scanned,
-                                         rows_affected, attempts, lower_bound, upper_bound)
-           SELECT job_id, %(slice)s, %(duration)s, %(size)s, %(scanned)s, %(affected)s,
-                  %(attempts)s, %(prev)s, %(new)s FROM cp
-           RETURNING id""",
+                 -- a batch racing a pause or cancel commits nothing; one racing the
+                 -- controller's throttle may finish
+                 AND j.id = s.job_id AND j.state IN ('running', 'throttled')
+               RETURNING s.job_id, j.state, j.options_version),
+           b AS (
+               INSERT INTO backfill.batches (job_id, slice_no, duration_ms, batch_size,
+                                             rows_scanned, rows_affected, attempts, lower_bound,
+                                             upper_bound)
+               SELECT job_id, %(slice)s, %(duration)s, %(size)s, %(scanned)s, %(affected)s,
+                      %(attempts)s, %(prev)s, %(new)s FROM cp
+               RETURNING id)
+           SELECT b.id, cp.state, cp.options_version FROM b, cp""",
         {
             "new": Jsonb(new), "done": done, "scanned": rows_scanned, "affected": rows_affected,
             "next_size": next_batch_size, "job": job_id, "slice": slice_no,
@@ -446,7 +452,7 @@ def checkpoint(
             "size": batch_size, "attempts": attempts,
         },
     ).fetchone()
-    return row is not None
+    return (int(row[0]), str(row[1]), int(row[2])) if row is not None else None
 
 
 def mark_slice_done(conn: Conn, job_id: int, slice_no: int, prev: list[Any] | None) -> bool:
