@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import getpass
 import socket
 import threading
@@ -122,7 +123,7 @@ class Backfill:
             return store.create_job(
                 conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
                 table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
-                conflict_key=prepared.conflict_key(), write_target=prepared.write_target(),
+                source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
                 rows_estimate=prepared.table.rows_estimate, actor=self.actor,
             )
 
@@ -135,7 +136,8 @@ class Backfill:
                   and spec_or_job in self.registry):
                 spec = self.registry.get(spec_or_job).spec()
             else:
-                spec = self._resolve(conn, spec_or_job).spec
+                job = self._resolve(conn, spec_or_job)
+                spec = dataclasses.replace(job.spec, table=job.table, key=job.key_columns)
             prepared = prepare(conn, spec, explain=False)
             ks = prepared.keyset
             explain = prepared.dry_explain(conn)
@@ -205,7 +207,8 @@ class Backfill:
                                     expect=expect, action=action)
 
     def pause(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
-        """Pause: the runner stops after its current batch and keeps the checkpoint."""
+        """Pause: the runner stops before its next checkpoint (a batch in flight is rolled
+        back); everything checkpointed is kept."""
         return self._transition(ref, S.PAUSED, reason or "paused by operator")
 
     def resume(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:

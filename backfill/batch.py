@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,9 @@ def run_batch(
     with conn.pipeline() as pipeline, conn.transaction():
         conn.execute(
             "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
-            (f"{int(options.statement_timeout_ms)}ms", f"{int(options.lock_timeout_ms)}ms"),
+            # Round up: PostgreSQL reads 0 as "no timeout".
+            (f"{max(1, math.ceil(options.statement_timeout_ms))}ms",
+             f"{max(1, math.ceil(options.lock_timeout_ms))}ms"),
         )
         nxt = keyset.probe(conn, cursor, slice_upper, size - 1)
         if nxt is None:

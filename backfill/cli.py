@@ -107,7 +107,9 @@ def main_options(
     log_format: Annotated[str, typer.Option(
         "--log-format", envvar="BACKFILL_LOG_FORMAT",
         help="auto (console on a terminal, JSON otherwise), json or console.")] = "auto",
-    log_level: Annotated[str, typer.Option("--log-level", envvar="BACKFILL_LOG_LEVEL")] = "info",
+    log_level: Annotated[str, typer.Option(
+        "--log-level", envvar="BACKFILL_LOG_LEVEL",
+        help="debug, info, warning or error (debug logs every batch).")] = "info",
 ) -> None:
     settings = _guard(lambda: Settings(
         dsn=dsn or dsn_from_env() or "", actor=actor or default_actor(),
@@ -605,7 +607,8 @@ Reason = Annotated[str | None, typer.Option("--reason", "-r", help="Why; recorde
 
 @app.command()
 def pause(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
-    """Pause a job: its runner stops after the current batch; the checkpoint is kept."""
+    """Pause a job: its runner stops before its next checkpoint (a batch in flight is rolled
+    back); everything checkpointed is kept. `resume` continues from there."""
     rec = _guard(lambda: _client(ctx).pause(job, reason))
     out.print(f"job {rec.id} paused; `backfill resume {rec.id}` to continue")
 

@@ -45,9 +45,12 @@ def describe(dsn: str) -> str:
 def connect(dsn: str, *, application_name: str = "backfill", connect_timeout: int = 10) -> Conn:
     """An autocommit connection (transactions are explicit), or :class:`DatabaseUnavailable`."""
     try:
+        # Keepalives: a host that dies mid-batch must not leave its transaction (and the
+        # locks it holds) open for the kernel's two-hour default.
         conn = psycopg.connect(
             dsn, autocommit=True, application_name=application_name,
-            connect_timeout=connect_timeout,
+            connect_timeout=connect_timeout, keepalives=1, keepalives_idle=30,
+            keepalives_interval=10, keepalives_count=3,
         )
     except psycopg.ProgrammingError as exc:
         detail = " ".join(redact_text(str(exc)).split())

@@ -6,6 +6,7 @@ key, and (``dry_explain``) that the batch statement parses and type-checks.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, LiteralString, cast
@@ -15,7 +16,7 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 
 from backfill.catalog import Conn, Table, resolve_key, resolve_table
-from backfill.errors import ColumnNotFound, InvalidInput, InvalidStatement
+from backfill.errors import ColumnNotFound, InvalidInput, InvalidKey, InvalidStatement
 from backfill.keyset import Key, Keyset
 from backfill.spec import JobSpec, TransformFn, load_function
 
@@ -54,17 +55,21 @@ class PreparedJob:
         return Keyset(_ident(self.table), self.key)
 
     def conflict_key(self) -> str:
-        """Identity of what this job writes: one active job per key (see the unique index)."""
-        target = self.dest if self.dest is not None else self.table
-        cols = self.spec.write_columns()
-        if self.spec.kind in ("update", "transform") and cols:
-            return f"{target.qualified}({','.join(sorted(cols))})"
-        return f"{target.qualified}(*)"
+        """What this job writes, for the one-active-job-per-table-and-columns rule."""
+        return ";".join(
+            f"{table}({','.join(sorted(cols)) if cols else '*'})"
+            for table, cols in self.write_targets()
+        )
 
-    def write_target(self) -> tuple[str, frozenset[str] | None]:
-        target = self.dest if self.dest is not None else self.table
+    def write_targets(self) -> list[tuple[str, frozenset[str] | None]]:
+        """Every table this job writes, with the columns (``None``: whole rows)."""
+        if self.dest is not None:
+            targets: list[tuple[str, frozenset[str] | None]] = [(self.dest.qualified, None)]
+            if self.spec.kind == "move":  # deletes from its source too
+                targets.append((self.table.qualified, None))
+            return targets
         cols = self.spec.write_columns()
-        return target.qualified, (frozenset(cols) if cols else None)
+        return [(self.table.qualified, frozenset(cols) if cols else None)]
 
     # -- statements -----------------------------------------------------------------------
 
@@ -246,6 +251,30 @@ def _explain_error(spec: JobSpec, exc: Exception) -> str:
     return f"{what} of job {spec.display_name!r} does not check out: {msg}"
 
 
+def prepare_stored(conn: Conn, job: Any, *, explain: bool) -> PreparedJob:
+    """Prepare a stored job (a :class:`~backfill.store.JobRecord`) on the exact table and key
+    it was enqueued on; :class:`InvalidInput` if the table was replaced or the key changed."""
+    spec = dataclasses.replace(job.spec, table=f"{job.source_schema}.{job.source_table}",
+                               key=tuple(job.key_columns))
+    try:
+        prepared = prepare(conn, spec, explain=explain)
+    except InvalidKey as exc:
+        raise InvalidKey(f"job {job.id}'s key ({', '.join(job.key_columns)}) is no longer "
+                         f"usable: {exc}") from exc
+    if prepared.table.oid != job.source_oid:
+        raise InvalidInput(
+            f"table {prepared.table.qualified} was dropped and recreated since job {job.id} was "
+            "enqueued: its checkpoints do not apply to the new table; cancel the job and "
+            "enqueue a new one"
+        )
+    if prepared.key_types != tuple(job.key_types):
+        raise InvalidKey(
+            f"the key columns of job {job.id} changed type ({', '.join(job.key_types)} -> "
+            f"{', '.join(prepared.key_types)}); cancel the job and enqueue a new one"
+        )
+    return prepared
+
+
 def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
     """Validate ``spec`` against the database; nothing is written."""
     table = resolve_table(conn, spec.table)
@@ -258,6 +287,11 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
         for col, _ in spec.set:
             if table.column(col).generated:
                 raise ColumnNotFound(f"column {table.qualified}.{col} is generated; it cannot be SET")
+            if col in key:
+                raise InvalidInput(
+                    f"an update job may not SET key column {col!r}: rows would move within the "  # noqa: S608
+                    "range being walked (skipped or processed twice); use a copy job instead"
+                )
     if spec.kind in ("copy", "move"):
         assert spec.dest is not None
         dest = resolve_table(conn, spec.dest)
@@ -292,5 +326,11 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
         fn = load_function(spec.function)
     prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn)
     if explain:
-        prepared.dry_explain(conn)
+        try:
+            prepared.dry_explain(conn)
+        except psycopg.DataError as exc:  # e.g. 'infinity' in a timestamp key
+            raise InvalidKey(
+                f"the key values of {table.qualified} cannot be read as "
+                f"({', '.join(key_types)}): {str(exc).strip().splitlines()[0]}"
+            ) from exc
     return prepared

@@ -10,6 +10,9 @@ from typing import Any
 from backfill.durations import parse_duration_ms
 from backfill.errors import InvalidOption
 
+#: The largest batch allowed, whatever the options say.
+MAX_BATCH_SIZE = 10_000_000
+
 #: Options that ``tune`` may change on a live job.
 TUNABLE = (
     "batch_size",
@@ -58,6 +61,11 @@ class JobOptions:
                 raise InvalidOption(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise InvalidOption(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.max_batch_size > MAX_BATCH_SIZE:
+            raise InvalidOption(
+                f"max_batch_size ({self.max_batch_size}) is over the limit of {MAX_BATCH_SIZE:,} "
+                "rows: a batch that large holds locks and bloats one transaction"
+            )
         if self.min_batch_size > self.max_batch_size:
             raise InvalidOption(
                 f"min_batch_size ({self.min_batch_size}) is larger than "

@@ -26,6 +26,7 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
+    stop_when_event_set,
     wait_random_exponential,
 )
 
@@ -40,7 +41,7 @@ from backfill.errors import (
     LeaseLost,
 )
 from backfill.keyset import Key, KeyCodec, render_key
-from backfill.kinds import PreparedJob, prepare
+from backfill.kinds import PreparedJob, prepare_stored
 from backfill.logs import get_logger
 from backfill.options import JobOptions
 from backfill.retry import Verdict, classify, describe_error
@@ -143,11 +144,11 @@ class Runner:
         try:
             require_current(self.conn)
             job = self._acquire()
-            if job.state != S.RUNNING:
+            if job.state not in (S.RUNNING, S.THROTTLED):
                 return job
-            prepared = prepare(self.conn, job.spec, explain=False)
+            prepared = self._prepare(job, explain=False)
             job = self._ensure_slices(job, prepared)
-            if job.state != S.RUNNING:
+            if job.state not in (S.RUNNING, S.THROTTLED):
                 return job
             return self._loop(job, prepared)
         finally:
@@ -167,8 +168,8 @@ class Runner:
             job = store.transition(conn, job.id, S.PENDING, actor=self.actor,
                                    reason="resumed by run", expect=frozenset({S.PAUSED}))
         if job.state == S.PENDING:
-            # Check the spec again against today's catalog before the first write.
-            prepare(conn, job.spec, explain=True)
+            # Check the job again against today's catalog before the first write.
+            self._prepare(job, explain=True)
             return store.transition(conn, job.id, S.RUNNING, actor=self.actor,
                                     reason="started by inline runner", set_owner=self.owner,
                                     expect=frozenset({S.PENDING}))
@@ -192,6 +193,12 @@ class Runner:
             store.take_over(conn, job.id, self.owner, actor=self.actor,
                             reason="job had no owner")
         return store.get_job(conn, job.id)
+
+    def _prepare(self, job: store.JobRecord, *, explain: bool) -> PreparedJob:
+        """Bind the job to the table and key it was enqueued on, and refuse if they changed:
+        a dropped and recreated table, another search_path, or a new key must not silently
+        reuse the cursor."""
+        return prepare_stored(self.conn, job, explain=explain)
 
     def _heartbeat_age(self, job: store.JobRecord) -> float | None:
         if job.heartbeat_at is None:
@@ -368,7 +375,7 @@ class Runner:
 
         retrying = Retrying(
             retry=retry_if_exception(_connection_trouble),
-            stop=stop_after_delay(self.reconnect_timeout_s),
+            stop=stop_after_delay(self.reconnect_timeout_s) | stop_when_event_set(self.stop),
             wait=wait_random_exponential(multiplier=0.2, max=5),
             before_sleep=before_sleep,
             sleep=self._sleep,
@@ -425,9 +432,21 @@ class Runner:
                 next_size=lambda rows, ms: sizer.observe(rows, ms, options),
             )
 
+        by_attempts = stop_after_attempt(options.max_retries + 1)
+        by_time = stop_after_delay(self.reconnect_timeout_s)
+
+        def give_up(state: RetryCallState) -> bool:
+            if self.stop.is_set():
+                return True
+            exc = state.outcome.exception() if state.outcome else None
+            if exc is not None and _connection_trouble(exc) and not isinstance(
+                    exc, pgerrors.QueryCanceled | pgerrors.LockNotAvailable):
+                return bool(by_time(state))  # a failover takes a minute or two: wait it out
+            return bool(by_attempts(state))
+
         retrying = Retrying(
             retry=retry_if_exception(lambda e: classify(e) is not Verdict.FATAL),
-            stop=stop_after_attempt(options.max_retries + 1),
+            stop=give_up,
             wait=wait_random_exponential(multiplier=0.2, max=10),
             before_sleep=before_sleep,
             sleep=self._sleep,
@@ -439,6 +458,8 @@ class Runner:
             self._flush_retry_notes(job.id)
             return None
         except Exception as exc:  # every other error ends the job, recorded with its range
+            if self.stop.is_set() and classify(exc) is not Verdict.FATAL:
+                return self._pause_on_stop()  # Ctrl-C while retrying: pause, do not fail
             return self._fail(job, prepared, exc, cursor, codec, attempts)
         self._flush_retry_notes(job.id)
         return result
@@ -464,9 +485,8 @@ class Runner:
         self._flush_retry_notes(job.id)
         reason = (f"batch after {render_key(cursor)} failed"
                   + (f" after {attempts} attempts" if attempts > 1 else "") + f": {error}")
-        return self._db(lambda: store.transition(
-            self.conn, job.id, S.FAILED, actor=self.owner, reason=reason,
-            error=(error, err_range), clear_owner=True))
+        return self._db(lambda: self._end(job.id, S.FAILED, reason=reason,
+                                          error=(error, err_range)))
 
     def _finish(self, job: store.JobRecord) -> store.JobRecord:
         self._flush_retry_notes(job.id)
@@ -474,14 +494,27 @@ class Runner:
         if pending:  # another runner still holds a slice; leave the job to it
             return store.get_job(self.conn, job.id)
         prog = store.progress(self.conn, job.id)
-        done = store.transition(self.conn, job.id, S.SUCCEEDED, actor=self.owner,
-                                reason=f"all {prog.batches} batches done",
-                                details={"rows_scanned": prog.rows_scanned,
-                                         "rows_affected": prog.rows_affected},
-                                clear_owner=True)
+        done = self._end(job.id, S.SUCCEEDED, reason=f"all {prog.batches} batches done",
+                         details={"rows_scanned": prog.rows_scanned,
+                                  "rows_affected": prog.rows_affected})
         self.log.info("job.succeeded", rows=prog.rows_scanned, affected=prog.rows_affected)
         self._tick(done, None, 0, [], S.SUCCEEDED)
         return done
+
+    def _end(self, job_id: int, to: JobState, *, reason: str,
+             error: tuple[str, dict[str, Any] | None] | None = None,
+             details: dict[str, Any] | None = None) -> store.JobRecord:
+        """Move an owned, live job to an end state. Someone else's job (taken over), or one an
+        operator already paused or cancelled, or one this runner ended before a lost COMMIT,
+        is left as it is."""
+        with self.conn.transaction():
+            current = store.get_job(self.conn, job_id, for_update=True)
+            if current.owner != self.owner or current.state not in (S.RUNNING, S.THROTTLED):
+                self.log.warning("job.not_ended", wanted=str(to), state=str(current.state),
+                                 owner=current.owner, reason=reason)
+                return current
+            return store.transition(self.conn, job_id, to, actor=self.owner, reason=reason,
+                                    error=error, details=details, clear_owner=True)
 
     def _pause_on_stop(self) -> store.JobRecord:
         def pause() -> store.JobRecord:

@@ -38,6 +38,7 @@ CREATE TABLE backfill.jobs (
                     CHECK (kind IN ('update', 'sql', 'copy', 'move', 'transform', 'delete')),
     source_schema   text NOT NULL,
     source_table    text NOT NULL,
+    source_oid      oid NOT NULL,    -- a dropped and recreated table is not the same table
     key_columns     text[] NOT NULL,
     key_types       text[] NOT NULL,
     spec            jsonb NOT NULL,
@@ -74,7 +75,7 @@ CREATE TABLE backfill.slices (
     rows_scanned  bigint NOT NULL DEFAULT 0,
     rows_affected bigint NOT NULL DEFAULT 0,
     batches       bigint NOT NULL DEFAULT 0,
-    batch_size    integer,
+    batch_size    bigint,
     updated_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, slice_no)
 );
@@ -108,9 +109,9 @@ CREATE TABLE backfill.batches (
     slice_no      integer NOT NULL,
     finished_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     duration_ms   real NOT NULL,
-    batch_size    integer NOT NULL,
-    rows_scanned  integer NOT NULL,
-    rows_affected integer NOT NULL,
+    batch_size    bigint NOT NULL,
+    rows_scanned  bigint NOT NULL,
+    rows_affected bigint NOT NULL,
     attempts      integer NOT NULL DEFAULT 1,
     lower_bound   jsonb,
     upper_bound   jsonb

@@ -17,6 +17,9 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise InvalidOption(
+                f"log level must be debug, info, warning or error, not {self.log_level!r}")
         if self.log_format not in ("auto", "json", "console"):
             raise InvalidOption(f"log format must be auto, json or console, not {self.log_format!r}")
 

@@ -64,6 +64,19 @@ class JobSpec:
                 raise InvalidInput("a transform job needs a function (module:function)")
             if not self.columns:
                 raise InvalidInput("a transform job needs the columns it reads (--columns)")
+        if self.kind == "move" and self.on_conflict == "nothing":
+            raise InvalidInput(
+                "a move job cannot use on_conflict=nothing: a source row whose insert is skipped "
+                "would still be deleted (use error, or update to overwrite the destination row)"
+            )
+        if self.kind == "sql" and self.statement and not (
+            "%(upper" in self.statement and "%(lower" in self.statement
+        ):
+            raise InvalidInput(
+                "a sql job's statement must use the batch bounds, %(lower)s and %(upper)s (or "
+                "%(lower_<col>)s / %(upper_<col>)s per key column): without them every batch "
+                "would touch the whole table"
+            )
         if self.on_conflict not in CONFLICT_MODES:
             raise InvalidOption(
                 f"on_conflict must be one of {', '.join(CONFLICT_MODES)}, got {self.on_conflict!r}"

@@ -24,7 +24,7 @@ S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.PENDING: frozenset({S.RUNNING, S.PAUSED, S.CANCELLED}),
     S.RUNNING: frozenset({S.THROTTLED, S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
-    S.THROTTLED: frozenset({S.RUNNING, S.PAUSED, S.FAILED, S.CANCELLED}),
+    S.THROTTLED: frozenset({S.RUNNING, S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     S.PAUSED: frozenset({S.PENDING, S.CANCELLED}),
     S.FAILED: frozenset({S.PENDING, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),

@@ -29,6 +29,7 @@ class JobRecord:
     kind: str
     source_schema: str
     source_table: str
+    source_oid: int
     key_columns: tuple[str, ...]
     key_types: tuple[str, ...]
     spec: JobSpec
@@ -94,7 +95,8 @@ class Progress:
 
 
 _JOB_COLUMNS = (
-    "id, name, kind, source_schema, source_table, key_columns, key_types, spec, options, "
+    "id, name, kind, source_schema, source_table, source_oid, key_columns, key_types, spec, "
+    "options, "
     "options_version, state, state_reason, conflict_key, rows_estimate, created_by, created_at, "
     "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range"
 )
@@ -119,24 +121,27 @@ def create_job(
     table: str,
     key: tuple[str, ...],
     key_types: tuple[str, ...],
+    source_oid: int,
     conflict_key: str,
-    write_target: tuple[str, frozenset[str] | None],
     rows_estimate: int | None,
     actor: str,
 ) -> JobRecord:
-    """Insert a pending job and its ``created`` event; refuse a conflicting active job."""
+    """Insert a pending job and its ``created`` event; refuse a conflicting active job.
+
+    ``conflict_key`` lists what the job writes: ``schema.table(col,col)`` or ``schema.table(*)``
+    for whole rows, several joined by ``;`` (see :meth:`PreparedJob.conflict_key`).
+    """
     with conn.transaction():
-        # Serialise enqueues per target so the overlap check below cannot race.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (write_target[0],))
-        _check_overlap(conn, write_target, exclude_id=None)
+        _lock_conflicts(conn)
+        _check_overlap(conn, conflict_key, exclude_id=None)
         try:
             row = conn.cursor(row_factory=dict_row).execute(
                 f"""INSERT INTO backfill.jobs (name, kind, source_schema, source_table,
-                        key_columns, key_types, spec, options, conflict_key, rows_estimate,
-                        created_by)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                        source_oid, key_columns, key_types, spec, options, conflict_key,
+                        rows_estimate, created_by)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                     RETURNING {_JOB_COLUMNS}""",  # noqa: S608 - constant column list
-                (name, spec.kind, schema, table, list(key), list(key_types),
+                (name, spec.kind, schema, table, source_oid, list(key), list(key_types),
                  Jsonb(spec.to_json()), Jsonb(spec.options.to_json()), conflict_key,
                  rows_estimate, actor),
             ).fetchone()
@@ -149,24 +154,41 @@ def create_job(
     return job
 
 
-def _targets_overlap(a: frozenset[str] | None, b: frozenset[str] | None) -> bool:
-    return a is None or b is None or bool(a & b)
+#: Advisory lock held while checking and creating (or reviving) active jobs, so two
+#: enqueues of overlapping jobs cannot both pass the check.
+_CONFLICT_LOCK = 0x6266_696C_6C01
 
 
-def _check_overlap(
-    conn: Conn, write_target: tuple[str, frozenset[str] | None], exclude_id: int | None
-) -> None:
-    target, cols = write_target
+def _lock_conflicts(conn: Conn) -> None:
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CONFLICT_LOCK,))
+
+
+def parse_targets(conflict_key: str) -> list[tuple[str, frozenset[str] | None]]:
+    """``"public.t(a,b);public.u(*)"`` -> ``[("public.t", {a, b}), ("public.u", None)]``."""
+    out: list[tuple[str, frozenset[str] | None]] = []
+    for part in conflict_key.split(";"):
+        table, _, inner = part.partition("(")
+        inner = inner.rstrip(")")
+        out.append((table, None if inner == "*" else frozenset(inner.split(","))))
+    return out
+
+
+def _overlap(mine: str, theirs: str) -> bool:
+    for table, cols in parse_targets(mine):
+        for other_table, other_cols in parse_targets(theirs):
+            if table == other_table and (cols is None or other_cols is None or cols & other_cols):
+                return True
+    return False
+
+
+def _check_overlap(conn: Conn, conflict_key: str, exclude_id: int | None) -> None:
     rows = conn.execute(
         """SELECT id, state, conflict_key FROM backfill.jobs
-           WHERE state = ANY(%s) AND split_part(conflict_key, '(', 1) = %s
-             AND id IS DISTINCT FROM %s""",
-        ([str(s) for s in ACTIVE], target, exclude_id),
+           WHERE state = ANY(%s) AND id IS DISTINCT FROM %s ORDER BY id""",
+        ([str(s) for s in ACTIVE], exclude_id),
     ).fetchall()
     for job_id, state, other_key in rows:
-        inner = other_key.split("(", 1)[1].rstrip(")")
-        other = None if inner == "*" else frozenset(inner.split(","))
-        if _targets_overlap(cols, other):
+        if _overlap(conflict_key, other_key):
             raise JobConflict(
                 f"job {job_id} ({state}) already writes {other_key}: one active job per table "
                 f"and columns; wait for it, or cancel it with `backfill cancel {job_id}`"
@@ -274,6 +296,9 @@ def transition(
                 + (f": nothing to {action}" if action else "")
             )
         check_transition(job_id, job.state, to)
+        if job.state == JobState.FAILED and to == JobState.PENDING:  # retry revives the job
+            _lock_conflicts(conn)
+            _check_overlap(conn, job.conflict_key, exclude_id=job_id)
         assignments = ["state = %(to)s", "state_reason = %(reason)s", "updated_at = now()"]
         params: dict[str, Any] = {"to": str(to), "reason": reason, "id": job_id}
         if to == JobState.RUNNING and job.started_at is None:
@@ -424,18 +449,24 @@ def checkpoint(
     Called inside the batch's transaction: the checkpoint commits with the write or not at all.
     """
     row = conn.execute(
-        """WITH cp AS (
+        """WITH j AS (
+               -- KEY SHARE: a pause or cancel (SELECT ... FOR UPDATE in transition) waits for
+               -- this batch to commit or roll back, so it cannot slip in between this check
+               -- and COMMIT; heartbeats (no key change) do not wait.
+               SELECT id, state, options_version FROM backfill.jobs
+               WHERE id = %(job)s AND state IN ('running', 'throttled') FOR KEY SHARE),
+           cp AS (
                UPDATE backfill.slices s
                SET cursor = %(new)s, done = %(done)s,
                    rows_scanned = s.rows_scanned + %(scanned)s,
                    rows_affected = s.rows_affected + %(affected)s,
                    batches = s.batches + 1, batch_size = %(next_size)s, updated_at = now()
-               FROM backfill.jobs j
+               FROM j
                WHERE s.job_id = %(job)s AND s.slice_no = %(slice)s AND NOT s.done
                  AND s.cursor IS NOT DISTINCT FROM %(prev)s
                  -- a batch racing a pause or cancel commits nothing; one racing the
                  -- controller's throttle may finish
-                 AND j.id = s.job_id AND j.state IN ('running', 'throttled')
+                 AND j.id = s.job_id
                RETURNING s.job_id, j.state, j.options_version),
            b AS (
                INSERT INTO backfill.batches (job_id, slice_no, duration_ms, batch_size,

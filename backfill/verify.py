@@ -10,7 +10,7 @@ from psycopg import sql
 from backfill import store
 from backfill.catalog import Conn
 from backfill.keyset import Key, KeyCodec, render_key
-from backfill.kinds import PreparedJob, _ident, _user_sql, prepare
+from backfill.kinds import PreparedJob, _ident, _user_sql, prepare_stored
 
 DEFAULT_CHUNK = 50_000
 
@@ -134,7 +134,7 @@ def verify(conn: Conn, job_id: int, *, chunk: int = DEFAULT_CHUNK) -> VerifyRepo
     if job.kind == "sql":
         report.unverifiable = "sql jobs run arbitrary statements; there is nothing to re-check"
         return report
-    prepared = prepare(conn, job.spec, explain=False)
+    prepared = prepare_stored(conn, job, explain=False)
     codec = KeyCodec(prepared.key_types)
     checker = _Checker(conn, prepared)
     ks = prepared.keyset

@@ -13,7 +13,7 @@ import pytest
 from backfill import Backfill, JobState, store, update
 from backfill.batch import run_batch
 from backfill.db import connect
-from backfill.errors import IllegalTransition, JobConflict, LeaseLost
+from backfill.errors import IllegalTransition, InvalidInput, JobConflict, LeaseLost
 from backfill.keyset import KeyCodec
 from backfill.kinds import prepare
 from backfill.runner import Runner, Tick
@@ -359,3 +359,98 @@ def test_schema_upgrade_is_idempotent_and_safe_concurrently(bare_dsn: str) -> No
     assert all(isinstance(r, tuple) for r in results), results
     assert sorted(r[0] for r in results) == [0, 1, 1, 1]
     assert scalar(bare_dsn, "SELECT count(*) FROM backfill.schema_version") == 1
+
+
+def test_refusals_found_in_review(dsn: str) -> None:
+    from backfill import InvalidInput, move, sql_job
+
+    make_counter_table(dsn, 100)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE items_archive (LIKE items INCLUDING ALL)")
+    bf = Backfill(dsn)
+    with pytest.raises(InvalidInput, match="skipped would still be deleted"):
+        bf.enqueue(move("items", "items_archive", on_conflict="nothing"))
+    with pytest.raises(InvalidInput, match="batch bounds"):
+        bf.enqueue(sql_job("items", "UPDATE items SET counter = counter + 1"))
+    with pytest.raises(InvalidInput, match="key column 'id'"):
+        bf.enqueue(update("items", {"id": "id + 1000"}))
+    # A move also writes its source: an update on the source conflicts with it.
+    mover = bf.enqueue(move("items", "items_archive", where="val > 90"))
+    with pytest.raises(JobConflict, match=f"job {mover.id}"):
+        bf.enqueue(update("items", {"note": "'x'"}))
+    assert scalar(dsn, "SELECT count(*) FROM backfill.jobs") == 1
+
+
+def test_retry_refuses_to_revive_a_job_that_now_conflicts(dsn: str) -> None:
+    make_counter_table(dsn, 100)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE items ADD CONSTRAINT never CHECK (counter < 1)")
+    bf = Backfill(dsn)
+    first = bf.enqueue(update("items", {"counter": "counter + 1"}))
+    assert bf.run(first.id).state == JobState.FAILED
+    second = bf.enqueue(update("items", {"counter": "counter + 2", "note": "'b'"}))
+    with pytest.raises(JobConflict, match=f"job {second.id}"):
+        bf.retry(first.id)
+    assert bf.get(first.id).state == JobState.FAILED
+
+
+def test_recreated_table_is_refused_not_resumed(dsn: str) -> None:
+    make_counter_table(dsn, 1_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100))
+    stop = threading.Event()
+    ticks: list[Tick] = []
+
+    def on_tick(t: Tick) -> None:
+        ticks.append(t)
+        if len(ticks) == 3:
+            stop.set()
+
+    assert bf.run(job.id, stop=stop, on_tick=on_tick).state == JobState.PAUSED
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DROP TABLE items")
+    make_counter_table(dsn, 1_000)
+    with pytest.raises(InvalidInput, match="dropped and recreated"):
+        bf.run(job.id)
+    assert counter_histogram(dsn) == {0: 1_000}
+
+
+def test_a_job_throttled_at_its_last_batch_still_succeeds(dsn: str) -> None:
+    make_counter_table(dsn, 300)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100))
+    conn = connect(dsn)
+    throttled: list[bool] = []
+
+    def on_tick(t: Tick) -> None:
+        if t.rows_scanned == 300 and not throttled:  # the last batch has just committed
+            store.transition(conn, job.id, JobState.THROTTLED, actor="controller",
+                             reason="lag")
+            throttled.append(True)
+
+    assert bf.run(job.id, on_tick=on_tick).state == JobState.SUCCEEDED
+    conn.close()
+    assert counter_histogram(dsn) == {1: 300}
+    assert [(e.from_state, e.to_state) for e in bf.events(job.id)][-1] == ("throttled", "succeeded")
+
+
+def test_ctrl_c_while_retrying_pauses_instead_of_failing(dsn: str) -> None:
+    make_counter_table(dsn, 400)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=100, min_batch_size=100, max_batch_size=100,
+                            lock_timeout="20ms", max_retries=1000))
+    blocker = psycopg.connect(dsn)
+    blocker.execute("SELECT * FROM items WHERE id = 150 FOR UPDATE")
+    stop = threading.Event()
+    t, result = _run_in_thread(bf, job.id, stop=stop)
+    try:
+        wait_for(lambda: scalar(dsn, """SELECT count(*) FROM pg_stat_activity
+                                        WHERE wait_event_type = 'Lock'"""), what="a lock wait")
+        stop.set()
+        t.join(timeout=30)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert not t.is_alive()
+    assert result["job"].state == JobState.PAUSED
+    assert counter_histogram(dsn) == {0: 300, 1: 100}
