@@ -177,11 +177,15 @@ class Runner:
         if job.owner and job.owner != self.owner:
             alive = _owner_alive(job.owner)
             age = self._heartbeat_age(job)
-            stale = age is None or age > self.takeover_after_s
+            # A runner heartbeats between batches, so one slow batch (up to the statement
+            # timeout, plus retries' backoff) must not look like a dead runner.
+            patience = max(self.takeover_after_s,
+                           2 * job.options.statement_timeout_ms / 1000.0 + 10.0)
+            stale = age is None or age > patience
             if alive is True or (alive is None and not stale):
                 raise JobConflict(
                     f"job {job.id} is {job.state} under {job.owner} (heartbeat "
-                    f"{age:.0f}s ago); pause it first, or wait {self.takeover_after_s:.0f}s "
+                    f"{age:.0f}s ago); pause it first, or wait {patience:.0f}s "
                     "after that runner died"
                     if age is not None else f"job {job.id} is owned by {job.owner}"
                 )

@@ -11,7 +11,7 @@ ensure_postgres
 export BACKFILL_REQUIRE_PG=1
 
 step "ruff check"
-ruff check backfill workers jobs tests bench
+ruff check backfill workers jobs tests bench examples
 
 step "mypy"
 mypy
