@@ -42,6 +42,7 @@ def run_batch(
     codec: KeyCodec,
     attempts: int = 1,
     next_size: Any = None,
+    lease_token: int | None = None,
 ) -> BatchResult:
     """Process ``(cursor, next]`` where ``next`` is ``size`` keys past ``cursor`` (or the slice's
     upper bound). The checkpoint is a compare-and-set on ``cursor``: if the slice moved on, the
@@ -90,11 +91,12 @@ def run_batch(
             next_batch_size=upcoming,
             duration_ms=duration_ms,
             attempts=attempts,
+            lease_token=lease_token,
         )
         if result is None:
             raise LeaseLost(
-                f"slice {slice_no} of job {job_id} is no longer at this cursor, or the job is "
-                "no longer running: batch rolled back"
+                f"slice {slice_no} of job {job_id} is no longer at this cursor, its lease was "
+                "taken over, or the job is no longer running: batch rolled back"
             )
     batch_id, state, options_version = result
     return BatchResult(cursor, hi, done, scanned, affected, duration_ms, batch_id,

@@ -174,6 +174,9 @@ OptPause = Annotated[str | None, typer.Option("--pause", help="Sleep between bat
 OptStmt = Annotated[str | None, typer.Option("--statement-timeout", help="Per batch (e.g. 30s).")]
 OptLock = Annotated[str | None, typer.Option("--lock-timeout", help="Per batch (e.g. 2s).")]
 OptRetries = Annotated[str | None, typer.Option("--max-retries", help="Per batch.")]
+OptParallel = Annotated[str | None, typer.Option(
+    "--parallelism", help="Slices of about equal row counts, sampled from the table (before "
+    "the job starts).")]
 
 
 def _option_changes(**values: Any) -> dict[str, Any]:
@@ -213,6 +216,7 @@ def enqueue(
     statement_timeout: OptStmt = None,
     lock_timeout: OptLock = None,
     max_retries: OptRetries = None,
+    parallelism: OptParallel = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -224,7 +228,8 @@ def enqueue(
     options = _option_changes(
         batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
         target_duration=target_duration, rate=rate, pause=pause,
-        statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries)
+        statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries,
+        parallelism=parallelism)
 
     def build() -> store.JobRecord:
         spec: JobSpec | str
@@ -647,12 +652,14 @@ def tune(
     statement_timeout: OptStmt = None,
     lock_timeout: OptLock = None,
     max_retries: OptRetries = None,
+    parallelism: OptParallel = None,
 ) -> None:
     """Change a job's options; a running job applies them before its next batch."""
     changes = _option_changes(
         batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
         target_duration=target_duration, rate=rate, pause=pause,
-        statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries)
+        statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries,
+        parallelism=parallelism)
     rec = _guard(lambda: _client(ctx).tune(job, **changes))
     out.print(f"job {rec.id} options: " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()))
 

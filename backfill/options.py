@@ -13,8 +13,12 @@ from backfill.errors import InvalidOption
 #: The largest batch allowed, whatever the options say.
 MAX_BATCH_SIZE = 10_000_000
 
-#: Options that ``tune`` may change on a live job.
+#: The most slices a job may be split into.
+MAX_PARALLELISM = 64
+
+#: Options that ``tune`` may change on a live job (``parallelism`` only before it starts).
 TUNABLE = (
+    "parallelism",
     "batch_size",
     "min_batch_size",
     "max_batch_size",
@@ -29,7 +33,7 @@ TUNABLE = (
 
 @dataclass(frozen=True)
 class JobOptions:
-    """Batch sizing, pacing and timeouts of one job.
+    """Batch sizing, pacing, timeouts and the number of slices of one job.
 
     ``batch_size`` is the starting size; the optimizer moves it between ``min_batch_size`` and
     ``max_batch_size`` so a batch takes about ``target_duration_ms``. ``rate_limit`` caps rows
@@ -45,9 +49,11 @@ class JobOptions:
     statement_timeout_ms: float = 30_000.0
     lock_timeout_ms: float = 2_000.0
     max_retries: int = 10
+    parallelism: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "min_batch_size", "max_batch_size", "max_retries"):
+        for name in ("batch_size", "min_batch_size", "max_batch_size", "max_retries",
+                     "parallelism"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidOption(f"{name}: expected an integer, got {value!r}")
@@ -59,6 +65,9 @@ class JobOptions:
         for name in ("batch_size", "min_batch_size", "max_batch_size"):
             if getattr(self, name) <= 0:
                 raise InvalidOption(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 1 <= self.parallelism <= MAX_PARALLELISM:
+            raise InvalidOption(
+                f"parallelism must be between 1 and {MAX_PARALLELISM}, got {self.parallelism}")
         if self.max_retries < 0:
             raise InvalidOption(f"max_retries must be >= 0, got {self.max_retries}")
         if self.max_batch_size > MAX_BATCH_SIZE:
@@ -148,7 +157,8 @@ def parse_changes(changes: dict[str, Any]) -> dict[str, Any]:
         name = aliases.get(raw_name, raw_name)
         if name not in TUNABLE:
             raise InvalidOption(f"unknown option {raw_name!r} (known: {', '.join(TUNABLE)})")
-        if name in ("batch_size", "min_batch_size", "max_batch_size", "max_retries"):
+        if name in ("batch_size", "min_batch_size", "max_batch_size", "max_retries",
+                    "parallelism"):
             out[name] = _int(raw_name, value)
         elif name.endswith("_ms"):
             if name == raw_name and isinstance(value, int | float):

@@ -30,7 +30,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from backfill import store
+from backfill import slicing, store
 from backfill.batch import BatchResult, run_batch
 from backfill.catalog import Conn
 from backfill.db import connect
@@ -120,6 +120,7 @@ class Runner:
         self._retry_notes: list[dict[str, Any]] = []
         self._scanned = 0
         self._affected = 0
+        self._took_over_from: str | None = None
 
     # -- connection ---------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class Runner:
             reason = ("previous runner process is gone" if alive is False
                       else f"previous runner's heartbeat is {age:.0f}s old")
             store.take_over(conn, job.id, self.owner, actor=self.actor, reason=reason)
+            self._took_over_from = job.owner
             self.log.warning("job.takeover", previous_owner=job.owner, reason=reason)
         elif not job.owner:
             store.take_over(conn, job.id, self.owner, actor=self.actor,
@@ -231,11 +233,19 @@ class Runner:
                 store.add_event(conn, job.id, "info", actor=self.owner,
                                 reason="source table is empty: nothing to do")
             else:
-                store.create_slices(conn, job.id, [(None, codec.encode(upper) or [])],
-                                    job.options.batch_size)
+                cuts = slicing.boundaries(conn, prepared.keyset, upper, job.options.parallelism,
+                                          estimate)
+                lowers: list[Key | None] = [None, *cuts]
+                uppers: list[Key] = [*cuts, upper]
+                store.create_slices(
+                    conn, job.id,
+                    [(codec.encode(lo), codec.encode(hi) or []) for lo, hi in zip(lowers, uppers,
+                                                                                  strict=True)],
+                    job.options.batch_size)
                 store.add_event(conn, job.id, "snapshot", actor=self.owner,
-                                reason="range snapshotted",
-                                details={"upper": codec.encode(upper), "rows_estimate": estimate})
+                                reason=f"range snapshotted in {len(uppers)} slice(s)",
+                                details={"upper": codec.encode(upper), "rows_estimate": estimate,
+                                         "boundaries": [codec.encode(c) for c in cuts]})
         if upper is None:
             return store.transition(conn, job.id, S.SUCCEEDED, actor=self.owner,
                                     reason="source table is empty", clear_owner=True)
@@ -257,90 +267,130 @@ class Runner:
 
     def _loop(self, job: store.JobRecord, prepared: PreparedJob) -> store.JobRecord:
         codec = KeyCodec(prepared.key_types)
-        options = job.options
-        options_version = job.options_version
-        batches_since_prune = 0
-        last_heartbeat = time.monotonic()
-        window: list[tuple[float, int]] = []  # (monotonic end, rows) of recent batches
+        self._options, self._options_version = job.options, job.options_version
+        self._batches = 0
+        self._last_heartbeat = time.monotonic()
+        self._window: list[tuple[float, int]] = []  # (monotonic end, rows) of recent batches
         prog = store.progress(self.conn, job.id)
         self._scanned, self._affected = prog.rows_scanned, prog.rows_affected
         for slc in store.slices(self.conn, job.id):
             if slc.done:
                 continue
-            upper = codec.decode(slc.upper_bound)
-            assert upper is not None
-            cursor = codec.decode(slc.cursor)
-            sizer = BatchSizer(size=slc.batch_size or options.batch_size)
-            sizer.clamp(options)
-            status: tuple[JobState, int, str | None] | None = None
-            while True:
-                # Control: a stop request; the state and options others changed (they come back
-                # with each checkpoint); the heartbeat, and a full re-read, every few seconds.
-                if self.stop.is_set():
-                    return self._pause_on_stop()
-                now = time.monotonic()
-                if status is None or now - last_heartbeat >= HEARTBEAT_EVERY_S:
-                    status = self._db(functools.partial(self._status, job.id, heartbeat=True))
-                    if status is None:
-                        return self._lost_ownership(
-                            self._db(lambda: store.get_job(self.conn, job.id)))
-                    last_heartbeat = now
-                state, version, reason = status
-                if state == S.THROTTLED:
-                    self._tick(job, None, sizer.size, window, state, note=reason)
-                    self._sleep(self.poll_interval_s)
-                    status = None
-                    continue
-                if state != S.RUNNING:
-                    self.log.info("job.stopped", state=str(state), reason=reason)
-                    self._db(lambda: store.release(self.conn, job.id, self.owner))
-                    return self._db(lambda: store.get_job(self.conn, job.id))
-                if version != options_version:
-                    fresh = self._db(lambda: store.get_job(self.conn, job.id))
-                    if fresh.options.batch_size != options.batch_size:
-                        sizer.size = fresh.options.batch_size
-                    options, options_version = fresh.options, fresh.options_version
-                    sizer.clamp(options)
-                    self.log.info("job.tuned", options=options.to_json())
-
-                outcome = self._batch_with_retry(job, prepared, slc.slice_no, cursor, upper,
-                                                 sizer, options, codec)
-                if isinstance(outcome, store.JobRecord):
-                    return outcome
-                if outcome is None:
-                    # Someone else advanced the slice or the state changed: re-read and go on.
-                    status = None
-                    fresh_slice = self._db(self._slice_reader(job.id, slc.slice_no))
-                    cursor = codec.decode(fresh_slice.cursor)
-                    if fresh_slice.done:
-                        break
-                    batches_since_prune = 0
-                    continue
-                cursor = outcome.upper
-                status = (outcome.job_state, outcome.options_version, reason)
-                if outcome.job_state != S.RUNNING:
-                    status = None  # throttled meanwhile: read the reason
-                self._scanned += outcome.rows_scanned
-                self._affected += outcome.rows_affected
-                batches_since_prune += 1
-                if batches_since_prune % PRUNE_EVERY_BATCHES == 0:
-                    self._db(lambda: store.prune_batches(self.conn, job.id))
-                end = time.monotonic()
-                window.append((end, outcome.rows_scanned))
-                while window and window[0][0] < end - RATE_WINDOW_S:
-                    window.pop(0)
-                self._tick(job, outcome, sizer.size, window, S.RUNNING)
-                self.log.debug("batch.done", batch_id=outcome.batch_id, slice=slc.slice_no,
-                               lower=render_key(outcome.lower), upper=render_key(outcome.upper),
-                               rows=outcome.rows_scanned, affected=outcome.rows_affected,
-                               ms=round(outcome.duration_ms, 1), next_size=sizer.size)
-                if outcome.done:
-                    break
-                delay = rate_delay(outcome.rows_scanned, outcome.duration_ms / 1000.0,
-                                   options.rate_limit) + options.pause_ms / 1000.0
-                if delay > 0:
-                    self._pace(job.id, delay)
+            lease = self._db(functools.partial(
+                self._acquire_lease, job.id, slc.slice_no, self._lease_ttl(self._options)))
+            if lease is None:
+                self.log.info("slice.busy", slice=slc.slice_no, holder=slc.lease_owner)
+                continue
+            try:
+                result = self._run_slice(job, prepared, slc, lease, codec)
+            finally:
+                self._release(lease)
+            if result is not None:
+                return result
         return self._db(lambda: self._finish(job))
+
+    def _lease_ttl(self, options: JobOptions) -> float:
+        # Renewed with every heartbeat; it must outlive the longest batch (plus backoff).
+        return max(60.0, 2 * options.statement_timeout_ms / 1000.0 + 10.0)
+
+    def _acquire_lease(self, job_id: int, slice_no: int, ttl: float) -> store.Lease | None:
+        return store.acquire_lease(self.conn, job_id, slice_no, self.owner, ttl, actor=self.owner,
+                                   steal_from=self._took_over_from)
+
+    def _renew_lease(self, lease: store.Lease, ttl: float) -> bool:
+        return store.renew_lease(self.conn, lease, ttl)
+
+    def _release(self, lease: store.Lease) -> None:
+        try:
+            if self._conn is not None and not self._conn.broken:
+                store.release_lease(self.conn, lease)
+        except psycopg.Error:  # the lease expires by itself
+            self.log.warning("lease.release_failed", slice=lease.slice_no)
+
+    def _run_slice(self, job: store.JobRecord, prepared: PreparedJob, slc: store.SliceRecord,
+                   lease: store.Lease, codec: KeyCodec) -> store.JobRecord | None:
+        """Batches of one leased slice until it is done (``None``), its lease is lost
+        (``None``), or the job stops (the job record)."""
+        options, options_version = self._options, self._options_version
+        upper = codec.decode(slc.upper_bound)
+        assert upper is not None
+        cursor = codec.decode(slc.cursor)
+        sizer = BatchSizer(size=slc.batch_size or options.batch_size)
+        sizer.clamp(options)
+        status: tuple[JobState, int, str | None] | None = None
+        while True:
+            # Control: a stop request; the state and options others changed (they come back
+            # with each checkpoint); the heartbeat, and a full re-read, every few seconds.
+            if self.stop.is_set():
+                return self._pause_on_stop()
+            now = time.monotonic()
+            if status is None or now - self._last_heartbeat >= HEARTBEAT_EVERY_S:
+                status = self._db(functools.partial(self._status, job.id, heartbeat=True))
+                if status is None:
+                    return self._lost_ownership(
+                        self._db(lambda: store.get_job(self.conn, job.id)))
+                if not self._db(functools.partial(
+                        self._renew_lease, lease, self._lease_ttl(options))):
+                    self.log.warning("lease.lost", slice=lease.slice_no)
+                    return None
+                self._last_heartbeat = now
+            state, version, reason = status
+            if state == S.THROTTLED:
+                self._tick(job, None, sizer.size, self._window, state, note=reason)
+                self._sleep(self.poll_interval_s)
+                status = None
+                continue
+            if state != S.RUNNING:
+                self.log.info("job.stopped", state=str(state), reason=reason)
+                self._db(lambda: store.release(self.conn, job.id, self.owner))
+                return self._db(lambda: store.get_job(self.conn, job.id))
+            if version != options_version:
+                fresh = self._db(lambda: store.get_job(self.conn, job.id))
+                if fresh.options.batch_size != options.batch_size:
+                    sizer.size = fresh.options.batch_size
+                options, options_version = fresh.options, fresh.options_version
+                self._options, self._options_version = options, options_version
+                sizer.clamp(options)
+                self.log.info("job.tuned", options=options.to_json())
+
+            outcome = self._batch_with_retry(job, prepared, slc.slice_no, cursor, upper,
+                                             sizer, options, codec, lease.token)
+            if isinstance(outcome, store.JobRecord):
+                return outcome
+            if outcome is None:
+                # Someone else advanced the slice or the state changed: re-read and go on.
+                status = None
+                fresh_slice = self._db(self._slice_reader(job.id, slc.slice_no))
+                cursor = codec.decode(fresh_slice.cursor)
+                if fresh_slice.done or fresh_slice.lease_token != lease.token:
+                    return None  # finished, or taken over: its new holder goes on
+                continue
+            cursor = outcome.upper
+            status = (outcome.job_state, outcome.options_version, reason)
+            if outcome.job_state != S.RUNNING:
+                status = None  # throttled meanwhile: read the reason
+            self._scanned += outcome.rows_scanned
+            self._affected += outcome.rows_affected
+            self._batches += 1
+            if self._batches % PRUNE_EVERY_BATCHES == 0:
+                self._db(lambda: store.prune_batches(self.conn, job.id))
+            end = time.monotonic()
+            window = self._window
+            window.append((end, outcome.rows_scanned))
+            while window and window[0][0] < end - RATE_WINDOW_S:
+                window.pop(0)
+            self._tick(job, outcome, sizer.size, window, S.RUNNING)
+            self.log.debug("batch.done", batch_id=outcome.batch_id, slice=slc.slice_no,
+                           lower=render_key(outcome.lower), upper=render_key(outcome.upper),
+                           rows=outcome.rows_scanned, affected=outcome.rows_affected,
+                           ms=round(outcome.duration_ms, 1), next_size=sizer.size)
+            if outcome.done:
+                return None
+            delay = rate_delay(outcome.rows_scanned, outcome.duration_ms / 1000.0,
+                               options.rate_limit) + options.pause_ms / 1000.0
+            if delay > 0:
+                self._pace(job.id, delay)
+        return None
 
     def _pace(self, job_id: int, delay: float) -> None:
         """Sleep ``delay`` seconds between batches, keeping the heartbeat fresh and waking
@@ -397,6 +447,7 @@ class Runner:
         sizer: BatchSizer,
         options: JobOptions,
         codec: KeyCodec,
+        lease_token: int | None = None,
     ) -> BatchResult | store.JobRecord | None:
         """A batch, retried on transient errors; ``None`` if the checkpoint was refused;
         a job record when the job ended (failed)."""
@@ -434,6 +485,7 @@ class Runner:
                 slice_upper=upper, size=sizer.size, options=options, codec=codec,
                 attempts=attempts,
                 next_size=lambda rows, ms: sizer.observe(rows, ms, options),
+                lease_token=lease_token,
             )
 
         by_attempts = stop_after_attempt(options.max_retries + 1)

@@ -121,6 +121,22 @@ CREATE INDEX batches_job ON backfill.batches (job_id, id);
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        2,
+        "slice leases with fencing tokens",
+        """
+-- A slice is worked on by one runner or worker at a time: the lease holder. Taking a lease
+-- bumps lease_token; a checkpoint must present the current token, so a late task of a previous
+-- holder commits nothing (the cursor compare-and-set stays the last line of defence).
+ALTER TABLE backfill.slices
+    ADD COLUMN lease_owner      text,
+    ADD COLUMN lease_token      bigint NOT NULL DEFAULT 0,
+    ADD COLUMN lease_expires_at timestamptz;
+""",
+    ),
+)
+
 LATEST = MIGRATIONS[-1].version
 
 

@@ -67,6 +67,20 @@ class SliceRecord:
     batches: int
     batch_size: int | None
     updated_at: dt.datetime
+    lease_owner: str | None = None
+    lease_token: int = 0
+    lease_expires_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A slice held by ``owner`` until ``expires_at``; ``token`` fences its checkpoints."""
+
+    job_id: int
+    slice_no: int
+    owner: str
+    token: int
+    previous_owner: str | None
 
 
 @dataclass(frozen=True)
@@ -337,6 +351,11 @@ def tune(conn: Conn, job_id: int, changes: dict[str, Any], *, actor: str) -> Job
         if job.state in (JobState.SUCCEEDED, JobState.CANCELLED):
             raise IllegalTransition(f"job {job_id} is {job.state}: nothing to tune")
         new = job.options.merged(changes)
+        if new.parallelism != job.options.parallelism and slices(conn, job_id):
+            raise IllegalTransition(
+                f"job {job_id} is already split into slices: parallelism can only change "
+                "before it starts"
+            )
         before = job.options.to_json()
         after = new.to_json()
         diff = {k: [before[k], after[k]] for k in after if before.get(k) != after[k]}
@@ -411,14 +430,83 @@ def get_slice(conn: Conn, job_id: int, slice_no: int) -> SliceRecord:
     return SliceRecord(**row)
 
 
+def acquire_lease(conn: Conn, job_id: int, slice_no: int, owner: str, ttl_s: float,
+                  *, actor: str, steal_from: str | None = None) -> Lease | None:
+    """Take the slice's lease if it is free, expired, already ``owner``'s, or held by
+    ``steal_from`` (a runner known to be dead); ``None`` if another holder's lease is live or
+    the slice is done. Taking a lease from someone else is a ``lease_takeover`` event."""
+    with conn.transaction():
+        row = conn.execute(
+            """WITH old AS (
+                   SELECT job_id, slice_no, lease_owner, lease_expires_at,
+                          lease_expires_at < now() AS expired
+                   FROM backfill.slices WHERE job_id = %(job)s AND slice_no = %(slice)s
+                   FOR UPDATE)
+               UPDATE backfill.slices s
+               SET lease_owner = %(owner)s, lease_token = s.lease_token + 1,
+                   lease_expires_at = now() + %(ttl)s * interval '1 second'
+               FROM old
+               WHERE s.job_id = old.job_id AND s.slice_no = old.slice_no AND NOT s.done
+                 AND (old.lease_owner IS NULL OR old.lease_owner = %(owner)s OR old.expired
+                      OR old.lease_owner = %(steal)s)
+               RETURNING s.lease_token, old.lease_owner, old.lease_expires_at""",
+            {"job": job_id, "slice": slice_no, "owner": owner, "ttl": ttl_s,
+             "steal": steal_from},
+        ).fetchone()
+        if row is None:
+            return None
+        token, previous, expired_at = int(row[0]), row[1], row[2]
+        if previous is not None and previous != owner:
+            why = "is gone" if previous == steal_from else "expired"
+            add_event(conn, job_id, "lease_takeover", actor=actor,
+                      reason=f"slice {slice_no}: lease holder {previous} {why}",
+                      details={"slice": slice_no, "previous_owner": previous, "token": token,
+                               "expired_at": expired_at.isoformat() if expired_at else None})
+    return Lease(job_id, slice_no, owner, token, previous)
+
+
+def renew_lease(conn: Conn, lease: Lease, ttl_s: float) -> bool:
+    """Extend a live lease; ``False`` if it was lost (taken over after expiring)."""
+    cur = conn.execute(
+        """UPDATE backfill.slices SET lease_expires_at = now() + %s * interval '1 second'
+           WHERE job_id = %s AND slice_no = %s AND lease_token = %s AND lease_owner = %s""",
+        (ttl_s, lease.job_id, lease.slice_no, lease.token, lease.owner),
+    )
+    return cur.rowcount == 1
+
+
+def release_lease(conn: Conn, lease: Lease) -> None:
+    conn.execute(
+        """UPDATE backfill.slices SET lease_owner = NULL, lease_expires_at = NULL
+           WHERE job_id = %s AND slice_no = %s AND lease_token = %s""",
+        (lease.job_id, lease.slice_no, lease.token),
+    )
+
+
+def expired_slices(conn: Conn) -> list[tuple[int, int, str | None]]:
+    """(job, slice, last owner) of unfinished slices of running or throttled jobs that nobody
+    holds a live lease on: what a reaper re-dispatches."""
+    rows = conn.execute(
+        """SELECT s.job_id, s.slice_no, s.lease_owner FROM backfill.slices s
+           JOIN backfill.jobs j ON j.id = s.job_id
+           WHERE j.state IN ('running', 'throttled') AND NOT s.done
+             AND (s.lease_expires_at IS NULL OR s.lease_expires_at < now())
+           ORDER BY s.job_id, s.slice_no"""
+    ).fetchall()
+    return [(int(a), int(b), c) for a, b, c in rows]
+
+
 def create_slices(
     conn: Conn, job_id: int, bounds: list[tuple[list[Any] | None, list[Any]]], batch_size: int
 ) -> None:
     with conn.cursor() as cur:
         cur.executemany(
-            """INSERT INTO backfill.slices (job_id, slice_no, lower_bound, upper_bound, batch_size)
-               VALUES (%s, %s, %s, %s, %s)""",
-            [(job_id, i, Jsonb(lo) if lo is not None else None, Jsonb(hi), batch_size)
+            # A slice's cursor starts at its (exclusive) lower bound.
+            """INSERT INTO backfill.slices (job_id, slice_no, lower_bound, upper_bound, cursor,
+                                           batch_size)
+               VALUES (%s, %s, %s, %s, %s, %s)""",
+            [(job_id, i, Jsonb(lo) if lo is not None else None, Jsonb(hi),
+              Jsonb(lo) if lo is not None else None, batch_size)
              for i, (lo, hi) in enumerate(bounds)],
         )
 
@@ -441,6 +529,7 @@ def checkpoint(
     next_batch_size: int,
     duration_ms: float,
     attempts: int,
+    lease_token: int | None = None,
 ) -> tuple[int, str, int] | None:
     """Advance a slice's cursor from ``prev`` to ``new`` and record the batch; returns the
     batch's id with the job's state and options version, or ``None`` if the cursor was not
@@ -464,6 +553,7 @@ def checkpoint(
                FROM j
                WHERE s.job_id = %(job)s AND s.slice_no = %(slice)s AND NOT s.done
                  AND s.cursor IS NOT DISTINCT FROM %(prev)s
+                 AND (%(token)s::bigint IS NULL OR s.lease_token = %(token)s::bigint)
                  -- a batch racing a pause or cancel commits nothing; one racing the
                  -- controller's throttle may finish
                  AND j.id = s.job_id
@@ -480,7 +570,7 @@ def checkpoint(
             "new": Jsonb(new), "done": done, "scanned": rows_scanned, "affected": rows_affected,
             "next_size": next_batch_size, "job": job_id, "slice": slice_no,
             "prev": Jsonb(prev) if prev is not None else None, "duration": duration_ms,
-            "size": batch_size, "attempts": attempts,
+            "size": batch_size, "attempts": attempts, "token": lease_token,
         },
     ).fetchone()
     return (int(row[0]), str(row[1]), int(row[2])) if row is not None else None
