@@ -8,6 +8,7 @@ batch in the batch's own transaction.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -120,7 +121,8 @@ class Runner:
         self._retry_notes: list[dict[str, Any]] = []
         self._scanned = 0
         self._affected = 0
-        self._took_over_from: str | None = None
+        self._lease: store.Lease | None = None
+        self._options = JobOptions()
 
     # -- connection ---------------------------------------------------------------------
 
@@ -130,6 +132,9 @@ class Runner:
             if self._conn is not None:
                 self._conn.close()
             self._conn = connect(self.dsn, application_name=f"backfill job {self.job_id}")
+            # A runner never waits inside a transaction for long; if it hangs there (a stuck
+            # transform, a frozen process), the server ends it instead of holding row locks.
+            self._conn.execute("SET idle_in_transaction_session_timeout = '5min'")
         return self._conn
 
     def _drop_conn(self) -> None:
@@ -193,7 +198,6 @@ class Runner:
             reason = ("previous runner process is gone" if alive is False
                       else f"previous runner's heartbeat is {age:.0f}s old")
             store.take_over(conn, job.id, self.owner, actor=self.actor, reason=reason)
-            self._took_over_from = job.owner
             self.log.warning("job.takeover", previous_owner=job.owner, reason=reason)
         elif not job.owner:
             store.take_over(conn, job.id, self.owner, actor=self.actor,
@@ -219,7 +223,7 @@ class Runner:
             return job
         codec = KeyCodec(prepared.key_types)
         with conn.transaction():
-            store.get_job(conn, job.id, for_update=True)
+            job = store.get_job(conn, job.id, for_update=True)  # tune may have changed options
             if store.slices(conn, job.id):
                 return job
             upper = prepared.keyset.max_key(conn)
@@ -233,6 +237,8 @@ class Runner:
                 store.add_event(conn, job.id, "info", actor=self.owner,
                                 reason="source table is empty: nothing to do")
             else:
+                # Bounded: the count above may have left a 10 s SET LOCAL in this transaction.
+                conn.execute("SET LOCAL statement_timeout = '5min'")
                 cuts = slicing.boundaries(conn, prepared.keyset, upper, job.options.parallelism,
                                           estimate)
                 lowers: list[Key | None] = [None, *cuts]
@@ -278,12 +284,14 @@ class Runner:
                 continue
             lease = self._db(functools.partial(
                 self._acquire_lease, job.id, slc.slice_no, self._lease_ttl(self._options)))
-            if lease is None:
-                self.log.info("slice.busy", slice=slc.slice_no, holder=slc.lease_owner)
+            if lease is None:  # finished meanwhile
                 continue
+            self._lease = lease
             try:
-                result = self._run_slice(job, prepared, slc, lease, codec)
+                leased = self._db(self._slice_reader(job.id, slc.slice_no))  # as of the lease
+                result = self._run_slice(job, prepared, leased, lease, codec)
             finally:
+                self._lease = None
                 self._release(lease)
             if result is not None:
                 return result
@@ -294,11 +302,22 @@ class Runner:
         return max(60.0, 2 * options.statement_timeout_ms / 1000.0 + 10.0)
 
     def _acquire_lease(self, job_id: int, slice_no: int, ttl: float) -> store.Lease | None:
+        # The inline runner owns the whole job (one owner at a time, see _acquire), so any other
+        # holder of one of its slice leases is a runner it replaced: take the lease (an event
+        # records it), and let the fencing token refuse that runner's late checkpoints.
         return store.acquire_lease(self.conn, job_id, slice_no, self.owner, ttl, actor=self.owner,
-                                   steal_from=self._took_over_from)
+                                   steal=True)
 
     def _renew_lease(self, lease: store.Lease, ttl: float) -> bool:
         return store.renew_lease(self.conn, lease, ttl)
+
+    def _renew_current_lease(self) -> None:
+        """Best effort, between attempts: a failure here is handled by the next checkpoint."""
+        lease = self._lease
+        if lease is None or self._conn is None or self._conn.broken or self._conn.closed:
+            return
+        with contextlib.suppress(psycopg.Error):
+            store.renew_lease(self.conn, lease, self._lease_ttl(self._options))
 
     def _release(self, lease: store.Lease) -> None:
         try:
@@ -405,6 +424,7 @@ class Runner:
                 status = self._db(functools.partial(self._status, job_id, heartbeat=True))
                 if status is None or status[0] != S.RUNNING:
                     return
+                self._renew_current_lease()
 
     def _slice_reader(self, job_id: int, slice_no: int) -> Callable[[], store.SliceRecord]:
         return lambda: store.get_slice(self.conn, job_id, slice_no)
@@ -470,6 +490,7 @@ class Runner:
                 self._drop_conn()
             self._retry_notes.append(note)
             self.log.warning("batch.retry", **note)
+            self._renew_current_lease()  # backoff can outlast the lease
 
         def attempt() -> BatchResult:
             nonlocal attempts

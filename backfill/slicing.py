@@ -26,6 +26,14 @@ def boundaries(conn: Conn, keyset: Keyset, upper: Key, parts: int,
     if parts <= 1:
         return []
     if rows_estimate is None or rows_estimate < EXACT_BELOW:
+        # Estimates can be stale or missing: count, but never past the threshold.
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} WHERE {p} LIMIT %(cap)s) s").format(
+                t=keyset.table, p=keyset.predicate(lower=False)),
+            {**keyset.params(None, upper), "cap": EXACT_BELOW + 1},
+        ).fetchone()
+        rows_estimate = int(row[0]) if row else 0
+    if rows_estimate < EXACT_BELOW:
         cuts = _exact(conn, keyset, upper, parts)
     else:
         cuts = _sampled(conn, keyset, upper, parts, rows_estimate)
@@ -59,17 +67,21 @@ def _sampled(conn: Conn, keyset: Keyset, upper: Key, parts: int, rows_estimate: 
     # SYSTEM sampling reads whole pages, and a page holds neighbouring keys: balance depends on
     # how many pages are sampled, not how many rows. The database sorts the sample and cuts it
     # into `parts` tiles; the last key of each tile is a boundary.
+    # Pages from the files, not pg_class.relpages: that is 0 for a partitioned table and stale
+    # after a bulk load. pg_partition_tree() also lists a plain table itself.
     row = conn.execute(
-        "SELECT greatest(relpages, 1) FROM pg_class WHERE oid = %s::regclass",
+        """SELECT greatest(1, coalesce(sum(pg_relation_size(relid)), 0)
+                              / current_setting('block_size')::int)
+           FROM pg_partition_tree(%s::regclass)""",
         (keyset.table.as_string(conn),),
     ).fetchone()
     relpages = int(row[0]) if row else 1
     percent = min(100.0, 100.0 * min(MAX_SAMPLE_PAGES, PAGES_PER_SLICE * parts) / relpages)
     query = sql.SQL(
-        "SELECT DISTINCT ON (tile) {keys} FROM ("
-        " SELECT {keys}, ntile(%(parts)s) OVER (ORDER BY {order}) AS tile"
+        "SELECT DISTINCT ON (backfill_tile_) {keys} FROM ("
+        " SELECT {keys}, ntile(%(parts)s) OVER (ORDER BY {order}) AS backfill_tile_"
         " FROM {table} TABLESAMPLE SYSTEM (%(pct)s) WHERE {pred}) s"
-        " ORDER BY tile, {order_desc}"
+        " ORDER BY backfill_tile_, {order_desc}"
     ).format(keys=keyset.key_list, table=keyset.table, pred=keyset.predicate(lower=False),
              order=keyset.order_by(), order_desc=keyset.order_by(desc=True))
     cuts = [tuple(r) for r in conn.execute(

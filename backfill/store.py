@@ -431,10 +431,11 @@ def get_slice(conn: Conn, job_id: int, slice_no: int) -> SliceRecord:
 
 
 def acquire_lease(conn: Conn, job_id: int, slice_no: int, owner: str, ttl_s: float,
-                  *, actor: str, steal_from: str | None = None) -> Lease | None:
-    """Take the slice's lease if it is free, expired, already ``owner``'s, or held by
-    ``steal_from`` (a runner known to be dead); ``None`` if another holder's lease is live or
-    the slice is done. Taking a lease from someone else is a ``lease_takeover`` event."""
+                  *, actor: str, steal: bool = False) -> Lease | None:
+    """Take the slice's lease if it is free, expired or already ``owner``'s, or whatever its
+    state with ``steal`` (the caller knows the holder was replaced); ``None`` if another
+    holder's lease is live or the slice is done. Taking a lease from someone else is a
+    ``lease_takeover`` event."""
     with conn.transaction():
         row = conn.execute(
             """WITH old AS (
@@ -448,16 +449,15 @@ def acquire_lease(conn: Conn, job_id: int, slice_no: int, owner: str, ttl_s: flo
                FROM old
                WHERE s.job_id = old.job_id AND s.slice_no = old.slice_no AND NOT s.done
                  AND (old.lease_owner IS NULL OR old.lease_owner = %(owner)s OR old.expired
-                      OR old.lease_owner = %(steal)s)
+                      OR %(steal)s)
                RETURNING s.lease_token, old.lease_owner, old.lease_expires_at""",
-            {"job": job_id, "slice": slice_no, "owner": owner, "ttl": ttl_s,
-             "steal": steal_from},
+            {"job": job_id, "slice": slice_no, "owner": owner, "ttl": ttl_s, "steal": steal},
         ).fetchone()
         if row is None:
             return None
         token, previous, expired_at = int(row[0]), row[1], row[2]
         if previous is not None and previous != owner:
-            why = "is gone" if previous == steal_from else "expired"
+            why = "was replaced" if steal else "expired"
             add_event(conn, job_id, "lease_takeover", actor=actor,
                       reason=f"slice {slice_no}: lease holder {previous} {why}",
                       details={"slice": slice_no, "previous_owner": previous, "token": token,

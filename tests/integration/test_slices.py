@@ -154,3 +154,40 @@ def test_expired_slices_lists_what_a_reaper_would_redispatch(dsn: str) -> None:
     assert lease is not None
     assert store.expired_slices(conn) == [(job.id, 0, None)]
     conn.close()
+
+
+def test_run_after_a_paused_runner_was_killed_takes_its_leases(dsn: str) -> None:
+    """A runner SIGKILLed after a pause leaves live slice leases; resume + run must not skip
+    those slices and leave the job running with nobody."""
+    import threading
+
+    make_counter_table(dsn, 3_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, parallelism=3, batch_size=100, min_batch_size=100,
+                            max_batch_size=100))
+    stop = threading.Event()
+    stop.set()
+    bf.run(job.id, stop=stop)
+    bf.resume(job.id)
+    conn = connect(dsn)
+    # What a killed runner leaves behind: slice leases still live for a minute.
+    for slice_no in (0, 1, 2):
+        assert store.acquire_lease(conn, job.id, slice_no, "runner:elsewhere:1", 60,
+                                   actor="runner:elsewhere:1") is not None
+    conn.close()
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 3_000}
+    takeovers = [e for e in bf.events(job.id) if e.kind == "lease_takeover"]
+    assert len(takeovers) == 3
+
+
+def test_sampled_boundaries_with_composite_keys(dsn: str) -> None:
+    make_counter_table(dsn, 250_000, key="composite")
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, parallelism=4, max_batch_size=50_000,
+                            batch_size=50_000))
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 250_000}
+    sizes = [s.rows_scanned for s in bf.slices(job.id)]
+    assert len(sizes) == 4
+    assert all(abs(n - 62_500) <= 250_000 * 0.05 for n in sizes), sizes
