@@ -42,7 +42,7 @@ def run_batch(
     codec: KeyCodec,
     attempts: int = 1,
     next_size: Any = None,
-    lease_token: int | None = None,
+    lease_token: int,
 ) -> BatchResult:
     """Process ``(cursor, next]`` where ``next`` is ``size`` keys past ``cursor`` (or the slice's
     upper bound). The checkpoint is a compare-and-set on ``cursor``: if the slice moved on, the

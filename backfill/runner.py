@@ -467,7 +467,7 @@ class Runner:
         sizer: BatchSizer,
         options: JobOptions,
         codec: KeyCodec,
-        lease_token: int | None = None,
+        lease_token: int,
     ) -> BatchResult | store.JobRecord | None:
         """A batch, retried on transient errors; ``None`` if the checkpoint was refused;
         a job record when the job ended (failed)."""

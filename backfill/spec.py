@@ -255,11 +255,9 @@ def move(
     **options: Any,
 ) -> JobSpec:
     """Like :func:`copy`, and deletes the copied source rows in the same transaction."""
-    return JobSpec(
-        "move", table, key=_key(key), dest=dest, columns=tuple(columns or ()), where=where,
-        on_conflict=on_conflict, name=name, description=description,
-        options=build_options(**options),
-    )
+    spec = copy(table, dest, columns=columns, where=where, key=key, name=name,
+                description=description, **options)
+    return dataclasses.replace(spec, kind="move", on_conflict=on_conflict)
 
 
 def transform(

@@ -529,7 +529,7 @@ def checkpoint(
     next_batch_size: int,
     duration_ms: float,
     attempts: int,
-    lease_token: int | None = None,
+    lease_token: int,
 ) -> tuple[int, str, int] | None:
     """Advance a slice's cursor from ``prev`` to ``new`` and record the batch; returns the
     batch's id with the job's state and options version, or ``None`` if the cursor was not
@@ -553,7 +553,7 @@ def checkpoint(
                FROM j
                WHERE s.job_id = %(job)s AND s.slice_no = %(slice)s AND NOT s.done
                  AND s.cursor IS NOT DISTINCT FROM %(prev)s
-                 AND (%(token)s::bigint IS NULL OR s.lease_token = %(token)s::bigint)
+                 AND s.lease_token = %(token)s
                  -- a batch racing a pause or cancel commits nothing; one racing the
                  -- controller's throttle may finish
                  AND j.id = s.job_id

@@ -48,9 +48,12 @@ def test_duplicate_or_late_batch_applies_nothing(dsn: str) -> None:
     codec = KeyCodec(prepared.key_types)
     upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)
     assert upper is not None
+    lease = store.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
+    assert lease is not None
     kwargs: dict[str, Any] = {"job_id": job.id, "slice_no": 0, "cursor": None,
                               "slice_upper": upper, "size": 100,
-                              "options": prepared.spec.options, "codec": codec}
+                              "options": prepared.spec.options, "codec": codec,
+                              "lease_token": lease.token}
     first = run_batch(conn, prepared, **kwargs)
     assert first.upper == (100,)
     with pytest.raises(LeaseLost):
