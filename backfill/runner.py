@@ -195,13 +195,18 @@ class Runner:
                     "after that runner died"
                     if age is not None else f"job {job.id} is owned by {job.owner}"
                 )
-            reason = ("previous runner process is gone" if alive is False
-                      else f"previous runner's heartbeat is {age:.0f}s old")
-            store.take_over(conn, job.id, self.owner, actor=self.actor, reason=reason)
+            if alive is False:
+                reason = "previous runner process is gone"
+            elif age is None:
+                reason = "previous runner never sent a heartbeat"
+            else:
+                reason = f"previous runner's heartbeat is {age:.0f}s old"
+            store.take_over(conn, job.id, self.owner, actor=self.actor, reason=reason,
+                            expected_owner=job.owner)
             self.log.warning("job.takeover", previous_owner=job.owner, reason=reason)
         elif not job.owner:
             store.take_over(conn, job.id, self.owner, actor=self.actor,
-                            reason="job had no owner")
+                            reason="job had no owner", expected_owner=None)
         return store.get_job(conn, job.id)
 
     def _prepare(self, job: store.JobRecord, *, explain: bool) -> PreparedJob:

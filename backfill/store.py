@@ -390,9 +390,15 @@ def job_status(conn: Conn, job_id: int) -> tuple[JobState, int, str | None, str 
     return JobState(row[0]), int(row[1]), row[2], row[3]
 
 
-def take_over(conn: Conn, job_id: int, owner: str, *, actor: str, reason: str) -> None:
+def take_over(conn: Conn, job_id: int, owner: str, *, actor: str, reason: str,
+              expected_owner: str | None) -> None:
+    """Make ``owner`` the job's owner, if ``expected_owner`` still is (compare-and-set)."""
     with conn.transaction():
         old = get_job(conn, job_id, for_update=True)
+        if old.owner != expected_owner:
+            raise JobConflict(
+                f"job {job_id} was just taken over by {old.owner}; not taking it from them"
+            )
         conn.execute(
             "UPDATE backfill.jobs SET owner = %s, heartbeat_at = now() WHERE id = %s",
             (owner, job_id),
