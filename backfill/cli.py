@@ -392,7 +392,9 @@ class _ProgressView:
             self.progress.update(self.task, completed=t.rows_scanned, total=total, **fields)
             return
         now = time.monotonic()
-        if now - self.last_log >= 5.0 or t.state == JobState.SUCCEEDED:
+        if t.state == JobState.SUCCEEDED:
+            return  # the runner logs job.succeeded with the totals
+        if now - self.last_log >= 5.0:
             self.last_log = now
             self.log.info("job.progress", job_id=t.job.id, state=str(t.state),
                           rows_done=t.rows_scanned, rows_total=total,
