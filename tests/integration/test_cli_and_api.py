@@ -91,3 +91,20 @@ def test_pause_resume_cancel_retry_from_cli_record_the_actor(dsn: str) -> None:
     again = cli(dsn, "cancel", job_id)
     assert again.returncode == 2
     assert "already succeeded" in again.stderr
+
+
+def test_a_password_in_the_dsn_never_reaches_output_or_logs(dsn: str) -> None:
+    """Trust authentication ignores the password, so the run succeeds while carrying one."""
+    make_counter_table(dsn, 2_000)
+    secret_dsn = f"{dsn} password=hunter2-secret"
+    job_id = cli(secret_dsn, "enqueue", "-t", "items", "--set", "counter = counter + 1",
+                 "-q").stdout.strip()
+    outputs = [cli(secret_dsn, "--log-level", "debug", "run", job_id)]
+    outputs += [cli(secret_dsn, *args) for args in (["show", job_id], ["list", "--all"],
+                                                     ["db", "status"], ["verify", job_id])]
+    for proc in outputs:
+        assert proc.returncode in (0, 1), proc.stderr
+        assert "hunter2" not in proc.stdout
+        assert "hunter2" not in proc.stderr
+    assert counter_histogram(dsn) == {1: 2_000}
+    assert "batch.done" in outputs[0].stderr  # the debug log really ran
