@@ -123,6 +123,13 @@ class Runner:
         self._affected = 0
         self._lease: store.Lease | None = None
         self._options = JobOptions()
+        self._worker = False  # distributed mode: one slice, no job-level ownership
+        self._deadline: float | None = None
+        self._yielded = False
+        self._window: list[tuple[float, int]] = []  # (monotonic end, rows) of recent batches
+        self._batches = 0
+        self._last_heartbeat = time.monotonic()
+        self._options_version = 0
 
     # -- connection ---------------------------------------------------------------------
 
@@ -157,6 +164,72 @@ class Runner:
             if job.state not in (S.RUNNING, S.THROTTLED):
                 return job
             return self._loop(job, prepared)
+        finally:
+            self._drop_conn()
+
+    # -- distributed mode (the Celery tasks call these; no Celery here) ---------------------
+
+    def start_distributed(self) -> list[int]:
+        """Make the job running for workers (snapshot and slices on the first start); return
+        the unfinished slices to dispatch. Dispatching a running job again is how lost tasks
+        are replaced: leases keep two workers off one slice."""
+        try:
+            require_current(self.conn)
+            job = store.get_job(self.conn, self.job_id)
+            if job.state == S.PAUSED:
+                job = store.transition(self.conn, job.id, S.PENDING, actor=self.actor,
+                                       reason="resumed by dispatch", expect=frozenset({S.PAUSED}))
+            if job.state == S.PENDING:
+                self._prepare(job, explain=True)
+                job = store.transition(self.conn, job.id, S.RUNNING, actor=self.actor,
+                                       reason="dispatched to workers", set_owner=self.owner,
+                                       expect=frozenset({S.PENDING}))
+            if job.state not in (S.RUNNING, S.THROTTLED):
+                raise IllegalTransition(f"job {job.id} is {job.state}: nothing to dispatch")
+            prepared = self._prepare(job, explain=False)
+            self._ensure_slices(job, prepared)
+            return [s.slice_no for s in store.slices(self.conn, job.id) if not s.done]
+        finally:
+            self._drop_conn()
+
+    def run_slice(self, slice_no: int, *, budget_s: float) -> str:
+        """Work on one slice for up to ``budget_s`` seconds under its lease. Returns ``more``
+        (budget used: dispatch it again), ``done``, ``busy`` (another live lease holder) or
+        ``stopped`` (the job is paused, throttled, cancelled or ended: the slot goes back)."""
+        self._worker = True
+        try:
+            require_current(self.conn)
+            job = store.get_job(self.conn, self.job_id)
+            if job.state != S.RUNNING:
+                return "stopped"
+            prepared = self._prepare(job, explain=False)
+            codec = KeyCodec(prepared.key_types)
+            self._options, self._options_version = job.options, job.options_version
+            self._batches = 0
+            self._last_heartbeat = time.monotonic()
+            self._window = []
+            lease = self._db(functools.partial(
+                self._acquire_lease, job.id, slice_no, self._lease_ttl(self._options)))
+            if lease is None:
+                return "busy"
+            self._lease = lease
+            self._deadline = time.monotonic() + budget_s
+            try:
+                leased = self._db(self._slice_reader(job.id, slice_no))
+                result = None if leased.done else self._run_slice(job, prepared, leased, lease,
+                                                                  codec)
+            finally:
+                self._lease = None
+                self._deadline = None
+                self._release(lease)
+            if result is not None:
+                return "stopped"
+            if self._yielded:
+                return "more"
+            if not self._db(self._slice_reader(job.id, slice_no)).done:
+                return "busy"  # the lease was lost
+            self._db(lambda: self._finish(job))
+            return "done"
         finally:
             self._drop_conn()
 
@@ -281,7 +354,7 @@ class Runner:
         self._options, self._options_version = job.options, job.options_version
         self._batches = 0
         self._last_heartbeat = time.monotonic()
-        self._window: list[tuple[float, int]] = []  # (monotonic end, rows) of recent batches
+        self._window = []
         prog = store.progress(self.conn, job.id)
         self._scanned, self._affected = prog.rows_scanned, prog.rows_affected
         for slc in store.slices(self.conn, job.id):
@@ -311,7 +384,7 @@ class Runner:
         # holder of one of its slice leases is a runner it replaced: take the lease (an event
         # records it), and let the fencing token refuse that runner's late checkpoints.
         return store.acquire_lease(self.conn, job_id, slice_no, self.owner, ttl, actor=self.owner,
-                                   steal=True)
+                                   steal=not self._worker)
 
     def _renew_lease(self, lease: store.Lease, ttl: float) -> bool:
         return store.renew_lease(self.conn, lease, ttl)
@@ -348,6 +421,9 @@ class Runner:
             if self.stop.is_set():
                 return self._pause_on_stop()
             now = time.monotonic()
+            if self._deadline is not None and now >= self._deadline:
+                self._yielded = True  # give the worker slot back; the task re-dispatches
+                return None
             if status is None or now - self._last_heartbeat >= HEARTBEAT_EVERY_S:
                 status = self._db(functools.partial(self._status, job.id, heartbeat=True))
                 if status is None:
@@ -359,6 +435,8 @@ class Runner:
                     return None
                 self._last_heartbeat = now
             state, version, reason = status
+            if state == S.THROTTLED and self._worker:
+                return self._db(lambda: store.get_job(self.conn, job.id))
             if state == S.THROTTLED:
                 self._tick(job, None, sizer.size, self._window, state, note=reason)
                 self._sleep(self.poll_interval_s)
@@ -366,7 +444,8 @@ class Runner:
                 continue
             if state != S.RUNNING:
                 self.log.info("job.stopped", state=str(state), reason=reason)
-                self._db(lambda: store.release(self.conn, job.id, self.owner))
+                if not self._worker:
+                    self._db(lambda: store.release(self.conn, job.id, self.owner))
                 return self._db(lambda: store.get_job(self.conn, job.id))
             if version != options_version:
                 fresh = self._db(lambda: store.get_job(self.conn, job.id))
@@ -436,9 +515,11 @@ class Runner:
 
     def _status(self, job_id: int, *, heartbeat: bool) -> tuple[JobState, int, str | None] | None:
         """State, options version and reason; ``None`` when this runner no longer owns the job."""
-        if heartbeat:
+        if heartbeat and not self._worker:
             return store.heartbeat(self.conn, job_id, self.owner)
         state, version, reason, owner = store.job_status(self.conn, job_id)
+        if self._worker:
+            return state, version, reason
         return (state, version, reason) if owner == self.owner else None
 
     def _db(self, fn: Callable[[], T]) -> T:
@@ -591,7 +672,8 @@ class Runner:
         is left as it is."""
         with self.conn.transaction():
             current = store.get_job(self.conn, job_id, for_update=True)
-            if current.owner != self.owner or current.state not in (S.RUNNING, S.THROTTLED):
+            owned = self._worker or current.owner == self.owner
+            if not owned or current.state not in (S.RUNNING, S.THROTTLED):
                 self.log.warning("job.not_ended", wanted=str(to), state=str(current.state),
                                  owner=current.owner, reason=reason)
                 return current

@@ -69,3 +69,19 @@ ensure_postgres() {
         return 1
     fi
 }
+
+ensure_redis() {
+    if command -v redis-server >/dev/null 2>&1; then
+        return 0
+    fi
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        step "installing redis-server with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+        # The package starts a system service; the tests start their own server on a free port.
+        if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server 2>/dev/null || true; fi
+        return 0
+    fi
+    echo "error: redis-server not found; install Redis 7 (e.g. apt-get install redis-server)" >&2
+    return 1
+}

@@ -8,6 +8,8 @@ source scripts/_venv.sh
 ensure_venv test
 step "PostgreSQL binaries"
 ensure_postgres
+step "Redis server (for the Celery worker tests)"
+ensure_redis
 export BACKFILL_REQUIRE_PG=1
 
 step "ruff check"
