@@ -7,7 +7,9 @@ verify found differences); 2 bad input (nothing was written); 3 the job is pause
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -693,7 +695,21 @@ def verify(
         raise typer.Exit(1)
 
 
+def _load_plugins() -> None:
+    """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
+    Imported by name so the core never imports Celery itself."""
+    for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
+        if not name.strip():
+            continue
+        try:
+            importlib.import_module(name.strip())
+        except ModuleNotFoundError as exc:  # Celery not installed: the inline CLI still works
+            if exc.name not in (name.strip(), "celery", "workers"):
+                raise
+
+
 def main() -> None:
+    _load_plugins()
     try:
         app()
     except BackfillError as exc:  # a path that escaped _guard: still one line, no traceback
@@ -702,4 +718,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Through the imported module, so plugins register their commands on that module's app.
+    importlib.import_module("backfill.cli").main()

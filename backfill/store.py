@@ -489,15 +489,18 @@ def release_lease(conn: Conn, lease: Lease) -> None:
     )
 
 
-def expired_slices(conn: Conn) -> list[tuple[int, int, str | None]]:
-    """(job, slice, last owner) of unfinished slices of running or throttled jobs that nobody
-    holds a live lease on: what a reaper re-dispatches."""
+def expired_slices(conn: Conn, *, owner: str | None = None) -> list[tuple[int, int, str | None]]:
+    """(job, slice, last owner) of unfinished slices of running jobs that nobody holds a live
+    lease on: what a reaper re-dispatches. ``owner`` limits it to jobs with that owner (the
+    workers' jobs, not an inline runner's)."""
     rows = conn.execute(
         """SELECT s.job_id, s.slice_no, s.lease_owner FROM backfill.slices s
            JOIN backfill.jobs j ON j.id = s.job_id
-           WHERE j.state IN ('running', 'throttled') AND NOT s.done
+           WHERE j.state = 'running' AND NOT s.done
+             AND (%(owner)s::text IS NULL OR j.owner = %(owner)s::text)
              AND (s.lease_expires_at IS NULL OR s.lease_expires_at < now())
-           ORDER BY s.job_id, s.slice_no"""
+           ORDER BY s.job_id, s.slice_no""",
+        {"owner": owner},
     ).fetchall()
     return [(int(a), int(b), c) for a, b, c in rows]
 

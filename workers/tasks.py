@@ -7,6 +7,7 @@ import socket
 
 from celery.signals import worker_init
 
+from backfill import store
 from backfill.db import connect
 from backfill.errors import BackfillError
 from backfill.logs import get_logger
@@ -15,6 +16,8 @@ from backfill.schema import require_current
 from workers.app import SLICE_BUDGET_S, app
 
 log = get_logger(component="worker")
+#: The owner recorded on jobs run by the workers (no single process owns them).
+WORKERS = "workers"
 
 
 def _dsn() -> str:
@@ -50,9 +53,23 @@ def run_slice(job_id: int, slice_no: int) -> str:
     return outcome
 
 
+def reap(dsn: str, *, actor: str) -> list[tuple[int, int]]:
+    """Send a task for every slice of a worker-run job with no live lease."""
+    conn = connect(dsn)
+    try:
+        orphans = [(j, s) for j, s, _ in store.expired_slices(conn, owner=WORKERS)]
+    finally:
+        conn.close()
+    for job_id, slice_no in orphans:
+        run_slice.apply_async((job_id, slice_no))
+    if orphans:
+        log.info("reaper.dispatched", slices=orphans, actor=actor)
+    return orphans
+
+
 def dispatch(dsn: str, job_id: int, *, actor: str) -> list[int]:
     """Start (or re-start) a job for workers and send one task per unfinished slice."""
-    slices = Runner(dsn, job_id, actor=actor, owner="workers").start_distributed()
+    slices = Runner(dsn, job_id, actor=actor, owner=WORKERS).start_distributed()
     for slice_no in slices:
         run_slice.apply_async((job_id, slice_no))
     return slices

@@ -115,3 +115,39 @@ def test_workers_run_slices_and_pause_gives_slots_back(dsn: str, redis_url: str,
     transitions = [(e.from_state, e.to_state) for e in bf.events(job.id) if e.kind == "transition"]
     assert transitions[0] == ("pending", "running")
     assert transitions[-1] == ("running", "succeeded")
+
+
+def test_tasks_lost_with_redis_are_replaced_by_the_reaper(dsn: str, redis_url: str,
+                                                          tmp_path: Path) -> None:
+    import redis
+
+    from workers import app as app_module
+    from workers.tasks import dispatch
+
+    app_module.app.conf.broker_url = redis_url
+    make_counter_table(dsn, 9_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, parallelism=3, batch_size=300))
+    assert len(dispatch(dsn, job.id, actor="tester")) == 3  # no worker is running yet
+    redis.Redis.from_url(redis_url).flushall()  # the broker loses every task
+    workers = _start_workers(dsn, redis_url, 1, tmp_path)
+    try:
+        env = dict(os.environ, BACKFILL_BROKER_URL=redis_url, BACKFILL_LOG_FORMAT="json")
+        reaped = subprocess.run(
+            [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "reap"],
+            capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
+        assert reaped.returncode == 0, reaped.stderr
+        assert "re-dispatched 3 slice(s)" in reaped.stdout
+        final = bf.wait(job.id, timeout=120)
+    finally:
+        _stop(workers)
+    assert final.state == JobState.SUCCEEDED, final.state_reason
+    assert counter_histogram(dsn) == {1: 9_000}
+
+
+def test_a_task_for_an_unknown_job_is_dropped_without_a_write(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.tasks import run_slice
+
+    monkeypatch.setenv("BACKFILL_DSN", dsn)
+    assert run_slice.run(999, 0) == "dropped"
