@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import getpass
 import socket
 import threading
@@ -21,19 +20,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg import sql
-
 from backfill import registry as registry_mod
 from backfill import store
 from backfill.catalog import Conn
 from backfill.db import connect
 from backfill.errors import InvalidInput, JobNotFound
 from backfill.keyset import KeyCodec, render_key
-from backfill.kinds import prepare
+from backfill.kinds import prepare, prepare_stored
 from backfill.runner import Runner, Tick
 from backfill.schema import require_current, upgrade_conn
 from backfill.spec import JobSpec
-from backfill.states import JobState
+from backfill.states import TERMINAL, JobState
 from backfill.verify import VerifyReport, verify
 
 S = JobState
@@ -132,21 +129,18 @@ class Backfill:
         with self._conn() as conn:
             if isinstance(spec_or_job, JobSpec):
                 spec = spec_or_job
+                prepared = prepare(conn, spec, explain=False)
             elif (isinstance(spec_or_job, str) and not spec_or_job.isdigit()
                   and spec_or_job in self.registry):
                 spec = self.registry.get(spec_or_job).spec()
-            else:
+                prepared = prepare(conn, spec, explain=False)
+            else:  # a stored job: on its own table and key, as a run would be
                 job = self._resolve(conn, spec_or_job)
-                spec = dataclasses.replace(job.spec, table=job.table, key=job.key_columns)
-            prepared = prepare(conn, spec, explain=False)
-            ks = prepared.keyset
-            explain = prepared.dry_explain(conn)
-            upper = ks.max_key(conn)
-            first_batch = None
-            if upper is not None:
-                first = ks.first_key(conn, None, upper)
-                last = ks.probe(conn, None, upper, spec.options.batch_size - 1) or upper
-                first_batch = (render_key(first), render_key(last))
+                spec = job.spec
+                prepared = prepare_stored(conn, job, explain=False)
+            bounds = prepared.first_batch(conn)
+            explain = prepared.dry_explain(conn, bounds)
+            first_batch = (render_key(bounds[0]), render_key(bounds[1])) if bounds else None
             return Plan(
                 table=prepared.table.qualified, kind=spec.kind, key=prepared.key,
                 key_types=prepared.key_types, rows_estimate=prepared.table.rows_estimate,
@@ -165,7 +159,7 @@ class Backfill:
             hint = (" (it is defined: `backfill enqueue " + ref + "` creates it)"
                     if ref in self.registry else "")
             raise JobNotFound(f"no job with id or name {ref!r}{hint}")
-        active = [j for j in jobs if j.state not in (S.SUCCEEDED, S.CANCELLED)]
+        active = [j for j in jobs if j.state not in TERMINAL]
         return active[0] if active else jobs[0]
 
     def get(self, ref: JobRef) -> store.JobRecord:
@@ -183,6 +177,15 @@ class Backfill:
         with self._conn() as conn:
             return [(j, store.progress(conn, j.id))
                     for j in store.list_jobs(conn, include_finished=include_finished)]
+
+    def inspect(self, ref: JobRef) -> tuple[store.JobRecord, store.Progress,
+                                            builtins.list[store.Event],
+                                            builtins.list[store.SliceRecord]]:
+        """A job with its progress, events and slices, read over one connection (for show)."""
+        with self._conn() as conn:
+            job = self._resolve(conn, ref)
+            return (job, store.progress(conn, job.id), store.events(conn, job.id),
+                    store.slices(conn, job.id))
 
     def events(self, ref: JobRef) -> builtins.list[store.Event]:
         with self._conn() as conn:
@@ -250,7 +253,7 @@ class Backfill:
         elif isinstance(ref, str) and not ref.strip().isdigit() and ref in self.registry:
             with self._conn() as conn:
                 existing = [j for j in store.find_jobs_by_name(conn, ref)
-                            if j.state not in (S.SUCCEEDED, S.CANCELLED)]
+                            if j.state not in TERMINAL]
             job = existing[0] if existing else self.enqueue(ref)
         else:
             job = self.get(ref)
@@ -274,15 +277,6 @@ class Backfill:
     def verify(self, ref: JobRef, *, chunk: int = 50_000) -> VerifyReport:
         with self._conn() as conn:
             return verify(conn, self._resolve(conn, ref).id, chunk=chunk)
-
-    def table_checksum(self, table: str) -> tuple[int, int]:
-        """(count, checksum) of a whole table; handy in scripts and tests."""
-        with self._conn(check_schema=False) as conn:
-            row = conn.execute(sql.SQL(
-                "SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint), 0)"
-                " FROM {} t").format(sql.Identifier(*table.split(".")))).fetchone()
-            assert row is not None
-            return int(row[0]), int(row[1])
 
 
 __all__ = ["Backfill", "KeyCodec", "Plan"]

@@ -512,10 +512,7 @@ def list_(
 
 def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
     bf = _client(ctx)
-    rec = _guard(lambda: bf.get(job))
-    prog = _guard(lambda: bf.progress(rec.id))
-    evs = _guard(lambda: bf.events(rec.id))
-    slices = _guard(lambda: bf.slices(rec.id))
+    rec, prog, evs, slices = _guard(lambda: bf.inspect(job))
     if as_json:
         data = _job_json(rec, prog)
         data["spec"] = rec.spec.to_json()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, LiteralString, cast
 
 import psycopg
-from psycopg import errors as pgerrors
 from psycopg import sql
 
 from backfill.catalog import Conn, Table, resolve_key, resolve_table
@@ -73,7 +72,8 @@ class PreparedJob:
 
     # -- statements -----------------------------------------------------------------------
 
-    def _filter(self) -> sql.Composable:
+    def extra_filter(self) -> sql.Composable:
+        """`` AND (where)`` when the job has an extra predicate, else nothing."""
         if self.spec.where:
             return sql.SQL(" AND ({})").format(_user_sql(self.spec.where))
         return sql.SQL("")
@@ -88,10 +88,10 @@ class PreparedJob:
                 sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
             )
             return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
-                t=t, a=assignments, p=pred, f=self._filter()
+                t=t, a=assignments, p=pred, f=self.extra_filter()
             )
         if s.kind == "delete":
-            return sql.SQL("DELETE FROM {t} WHERE {p}{f}").format(t=t, p=pred, f=self._filter())
+            return sql.SQL("DELETE FROM {t} WHERE {p}{f}").format(t=t, p=pred, f=self.extra_filter())
         if s.kind in ("copy", "move"):
             assert self.dest is not None
             cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.copy_columns)
@@ -99,12 +99,12 @@ class PreparedJob:
             if s.kind == "copy":
                 return sql.SQL(
                     "INSERT INTO {d} ({c}) SELECT {c} FROM {t} WHERE {p}{f}{conflict}"
-                ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self._filter(),
+                ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
                          conflict=conflict)
             return sql.SQL(
                 "WITH moved AS (DELETE FROM {t} WHERE {p}{f} RETURNING {c}) "
                 "INSERT INTO {d} ({c}) SELECT {c} FROM moved{conflict}"
-            ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self._filter(),
+            ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
                      conflict=conflict)
         if s.kind == "transform":
             read = sql.SQL(", ").join(
@@ -112,7 +112,7 @@ class PreparedJob:
             )
             return sql.SQL(
                 "SELECT {r} FROM {t} WHERE {p}{f} ORDER BY {o} FOR NO KEY UPDATE"
-            ).format(r=read, t=t, p=pred, f=self._filter(), o=self.keyset.order_by())
+            ).format(r=read, t=t, p=pred, f=self.extra_filter(), o=self.keyset.order_by())
         assert s.statement is not None
         return sql.Composed([_user_sql(s.statement, placeholders=True)])
 
@@ -202,16 +202,23 @@ class PreparedJob:
                 cur.executemany(stmt, arg_rows)
         return len(changes)
 
-    def dry_explain(self, conn: Conn) -> str:
-        """EXPLAIN the first batch's statement in a rolled-back transaction; return the plan.
+    def first_batch(self, conn: Conn) -> tuple[Key, Key] | None:
+        """(first key, last key) of the first batch, or ``None`` for an empty table."""
+        ks = self.keyset
+        upper = ks.max_key(conn)
+        if upper is None:
+            return None
+        first = ks.first_key(conn, None, upper)
+        last = ks.probe(conn, None, upper, self.spec.options.batch_size - 1) or upper
+        return (first or upper), last
+
+    def dry_explain(self, conn: Conn, bounds: tuple[Key, Key] | None) -> str:
+        """EXPLAIN the first batch's statement (``bounds``, from :meth:`first_batch`: the batch
+        as it will run, not the whole range) in a rolled-back transaction; return the plan.
 
         Raises :class:`InvalidStatement` when it does not parse or type-check.
         """
-        ks = self.keyset
-        upper = ks.max_key(conn)
-        first = ks.first_key(conn, None, upper) if upper is not None else None
-        if upper is not None:  # explain the first batch as it will run, not the whole range
-            upper = ks.probe(conn, None, upper, self.spec.options.batch_size - 1) or upper
+        first, upper = bounds if bounds is not None else (None, None)
         stmt = self.write_statement(lower=False)
         if upper is None:
             params: dict[str, Any] = {f"hi{i}": None for i in range(len(self.key))}
@@ -224,16 +231,8 @@ class PreparedJob:
             with conn.transaction(force_rollback=True):
                 conn.execute("SET LOCAL statement_timeout = '30s'")
                 rows = conn.execute(sql.SQL("EXPLAIN {}").format(stmt), params).fetchall()
-        except (pgerrors.SyntaxError, pgerrors.UndefinedColumn, pgerrors.UndefinedFunction,
-                pgerrors.DatatypeMismatch, pgerrors.UndefinedTable, pgerrors.UndefinedObject,
-                pgerrors.InvalidTextRepresentation, pgerrors.AmbiguousColumn,
-                pgerrors.GroupingError, pgerrors.WrongObjectType,
-                pgerrors.InvalidColumnReference, pgerrors.FeatureNotSupported,
-                pgerrors.CannotCoerce, pgerrors.InvalidParameterValue) as exc:
-            raise InvalidStatement(_explain_error(self.spec, exc)) from exc
-        except psycopg.ProgrammingError as exc:
-            raise InvalidStatement(_explain_error(self.spec, exc)) from exc
-        except psycopg.DataError as exc:
+        # Syntax and name errors (class 42), bad literals (22), unsupported features (0A).
+        except (psycopg.ProgrammingError, psycopg.DataError, psycopg.NotSupportedError) as exc:
             raise InvalidStatement(_explain_error(self.spec, exc)) from exc
         return "\n".join(str(r[0]) for r in rows)
 
@@ -327,7 +326,7 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
     prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn)
     if explain:
         try:
-            prepared.dry_explain(conn)
+            prepared.dry_explain(conn, prepared.first_batch(conn))
         except psycopg.DataError as exc:  # e.g. 'infinity' in a timestamp key
             raise InvalidKey(
                 f"the key values of {table.qualified} cannot be read as "

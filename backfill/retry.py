@@ -35,10 +35,6 @@ def classify(exc: BaseException) -> Verdict:
     return Verdict.FATAL
 
 
-def is_retryable(exc: BaseException) -> bool:
-    return classify(exc) is not Verdict.FATAL
-
-
 def describe_error(exc: BaseException) -> str:
     sqlstate = getattr(exc, "sqlstate", None)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

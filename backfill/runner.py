@@ -47,7 +47,7 @@ from backfill.logs import get_logger
 from backfill.options import JobOptions
 from backfill.retry import Verdict, classify, describe_error
 from backfill.schema import require_current
-from backfill.states import JobState
+from backfill.states import TERMINAL, JobState
 from backfill.throttle import BatchSizer, rate_delay
 
 S = JobState
@@ -204,10 +204,7 @@ class Runner:
                 return "stopped"
             prepared = self._prepare(job, explain=False)
             codec = KeyCodec(prepared.key_types)
-            self._options, self._options_version = job.options, job.options_version
-            self._batches = 0
-            self._last_heartbeat = time.monotonic()
-            self._window = []
+            self._start_loop(job)
             lease = self._db(functools.partial(
                 self._acquire_lease, job.id, slice_no, self._lease_ttl(self._options)))
             if lease is None:
@@ -236,7 +233,7 @@ class Runner:
     def _acquire(self) -> store.JobRecord:
         conn = self.conn
         job = store.get_job(conn, self.job_id)
-        if job.state in (S.SUCCEEDED, S.CANCELLED):
+        if job.state in TERMINAL:
             raise IllegalTransition(f"job {job.id} is {job.state}: nothing to run")
         if job.state == S.FAILED:
             raise IllegalTransition(
@@ -351,10 +348,7 @@ class Runner:
 
     def _loop(self, job: store.JobRecord, prepared: PreparedJob) -> store.JobRecord:
         codec = KeyCodec(prepared.key_types)
-        self._options, self._options_version = job.options, job.options_version
-        self._batches = 0
-        self._last_heartbeat = time.monotonic()
-        self._window = []
+        self._start_loop(job)
         prog = store.progress(self.conn, job.id)
         self._scanned, self._affected = prog.rows_scanned, prog.rows_affected
         for slc in store.slices(self.conn, job.id):
@@ -374,6 +368,13 @@ class Runner:
             if result is not None:
                 return result
         return self._db(lambda: self._finish(job))
+
+    def _start_loop(self, job: store.JobRecord) -> None:
+        """Options, counters, heartbeat clock and rate window for a run of batches."""
+        self._options, self._options_version = job.options, job.options_version
+        self._batches = 0
+        self._last_heartbeat = time.monotonic()
+        self._window = []
 
     def _lease_ttl(self, options: JobOptions) -> float:
         # Renewed with every heartbeat; it must outlive the longest batch (plus backoff).

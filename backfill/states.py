@@ -34,8 +34,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 TERMINAL = frozenset({S.SUCCEEDED, S.CANCELLED})
 #: States in which a job holds its table: a second job on the same columns is refused.
 ACTIVE = frozenset({S.PENDING, S.RUNNING, S.THROTTLED, S.PAUSED})
-#: States in which a runner may execute batches.
-RUNNABLE = frozenset({S.RUNNING})
 
 _HINTS = {
     S.SUCCEEDED: "it has already succeeded",

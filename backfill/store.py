@@ -7,7 +7,6 @@ put them in the same transaction as a batch's write (that is how checkpoints are
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from backfill.catalog import Conn
 from backfill.errors import IllegalTransition, JobConflict, JobNotFound
 from backfill.options import JobOptions
 from backfill.spec import JobSpec
-from backfill.states import ACTIVE, JobState, check_transition
+from backfill.states import ACTIVE, TERMINAL, JobState, check_transition
 
 
 @dataclass(frozen=True)
@@ -303,7 +302,7 @@ def transition(
     with conn.transaction():
         job = get_job(conn, job_id, for_update=True)
         if expect is not None and job.state not in expect:
-            if job.state in (JobState.SUCCEEDED, JobState.CANCELLED):
+            if job.state in TERMINAL:
                 check_transition(job_id, job.state, to)  # "it has already succeeded", ...
             raise IllegalTransition(
                 f"job {job_id} is {job.state}, not {' or '.join(sorted(expect))}"
@@ -348,7 +347,7 @@ def tune(conn: Conn, job_id: int, changes: dict[str, Any], *, actor: str) -> Job
     """Change a job's options; running batches pick them up before their next batch."""
     with conn.transaction():
         job = get_job(conn, job_id, for_update=True)
-        if job.state in (JobState.SUCCEEDED, JobState.CANCELLED):
+        if job.state in TERMINAL:
             raise IllegalTransition(f"job {job_id} is {job.state}: nothing to tune")
         new = job.options.merged(changes)
         if new.parallelism != job.options.parallelism and slices(conn, job_id):
@@ -585,15 +584,6 @@ def checkpoint(
     return (int(row[0]), str(row[1]), int(row[2])) if row is not None else None
 
 
-def mark_slice_done(conn: Conn, job_id: int, slice_no: int, prev: list[Any] | None) -> bool:
-    cur = conn.execute(
-        """UPDATE backfill.slices SET done = true, updated_at = now()
-           WHERE job_id = %s AND slice_no = %s AND cursor IS NOT DISTINCT FROM %s AND NOT done""",
-        (job_id, slice_no, Jsonb(prev) if prev is not None else None),
-    )
-    return cur.rowcount == 1
-
-
 def prune_batches(conn: Conn, job_id: int, keep: int = 1000) -> int:
     cur = conn.execute(
         """DELETE FROM backfill.batches WHERE job_id = %(job)s AND id <= (
@@ -632,15 +622,3 @@ def progress(conn: Conn, job_id: int) -> Progress:
         slices=int(row[3]), slices_done=int(row[4]), last_batch_at=last_at,
         recent_rows_per_s=rate, current_batch_size=int(row[5]) if row[5] is not None else None,
     )
-
-
-def recent_batches(conn: Conn, job_id: int, limit: int = 20) -> list[dict[str, Any]]:
-    return conn.cursor(row_factory=dict_row).execute(
-        """SELECT * FROM (SELECT * FROM backfill.batches WHERE job_id = %s ORDER BY id DESC
-                          LIMIT %s) b ORDER BY id""",
-        (job_id, limit),
-    ).fetchall()
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str)

@@ -57,12 +57,6 @@ class _Checker:
         self.p = prepared
         self.ks = prepared.keyset
 
-    def _filter(self, alias: str | None = None) -> sql.Composable:
-        del alias
-        if self.p.spec.where:
-            return sql.SQL(" AND ({})").format(_user_sql(self.p.spec.where))
-        return sql.SQL("")
-
     def check(self, lo: Key | None, hi: Key) -> str | None:
         kind = self.p.spec.kind
         params = self.ks.params(lo, hi)
@@ -74,11 +68,11 @@ class _Checker:
                 for c, e in self.p.spec.set
             )
             q = sql.SQL("SELECT count(*) FROM {t} WHERE {p}{f} AND NOT ({ok})").format(
-                t=t, p=pred, f=self._filter(), ok=ok)
+                t=t, p=pred, f=self.p.extra_filter(), ok=ok)
             n = self._scalar(q, params)
             return f"{n} rows where the SET is not true" if n else None
         if kind == "delete":
-            q = sql.SQL("SELECT count(*) FROM {t} WHERE {p}{f}").format(t=t, p=pred, f=self._filter())
+            q = sql.SQL("SELECT count(*) FROM {t} WHERE {p}{f}").format(t=t, p=pred, f=self.p.extra_filter())
             n = self._scalar(q, params)
             return f"{n} rows still match the delete predicate" if n else None
         if kind in ("copy", "move"):
@@ -89,12 +83,12 @@ class _Checker:
             spred = self.ks.predicate(lower=lo is not None, alias="s")
             if kind == "move":
                 q = sql.SQL("SELECT count(*) FROM {t} AS s WHERE {p}{f}").format(
-                    t=t, p=spred, f=self._filter())
+                    t=t, p=spred, f=self.p.extra_filter())
                 n = self._scalar(q, params)
                 return f"{n} source rows were not moved" if n else None
             src = self.conn.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} AS s WHERE {p}{f}").format(
-                    h=_row_hash(cols, "s"), t=t, p=spred, f=self._filter()), params).fetchone()
+                    h=_row_hash(cols, "s"), t=t, p=spred, f=self.p.extra_filter()), params).fetchone()
             dst = self.conn.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE {p}").format(
                     h=_row_hash(cols, "d"), d=d, p=dpred), params).fetchone()
@@ -111,7 +105,7 @@ class _Checker:
                 sql.Identifier(c) for c in dict.fromkeys((*self.p.key, *self.p.spec.columns)))
             with self.conn.cursor() as cur:
                 cur.execute(sql.SQL("SELECT {r} FROM {t} WHERE {p}{f}").format(
-                    r=read, t=t, p=pred, f=self._filter()), params)
+                    r=read, t=t, p=pred, f=self.p.extra_filter()), params)
                 names = [c.name for c in cur.description or ()]
                 pending = 0
                 for values in cur:

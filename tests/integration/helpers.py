@@ -93,3 +93,21 @@ def cli_popen(dsn: str, *args: str) -> subprocess.Popen[str]:
         [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
     )
+
+
+def sliced_and_running(dsn: str, job_id: int) -> Any:
+    """Snapshot a job's slices without running a batch, then mark it running with no runner,
+    as a worker would find it; returns an open state-store connection (close it)."""
+    import threading
+
+    from backfill import Backfill, JobState, store
+    from backfill.db import connect
+
+    bf = Backfill(dsn)
+    stop = threading.Event()
+    stop.set()
+    assert bf.run(job_id, stop=stop).state == JobState.PAUSED
+    bf.resume(job_id)
+    conn = connect(dsn)
+    store.transition(conn, job_id, JobState.RUNNING, actor="test")
+    return conn

@@ -23,6 +23,7 @@ from tests.integration.helpers import (
     counter_histogram,
     make_counter_table,
     scalar,
+    sliced_and_running,
     wait_for,
 )
 
@@ -37,13 +38,7 @@ def test_duplicate_or_late_batch_applies_nothing(dsn: str) -> None:
     make_counter_table(dsn, 500)
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, batch_size=100))
-    # Start it (snapshot the range) but stop before any batch.
-    stop = threading.Event()
-    stop.set()
-    assert bf.run(job.id, stop=stop).state == JobState.PAUSED
-    bf.resume(job.id)
-    conn = connect(dsn)
-    store.transition(conn, job.id, JobState.RUNNING, actor="test")
+    conn = sliced_and_running(dsn, job.id)  # the range is snapshotted, no batch has run
     prepared = prepare(conn, store.get_job(conn, job.id).spec, explain=False)
     codec = KeyCodec(prepared.key_types)
     upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)

@@ -15,7 +15,7 @@ from backfill.db import connect
 from backfill.errors import LeaseLost
 from backfill.keyset import KeyCodec
 from backfill.kinds import prepare_stored
-from tests.integration.helpers import counter_histogram, make_counter_table
+from tests.integration.helpers import counter_histogram, make_counter_table, sliced_and_running
 
 INC = {"counter": "counter + 1"}
 
@@ -99,14 +99,7 @@ def test_lease_fencing_token_refuses_a_previous_holders_checkpoint(dsn: str) -> 
     make_counter_table(dsn, 300)
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, batch_size=100))
-    import threading
-
-    stop = threading.Event()
-    stop.set()
-    bf.run(job.id, stop=stop)  # snapshot the slices, then pause
-    bf.resume(job.id)
-    conn = connect(dsn)
-    store.transition(conn, job.id, JobState.RUNNING, actor="test")
+    conn = sliced_and_running(dsn, job.id)
     rec = store.get_job(conn, job.id)
     prepared = prepare_stored(conn, rec, explain=False)
     codec = KeyCodec(prepared.key_types)
@@ -141,14 +134,7 @@ def test_expired_slices_lists_what_a_reaper_would_redispatch(dsn: str) -> None:
     make_counter_table(dsn, 200)
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, parallelism=2))
-    import threading
-
-    stop = threading.Event()
-    stop.set()
-    bf.run(job.id, stop=stop)
-    bf.resume(job.id)
-    conn = connect(dsn)
-    store.transition(conn, job.id, JobState.RUNNING, actor="test")
+    conn = sliced_and_running(dsn, job.id)
     assert store.expired_slices(conn) == [(job.id, 0, None), (job.id, 1, None)]
     lease = store.acquire_lease(conn, job.id, 1, "worker-a", 60, actor="worker-a")
     assert lease is not None
