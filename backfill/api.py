@@ -108,8 +108,12 @@ class Backfill:
         spec = self.registry.get(spec_or_name).spec() if isinstance(spec_or_name, str) else spec_or_name
         return spec.with_options(**options) if options else spec
 
-    def enqueue(self, spec_or_name: JobSpec | str, **options: Any) -> store.JobRecord:
+    def enqueue(self, spec_or_name: JobSpec | str, *, workers: bool = False,
+                **options: Any) -> store.JobRecord:
         """Validate the job against the database (dry EXPLAIN included) and store it as pending.
+
+        ``workers=True`` marks it for the Celery workers: their reaper starts it within one
+        pass (``workers.tasks.dispatch`` starts it at once); otherwise ``run`` executes it inline.
 
         Raises an :class:`~backfill.errors.InvalidInput` subclass, writing nothing, when the
         table, columns, key or SQL are wrong, or another active job writes the same columns.
@@ -122,6 +126,7 @@ class Backfill:
                 table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
                 source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
                 rows_estimate=prepared.table.rows_estimate, actor=self.actor,
+                runs_on="workers" if workers else "inline",
             )
 
     def plan(self, spec_or_job: JobSpec | JobRef) -> Plan:

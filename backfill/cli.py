@@ -34,7 +34,7 @@ from backfill import logs, store
 from backfill.api import Backfill, default_actor
 from backfill.db import connect, describe, redact_text
 from backfill.durations import format_duration
-from backfill.errors import BackfillError, InvalidInput
+from backfill.errors import BackfillError, BrokerUnavailable, InvalidInput
 from backfill.runner import Tick
 from backfill.schema import LATEST, MIGRATIONS, current_version
 from backfill.settings import Settings, dsn_from_env
@@ -177,8 +177,12 @@ OptStmt = Annotated[str | None, typer.Option("--statement-timeout", help="Per ba
 OptLock = Annotated[str | None, typer.Option("--lock-timeout", help="Per batch (e.g. 2s).")]
 OptRetries = Annotated[str | None, typer.Option("--max-retries", help="Per batch.")]
 OptParallel = Annotated[str | None, typer.Option(
-    "--parallelism", help="Slices of about equal row counts, sampled from the table (before "
-    "the job starts).")]
+    "--parallelism", help="Slices of about equal row counts, sampled from the table; on the "
+    "workers, how many run at once (changeable any time).")]
+
+#: Set by the workers plugin (``workers.cli``): send a job to the Celery workers now.
+#: Called as ``DISPATCH_HOOK(dsn, job_id, actor=...)``; raises BrokerUnavailable.
+DISPATCH_HOOK: Callable[..., object] | None = None
 
 
 def _option_changes(**values: Any) -> dict[str, Any]:
@@ -219,12 +223,16 @@ def enqueue(
     lock_timeout: OptLock = None,
     max_retries: OptRetries = None,
     parallelism: OptParallel = None,
+    workers: Annotated[bool, typer.Option(
+        "--workers", help="Run it on the Celery workers: dispatched at once, or by the "
+        "workers' reaper if the broker is down.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Validate a job against the database (dry EXPLAIN included) and store it as pending.
 
-    Nothing is written to your tables; `backfill run JOB` executes it.
+    Nothing is written to your tables; `backfill run JOB` executes it inline, or with
+    --workers the Celery workers do.
     """
     bf = _client(ctx)
     options = _option_changes(
@@ -242,16 +250,39 @@ def enqueue(
         else:
             spec = _adhoc_spec(table, kind, set_, where, statement, dest, columns, on_conflict,
                                function, key, job_name)
-        return bf.enqueue(spec, **options)
+        return bf.enqueue(spec, workers=workers, **options)
 
     job = _guard(build)
+    if workers:
+        _send_to_workers(ctx, job.id, "enqueued")
     if quiet:
         out.print(job.id)
     elif as_json:
         out.print_json(json.dumps(_job_json(job), default=str))
+    elif workers:
+        out.print(f"enqueued job {job.id} ({job.name}) on {job.table}, key "
+                  f"({', '.join(job.key_columns)}), and sent it to the workers: "
+                  f"`backfill watch {job.id}`")
     else:
         out.print(f"enqueued job {job.id} ({job.name}) on {job.table}, key "
                   f"({', '.join(job.key_columns)}): run it with `backfill run {job.id}`")
+
+
+def _send_to_workers(ctx: typer.Context, job_id: int, what: str) -> None:
+    """Dispatch a job marked for the workers; if the broker is down, say so and exit 1 (the
+    job stays pending, and the workers' reaper starts it once the broker is back)."""
+    hook = DISPATCH_HOOK
+    if hook is None:
+        _fail(f"job {job_id} is {what} for the workers, but the workers package (Celery) is "
+              "not installed here: the workers' reaper starts it", 1)
+    s = _settings(ctx)
+    try:
+        hook(s.dsn, job_id, actor=s.actor)
+    except BrokerUnavailable as exc:
+        _fail(f"job {job_id} is {what} and left pending: {exc}; the workers' reaper starts it "
+              f"once the broker is back, or `backfill dispatch {job_id}`", 1)
+    except BackfillError as exc:
+        _fail(str(exc), exc.exit_code)
 
 
 def _adhoc_spec(table: str | None, kind: str | None, set_: list[str] | None, where: str | None,
@@ -623,6 +654,10 @@ def pause(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Rea
 def resume(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
     """Resume a paused job: it becomes pending; `backfill run` (or a worker) continues it."""
     rec = _guard(lambda: _client(ctx).resume(job, reason))
+    if rec.runs_on == "workers":
+        _send_to_workers(ctx, rec.id, "resumed")
+        out.print(f"job {rec.id} resumed on the workers from its checkpoints")
+        return
     out.print(f"job {rec.id} is pending again; `backfill run {rec.id}` continues from its checkpoint")
 
 

@@ -69,3 +69,7 @@ class JobFailed(BackfillError):
 
 class LeaseLost(BackfillError):
     """Raised when a batch's checkpoint compare-and-set fails: someone else advanced the slice."""
+
+
+class BrokerUnavailable(BackfillError):
+    """The task broker (Redis) cannot be reached; nothing was sent, the job is unchanged."""

@@ -54,8 +54,14 @@ S = JobState
 T = TypeVar("T")
 HEARTBEAT_EVERY_S = 2.0
 PRUNE_EVERY_BATCHES = 500
+#: A slice with fewer rows left than this is not worth splitting for a free slot.
+SPLIT_MIN_ROWS = 10_000
 #: Seconds of recent batches the live rows/s is computed over.
 RATE_WINDOW_S = 10.0
+
+
+#: The owner recorded on jobs run by the workers (no single process owns them).
+WORKERS_OWNER = "workers"
 
 
 def default_owner() -> str:
@@ -106,6 +112,8 @@ class Runner:
         takeover_after_s: float = 30.0,
         poll_interval_s: float = 1.0,
         reconnect_timeout_s: float = 120.0,
+        lease_ttl_floor_s: float = 60.0,
+        dispatch_stale_s: float = 120.0,
     ) -> None:
         self.dsn = dsn
         self.job_id = job_id
@@ -116,6 +124,9 @@ class Runner:
         self.takeover_after_s = takeover_after_s
         self.poll_interval_s = poll_interval_s
         self.reconnect_timeout_s = reconnect_timeout_s
+        self.lease_ttl_floor_s = lease_ttl_floor_s
+        self.dispatch_stale_s = dispatch_stale_s
+        self._send: Callable[[list[store.Dispatch]], None] | None = None
         self.log = get_logger(job_id=job_id)
         self._conn: Conn | None = None
         self._retry_notes: list[dict[str, Any]] = []
@@ -169,34 +180,48 @@ class Runner:
 
     # -- distributed mode (the Celery tasks call these; no Celery here) ---------------------
 
-    def start_distributed(self) -> list[int]:
-        """Make the job running for workers (snapshot and slices on the first start); return
-        the unfinished slices to dispatch. Dispatching a running job again is how lost tasks
-        are replaced: leases keep two workers off one slice."""
+    def start_distributed(self, *, replace_queued: bool = True) -> list[store.Dispatch]:
+        """Make the job run on the workers (snapshot and slices on the first start) and claim
+        the slices that need a task, up to its parallelism; the caller sends them. Dispatching
+        a running job again (``replace_queued``) replaces tasks that were lost: each claimed
+        slice gets a new ``dispatch_seq``, so a leftover task is dropped, and leases keep two
+        workers off one slice."""
         try:
             require_current(self.conn)
             job = store.get_job(self.conn, self.job_id)
             if job.state == S.PAUSED:
                 job = store.transition(self.conn, job.id, S.PENDING, actor=self.actor,
                                        reason="resumed by dispatch", expect=frozenset({S.PAUSED}))
+            if job.state in (S.RUNNING, S.THROTTLED) and job.runs_on != "workers":
+                raise JobConflict(
+                    f"job {job.id} is {job.state} inline under {job.owner}; pause it first, "
+                    "then dispatch it to the workers")
             if job.state == S.PENDING:
                 self._prepare(job, explain=True)
-                job = store.transition(self.conn, job.id, S.RUNNING, actor=self.actor,
-                                       reason="dispatched to workers", set_owner=self.owner,
-                                       expect=frozenset({S.PENDING}))
+                with self.conn.transaction():
+                    store.set_runs_on(self.conn, job.id, "workers")
+                    job = store.transition(self.conn, job.id, S.RUNNING, actor=self.actor,
+                                           reason="dispatched to workers", set_owner=self.owner,
+                                           expect=frozenset({S.PENDING}))
             if job.state not in (S.RUNNING, S.THROTTLED):
                 raise IllegalTransition(f"job {job.id} is {job.state}: nothing to dispatch")
             prepared = self._prepare(job, explain=False)
             self._ensure_slices(job, prepared)
-            return [s.slice_no for s in store.slices(self.conn, job.id) if not s.done]
+            return store.claim_dispatch(self.conn, job.id, stale_after_s=self.dispatch_stale_s,
+                                        actor=self.actor, replace_queued=replace_queued)
         finally:
             self._drop_conn()
 
-    def run_slice(self, slice_no: int, *, budget_s: float) -> str:
-        """Work on one slice for up to ``budget_s`` seconds under its lease. Returns ``more``
-        (budget used: dispatch it again), ``done``, ``busy`` (another live lease holder) or
-        ``stopped`` (the job is paused, throttled, cancelled or ended: the slot goes back)."""
+    def run_slice(self, slice_no: int, *, seq: int, budget_s: float,
+                  send: Callable[[list[store.Dispatch]], None]) -> str:
+        """Work on one slice for up to ``budget_s`` seconds under its lease, as the task
+        carrying ``seq``; ``send`` sends tasks (the next one of this slice, and slices that
+        can use a free slot). Returns ``more`` (budget used, next task sent), ``done``,
+        ``stopped`` (the job is paused, throttled, cancelled or ended: the slot goes back and
+        the slice waits, parked), ``stale`` (a replacement task exists), ``busy`` (another
+        live lease holder, or the lease was lost) or ``full`` (parallelism used up: parked)."""
         self._worker = True
+        self._send = send
         try:
             require_current(self.conn)
             job = store.get_job(self.conn, self.job_id)
@@ -205,30 +230,71 @@ class Runner:
             prepared = self._prepare(job, explain=False)
             codec = KeyCodec(prepared.key_types)
             self._start_loop(job)
-            lease = self._db(functools.partial(
-                self._acquire_lease, job.id, slice_no, self._lease_ttl(self._options)))
-            if lease is None:
-                return "busy"
-            self._lease = lease
+            ttl = self._lease_ttl(self._options)
+            got = self._db(lambda: store.acquire_for_task(
+                self.conn, job.id, slice_no, seq, self.owner, ttl, actor=self.owner))
+            if isinstance(got, str):
+                return got
+            lease = self._lease = got
             self._deadline = time.monotonic() + budget_s
+            next_seq: int | None = None
             try:
                 leased = self._db(self._slice_reader(job.id, slice_no))
                 result = None if leased.done else self._run_slice(job, prepared, leased, lease,
                                                                   codec)
+                if result is None and self._yielded:
+                    next_seq = self._db(lambda: store.requeue(self.conn, lease))
             finally:
                 self._lease = None
                 self._deadline = None
-                self._release(lease)
+                if next_seq is None:
+                    self._release(lease)
             if result is not None:
                 return "stopped"
             if self._yielded:
+                if next_seq is None:
+                    return "busy"  # the lease was lost; its new holder goes on
+                send([store.Dispatch(job.id, slice_no, next_seq)])
                 return "more"
             if not self._db(self._slice_reader(job.id, slice_no)).done:
                 return "busy"  # the lease was lost
             self._db(lambda: self._finish(job))
+            self._db(lambda: self._hand_off(job.id))
             return "done"
         finally:
             self._drop_conn()
+
+    def _hand_off(self, job_id: int) -> None:
+        """A slot is free (a slice finished or was split): send tasks for waiting slices."""
+        claims = store.claim_dispatch(self.conn, job_id, stale_after_s=self.dispatch_stale_s,
+                                      actor=self.owner)
+        if claims and self._send is not None:
+            self._send(claims)
+
+    def _maybe_split(self, job: store.JobRecord, prepared: PreparedJob, lease: store.Lease,
+                     cursor: Key | None, upper: Key, codec: KeyCodec, batch_size: int) -> Key | None:
+        """Rebalance: when the job has a free slot and this slice has the most rows left, cut
+        it in two and send the second half to the workers. Returns the new upper bound."""
+        left = store.split_candidate(self.conn, job.id, lease.slice_no,
+                                     min_rows=max(4 * batch_size, SPLIT_MIN_ROWS))
+        if left is None:
+            return None
+        try:
+            with self.conn.transaction():
+                self.conn.execute("SET LOCAL statement_timeout = '30s'")
+                cut = slicing.split_point(self.conn, prepared.keyset, cursor, upper, left)
+        except pgerrors.QueryCanceled:
+            self.log.warning("slice.split_timeout", slice=lease.slice_no)
+            return None
+        if cut is None:
+            return None
+        new_no = store.split_slice(self.conn, lease, cursor=codec.encode(cursor),
+                                   cut=codec.encode(cut) or [], rows_left=left, actor=self.owner)
+        if new_no is None:
+            return None
+        self.log.info("slice.split", slice=lease.slice_no, new_slice=new_no, cut=render_key(cut))
+        self._hand_off(job.id)
+        return cut
 
     def _acquire(self) -> store.JobRecord:
         conn = self.conn
@@ -246,9 +312,15 @@ class Runner:
         if job.state == S.PENDING:
             # Check the job again against today's catalog before the first write.
             self._prepare(job, explain=True)
-            return store.transition(conn, job.id, S.RUNNING, actor=self.actor,
-                                    reason="started by inline runner", set_owner=self.owner,
-                                    expect=frozenset({S.PENDING}))
+            with conn.transaction():
+                if job.runs_on != "inline":
+                    store.set_runs_on(conn, job.id, "inline")  # the reaper leaves it alone
+                return store.transition(conn, job.id, S.RUNNING, actor=self.actor,
+                                        reason="started by inline runner", set_owner=self.owner,
+                                        expect=frozenset({S.PENDING}))
+        if job.runs_on == "workers":
+            raise JobConflict(
+                f"job {job.id} is {job.state} on the workers; pause it first to run it inline")
         # running or throttled: someone owns it, or owned it and died.
         if job.owner and job.owner != self.owner:
             alive = _owner_alive(job.owner)
@@ -322,7 +394,7 @@ class Runner:
                     conn, job.id,
                     [(codec.encode(lo), codec.encode(hi) or []) for lo, hi in zip(lowers, uppers,
                                                                                   strict=True)],
-                    job.options.batch_size)
+                    job.options.batch_size, estimate)
                 store.add_event(conn, job.id, "snapshot", actor=self.owner,
                                 reason=f"range snapshotted in {len(uppers)} slice(s)",
                                 details={"upper": codec.encode(upper), "rows_estimate": estimate,
@@ -378,7 +450,7 @@ class Runner:
 
     def _lease_ttl(self, options: JobOptions) -> float:
         # Renewed with every heartbeat; it must outlive the longest batch (plus backoff).
-        return max(60.0, 2 * options.statement_timeout_ms / 1000.0 + 10.0)
+        return max(self.lease_ttl_floor_s, 2 * options.statement_timeout_ms / 1000.0 + 10.0)
 
     def _acquire_lease(self, job_id: int, slice_no: int, ttl: float) -> store.Lease | None:
         # The inline runner owns the whole job (one owner at a time, see _acquire), so any other
@@ -435,6 +507,11 @@ class Runner:
                     self.log.warning("lease.lost", slice=lease.slice_no)
                     return None
                 self._last_heartbeat = now
+                if self._worker and status[0] == S.RUNNING:
+                    cut = self._db(functools.partial(self._maybe_split, job, prepared, lease,
+                                                     cursor, upper, codec, sizer.size))
+                    if cut is not None:
+                        upper = cut
             state, version, reason = status
             if state == S.THROTTLED and self._worker:
                 return self._db(lambda: store.get_job(self.conn, job.id))

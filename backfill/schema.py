@@ -137,6 +137,27 @@ ALTER TABLE backfill.slices
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        3,
+        "dispatch tokens and worker mode",
+        """
+-- Where a job runs: 'inline' (backfill run) or 'workers' (Celery tasks). The reaper starts and
+-- re-dispatches worker jobs; it never touches inline ones.
+ALTER TABLE backfill.jobs
+    ADD COLUMN runs_on text NOT NULL DEFAULT 'inline' CHECK (runs_on IN ('inline', 'workers'));
+-- Each task sent for a slice carries dispatch_seq; sending a replacement bumps it, so a task
+-- left over in the broker (redelivered late, or duplicated) is dropped before it takes the
+-- lease. dispatched_at: when the current task was sent; NULL when none is queued (parked).
+-- rows_estimate: rows the slice held when cut, for rebalancing (split the largest remaining).
+ALTER TABLE backfill.slices
+    ADD COLUMN dispatch_seq  bigint NOT NULL DEFAULT 0,
+    ADD COLUMN dispatched_at timestamptz,
+    ADD COLUMN rows_estimate bigint;
+""",
+    ),
+)
+
 LATEST = MIGRATIONS[-1].version
 
 

@@ -63,29 +63,53 @@ def _exact(conn: Conn, keyset: Keyset, upper: Key, parts: int) -> list[Key]:
     return cuts
 
 
-def _sampled(conn: Conn, keyset: Keyset, upper: Key, parts: int, rows_estimate: int) -> list[Key]:
+def split_point(conn: Conn, keyset: Keyset, lower: Key | None, upper: Key,
+                rows_left: int) -> Key | None:
+    """A key that cuts ``(lower, upper]`` into two parts of about ``rows_left / 2`` rows each
+    (rebalancing a slice); ``None`` if the range is too small to cut. A large range is cut at
+    the median of a sample; failing that (a small part of a big table samples badly), at
+    most :data:`EXACT_BELOW` rows past ``lower``, so the cost stays bounded."""
+    cut: Key | None = None
+    if rows_left >= 2 * EXACT_BELOW:
+        cuts = _sampled(conn, keyset, upper, 2, rows_left, lower=lower)
+        cut = cuts[0] if cuts else None
+    if cut is None:
+        cut = keyset.probe(conn, lower, upper, max(0, min(rows_left // 2, EXACT_BELOW) - 1))
+    return None if cut is None or cut == upper else cut
+
+
+def _sampled(conn: Conn, keyset: Keyset, upper: Key, parts: int, rows_estimate: int,
+             lower: Key | None = None) -> list[Key]:
     # SYSTEM sampling reads whole pages, and a page holds neighbouring keys: balance depends on
     # how many pages are sampled, not how many rows. The database sorts the sample and cuts it
     # into `parts` tiles; the last key of each tile is a boundary.
     # Pages from the files, not pg_class.relpages: that is 0 for a partitioned table and stale
     # after a bulk load. pg_partition_tree() also lists a plain table itself.
     row = conn.execute(
-        """SELECT greatest(1, coalesce(sum(pg_relation_size(relid)), 0)
-                              / current_setting('block_size')::int)
-           FROM pg_partition_tree(%s::regclass)""",
+        """SELECT greatest(1, coalesce(sum(pg_relation_size(p.relid)), 0)
+                              / current_setting('block_size')::int),
+                  greatest(1, coalesce(sum(greatest(c.reltuples, 0)), 0))
+           FROM pg_partition_tree(%s::regclass) p JOIN pg_class c ON c.oid = p.relid""",
         (keyset.table.as_string(conn),),
     ).fetchone()
     relpages = int(row[0]) if row else 1
-    percent = min(100.0, 100.0 * min(MAX_SAMPLE_PAGES, PAGES_PER_SLICE * parts) / relpages)
+    # The range may be part of the table (a slice being split): sample more of the table so
+    # enough pages fall in the range, but never read more than MAX_SAMPLE_PAGES.
+    fraction = 1.0 if lower is None else min(1.0, rows_estimate / float(row[1] if row else 1))
+    wanted = min(MAX_SAMPLE_PAGES, PAGES_PER_SLICE * parts / max(fraction, 1e-9))
+    percent = min(100.0, 100.0 * wanted / relpages)
     query = sql.SQL(
         "SELECT DISTINCT ON (backfill_tile_) {keys} FROM ("
         " SELECT {keys}, ntile(%(parts)s) OVER (ORDER BY {order}) AS backfill_tile_"
         " FROM {table} TABLESAMPLE SYSTEM (%(pct)s) WHERE {pred}) s"
         " ORDER BY backfill_tile_, {order_desc}"
-    ).format(keys=keyset.key_list, table=keyset.table, pred=keyset.predicate(lower=False),
+    ).format(keys=keyset.key_list, table=keyset.table,
+             pred=keyset.predicate(lower=lower is not None),
              order=keyset.order_by(), order_desc=keyset.order_by(desc=True))
     cuts = [tuple(r) for r in conn.execute(
-        query, {**keyset.params(None, upper), "pct": percent, "parts": parts}).fetchall()]
-    if len(cuts) < parts:  # a tiny or unlucky sample: fall back to exact offsets
-        return _exact(conn, keyset, upper, parts)
+        query, {**keyset.params(lower, upper), "pct": percent, "parts": parts}).fetchall()]
+    if len(cuts) < parts:
+        if lower is not None:
+            return []  # the caller has a bounded fallback
+        return _exact(conn, keyset, upper, parts)  # a tiny or unlucky sample: exact offsets
     return cuts[:-1]

@@ -47,6 +47,7 @@ class JobRecord:
     heartbeat_at: dt.datetime | None
     last_error: str | None
     error_range: dict[str, Any] | None
+    runs_on: str = "inline"
 
     @property
     def table(self) -> str:
@@ -69,6 +70,16 @@ class SliceRecord:
     lease_owner: str | None = None
     lease_token: int = 0
     lease_expires_at: dt.datetime | None = None
+    dispatch_seq: int = 0
+    dispatched_at: dt.datetime | None = None
+    rows_estimate: int | None = None
+
+    @property
+    def rows_left(self) -> int | None:
+        """Rows still to scan, by the estimate made when the slice was cut."""
+        if self.done:
+            return 0
+        return None if self.rows_estimate is None else max(0, self.rows_estimate - self.rows_scanned)
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,7 @@ _JOB_COLUMNS = (
     "id, name, kind, source_schema, source_table, source_oid, key_columns, key_types, spec, "
     "options, "
     "options_version, state, state_reason, conflict_key, rows_estimate, created_by, created_at, "
-    "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range"
+    "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range, runs_on"
 )
 
 
@@ -138,6 +149,7 @@ def create_job(
     conflict_key: str,
     rows_estimate: int | None,
     actor: str,
+    runs_on: str = "inline",
 ) -> JobRecord:
     """Insert a pending job and its ``created`` event; refuse a conflicting active job.
 
@@ -151,19 +163,20 @@ def create_job(
             row = conn.cursor(row_factory=dict_row).execute(
                 f"""INSERT INTO backfill.jobs (name, kind, source_schema, source_table,
                         source_oid, key_columns, key_types, spec, options, conflict_key,
-                        rows_estimate, created_by)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                        rows_estimate, created_by, runs_on)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                     RETURNING {_JOB_COLUMNS}""",  # noqa: S608 - constant column list
                 (name, spec.kind, schema, table, source_oid, list(key), list(key_types),
                  Jsonb(spec.to_json()), Jsonb(spec.options.to_json()), conflict_key,
-                 rows_estimate, actor),
+                 rows_estimate, actor, runs_on),
             ).fetchone()
         except pgerrors.UniqueViolation as exc:
             raise JobConflict(_conflict_message(conn, conflict_key)) from exc
         assert row is not None
         job = _job(row)
         add_event(conn, job.id, "created", actor=actor, to_state=JobState.PENDING,
-                  reason="enqueued", details={"spec": spec.to_json()})
+                  reason="enqueued" + (" for the workers" if runs_on == "workers" else ""),
+                  details={"spec": spec.to_json(), "runs_on": runs_on})
     return job
 
 
@@ -350,10 +363,11 @@ def tune(conn: Conn, job_id: int, changes: dict[str, Any], *, actor: str) -> Job
         if job.state in TERMINAL:
             raise IllegalTransition(f"job {job_id} is {job.state}: nothing to tune")
         new = job.options.merged(changes)
-        if new.parallelism != job.options.parallelism and slices(conn, job_id):
+        if (new.parallelism != job.options.parallelism and job.runs_on != "workers"
+                and slices(conn, job_id)):
             raise IllegalTransition(
-                f"job {job_id} is already split into slices: parallelism can only change "
-                "before it starts"
+                f"job {job_id} runs inline and is already split into slices: its parallelism "
+                "can only change before it starts (a job on the workers can change it any time)"
             )
         before = job.options.to_json()
         after = new.to_json()
@@ -488,33 +502,247 @@ def release_lease(conn: Conn, lease: Lease) -> None:
     )
 
 
-def expired_slices(conn: Conn, *, owner: str | None = None) -> list[tuple[int, int, str | None]]:
-    """(job, slice, last owner) of unfinished slices of running jobs that nobody holds a live
-    lease on: what a reaper re-dispatches. ``owner`` limits it to jobs with that owner (the
-    workers' jobs, not an inline runner's)."""
+# -- dispatch: tasks for jobs on the workers ----------------------------------------------------
+#
+# A job that runs on the workers has no single owner: each slice is worked on by a chain of
+# tasks, one at a time, each for a time budget. The state store decides which slices get a task
+# (at most `parallelism` busy at once) and stamps each task with the slice's dispatch_seq: a
+# replacement bumps it, so a task left over in the broker is dropped before it takes the lease.
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A task to send: work on ``slice_no`` of ``job_id``, carrying ``seq``."""
+
+    job_id: int
+    slice_no: int
+    seq: int
+
+
+def set_runs_on(conn: Conn, job_id: int, runs_on: str) -> None:
+    conn.execute("UPDATE backfill.jobs SET runs_on = %s WHERE id = %s", (runs_on, job_id))
+
+
+def worker_jobs(conn: Conn) -> list[tuple[int, JobState]]:
+    """(id, state) of jobs on the workers that a reaper looks after: pending and running."""
     rows = conn.execute(
-        """SELECT s.job_id, s.slice_no, s.lease_owner FROM backfill.slices s
-           JOIN backfill.jobs j ON j.id = s.job_id
-           WHERE j.state = 'running' AND NOT s.done
-             AND (%(owner)s::text IS NULL OR j.owner = %(owner)s::text)
-             AND (s.lease_expires_at IS NULL OR s.lease_expires_at < now())
-           ORDER BY s.job_id, s.slice_no""",
-        {"owner": owner},
+        """SELECT id, state FROM backfill.jobs
+           WHERE runs_on = 'workers' AND state IN ('pending', 'running') ORDER BY id"""
     ).fetchall()
-    return [(int(a), int(b), c) for a, b, c in rows]
+    return [(int(i), JobState(st)) for i, st in rows]
+
+
+def _lock_job_for_dispatch(conn: Conn, job_id: int) -> tuple[JobState, int] | None:
+    # NO KEY UPDATE serialises dispatchers and lease takers of one job without waiting for
+    # batches in flight (their checkpoints hold KEY SHARE, which this does not conflict with).
+    row = conn.execute(
+        """SELECT state, (options->>'parallelism')::int FROM backfill.jobs WHERE id = %s
+           FOR NO KEY UPDATE""",
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return JobState(row[0]), int(row[1] or 1)
+
+
+def claim_dispatch(conn: Conn, job_id: int, *, stale_after_s: float, actor: str,
+                   replace_queued: bool = False) -> list[Dispatch]:
+    """Pick the slices of a running job that need a task, as many as its parallelism leaves
+    room for, and mark them sent (bumping ``dispatch_seq``). A slice needs a task when nobody
+    holds a live lease on it and no task was sent for it in the last ``stale_after_s``
+    seconds (``replace_queued``: whatever was sent is taken as lost). Each claim is recorded in
+    one ``dispatch`` event, with why each slice needed a task."""
+    with conn.transaction():
+        locked = _lock_job_for_dispatch(conn, job_id)
+        if locked is None or locked[0] != JobState.RUNNING:
+            return []
+        parallelism = locked[1]
+        rows = conn.execute(
+            """SELECT slice_no, lease_owner, lease_expires_at,
+                      coalesce(lease_expires_at > now(), false) AS leased,
+                      coalesce(dispatched_at > now() - %s * interval '1 second', false) AS queued,
+                      dispatched_at
+               FROM backfill.slices WHERE job_id = %s AND NOT done
+               ORDER BY dispatched_at NULLS FIRST, slice_no""",
+            (stale_after_s, job_id),
+        ).fetchall()
+        busy = [r for r in rows if r[3] or (r[4] and not replace_queued)]
+        room = max(0, parallelism - len(busy))
+        chosen = [r for r in rows if not (r[3] or (r[4] and not replace_queued))][:room]
+        if not chosen:
+            return []
+        why: dict[str, str] = {}
+        for slice_no, owner, expires, _, _, sent_at in chosen:
+            if owner is not None:
+                why[str(slice_no)] = f"lease of {owner} expired at {expires:%H:%M:%S}"
+            elif sent_at is not None:
+                why[str(slice_no)] = (f"task sent at {sent_at:%H:%M:%S} never started "
+                                      "(lost with the broker?)")
+            else:
+                why[str(slice_no)] = "no task queued"
+        claimed = conn.execute(
+            """UPDATE backfill.slices SET dispatch_seq = dispatch_seq + 1, dispatched_at = now()
+               WHERE job_id = %s AND slice_no = ANY(%s) RETURNING slice_no, dispatch_seq""",
+            (job_id, [r[0] for r in chosen]),
+        ).fetchall()
+        out = [Dispatch(job_id, int(n), int(q)) for n, q in sorted(claimed)]
+        add_event(conn, job_id, "dispatch", actor=actor,
+                  reason=f"task sent for slice(s) {', '.join(str(d.slice_no) for d in out)}",
+                  details={"slices": why, "parallelism": parallelism, "busy": len(busy)})
+    return out
+
+
+def acquire_for_task(conn: Conn, job_id: int, slice_no: int, seq: int, owner: str,
+                     ttl_s: float, *, actor: str) -> Lease | str:
+    """Take a slice's lease for a task carrying ``seq``. Returns the lease, or why not:
+    ``stale`` (a replacement task was sent), ``done``, ``busy`` (another live holder), or
+    ``full`` (the job's parallelism is used up: the slice is parked until a slot frees)."""
+    with conn.transaction():
+        locked = _lock_job_for_dispatch(conn, job_id)
+        if locked is None:
+            return "stale"
+        parallelism = locked[1]
+        row = conn.execute(
+            """SELECT dispatch_seq, done, lease_owner, lease_expires_at,
+                      coalesce(lease_expires_at > now(), false)
+               FROM backfill.slices WHERE job_id = %s AND slice_no = %s FOR UPDATE""",
+            (job_id, slice_no),
+        ).fetchone()
+        if row is None or int(row[0]) != seq:
+            return "stale"
+        if row[1]:
+            return "done"
+        previous, expired_at, live = row[2], row[3], bool(row[4])
+        if live and previous != owner:
+            return "busy"
+        others = conn.execute(
+            """SELECT count(*) FROM backfill.slices WHERE job_id = %s AND slice_no <> %s
+                 AND NOT done AND lease_expires_at > now()""",
+            (job_id, slice_no),
+        ).fetchone()
+        if others is not None and int(others[0]) >= parallelism:
+            conn.execute(
+                """UPDATE backfill.slices SET dispatched_at = NULL
+                   WHERE job_id = %s AND slice_no = %s""", (job_id, slice_no))
+            return "full"
+        token_row = conn.execute(
+            """UPDATE backfill.slices
+               SET lease_owner = %s, lease_token = lease_token + 1, dispatched_at = NULL,
+                   lease_expires_at = now() + %s * interval '1 second'
+               WHERE job_id = %s AND slice_no = %s RETURNING lease_token""",
+            (owner, ttl_s, job_id, slice_no),
+        ).fetchone()
+        assert token_row is not None
+        token = int(token_row[0])
+        if previous is not None and previous != owner:
+            add_event(conn, job_id, "lease_takeover", actor=actor,
+                      reason=f"slice {slice_no}: lease holder {previous} expired",
+                      details={"slice": slice_no, "previous_owner": previous, "token": token,
+                               "expired_at": expired_at.isoformat() if expired_at else None})
+    return Lease(job_id, slice_no, owner, token, previous)
+
+
+def requeue(conn: Conn, lease: Lease) -> int | None:
+    """Give a slice's lease back and mark its next task as sent; returns the ``seq`` that task
+    must carry, or ``None`` if the lease was lost meanwhile (its new holder goes on)."""
+    row = conn.execute(
+        """UPDATE backfill.slices
+           SET lease_owner = NULL, lease_expires_at = NULL, dispatched_at = now()
+           WHERE job_id = %s AND slice_no = %s AND lease_token = %s AND NOT done
+           RETURNING dispatch_seq""",
+        (lease.job_id, lease.slice_no, lease.token),
+    ).fetchone()
+    return int(row[0]) if row else None
+
+
+def park(conn: Conn, dispatch: Dispatch) -> None:
+    """A task could not be sent (broker down): mark the slice as having none queued, so the
+    next reaper pass sends one at once."""
+    conn.execute(
+        """UPDATE backfill.slices SET dispatched_at = NULL
+           WHERE job_id = %s AND slice_no = %s AND dispatch_seq = %s""",
+        (dispatch.job_id, dispatch.slice_no, dispatch.seq),
+    )
+
+
+def split_candidate(conn: Conn, job_id: int, slice_no: int, min_rows: int) -> int | None:
+    """Rows left in ``slice_no`` if it should be split to fill a free slot: fewer unfinished
+    slices than the job's parallelism, and this one has the most rows left (at least
+    ``min_rows``; ties go to the lowest slice number). ``None`` otherwise."""
+    row = conn.execute(
+        """WITH open AS (
+               SELECT slice_no, greatest(0, coalesce(rows_estimate, 0) - rows_scanned) AS left_
+               FROM backfill.slices WHERE job_id = %(job)s AND NOT done)
+           SELECT (SELECT count(*) FROM open),
+                  (SELECT (options->>'parallelism')::int FROM backfill.jobs WHERE id = %(job)s),
+                  (SELECT slice_no FROM open ORDER BY left_ DESC, slice_no LIMIT 1),
+                  (SELECT left_ FROM open WHERE slice_no = %(slice)s)""",
+        {"job": job_id, "slice": slice_no},
+    ).fetchone()
+    if row is None or row[3] is None:
+        return None
+    unfinished, parallelism, largest, left = int(row[0]), int(row[1] or 1), row[2], int(row[3])
+    if unfinished >= parallelism or largest != slice_no or left < min_rows:
+        return None
+    return left
+
+
+def split_slice(conn: Conn, lease: Lease, *, cursor: list[Any] | None, cut: list[Any],
+                rows_left: int, actor: str) -> int | None:
+    """Split the leased slice at ``cut``: it keeps ``(cursor, cut]``, a new slice gets the rest
+    (parked, for a dispatcher to send). Only the lease holder splits, between batches, and only
+    if the cursor is still ``cursor``: no batch in flight can cross the cut. Returns the new
+    slice's number, or ``None`` if the lease or cursor moved."""
+    with conn.transaction():
+        _lock_job_for_dispatch(conn, lease.job_id)
+        row = conn.execute(
+            """SELECT upper_bound, batch_size, rows_scanned FROM backfill.slices
+               WHERE job_id = %s AND slice_no = %s AND lease_token = %s AND NOT done
+                 AND cursor IS NOT DISTINCT FROM %s FOR UPDATE""",
+            (lease.job_id, lease.slice_no, lease.token,
+             Jsonb(cursor) if cursor is not None else None),
+        ).fetchone()
+        if row is None:
+            return None
+        upper, batch_size, scanned = row
+        half = rows_left // 2
+        conn.execute(
+            """UPDATE backfill.slices SET upper_bound = %s, rows_estimate = %s
+               WHERE job_id = %s AND slice_no = %s""",
+            (Jsonb(cut), int(scanned) + half, lease.job_id, lease.slice_no),
+        )
+        new_row = conn.execute(
+            """INSERT INTO backfill.slices (job_id, slice_no, lower_bound, upper_bound, cursor,
+                                           batch_size, rows_estimate)
+               SELECT %(job)s, max(slice_no) + 1, %(cut)s, %(upper)s, %(cut)s, %(size)s, %(est)s
+               FROM backfill.slices WHERE job_id = %(job)s
+               RETURNING slice_no""",
+            {"job": lease.job_id, "cut": Jsonb(cut), "upper": Jsonb(upper), "size": batch_size,
+             "est": rows_left - half},
+        ).fetchone()
+        assert new_row is not None
+        new_no = int(new_row[0])
+        add_event(conn, lease.job_id, "rebalance", actor=actor,
+                  reason=f"slice {lease.slice_no} split at a free slot: slice {new_no} takes "
+                         f"about {rows_left - half:,} of its {rows_left:,} rows left",
+                  details={"slice": lease.slice_no, "new_slice": new_no, "cut": cut,
+                           "upper": upper, "rows_left": rows_left})
+    return new_no
 
 
 def create_slices(
-    conn: Conn, job_id: int, bounds: list[tuple[list[Any] | None, list[Any]]], batch_size: int
+    conn: Conn, job_id: int, bounds: list[tuple[list[Any] | None, list[Any]]], batch_size: int,
+    rows_estimate: int | None = None,
 ) -> None:
+    each = None if rows_estimate is None else -(-rows_estimate // max(1, len(bounds)))
     with conn.cursor() as cur:
         cur.executemany(
             # A slice's cursor starts at its (exclusive) lower bound.
             """INSERT INTO backfill.slices (job_id, slice_no, lower_bound, upper_bound, cursor,
-                                           batch_size)
-               VALUES (%s, %s, %s, %s, %s, %s)""",
+                                           batch_size, rows_estimate)
+               VALUES (%s, %s, %s, %s, %s, %s, %s)""",
             [(job_id, i, Jsonb(lo) if lo is not None else None, Jsonb(hi),
-              Jsonb(lo) if lo is not None else None, batch_size)
+              Jsonb(lo) if lo is not None else None, batch_size, each)
              for i, (lo, hi) in enumerate(bounds)],
         )
 

@@ -1,8 +1,13 @@
 """The Celery application: Redis broker, settings for long, exactly-once-by-checkpoint work.
 
-Redis holds nothing that cannot be rebuilt from PostgreSQL: a lost task is replaced by
-dispatching the job again (``backfill dispatch JOB``); slice leases keep two workers off one
-slice, and the checkpoint's compare-and-set refuses a late duplicate.
+Redis holds nothing that cannot be rebuilt from PostgreSQL: a lost task is replaced by the
+reaper (a thread in every worker) or by dispatching the job again (``backfill dispatch JOB``);
+slice leases keep two workers off one slice, dispatch tokens drop leftover tasks, and the
+checkpoint's compare-and-set refuses a late duplicate.
+
+Configuration: the ``BACKFILL_*`` environment variables below, then (overriding them) any
+Celery setting in the module named by ``BACKFILL_CELERY_CONFIG`` (e.g. ``myconf`` for a
+``myconf.py`` on the path, holding ``broker_url = ...``, ``task_time_limit = ...``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,13 @@ from celery import Celery
 
 #: Seconds a task works on its slice before it re-dispatches itself and gives the slot back.
 SLICE_BUDGET_S = float(os.environ.get("BACKFILL_SLICE_BUDGET_S", "30"))
+#: Seconds between reaper passes in each worker (0: no reaper thread).
+REAP_EVERY_S = float(os.environ.get("BACKFILL_REAP_EVERY_S", "10"))
+#: A task sent this long ago that has not taken its slice's lease is taken as lost.
+DISPATCH_STALE_S = float(os.environ.get("BACKFILL_DISPATCH_STALE_S", "120"))
+#: Least lease lifetime (it is also at least twice the statement timeout plus 10 s): how long a
+#: killed worker's slice waits before the reaper sends it to another worker.
+LEASE_TTL_FLOOR_S = float(os.environ.get("BACKFILL_LEASE_TTL_S", "60"))
 
 app = Celery("backfill")
 app.conf.update(
@@ -20,7 +32,12 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     # Visibility timeout far above one task's budget: an unacked task is redelivered only
     # after its worker is really gone.
-    broker_transport_options={"visibility_timeout": 3600},
+    broker_transport_options={"visibility_timeout": 3600, "socket_connect_timeout": 5},
+    broker_connection_timeout=5,
+    # Sending a task gives up after a few seconds: the caller parks the slice and the reaper
+    # sends it once the broker is back.
+    task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 1,
+                               "interval_max": 2},
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
@@ -36,3 +53,5 @@ app.conf.update(
     task_send_sent_event=True,
     imports=("workers.tasks",),
 )
+if os.environ.get("BACKFILL_CELERY_CONFIG"):
+    app.config_from_object(os.environ["BACKFILL_CELERY_CONFIG"])

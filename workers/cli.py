@@ -1,5 +1,6 @@
 """CLI commands of the distributed mode, added to ``backfill`` when Celery is importable:
-``backfill worker``, ``backfill dispatch JOB`` and ``backfill reap``."""
+``backfill worker``, ``backfill dispatch JOB`` and ``backfill reap``; it also lets
+``enqueue --workers`` and ``resume`` send jobs to the workers."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from typing import Annotated
 
 import typer
 
+from backfill import cli as core_cli
 from backfill.cli import _fail, _guard, _settings, app, out
 from backfill.db import connect
 from backfill.schema import require_current
-from workers.tasks import dispatch, reap
+from workers.tasks import dispatch, reap_once
+
+core_cli.DISPATCH_HOOK = dispatch
 
 
 @app.command()
@@ -22,7 +26,8 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Task slots.")] = 2,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Celery node name.")] = None,
 ) -> None:
-    """Start a Celery worker for backfill tasks (checks the state schema first)."""
+    """Start a Celery worker for backfill tasks (checks the state schema first). Each worker
+    also runs the reaper, which starts and re-sends work without an operator."""
     s = _settings(ctx)
 
     def check() -> None:
@@ -43,13 +48,14 @@ def worker(
 
 @app.command("dispatch")
 def dispatch_(ctx: typer.Context, job: Annotated[str, typer.Argument()]) -> None:
-    """Run a job on the workers: start it (or resume a paused one) and send one task per
-    unfinished slice. Sending a running job again replaces tasks that were lost."""
+    """Run a job on the workers: start it (or resume a paused one) and send a task per slice,
+    up to its parallelism. Sending a running job again replaces tasks that were lost."""
     s = _settings(ctx)
     if not job.isdigit():
         _fail("dispatch takes a job id", 2)
-    slices = _guard(lambda: dispatch(s.dsn, int(job), actor=s.actor))
-    out.print(f"job {job}: dispatched {len(slices)} slice(s) to the workers")
+    sent = _guard(lambda: dispatch(s.dsn, int(job), actor=s.actor))
+    out.print(f"job {job}: sent {len(sent)} task(s) to the workers"
+              + (f" (slices {', '.join(str(d.slice_no) for d in sent)})" if sent else ""))
 
 
 @app.command("reap")
@@ -57,12 +63,13 @@ def reap_(
     ctx: typer.Context,
     every: Annotated[float, typer.Option("--every", help="Repeat every N seconds (0: once).")] = 0,
 ) -> None:
-    """Re-dispatch slices of worker-run jobs that nobody holds a live lease on (a worker was
-    killed, or tasks were lost with the broker)."""
+    """One reaper pass by hand (every worker runs one on its own): start pending jobs marked
+    for the workers, and re-send slices whose lease expired or whose task was lost."""
     s = _settings(ctx)
     while True:
-        sent = _guard(lambda: reap(s.dsn, actor=s.actor))
-        out.print(f"re-dispatched {len(sent)} slice(s)" + (f": {sent}" if sent else ""))
+        sent = _guard(lambda: reap_once(s.dsn, actor=s.actor))
+        out.print(f"sent {len(sent)} task(s)"
+                  + (f": {[(d.job_id, d.slice_no) for d in sent]}" if sent else ""))
         if every <= 0:
             return
         time.sleep(every)

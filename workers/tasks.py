@@ -1,23 +1,32 @@
-"""Tasks: thin adapters from Celery to the core. Retries live in the core, not here."""
+"""Tasks: thin adapters from Celery to the core. Retries live in the core, not here.
+
+``backfill.run_slice(job_id, slice_no, seq)`` works on one slice for a time budget under its
+lease, then sends the slice's next task (or stops: the job was paused, throttled or ended).
+``seq`` is the slice's dispatch token: a task whose slice was re-dispatched since it was sent
+is dropped before it takes the lease.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from backfill import store
-from backfill.db import connect
-from backfill.errors import BackfillError
+from backfill.db import connect, redact_dsn
+from backfill.errors import BackfillError, BrokerUnavailable
 from backfill.logs import get_logger
-from backfill.runner import Runner
+from backfill.reaper import ReaperLoop, reap
+from backfill.runner import WORKERS_OWNER, Runner
 from backfill.schema import require_current
-from workers.app import SLICE_BUDGET_S, app
+from workers.app import DISPATCH_STALE_S, LEASE_TTL_FLOOR_S, REAP_EVERY_S, SLICE_BUDGET_S, app
 
 log = get_logger(component="worker")
-#: The owner recorded on jobs run by the workers (no single process owns them).
-WORKERS = "workers"
+WORKERS = WORKERS_OWNER
+_reaper_stop = threading.Event()
 
 
 def _dsn() -> str:
@@ -29,47 +38,97 @@ def _dsn() -> str:
 
 @worker_init.connect
 def _check_schema(**_: object) -> None:
-    """Refuse to start against a missing or mismatched state schema."""
-    conn = connect(_dsn())
+    """Refuse to start against a missing or mismatched state schema. Celery logs and ignores
+    exceptions from signal handlers, so this exits the process itself."""
     try:
-        require_current(conn)
-    finally:
-        conn.close()
+        conn = connect(_dsn())
+        try:
+            require_current(conn)
+        finally:
+            conn.close()
+    except (BackfillError, RuntimeError) as exc:
+        log.critical("worker.refused", error=str(exc))
+        print(f"backfill worker refuses to start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from exc
+
+
+@worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    """Every worker runs a reaper thread; an advisory lock lets one work at a time."""
+    if REAP_EVERY_S > 0:
+        ReaperLoop(_dsn(), actor=f"reaper:{socket.gethostname()}:{os.getpid()}", send=send,
+                   every_s=REAP_EVERY_S, stale_after_s=DISPATCH_STALE_S,
+                   stop=_reaper_stop).start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: object) -> None:
+    _reaper_stop.set()
 
 
 @app.task(name="backfill.run_slice")
-def run_slice(job_id: int, slice_no: int) -> str:
-    """Work on one slice for a time budget, then re-dispatch it (or stop if the job stopped)."""
+def run_slice(job_id: int, slice_no: int, seq: int) -> str:
+    """Work on one slice for a time budget, then send its next task (or stop)."""
     owner = f"worker:{socket.gethostname()}:{os.getpid()}"
+    runner = Runner(_dsn(), job_id, actor=owner, owner=owner, lease_ttl_floor_s=LEASE_TTL_FLOOR_S,
+                    dispatch_stale_s=DISPATCH_STALE_S)
     try:
-        outcome = Runner(_dsn(), job_id, actor=owner, owner=owner).run_slice(
-            slice_no, budget_s=SLICE_BUDGET_S)
+        outcome = runner.run_slice(slice_no, seq=seq, budget_s=SLICE_BUDGET_S, send=send)
     except BackfillError as exc:  # an unknown or ended job: drop the task, write nothing
         log.warning("task.dropped", job_id=job_id, slice=slice_no, error=str(exc))
         return "dropped"
-    if outcome == "more":
-        run_slice.apply_async((job_id, slice_no))
-    log.info("task.done", job_id=job_id, slice=slice_no, outcome=outcome)
+    log.info("task.done", job_id=job_id, slice=slice_no, seq=seq, outcome=outcome)
     return outcome
 
 
-def reap(dsn: str, *, actor: str) -> list[tuple[int, int]]:
-    """Send a task for every slice of a worker-run job with no live lease."""
-    conn = connect(dsn)
+def send(claims: list[store.Dispatch]) -> list[store.Dispatch]:
+    """Send a task per claim. A claim the broker refuses is parked (the slice waits with no
+    task queued) so the next reaper pass sends it once the broker is back; returns those."""
+    failed: list[store.Dispatch] = []
+    for d in claims:
+        try:
+            run_slice.apply_async((d.job_id, d.slice_no, d.seq))
+        except Exception as exc:  # kombu/redis raise many types; all mean "not sent"
+            log.warning("task.not_sent", job_id=d.job_id, slice=d.slice_no, error=str(exc))
+            failed.append(d)
+    if failed:
+        try:
+            conn = connect(_dsn())
+            try:
+                for d in failed:
+                    store.park(conn, d)
+            finally:
+                conn.close()
+        except Exception as exc:  # the dispatch goes stale and is re-sent anyway
+            log.warning("task.park_failed", error=str(exc))
+    return failed
+
+
+def check_broker() -> None:
+    """Raise :class:`BrokerUnavailable` unless the broker answers within a few seconds."""
     try:
-        orphans = [(j, s) for j, s, _ in store.expired_slices(conn, owner=WORKERS)]
-    finally:
-        conn.close()
-    for job_id, slice_no in orphans:
-        run_slice.apply_async((job_id, slice_no))
-    if orphans:
-        log.info("reaper.dispatched", slices=orphans, actor=actor)
-    return orphans
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except Exception as exc:  # any failure to connect
+        raise BrokerUnavailable(
+            f"the broker at {redact_dsn(app.conf.broker_url)} is unreachable ({exc}); "
+            "start it (or set BACKFILL_BROKER_URL) and try again") from exc
 
 
-def dispatch(dsn: str, job_id: int, *, actor: str) -> list[int]:
-    """Start (or re-start) a job for workers and send one task per unfinished slice."""
-    slices = Runner(dsn, job_id, actor=actor, owner=WORKERS).start_distributed()
-    for slice_no in slices:
-        run_slice.apply_async((job_id, slice_no))
-    return slices
+def dispatch(dsn: str, job_id: int, *, actor: str) -> list[store.Dispatch]:
+    """Start (or resume, or re-send) a job on the workers: one task per slice that needs one,
+    up to its parallelism. Refuses, changing nothing, when the broker is unreachable."""
+    check_broker()
+    claims = Runner(dsn, job_id, actor=actor, owner=WORKERS).start_distributed()
+    failed = send(claims)
+    if failed:
+        raise BrokerUnavailable(
+            f"job {job_id} runs on the workers, but {len(failed)} task(s) could not be sent; "
+            "the reaper sends them when the broker is back")
+    return claims
+
+
+def reap_once(dsn: str, *, actor: str) -> list[store.Dispatch]:
+    """One reaper pass from the command line (the workers also run one on their own)."""
+    check_broker()
+    return reap(dsn, actor=actor, send=send, stale_after_s=DISPATCH_STALE_S)

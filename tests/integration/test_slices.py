@@ -130,16 +130,88 @@ def test_lease_fencing_token_refuses_a_previous_holders_checkpoint(dsn: str) -> 
     conn.close()
 
 
-def test_expired_slices_lists_what_a_reaper_would_redispatch(dsn: str) -> None:
-    make_counter_table(dsn, 200)
+def test_dispatch_claims_respect_parallelism_and_fence_leftover_tasks(dsn: str) -> None:
+    make_counter_table(dsn, 3_000)
     bf = Backfill(dsn)
-    job = bf.enqueue(update("items", INC, parallelism=2))
+    job = bf.enqueue(update("items", INC, parallelism=3, batch_size=100))
     conn = sliced_and_running(dsn, job.id)
-    assert store.expired_slices(conn) == [(job.id, 0, None), (job.id, 1, None)]
-    lease = store.acquire_lease(conn, job.id, 1, "worker-a", 60, actor="worker-a")
-    assert lease is not None
-    assert store.expired_slices(conn) == [(job.id, 0, None)]
+    store.set_runs_on(conn, job.id, "workers")
+    bf.tune(job.id, parallelism=2)  # allowed any time for a job on the workers
+
+    first = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t")
+    assert [(d.slice_no, d.seq) for d in first] == [(0, 1), (1, 1)]
+    assert store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []  # queued
+    # The broker lost them: dispatching again replaces them, with new tokens (a slice that
+    # never had a task goes first).
+    again = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t", replace_queued=True)
+    assert [(d.slice_no, d.seq) for d in again] == [(0, 2), (2, 1)]
+    assert store.acquire_for_task(conn, job.id, 0, 1, "w1", 60, actor="w1") == "stale"
+    lease0 = store.acquire_for_task(conn, job.id, 0, 2, "w1", 60, actor="w1")
+    assert isinstance(lease0, store.Lease)
+    assert store.acquire_for_task(conn, job.id, 0, 2, "w2", 60, actor="w2") == "busy"
+    lease1 = store.acquire_for_task(conn, job.id, 1, 1, "w2", 60, actor="w2")
+    assert isinstance(lease1, store.Lease)
+    # Two slices leased, parallelism 2: slice 2 gets no task, and its task is parked.
+    assert store.claim_dispatch(conn, job.id, stale_after_s=0, actor="t") == []
+    assert store.acquire_for_task(conn, job.id, 2, 1, "w3", 60, actor="w3") == "full"
+    assert store.get_slice(conn, job.id, 2).dispatched_at is None
+    # Slice 0 gives its slot back for its next task: still one per slice, same token.
+    assert store.requeue(conn, lease0) == 2
+    assert store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []
+    # w2 dies: its lease runs out (moved into the past rather than waited for).
+    conn.execute("UPDATE backfill.slices SET lease_expires_at = now() - interval '1 second'"
+                 " WHERE slice_no = 1")
+    reclaimed = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="reaper")
+    assert [(d.slice_no, d.seq) for d in reclaimed] == [(1, 2)]
+    events = [e for e in store.events(conn, job.id) if e.kind == "dispatch"]
+    assert events[-1].details is not None
+    assert events[-1].details["slices"] == {"1": events[-1].details["slices"]["1"]}
+    assert "lease of w2 expired" in events[-1].details["slices"]["1"]
+    taken = store.acquire_for_task(conn, job.id, 1, 2, "w4", 60, actor="w4")
+    assert isinstance(taken, store.Lease)
+    assert taken.previous_owner == "w2"
+    assert any(e.kind == "lease_takeover" and "w2" in (e.reason or "")
+               for e in store.events(conn, job.id))
     conn.close()
+
+
+def test_a_split_slice_covers_its_range_exactly_once(dsn: str) -> None:
+    make_counter_table(dsn, 30_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, parallelism=2, batch_size=1_000))
+    conn = sliced_and_running(dsn, job.id)
+    store.set_runs_on(conn, job.id, "workers")
+    rec = store.get_job(conn, job.id)
+    prepared = prepare_stored(conn, rec, explain=False)
+    codec = KeyCodec(prepared.key_types)
+    # Slice 1 finishes early (by hand): a slot is free, and slice 0 holds the most rows.
+    conn.execute("UPDATE backfill.slices SET done = true WHERE job_id = %s AND slice_no = 1",
+                 (job.id,))
+    lease = store.acquire_lease(conn, job.id, 0, "w1", 60, actor="w1")
+    assert lease is not None
+    left = store.split_candidate(conn, job.id, 0, min_rows=1_000)
+    assert left == 15_000
+    slc = store.get_slice(conn, job.id, 0)
+    upper = codec.decode(slc.upper_bound)
+    assert upper is not None
+    cut = slicing.split_point(conn, prepared.keyset, None, upper, left)
+    assert cut is not None
+    assert abs(int(cut[0]) - 7_500) <= 1
+    assert store.split_slice(conn, lease, cursor=[0], cut=codec.encode(cut) or [],
+                             rows_left=left, actor="w1") is None  # the cursor is not [0]
+    new_no = store.split_slice(conn, lease, cursor=None, cut=codec.encode(cut) or [],
+                               rows_left=left, actor="w1")
+    assert new_no == 2
+    assert store.split_candidate(conn, job.id, 0, min_rows=1_000) is None  # 2 open, 2 slots
+    store.release_lease(conn, lease)
+    conn.execute("UPDATE backfill.slices SET done = false WHERE job_id = %s AND slice_no = 1",
+                 (job.id,))
+    bf.pause(job.id)
+    conn.close()
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    assert counter_histogram(dsn) == {1: 30_000}
+    assert [s.rows_scanned for s in bf.slices(job.id)] == [7_500, 15_000, 7_500]
+    assert any(e.kind == "rebalance" for e in bf.events(job.id))
 
 
 def test_run_after_a_paused_runner_was_killed_takes_its_leases(dsn: str) -> None:
@@ -177,3 +249,22 @@ def test_sampled_boundaries_with_composite_keys(dsn: str) -> None:
     sizes = [s.rows_scanned for s in bf.slices(job.id)]
     assert len(sizes) == 4
     assert all(abs(n - 62_500) <= 250_000 * 0.05 for n in sizes), sizes
+
+
+def test_inline_run_refuses_a_job_running_on_the_workers(dsn: str) -> None:
+    from backfill.errors import JobConflict
+    from backfill.runner import WORKERS_OWNER, Runner
+
+    make_counter_table(dsn, 500)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, parallelism=2), workers=True)
+    assert job.runs_on == "workers"
+    claims = Runner(dsn, job.id, actor="t", owner=WORKERS_OWNER).start_distributed()
+    assert [c.slice_no for c in claims] == [0, 1]
+    with pytest.raises(JobConflict, match="on the workers; pause it first"):
+        bf.run(job.id)
+    bf.pause(job.id)
+    bf.resume(job.id)
+    assert bf.run(job.id).state == JobState.SUCCEEDED  # taken back inline, from the checkpoints
+    assert bf.get(job.id).runs_on == "inline"
+    assert counter_histogram(dsn) == {1: 500}

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,84 +12,43 @@ import pytest
 
 from backfill import Backfill, JobState, update
 from tests.integration.helpers import ROOT, counter_histogram, make_counter_table, wait_for
+from tests.integration.servers import RedisServer, Workers, free_port
 
 INC = {"counter": "counter + 1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("BACKFILL_REQUIRE_PG"):
-            pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="backfill-test-redis-")
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = RedisServer()
+    server.start()
     try:
-        def ready() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=20, what="redis to listen")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
-def _start_workers(dsn: str, broker: str, n: int, tmp: Path) -> list[subprocess.Popen[bytes]]:
-    env = dict(os.environ, BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=broker,
-               BACKFILL_SLICE_BUDGET_S="0.5", BACKFILL_LOG_FORMAT="json")
-    procs = []
-    for i in range(n):
-        log = open(tmp / f"worker{i}.log", "wb")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
-             "-n", f"w{i}@%h", "-Q", "backfill", "--without-gossip", "--without-mingle",
-             "--loglevel", "INFO"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))
-    return procs
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-def test_workers_run_slices_and_pause_gives_slots_back(dsn: str, redis_url: str,
-                                                       tmp_path: Path) -> None:
+@pytest.fixture
+def workers(dsn: str, redis_url: str, tmp_path: Path) -> Iterator[Workers]:
     from workers import app as app_module
+
+    app_module.app.conf.broker_url = redis_url  # this process sends tasks too
+    pool = Workers(dsn, redis_url, tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def test_workers_run_slices_and_pause_gives_slots_back(dsn: str, workers: Workers) -> None:
     from workers.tasks import dispatch
 
-    app_module.app.conf.broker_url = redis_url
     make_counter_table(dsn, 40_000)
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, parallelism=4, batch_size=200, min_batch_size=200,
                             max_batch_size=200, pause="20ms"))
-    workers = _start_workers(dsn, redis_url, 2, tmp_path)
+    workers.start(2)
     try:
-        assert sorted(dispatch(dsn, job.id, actor="tester")) == [0, 1, 2, 3]
+        assert [d.slice_no for d in dispatch(dsn, job.id, actor="tester")] == [0, 1, 2, 3]
         wait_for(lambda: bf.progress(job.id).batches >= 20, timeout=60, what="progress")
         bf.pause(job.id, reason="check slots")
         # Paused: every task gives its slot back, leases are released, nothing advances.
@@ -100,16 +56,15 @@ def test_workers_run_slices_and_pause_gives_slots_back(dsn: str, redis_url: str,
                  what="leases released")
         done_at_pause = bf.progress(job.id).rows_scanned
         assert 0 < done_at_pause < 40_000
-        bf.resume(job.id)
-        assert dispatch(dsn, job.id, actor="tester")  # resume re-dispatches unfinished slices
+        bf.resume(job.id)  # pending again: the workers' reaper starts it from the checkpoints
         final = bf.wait(job.id, timeout=120)
         assert final.state == JobState.SUCCEEDED, final.state_reason
     finally:
-        _stop(workers)
+        workers.stop()
     assert counter_histogram(dsn) == {1: 40_000}
     owners = {s.lease_owner for s in bf.slices(job.id)}
     assert owners == {None}
-    logs = [p.read_text() for p in sorted(tmp_path.glob("worker*.log"))]
+    logs = workers.logs()
     assert len(logs) == 2
     assert all("backfill.run_slice" in text for text in logs), "both workers took tasks"
     transitions = [(e.from_state, e.to_state) for e in bf.events(job.id) if e.kind == "transition"]
@@ -118,31 +73,44 @@ def test_workers_run_slices_and_pause_gives_slots_back(dsn: str, redis_url: str,
 
 
 def test_tasks_lost_with_redis_are_replaced_by_the_reaper(dsn: str, redis_url: str,
-                                                          tmp_path: Path) -> None:
+                                                          workers: Workers) -> None:
     import redis
 
-    from workers import app as app_module
     from workers.tasks import dispatch
 
-    app_module.app.conf.broker_url = redis_url
     make_counter_table(dsn, 9_000)
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, parallelism=3, batch_size=300))
     assert len(dispatch(dsn, job.id, actor="tester")) == 3  # no worker is running yet
     redis.Redis.from_url(redis_url).flushall()  # the broker loses every task
-    workers = _start_workers(dsn, redis_url, 1, tmp_path)
+    workers.start(1)
     try:
-        env = dict(os.environ, BACKFILL_BROKER_URL=redis_url, BACKFILL_LOG_FORMAT="json")
-        reaped = subprocess.run(
-            [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "reap"],
-            capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
-        assert reaped.returncode == 0, reaped.stderr
-        assert "re-dispatched 3 slice(s)" in reaped.stdout
-        final = bf.wait(job.id, timeout=120)
+        final = bf.wait(job.id, timeout=120)  # nobody acts: the workers' reaper re-sends
     finally:
-        _stop(workers)
+        workers.stop()
     assert final.state == JobState.SUCCEEDED, final.state_reason
     assert counter_histogram(dsn) == {1: 9_000}
+    resent = [e for e in bf.events(job.id) if e.kind == "dispatch" and e.actor.startswith("reaper:")]
+    assert resent, "the reaper recorded what it re-sent"
+    assert resent[0].details is not None
+    assert all("never started" in why for why in resent[0].details["slices"].values())
+
+
+def test_broker_down_at_enqueue_leaves_the_job_pending(dsn: str) -> None:
+    make_counter_table(dsn, 1_000)
+    env = dict(os.environ, BACKFILL_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0",
+               BACKFILL_LOG_FORMAT="json")
+    res = subprocess.run(
+        [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "enqueue", "--table", "items",
+         "--set", "counter = counter + 1", "--workers", "--parallelism", "2"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "left pending" in res.stderr
+    assert "unreachable" in res.stderr
+    [job] = Backfill(dsn).list()
+    assert job.state == JobState.PENDING
+    assert job.runs_on == "workers"
+    assert Backfill(dsn).slices(job.id) == []
 
 
 def test_a_task_for_an_unknown_job_is_dropped_without_a_write(
@@ -150,4 +118,47 @@ def test_a_task_for_an_unknown_job_is_dropped_without_a_write(
     from workers.tasks import run_slice
 
     monkeypatch.setenv("BACKFILL_DSN", dsn)
-    assert run_slice.run(999, 0) == "dropped"
+    assert run_slice.run(999, 0, 1) == "dropped"
+
+
+def test_tune_parallelism_up_splits_running_slices(dsn: str, workers: Workers) -> None:
+    from workers.tasks import dispatch
+
+    make_counter_table(dsn, 60_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, parallelism=2, batch_size=500, min_batch_size=500,
+                            max_batch_size=500, pause="10ms"))
+    workers.start(2)
+    assert len(dispatch(dsn, job.id, actor="tester")) == 2
+    wait_for(lambda: bf.progress(job.id).batches >= 4, timeout=60, what="progress")
+    bf.tune(job.id, parallelism=4)
+    wait_for(lambda: len(bf.slices(job.id)) >= 4, timeout=60, what="slices split")
+    final = bf.wait(job.id, timeout=120)
+    assert final.state == JobState.SUCCEEDED, final.state_reason
+    assert counter_histogram(dsn) == {1: 60_000}
+    splits = [e for e in bf.events(job.id) if e.kind == "rebalance"]
+    assert len(splits) >= 2
+    assert all("free slot" in (e.reason or "") for e in splits)
+
+
+def test_worker_refuses_a_mismatched_state_schema(dsn: str, redis_url: str) -> None:
+    import psycopg
+
+    from backfill.schema import LATEST
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("INSERT INTO backfill.schema_version (version, description) VALUES (%s, 'x')",
+                  (LATEST + 1,))
+    env = dict(os.environ, BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=redis_url,
+               BACKFILL_LOG_FORMAT="json")
+    res = subprocess.run([sys.executable, "-m", "backfill.cli", "worker"], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=ROOT, check=False)
+    assert res.returncode == 1
+    assert "newer than this backfill" in res.stderr
+    # Started by Celery directly, bypassing the CLI: the worker_init check still refuses.
+    raw = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
+         "-Q", "backfill", "--without-gossip", "--without-mingle"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
+    assert raw.returncode != 0
+    assert "newer than this backfill" in raw.stdout + raw.stderr

@@ -1,0 +1,122 @@
+"""Real Redis servers and real Celery worker processes for the distributed tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import ROOT, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, without persistence: a restart loses all."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("BACKFILL_REQUIRE_PG"):
+                pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = tempfile.mkdtemp(prefix="backfill-test-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _listening(self.port), timeout=20, what="redis to listen")
+
+    def kill(self) -> None:
+        """SIGKILL: everything in memory (queued and unacked tasks) is gone."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+            self.proc = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Workers:
+    """Celery worker processes (solo pool: one process is one worker, killed as a whole)."""
+
+    def __init__(self, dsn: str, broker: str, logdir: Path, **env: str) -> None:
+        self.env = dict(os.environ, BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=broker,
+                        BACKFILL_SLICE_BUDGET_S="0.5", BACKFILL_LOG_FORMAT="json",
+                        BACKFILL_REAP_EVERY_S="1", BACKFILL_DISPATCH_STALE_S="5",
+                        BACKFILL_LEASE_TTL_S="10")
+        self.env.update(env)
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.started = 0
+
+    def start(self, n: int = 1) -> None:
+        for _ in range(n):
+            i = self.started
+            self.started += 1
+            log = open(self.logdir / f"worker{i}.log", "wb")  # noqa: SIM115 - closed with the process
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
+                 "-n", f"w{i}@%h", "-Q", "backfill", "--without-gossip", "--without-mingle",
+                 "--loglevel", "INFO"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            ))
+
+    def live(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self.procs if p.poll() is None]
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
+
+    def logs(self) -> list[str]:
+        return [p.read_text() for p in sorted(self.logdir.glob("worker*.log"))]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=20)
