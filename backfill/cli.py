@@ -21,6 +21,7 @@ import psycopg
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -80,7 +81,7 @@ def _client(ctx: typer.Context) -> Backfill:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -342,10 +343,10 @@ def run(
                   + (f"keys {plan.first_batch[0]} .. {plan.first_batch[1]}" if plan.first_batch
                      else "none (table is empty)"), highlight=False)
         out.print("statement per batch:", highlight=False)
-        out.print(f"  {plan.statement}", highlight=False, soft_wrap=True)
+        out.print(f"  {escape(plan.statement)}", highlight=False, soft_wrap=True)
         out.print("EXPLAIN (first batch):", highlight=False)
         for line in plan.explain.splitlines():
-            out.print(f"  {line}", highlight=False, soft_wrap=True)
+            out.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
         return
 
     stop = threading.Event()
@@ -454,7 +455,8 @@ def _report_run(bf: Backfill, job: store.JobRecord, interrupted: bool) -> None:
         err.print(f"job {job.id} paused at {prog.rows_scanned:,} rows; "
                   f"`backfill run {job.id}` resumes it")
         raise typer.Exit(EXIT_INTERRUPTED)
-    err.print(f"job {job.id} is {job.state}" + (f": {job.state_reason}" if job.state_reason else ""))
+    err.print(escape(f"job {job.id} is {job.state}"
+                     + (f": {job.state_reason}" if job.state_reason else "")))
     raise typer.Exit(EXIT_PAUSED)
 
 
@@ -502,7 +504,7 @@ def _jobs_table(rows: list[tuple[store.JobRecord, store.Progress]]) -> Table:
                   f"[{_STATE_STYLE.get(str(job.state), '')}]{job.state}[/]",
                   f"{prog.rows_scanned:,} ({pct})", f"{rate:,.0f}" if rate else "-",
                   f"{prog.current_batch_size:,}" if prog.current_batch_size else "-",
-                  format_duration(eta), job.state_reason or "")
+                  format_duration(eta), escape(job.state_reason or ""))
     return t
 
 
@@ -560,7 +562,8 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
     style = _STATE_STYLE.get(str(rec.state), "")
     lines = [
         f"[bold]job {rec.id}[/]  {rec.name}",
-        f"  state     [{style}]{rec.state}[/]" + (f"  ({rec.state_reason})" if rec.state_reason else ""),
+        f"  state     [{style}]{rec.state}[/]"
+        + (f"  ({escape(rec.state_reason)})" if rec.state_reason else ""),
         f"  table     {rec.table}  key ({', '.join(rec.key_columns)})  kind {rec.kind}",
         f"  progress  {prog.rows_scanned:,} of ~{rec.rows_estimate or 0:,} rows, "
         f"{prog.rows_affected:,} changed, {prog.batches:,} batches",
@@ -583,7 +586,7 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         t.add_column(col, overflow="fold")
     for e in evs[-events:] if events else evs:
         t.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", e.kind, e.from_state or "", e.to_state or "",
-                  e.actor, e.reason or "")
+                  escape(e.actor), escape(e.reason or ""))
     out.print(t)
 
 
@@ -715,14 +718,14 @@ def verify(
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
     elif report.unverifiable:
-        out.print(f"job {report.job_id}: not verifiable: {report.unverifiable}")
+        out.print(f"job {report.job_id}: not verifiable: {escape(report.unverifiable)}")
     elif report.ok:
         out.print(f"job {report.job_id} verified: {report.checked_rows:,} rows in "
                   f"{report.checked_chunks} ranges, no differences")
     else:
         out.print(f"[red]job {report.job_id}: {len(report.diffs)} ranges differ[/]")
         for d in report.to_json()["diffs"]:
-            out.print(f"  ({d['after']}, {d['through']}]: {d['detail']}", highlight=False)
+            out.print(escape(f"  ({d['after']}, {d['through']}]: {d['detail']}"), highlight=False)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -730,6 +733,7 @@ def verify(
 def _load_plugins() -> None:
     """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
     Imported by name so the core never imports Celery itself."""
+    importlib.import_module("backfill.controller_cli")  # core, but kept out of this file
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():
             continue

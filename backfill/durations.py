@@ -52,3 +52,25 @@ def format_duration(seconds: float | None) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?$")
+_SIZE_UNITS = {None: 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20,
+               "gb": 2**30, "gib": 2**30, "tb": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str | int | float, *, option: str = "size") -> float:
+    """Bytes for ``text``: a bare number is bytes; ``512MB``, ``1GB`` (as in PostgreSQL,
+    kB/MB/GB/TB are powers of 1024; KiB/MiB/GiB/TiB are accepted too)."""
+    if isinstance(text, bool):
+        raise InvalidOption(f"{option}: expected a size, got {text!r}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        m = _SIZE.match(text.strip().lower())
+        if not m:
+            raise InvalidOption(f"{option}: cannot parse size {text!r} (use e.g. 512MB, 1GB)")
+        value = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    if not math.isfinite(value) or value < 0:
+        raise InvalidOption(f"{option}: size must be a finite, non-negative number of bytes")
+    return value

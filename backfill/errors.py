@@ -73,3 +73,8 @@ class LeaseLost(BackfillError):
 
 class BrokerUnavailable(BackfillError):
     """The task broker (Redis) cannot be reached; nothing was sent, the job is unchanged."""
+
+
+class TasksNotSent(BackfillError):
+    """The job was started on the workers but some tasks could not be sent; the reaper
+    sends them once the broker is back."""

@@ -159,9 +159,11 @@ class LocalPostgres:
     ``fast=True`` turns off fsync, synchronous_commit and full_page_writes.
     """
 
-    def __init__(self, datadir: Path, port: int | None = None, *, fast: bool = True) -> None:
+    def __init__(self, datadir: Path, port: int | None = None, *, fast: bool = True,
+                 settings: dict[str, str] | None = None) -> None:
         self.datadir = Path(datadir).expanduser().absolute()
         self.fast = fast
+        self.settings = dict(settings or {})
         self._explicit_port = port
         self._port = port
         self._bindir: Path | None = None
@@ -266,6 +268,21 @@ class LocalPostgres:
         )
         if not self.is_running():
             raise RuntimeError(f"pg_ctl start succeeded but no server is running{self._log_tail()}")
+
+    def make_replica(self, datadir: Path, port: int | None = None) -> LocalPostgres:
+        """A streaming replica of this (running) server in ``datadir``, by ``pg_basebackup``
+        (``-R``: it connects back as a standby); call ``start()`` on it."""
+        replica = LocalPostgres(datadir, port, fast=self.fast, settings=self.settings)
+        replica._prepare_datadir()
+        if any(replica.datadir.iterdir()):
+            raise RuntimeError(f"{replica.datadir} is not empty: a replica needs a fresh directory")
+        self._run(
+            [str(self._bin("pg_basebackup")), "-D", str(replica.datadir), "-h", HOST,
+             "-p", str(self.port), "-U", PG_SUPERUSER, "-X", "stream", "-R", "-c", "fast",
+             "--no-sync"],
+            timeout=_INITDB_TIMEOUT, what="pg_basebackup")
+        (replica.datadir / PORT_FILE).unlink(missing_ok=True)  # the primary's, copied
+        return replica
 
     def stop(self, mode: str = "fast", timeout: float = 60) -> None:
         """Stop the server (no-op if it is not running).
@@ -383,6 +400,7 @@ class LocalPostgres:
                 "synchronous_commit": "off",
                 "full_page_writes": "off",
             }
+        settings |= self.settings
         lines = ["# written by backfill.localpg on every start; edits are overwritten"]
         lines += [f"{key} = {value}" for key, value in settings.items()]
         return "\n".join(lines) + "\n"

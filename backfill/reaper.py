@@ -21,7 +21,13 @@ import psycopg
 from backfill import store
 from backfill.catalog import Conn
 from backfill.db import connect, redact_text
-from backfill.errors import BackfillError, InvalidInput
+from backfill.errors import (
+    BackfillError,
+    IllegalTransition,
+    InvalidInput,
+    JobConflict,
+    JobNotFound,
+)
 from backfill.logs import get_logger
 from backfill.runner import WORKERS_OWNER, Runner
 from backfill.schema import require_current
@@ -48,12 +54,14 @@ def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> l
                         dispatch_stale_s=stale_after_s)
         try:
             claims = runner.start_distributed(replace_queued=False)
-        except InvalidInput as exc:
-            if state == JobState.PENDING:
-                _refuse_start(dsn, job_id, actor, exc)
+        except (IllegalTransition, JobConflict, JobNotFound):
+            continue  # moved by someone else since it was listed
+        except InvalidInput as exc:  # its table or key changed: it can never go on
+            _refuse(dsn, job_id, actor, exc)
             continue
-        except BackfillError as exc:
-            log.warning("reaper.job_skipped", job_id=job_id, error=str(exc))
+        except (BackfillError, psycopg.Error) as exc:  # this job only; the others go on
+            log.warning("reaper.job_skipped", job_id=job_id, state=str(state),
+                        error=redact_text(str(exc)))
             continue
         if claims:
             send(claims)
@@ -63,14 +71,16 @@ def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> l
     return sent
 
 
-def _refuse_start(dsn: str, job_id: int, actor: str, exc: BackfillError) -> None:
-    """A pending job that cannot start (its table changed, its key is gone) fails with the
+def _refuse(dsn: str, job_id: int, actor: str, exc: BackfillError) -> None:
+    """A job that cannot go on (its table was replaced, its key is gone) fails with the
     reason, instead of being retried by every pass."""
     conn = connect(dsn)
     try:
         store.transition(conn, job_id, JobState.FAILED, actor=actor,
-                         reason=f"could not start on the workers: {exc}",
-                         expect=frozenset({JobState.PENDING}), error=(str(exc), None))
+                         reason=f"cannot run on the workers: {exc}",
+                         expect=frozenset({JobState.PENDING, JobState.RUNNING,
+                                           JobState.THROTTLED}),
+                         error=(str(exc), None))
         log.error("reaper.job_failed", job_id=job_id, error=str(exc))
     except BackfillError:
         pass  # someone else moved it meanwhile
@@ -114,8 +124,7 @@ class ReaperLoop:
                 return []
             return reap(self.dsn, actor=self.actor, send=self.send,
                         stale_after_s=self.stale_after_s)
-        except (psycopg.Error, BackfillError, OSError) as exc:
-            # The database or broker is away: try again next round.
+        except Exception as exc:  # the database or broker is away: try again next round
             log.warning("reaper.pass_failed", error=redact_text(str(exc)))
             if self._lock_conn is not None and (self._lock_conn.broken or self._lock_conn.closed):
                 self._lock_conn = None

@@ -127,6 +127,8 @@ class Runner:
         self.lease_ttl_floor_s = lease_ttl_floor_s
         self.dispatch_stale_s = dispatch_stale_s
         self._send: Callable[[list[store.Dispatch]], None] | None = None
+        self._shares: tuple[float | None, float | None] = (None, None)
+        self._split_tried = False
         self.log = get_logger(job_id=job_id)
         self._conn: Conn | None = None
         self._retry_notes: list[dict[str, Any]] = []
@@ -206,7 +208,12 @@ class Runner:
             if job.state not in (S.RUNNING, S.THROTTLED):
                 raise IllegalTransition(f"job {job.id} is {job.state}: nothing to dispatch")
             prepared = self._prepare(job, explain=False)
-            self._ensure_slices(job, prepared)
+            job = self._ensure_slices(job, prepared)
+            if job.state == S.RUNNING and all(s.done for s in store.slices(self.conn, job.id)):
+                # The task that finished the last slice died before it could end the job.
+                self._worker = True
+                self._finish(job)
+                return []
             return store.claim_dispatch(self.conn, job.id, stale_after_s=self.dispatch_stale_s,
                                         actor=self.actor, replace_queued=replace_queued)
         finally:
@@ -226,6 +233,8 @@ class Runner:
             require_current(self.conn)
             job = store.get_job(self.conn, self.job_id)
             if job.state != S.RUNNING:
+                # Parked: once the job runs again, the reaper sends it at once.
+                store.park(self.conn, store.Dispatch(job.id, slice_no, seq))
                 return "stopped"
             prepared = self._prepare(job, explain=False)
             codec = KeyCodec(prepared.key_types)
@@ -272,29 +281,33 @@ class Runner:
             self._send(claims)
 
     def _maybe_split(self, job: store.JobRecord, prepared: PreparedJob, lease: store.Lease,
-                     cursor: Key | None, upper: Key, codec: KeyCodec, batch_size: int) -> Key | None:
+                     cursor: Key | None, upper: Key, codec: KeyCodec, batch_size: int) -> None:
         """Rebalance: when the job has a free slot and this slice has the most rows left, cut
-        it in two and send the second half to the workers. Returns the new upper bound."""
+        it in two. Sets ``_split_tried`` before writing: the caller then re-reads its bound
+        and sends the new slice."""
         left = store.split_candidate(self.conn, job.id, lease.slice_no,
                                      min_rows=max(4 * batch_size, SPLIT_MIN_ROWS))
         if left is None:
-            return None
+            return
         try:
             with self.conn.transaction():
                 self.conn.execute("SET LOCAL statement_timeout = '30s'")
                 cut = slicing.split_point(self.conn, prepared.keyset, cursor, upper, left)
-        except pgerrors.QueryCanceled:
-            self.log.warning("slice.split_timeout", slice=lease.slice_no)
-            return None
+        except psycopg.Error as exc:
+            if _connection_trouble(exc) and (self.conn.broken or self.conn.closed):
+                raise  # reconnect and retry
+            self.log.warning("slice.split_skipped", slice=lease.slice_no,
+                             error=describe_error(exc))
+            return
         if cut is None:
-            return None
+            return
+        self._split_tried = True
         new_no = store.split_slice(self.conn, lease, cursor=codec.encode(cursor),
-                                   cut=codec.encode(cut) or [], rows_left=left, actor=self.owner)
-        if new_no is None:
-            return None
-        self.log.info("slice.split", slice=lease.slice_no, new_slice=new_no, cut=render_key(cut))
-        self._hand_off(job.id)
-        return cut
+                                   upper=codec.encode(upper) or [], cut=codec.encode(cut) or [],
+                                   rows_left=left, actor=self.owner)
+        if new_no is not None:
+            self.log.info("slice.split", slice=lease.slice_no, new_slice=new_no,
+                          cut=render_key(cut))
 
     def _acquire(self) -> store.JobRecord:
         conn = self.conn
@@ -444,6 +457,7 @@ class Runner:
     def _start_loop(self, job: store.JobRecord) -> None:
         """Options, counters, heartbeat clock and rate window for a run of batches."""
         self._options, self._options_version = job.options, job.options_version
+        self._shares = (job.rate_share, job.batch_rate_share)
         self._batches = 0
         self._last_heartbeat = time.monotonic()
         self._window = []
@@ -507,11 +521,21 @@ class Runner:
                     self.log.warning("lease.lost", slice=lease.slice_no)
                     return None
                 self._last_heartbeat = now
+                self._split_tried = False
                 if self._worker and status[0] == S.RUNNING:
-                    cut = self._db(functools.partial(self._maybe_split, job, prepared, lease,
-                                                     cursor, upper, codec, sizer.size))
-                    if cut is not None:
-                        upper = cut
+                    self._db(functools.partial(self._maybe_split, job, prepared, lease, cursor,
+                                               upper, codec, sizer.size))
+                if self._split_tried:
+                    # The stored bound is the truth: an attempt whose COMMIT was lost in a
+                    # reconnect may have split, whatever the retry then decided.
+                    stored = self._db(self._slice_reader(job.id, lease.slice_no))
+                    if stored.lease_token != lease.token or stored.done:
+                        return None
+                    bound = codec.decode(stored.upper_bound)
+                    assert bound is not None
+                    if bound != upper:
+                        upper = bound
+                        self._db(lambda: self._hand_off(job.id))
             state, version, reason = status
             if state == S.THROTTLED and self._worker:
                 return self._db(lambda: store.get_job(self.conn, job.id))
@@ -531,6 +555,7 @@ class Runner:
                     sizer.size = fresh.options.batch_size
                 options, options_version = fresh.options, fresh.options_version
                 self._options, self._options_version = options, options_version
+                self._shares = (fresh.rate_share, fresh.batch_rate_share)
                 sizer.clamp(options)
                 self.log.info("job.tuned", options=options.to_json())
 
@@ -567,11 +592,24 @@ class Runner:
                            ms=round(outcome.duration_ms, 1), next_size=sizer.size)
             if outcome.done:
                 return None
-            delay = rate_delay(outcome.rows_scanned, outcome.duration_ms / 1000.0,
-                               options.rate_limit) + options.pause_ms / 1000.0
+            delay = self._delay_after(outcome.rows_scanned, outcome.duration_ms / 1000.0,
+                                      options)
             if delay > 0:
                 self._pace(job.id, delay)
         return None
+
+    def _delay_after(self, rows: int, seconds: float, options: JobOptions) -> float:
+        """Seconds to wait after a batch: the job's own rate limit and pause, and its share of
+        the controller's global budgets (split among the job's slots on the workers)."""
+        rate = options.rate_limit
+        rows_share, batches_share = self._shares
+        slots = max(1, options.parallelism) if self._worker else 1
+        if rows_share:
+            rate = min(rate, rows_share / slots) if rate else rows_share / slots
+        delay = rate_delay(rows, seconds, rate)
+        if batches_share:
+            delay = max(delay, slots / batches_share - seconds)
+        return delay + options.pause_ms / 1000.0
 
     def _pace(self, job_id: int, delay: float) -> None:
         """Sleep ``delay`` seconds between batches, keeping the heartbeat fresh and waking

@@ -154,6 +154,36 @@ ALTER TABLE backfill.slices
     ADD COLUMN dispatch_seq  bigint NOT NULL DEFAULT 0,
     ADD COLUMN dispatched_at timestamptz,
     ADD COLUMN rows_estimate bigint;
+-- Jobs dispatched before this migration: their owner says where they run.
+UPDATE backfill.jobs SET runs_on = 'workers' WHERE owner = 'workers';
+""",
+    ),
+)
+
+MIGRATIONS += (
+    Migration(
+        4,
+        "controller: heartbeat, status, shared rate limits",
+        """
+-- Written by the controller on the primary every tick; its age on a replica is the replica's
+-- true lag, even when the primary is otherwise idle.
+CREATE TABLE backfill.heartbeat (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    at timestamptz NOT NULL
+);
+-- The acting controller and what it saw last (for `backfill controller status`).
+CREATE TABLE backfill.controller (
+    id           smallint PRIMARY KEY CHECK (id = 1),
+    leader       text NOT NULL,
+    leader_since timestamptz NOT NULL,
+    tick_at      timestamptz NOT NULL,
+    readings     jsonb NOT NULL DEFAULT '[]',
+    settings     jsonb
+);
+-- A job's share of the controller's global budgets (rows/s, batches/s); NULL: no budget.
+ALTER TABLE backfill.jobs
+    ADD COLUMN rate_share double precision,
+    ADD COLUMN batch_rate_share double precision;
 """,
     ),
 )

@@ -71,7 +71,7 @@ def split_point(conn: Conn, keyset: Keyset, lower: Key | None, upper: Key,
     most :data:`EXACT_BELOW` rows past ``lower``, so the cost stays bounded."""
     cut: Key | None = None
     if rows_left >= 2 * EXACT_BELOW:
-        cuts = _sampled(conn, keyset, upper, 2, rows_left, lower=lower)
+        cuts = _sampled(conn, keyset, upper, 2, rows_left, lower=lower, bounded=True)
         cut = cuts[0] if cuts else None
     if cut is None:
         cut = keyset.probe(conn, lower, upper, max(0, min(rows_left // 2, EXACT_BELOW) - 1))
@@ -79,7 +79,7 @@ def split_point(conn: Conn, keyset: Keyset, lower: Key | None, upper: Key,
 
 
 def _sampled(conn: Conn, keyset: Keyset, upper: Key, parts: int, rows_estimate: int,
-             lower: Key | None = None) -> list[Key]:
+             lower: Key | None = None, *, bounded: bool = False) -> list[Key]:
     # SYSTEM sampling reads whole pages, and a page holds neighbouring keys: balance depends on
     # how many pages are sampled, not how many rows. The database sorts the sample and cuts it
     # into `parts` tiles; the last key of each tile is a boundary.
@@ -95,7 +95,7 @@ def _sampled(conn: Conn, keyset: Keyset, upper: Key, parts: int, rows_estimate: 
     relpages = int(row[0]) if row else 1
     # The range may be part of the table (a slice being split): sample more of the table so
     # enough pages fall in the range, but never read more than MAX_SAMPLE_PAGES.
-    fraction = 1.0 if lower is None else min(1.0, rows_estimate / float(row[1] if row else 1))
+    fraction = 1.0 if not bounded else min(1.0, rows_estimate / float(row[1] if row else 1))
     wanted = min(MAX_SAMPLE_PAGES, PAGES_PER_SLICE * parts / max(fraction, 1e-9))
     percent = min(100.0, 100.0 * wanted / relpages)
     query = sql.SQL(
@@ -109,7 +109,7 @@ def _sampled(conn: Conn, keyset: Keyset, upper: Key, parts: int, rows_estimate: 
     cuts = [tuple(r) for r in conn.execute(
         query, {**keyset.params(lower, upper), "pct": percent, "parts": parts}).fetchall()]
     if len(cuts) < parts:
-        if lower is not None:
+        if bounded:
             return []  # the caller has a bounded fallback
         return _exact(conn, keyset, upper, parts)  # a tiny or unlucky sample: exact offsets
     return cuts[:-1]

@@ -48,6 +48,8 @@ class JobRecord:
     last_error: str | None
     error_range: dict[str, Any] | None
     runs_on: str = "inline"
+    rate_share: float | None = None
+    batch_rate_share: float | None = None
 
     @property
     def table(self) -> str:
@@ -122,7 +124,8 @@ _JOB_COLUMNS = (
     "id, name, kind, source_schema, source_table, source_oid, key_columns, key_types, spec, "
     "options, "
     "options_version, state, state_reason, conflict_key, rows_estimate, created_by, created_at, "
-    "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range, runs_on"
+    "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range, runs_on, "
+    "rate_share, batch_rate_share"
 )
 
 
@@ -520,7 +523,11 @@ class Dispatch:
 
 
 def set_runs_on(conn: Conn, job_id: int, runs_on: str) -> None:
+    """Move a job between inline and the workers; tasks sent before are fenced off."""
     conn.execute("UPDATE backfill.jobs SET runs_on = %s WHERE id = %s", (runs_on, job_id))
+    if runs_on != "workers":
+        conn.execute("UPDATE backfill.slices SET dispatch_seq = dispatch_seq + 1, "
+                     "dispatched_at = NULL WHERE job_id = %s", (job_id,))
 
 
 def worker_jobs(conn: Conn) -> list[tuple[int, JobState]]:
@@ -533,14 +540,15 @@ def worker_jobs(conn: Conn) -> list[tuple[int, JobState]]:
 
 
 def _lock_job_for_dispatch(conn: Conn, job_id: int) -> tuple[JobState, int] | None:
+    """(state, parallelism) of a job on the workers, locked; ``None`` if it is not one."""
     # NO KEY UPDATE serialises dispatchers and lease takers of one job without waiting for
     # batches in flight (their checkpoints hold KEY SHARE, which this does not conflict with).
     row = conn.execute(
-        """SELECT state, (options->>'parallelism')::int FROM backfill.jobs WHERE id = %s
-           FOR NO KEY UPDATE""",
+        """SELECT state, (options->>'parallelism')::int, runs_on FROM backfill.jobs
+           WHERE id = %s FOR NO KEY UPDATE""",
         (job_id,),
     ).fetchone()
-    if row is None:
+    if row is None or row[2] != "workers":
         return None
     return JobState(row[0]), int(row[1] or 1)
 
@@ -548,10 +556,13 @@ def _lock_job_for_dispatch(conn: Conn, job_id: int) -> tuple[JobState, int] | No
 def claim_dispatch(conn: Conn, job_id: int, *, stale_after_s: float, actor: str,
                    replace_queued: bool = False) -> list[Dispatch]:
     """Pick the slices of a running job that need a task, as many as its parallelism leaves
-    room for, and mark them sent (bumping ``dispatch_seq``). A slice needs a task when nobody
-    holds a live lease on it and no task was sent for it in the last ``stale_after_s``
-    seconds (``replace_queued``: whatever was sent is taken as lost). Each claim is recorded in
-    one ``dispatch`` event, with why each slice needed a task."""
+    room for, and mark them sent. A slice needs a task when nobody holds a live lease on it
+    and no task was sent for it in the last ``stale_after_s`` seconds (``replace_queued``:
+    whatever was sent is taken as lost). The task carries the slice's current ``dispatch_seq``:
+    if the one it replaces was only late, not lost, both are valid until one of them runs and
+    requeues (which bumps the token), so the other is dropped; a replacement never invalidates
+    a task still waiting in the queue. Each claim is one ``dispatch`` event, saying why each
+    slice needed a task."""
     with conn.transaction():
         locked = _lock_job_for_dispatch(conn, job_id)
         if locked is None or locked[0] != JobState.RUNNING:
@@ -581,7 +592,7 @@ def claim_dispatch(conn: Conn, job_id: int, *, stale_after_s: float, actor: str,
             else:
                 why[str(slice_no)] = "no task queued"
         claimed = conn.execute(
-            """UPDATE backfill.slices SET dispatch_seq = dispatch_seq + 1, dispatched_at = now()
+            """UPDATE backfill.slices SET dispatched_at = now()
                WHERE job_id = %s AND slice_no = ANY(%s) RETURNING slice_no, dispatch_seq""",
             (job_id, [r[0] for r in chosen]),
         ).fetchall()
@@ -600,7 +611,7 @@ def acquire_for_task(conn: Conn, job_id: int, slice_no: int, seq: int, owner: st
     with conn.transaction():
         locked = _lock_job_for_dispatch(conn, job_id)
         if locked is None:
-            return "stale"
+            return "stale"  # gone, or run inline now
         parallelism = locked[1]
         row = conn.execute(
             """SELECT dispatch_seq, done, lease_owner, lease_expires_at,
@@ -644,10 +655,12 @@ def acquire_for_task(conn: Conn, job_id: int, slice_no: int, seq: int, owner: st
 
 def requeue(conn: Conn, lease: Lease) -> int | None:
     """Give a slice's lease back and mark its next task as sent; returns the ``seq`` that task
-    must carry, or ``None`` if the lease was lost meanwhile (its new holder goes on)."""
+    must carry (bumped: any other task of this slice, a duplicate or one the broker redelivers
+    late, is stale from now on), or ``None`` if the lease was lost meanwhile."""
     row = conn.execute(
         """UPDATE backfill.slices
-           SET lease_owner = NULL, lease_expires_at = NULL, dispatched_at = now()
+           SET lease_owner = NULL, lease_expires_at = NULL, dispatched_at = now(),
+               dispatch_seq = dispatch_seq + 1
            WHERE job_id = %s AND slice_no = %s AND lease_token = %s AND NOT done
            RETURNING dispatch_seq""",
         (lease.job_id, lease.slice_no, lease.token),
@@ -687,20 +700,21 @@ def split_candidate(conn: Conn, job_id: int, slice_no: int, min_rows: int) -> in
     return left
 
 
-def split_slice(conn: Conn, lease: Lease, *, cursor: list[Any] | None, cut: list[Any],
-                rows_left: int, actor: str) -> int | None:
+def split_slice(conn: Conn, lease: Lease, *, cursor: list[Any] | None, upper: list[Any],
+                cut: list[Any], rows_left: int, actor: str) -> int | None:
     """Split the leased slice at ``cut``: it keeps ``(cursor, cut]``, a new slice gets the rest
     (parked, for a dispatcher to send). Only the lease holder splits, between batches, and only
-    if the cursor is still ``cursor``: no batch in flight can cross the cut. Returns the new
-    slice's number, or ``None`` if the lease or cursor moved."""
+    if the cursor is still ``cursor`` and the upper bound still ``upper``: no batch in flight
+    can cross the cut, and a retried split cannot cut twice. Returns the new slice's number,
+    or ``None`` if the lease, cursor or bound moved (re-read the slice)."""
     with conn.transaction():
         _lock_job_for_dispatch(conn, lease.job_id)
         row = conn.execute(
             """SELECT upper_bound, batch_size, rows_scanned FROM backfill.slices
                WHERE job_id = %s AND slice_no = %s AND lease_token = %s AND NOT done
-                 AND cursor IS NOT DISTINCT FROM %s FOR UPDATE""",
+                 AND cursor IS NOT DISTINCT FROM %s AND upper_bound = %s FOR UPDATE""",
             (lease.job_id, lease.slice_no, lease.token,
-             Jsonb(cursor) if cursor is not None else None),
+             Jsonb(cursor) if cursor is not None else None, Jsonb(upper)),
         ).fetchone()
         if row is None:
             return None
@@ -850,3 +864,49 @@ def progress(conn: Conn, job_id: int) -> Progress:
         slices=int(row[3]), slices_done=int(row[4]), last_batch_at=last_at,
         recent_rows_per_s=rate, current_batch_size=int(row[5]) if row[5] is not None else None,
     )
+
+
+# -- the controller ----------------------------------------------------------------------------
+
+
+def controlled_jobs(conn: Conn) -> list[JobRecord]:
+    """Jobs the controller decides on: running and throttled."""
+    rows = conn.cursor(row_factory=dict_row).execute(
+        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE state IN ('running', 'throttled') "  # noqa: S608 - constant column list
+        "ORDER BY id").fetchall()
+    return [_job(r) for r in rows]
+
+
+def set_shares(conn: Conn, job_id: int, rows_per_s: float | None,
+               batches_per_s: float | None) -> bool:
+    """Set a job's share of the global budgets; bumps ``options_version`` when it changed, so
+    runners pick it up with their next batch. Returns whether it changed."""
+    cur = conn.execute(
+        """UPDATE backfill.jobs SET rate_share = %(r)s, batch_rate_share = %(b)s,
+               options_version = options_version + 1
+           WHERE id = %(id)s AND (rate_share IS DISTINCT FROM %(r)s
+                                  OR batch_rate_share IS DISTINCT FROM %(b)s)""",
+        {"id": job_id, "r": rows_per_s, "b": batches_per_s},
+    )
+    return cur.rowcount == 1
+
+
+def record_controller_tick(conn: Conn, leader: str, readings: list[dict[str, Any]],
+                           settings: dict[str, Any]) -> None:
+    conn.execute(
+        """INSERT INTO backfill.controller (id, leader, leader_since, tick_at, readings, settings)
+           VALUES (1, %(leader)s, now(), now(), %(readings)s, %(settings)s)
+           ON CONFLICT (id) DO UPDATE SET
+               leader_since = CASE WHEN backfill.controller.leader = excluded.leader
+                                   THEN backfill.controller.leader_since ELSE now() END,
+               leader = excluded.leader, tick_at = now(), readings = excluded.readings,
+               settings = excluded.settings""",
+        {"leader": leader, "readings": Jsonb(readings), "settings": Jsonb(settings)},
+    )
+
+
+def controller_status(conn: Conn) -> dict[str, Any] | None:
+    row = conn.cursor(row_factory=dict_row).execute(
+        """SELECT leader, leader_since, tick_at, extract(epoch FROM now() - tick_at) AS age_s,
+                  readings, settings FROM backfill.controller WHERE id = 1""").fetchone()
+    return dict(row) if row else None

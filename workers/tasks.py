@@ -13,11 +13,12 @@ import socket
 import sys
 import threading
 
+import psycopg
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from backfill import store
 from backfill.db import connect, redact_dsn
-from backfill.errors import BackfillError, BrokerUnavailable
+from backfill.errors import BackfillError, BrokerUnavailable, TasksNotSent
 from backfill.logs import get_logger
 from backfill.reaper import ReaperLoop, reap
 from backfill.runner import WORKERS_OWNER, Runner
@@ -46,7 +47,7 @@ def _check_schema(**_: object) -> None:
             require_current(conn)
         finally:
             conn.close()
-    except (BackfillError, RuntimeError) as exc:
+    except (BackfillError, RuntimeError, psycopg.Error) as exc:
         log.critical("worker.refused", error=str(exc))
         print(f"backfill worker refuses to start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from exc
@@ -67,8 +68,11 @@ def _stop_reaper(**_: object) -> None:
 
 
 @app.task(name="backfill.run_slice")
-def run_slice(job_id: int, slice_no: int, seq: int) -> str:
+def run_slice(job_id: int, slice_no: int, seq: int | None = None) -> str:
     """Work on one slice for a time budget, then send its next task (or stop)."""
+    if seq is None:  # sent by a backfill from before dispatch tokens: the reaper replaces it
+        log.warning("task.dropped", job_id=job_id, slice=slice_no, reason="no dispatch token")
+        return "stale"
     owner = f"worker:{socket.gethostname()}:{os.getpid()}"
     runner = Runner(_dsn(), job_id, actor=owner, owner=owner, lease_ttl_floor_s=LEASE_TTL_FLOOR_S,
                     dispatch_stale_s=DISPATCH_STALE_S)
@@ -122,9 +126,9 @@ def dispatch(dsn: str, job_id: int, *, actor: str) -> list[store.Dispatch]:
     claims = Runner(dsn, job_id, actor=actor, owner=WORKERS).start_distributed()
     failed = send(claims)
     if failed:
-        raise BrokerUnavailable(
-            f"job {job_id} runs on the workers, but {len(failed)} task(s) could not be sent; "
-            "the reaper sends them when the broker is back")
+        raise TasksNotSent(
+            f"job {job_id} runs on the workers, but {len(failed)} of its task(s) could not be "
+            "sent (the broker went away); the workers' reaper sends them when it is back")
     return claims
 
 

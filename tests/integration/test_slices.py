@@ -139,35 +139,37 @@ def test_dispatch_claims_respect_parallelism_and_fence_leftover_tasks(dsn: str) 
     bf.tune(job.id, parallelism=2)  # allowed any time for a job on the workers
 
     first = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t")
-    assert [(d.slice_no, d.seq) for d in first] == [(0, 1), (1, 1)]
+    assert [(d.slice_no, d.seq) for d in first] == [(0, 0), (1, 0)]
     assert store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []  # queued
-    # The broker lost them: dispatching again replaces them, with new tokens (a slice that
-    # never had a task goes first).
+    # The broker lost them: dispatching again re-sends (a slice that never had a task first).
     again = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t", replace_queued=True)
-    assert [(d.slice_no, d.seq) for d in again] == [(0, 2), (2, 1)]
-    assert store.acquire_for_task(conn, job.id, 0, 1, "w1", 60, actor="w1") == "stale"
-    lease0 = store.acquire_for_task(conn, job.id, 0, 2, "w1", 60, actor="w1")
+    assert [(d.slice_no, d.seq) for d in again] == [(0, 0), (2, 0)]
+    assert store.acquire_for_task(conn, job.id, 0, 7, "w1", 60, actor="w1") == "stale"
+    lease0 = store.acquire_for_task(conn, job.id, 0, 0, "w1", 60, actor="w1")
     assert isinstance(lease0, store.Lease)
-    assert store.acquire_for_task(conn, job.id, 0, 2, "w2", 60, actor="w2") == "busy"
-    lease1 = store.acquire_for_task(conn, job.id, 1, 1, "w2", 60, actor="w2")
+    assert store.acquire_for_task(conn, job.id, 0, 0, "w2", 60, actor="w2") == "busy"
+    lease1 = store.acquire_for_task(conn, job.id, 1, 0, "w2", 60, actor="w2")
     assert isinstance(lease1, store.Lease)
     # Two slices leased, parallelism 2: slice 2 gets no task, and its task is parked.
     assert store.claim_dispatch(conn, job.id, stale_after_s=0, actor="t") == []
-    assert store.acquire_for_task(conn, job.id, 2, 1, "w3", 60, actor="w3") == "full"
+    assert store.acquire_for_task(conn, job.id, 2, 0, "w3", 60, actor="w3") == "full"
     assert store.get_slice(conn, job.id, 2).dispatched_at is None
-    # Slice 0 gives its slot back for its next task: still one per slice, same token.
-    assert store.requeue(conn, lease0) == 2
+    # Slice 0 gives its slot back for its next task, under a new token: the duplicate sent
+    # above (seq 0), arriving late, is dropped.
+    assert store.requeue(conn, lease0) == 1
+    store.release_lease(conn, lease0)
+    assert store.acquire_for_task(conn, job.id, 0, 0, "w9", 60, actor="w9") == "stale"
     assert store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []
     # w2 dies: its lease runs out (moved into the past rather than waited for).
     conn.execute("UPDATE backfill.slices SET lease_expires_at = now() - interval '1 second'"
                  " WHERE slice_no = 1")
     reclaimed = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="reaper")
-    assert [(d.slice_no, d.seq) for d in reclaimed] == [(1, 2)]
+    assert [(d.slice_no, d.seq) for d in reclaimed] == [(1, 0)]
     events = [e for e in store.events(conn, job.id) if e.kind == "dispatch"]
     assert events[-1].details is not None
     assert events[-1].details["slices"] == {"1": events[-1].details["slices"]["1"]}
     assert "lease of w2 expired" in events[-1].details["slices"]["1"]
-    taken = store.acquire_for_task(conn, job.id, 1, 2, "w4", 60, actor="w4")
+    taken = store.acquire_for_task(conn, job.id, 1, 0, "w4", 60, actor="w4")
     assert isinstance(taken, store.Lease)
     assert taken.previous_owner == "w2"
     assert any(e.kind == "lease_takeover" and "w2" in (e.reason or "")
@@ -197,11 +199,15 @@ def test_a_split_slice_covers_its_range_exactly_once(dsn: str) -> None:
     cut = slicing.split_point(conn, prepared.keyset, None, upper, left)
     assert cut is not None
     assert abs(int(cut[0]) - 7_500) <= 1
-    assert store.split_slice(conn, lease, cursor=[0], cut=codec.encode(cut) or [],
+    bound = codec.encode(upper) or []
+    assert store.split_slice(conn, lease, cursor=[0], upper=bound, cut=codec.encode(cut) or [],
                              rows_left=left, actor="w1") is None  # the cursor is not [0]
-    new_no = store.split_slice(conn, lease, cursor=None, cut=codec.encode(cut) or [],
-                               rows_left=left, actor="w1")
+    new_no = store.split_slice(conn, lease, cursor=None, upper=bound,
+                               cut=codec.encode(cut) or [], rows_left=left, actor="w1")
     assert new_no == 2
+    # Retried after a lost COMMIT: the bound moved, so it cannot cut twice.
+    assert store.split_slice(conn, lease, cursor=None, upper=bound, cut=[5_000],
+                             rows_left=left, actor="w1") is None
     assert store.split_candidate(conn, job.id, 0, min_rows=1_000) is None  # 2 open, 2 slots
     store.release_lease(conn, lease)
     conn.execute("UPDATE backfill.slices SET done = false WHERE job_id = %s AND slice_no = 1",

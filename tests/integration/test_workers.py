@@ -126,8 +126,9 @@ def test_tune_parallelism_up_splits_running_slices(dsn: str, workers: Workers) -
 
     make_counter_table(dsn, 60_000)
     bf = Backfill(dsn)
-    job = bf.enqueue(update("items", INC, parallelism=2, batch_size=500, min_batch_size=500,
-                            max_batch_size=500, pause="10ms"))
+    # About 5 s of work per slice: the holders see the new parallelism at their next heartbeat.
+    job = bf.enqueue(update("items", INC, parallelism=2, batch_size=200, min_batch_size=200,
+                            max_batch_size=200, pause="30ms"))
     workers.start(2)
     assert len(dispatch(dsn, job.id, actor="tester")) == 2
     wait_for(lambda: bf.progress(job.id).batches >= 4, timeout=60, what="progress")
@@ -162,3 +163,32 @@ def test_worker_refuses_a_mismatched_state_schema(dsn: str, redis_url: str) -> N
         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
     assert raw.returncode != 0
     assert "newer than this backfill" in raw.stdout + raw.stderr
+
+
+def test_a_throttled_job_gives_its_workers_back_and_resumes_from_the_checkpoints(
+        dsn: str, workers: Workers) -> None:
+    from backfill import store
+    from backfill.db import connect
+
+    make_counter_table(dsn, 30_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, parallelism=2, batch_size=200, min_batch_size=200,
+                            max_batch_size=200, pause="10ms"), workers=True)
+    workers.start(2)  # their reaper starts the job: nobody dispatches it
+    wait_for(lambda: bf.progress(job.id).batches >= 5, timeout=60, what="progress")
+    conn = connect(dsn)
+    try:
+        # What the controller does when the database is under strain.
+        store.transition(conn, job.id, JobState.THROTTLED, actor="controller:test",
+                         reason="replica_lag[r1] 12s >= 10s")
+        wait_for(lambda: all(s.lease_owner is None for s in bf.slices(job.id)), timeout=30,
+                 what="slots given back")
+        scanned = bf.progress(job.id).rows_scanned
+        assert scanned < 30_000
+        store.transition(conn, job.id, JobState.RUNNING, actor="controller:test",
+                         reason="every signal below its resume threshold for 10s")
+    finally:
+        conn.close()
+    final = bf.wait(job.id, timeout=120)  # the reaper re-sends the parked slices
+    assert final.state == JobState.SUCCEEDED, final.state_reason
+    assert counter_histogram(dsn) == {1: 30_000}

@@ -1,0 +1,210 @@
+"""Health signal collectors: the controller's I/O. Each returns :class:`~backfill.policy.Reading`
+values; one that cannot be read returns ``value=None`` with the error (the policy fails closed).
+
+Signals: lock waiters on a job's tables (and sessions blocked by the job's own backends),
+physical replication lag (a heartbeat row written on the primary and read on each replica, plus
+``pg_stat_replication``), WAL retained by logical slots, the oldest open transaction (and
+prepared transaction), autovacuum on a job's table, and custom SQL probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from backfill.catalog import Conn
+from backfill.db import connect, redact_dsn, redact_text
+from backfill.policy import Limit, Reading
+
+
+@dataclass(frozen=True)
+class Replica:
+    name: str
+    dsn: str
+
+    def __repr__(self) -> str:
+        return f"Replica({self.name!r}, {redact_dsn(self.dsn)!r})"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """An operator's SQL returning one number, compared with ``limit``."""
+
+    name: str
+    query: str
+    limit: Limit
+
+
+@dataclass(frozen=True)
+class WatchedJob:
+    id: int
+    tables: tuple[int, ...]  # oids of the tables it reads and writes
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return redact_text(text[0] if text else type(exc).__name__)
+
+
+# -- the primary -------------------------------------------------------------------------------
+
+
+def write_heartbeat(conn: Conn) -> None:
+    """Stamp the heartbeat row on the primary; replicas replay it, and its age there is their
+    true lag, also when the primary is idle."""
+    conn.execute(
+        """INSERT INTO backfill.heartbeat (id, at) VALUES (1, clock_timestamp())
+           ON CONFLICT (id) DO UPDATE SET at = excluded.at""")
+
+
+def lock_waiters(conn: Conn, job: WatchedJob) -> list[Reading]:
+    """Sessions waiting for a lock on one of the job's tables, or blocked by one of the job's
+    own backends: how many, and the oldest wait. The job's own waits are not counted (its
+    lock_timeout handles them)."""
+    row = conn.execute(
+        """SELECT count(*), coalesce(extract(epoch FROM max(clock_timestamp() - w.since)), 0),
+                  string_agg(DISTINCT coalesce(nullif(a.application_name, ''), a.usename::text)
+                             || ' (pid ' || a.pid || ')', ', ')
+           FROM pg_stat_activity a
+           JOIN LATERAL (
+               SELECT min(l.waitstart) AS since, bool_or(l.relation = ANY(%(rels)s::oid[])) AS on_rel
+               FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted) w ON true
+           WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid()
+             AND coalesce(a.application_name, '') NOT LIKE 'backfill job %%'
+             AND (w.on_rel OR EXISTS (
+                   SELECT 1 FROM pg_stat_activity b
+                   WHERE b.pid = ANY(pg_blocking_pids(a.pid)) AND b.application_name = %(app)s))""",
+        {"rels": list(job.tables), "app": f"backfill job {job.id}"},
+    ).fetchone()
+    count, oldest, who = (int(row[0]), float(row[1]), row[2]) if row else (0, 0.0, None)
+    detail = f"waiting: {who}" if who else None
+    return [Reading("lock_waiters", f"lock_waiters[job {job.id}]", count, detail=detail,
+                    job_id=job.id),
+            Reading("lock_wait", f"lock_wait[job {job.id}]", oldest, detail=detail,
+                    job_id=job.id)]
+
+
+def autovacuum(conn: Conn, job: WatchedJob) -> Reading:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_progress_vacuum WHERE relid = ANY(%s::oid[])",
+        (list(job.tables),)).fetchone()
+    return Reading("autovacuum", f"autovacuum[job {job.id}]", 1.0 if row and row[0] else 0.0,
+                   job_id=job.id)
+
+
+def long_transaction(conn: Conn) -> Reading:
+    """The oldest open transaction (or prepared transaction) other than backfill's own."""
+    row = conn.execute(
+        """SELECT extract(epoch FROM clock_timestamp() - xact_start), pid,
+                  coalesce(nullif(application_name, ''), usename::text), state
+           FROM pg_stat_activity
+           WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()
+             AND backend_type = 'client backend'
+             AND coalesce(application_name, '') NOT LIKE 'backfill%%'
+           ORDER BY xact_start LIMIT 1""").fetchone()
+    prepared = conn.execute(
+        """SELECT extract(epoch FROM clock_timestamp() - prepared), gid FROM pg_prepared_xacts
+           ORDER BY prepared LIMIT 1""").fetchone()
+    age, detail = 0.0, None
+    if row is not None:
+        age, detail = float(row[0]), f"pid {row[1]} ({row[2]}), {row[3]}"
+    if prepared is not None and float(prepared[0]) > age:
+        age, detail = float(prepared[0]), f"prepared transaction {prepared[1]!r}"
+    return Reading("long_transaction", "long_transaction", age, detail=detail)
+
+
+def replication(conn: Conn) -> list[Reading]:
+    """Per standby connected to this primary: replay lag (time) and bytes not yet replayed.
+    ``replay_lag`` is NULL while the standby is idle and caught up: 0."""
+    out = []
+    for name, lag_s, lag_bytes in conn.execute(
+        """SELECT coalesce(nullif(application_name, ''), client_addr::text, 'standby'),
+                  coalesce(extract(epoch FROM replay_lag), 0),
+                  coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)
+           FROM pg_stat_replication ORDER BY 1""").fetchall():
+        out.append(Reading("replica_lag", f"standby_replay_lag[{name}]", float(lag_s)))
+        out.append(Reading("replica_lag_bytes", f"standby_replay_bytes[{name}]",
+                           float(lag_bytes)))
+    return out
+
+
+def logical_slots(conn: Conn) -> list[Reading]:
+    return [
+        Reading("slot_retained", f"slot_retained[{name}]", float(retained),
+                detail="inactive: is its subscriber gone?" if not active else None)
+        for name, active, retained in conn.execute(
+            """SELECT slot_name, active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)
+               FROM pg_replication_slots
+               WHERE slot_type = 'logical' AND restart_lsn IS NOT NULL ORDER BY 1""").fetchall()
+    ]
+
+
+def probe(conn: Conn, p: Probe) -> Reading:
+    kind = f"probe:{p.name}"
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = '5s'")
+            conn.execute("SET LOCAL transaction_read_only = on")
+            row = conn.execute(sql.SQL(p.query)).fetchone()  # type: ignore[arg-type]  # the operator's own SQL
+        value = float(row[0]) if row and row[0] is not None else None
+        return Reading(kind, f"probe[{p.name}]", value,
+                       error=None if value is not None else "returned no number")
+    except (psycopg.DatabaseError, ValueError, TypeError) as exc:
+        if isinstance(exc, psycopg.OperationalError) and conn.broken:
+            raise
+        return Reading(kind, f"probe[{p.name}]", None, error=_error(exc))
+
+
+# -- replicas ----------------------------------------------------------------------------------
+
+
+def replica_lag(replica: Replica, primary_age_s: float, timeout_s: float = 3.0) -> Reading:
+    """Heartbeat lag on a replica: the age of the heartbeat it has replayed, minus the age of
+    the newest one on the primary (so a caught-up replica reads ~0 between heartbeats)."""
+    signal = f"replica_lag[{replica.name}]"
+    try:
+        conn = connect(replica.dsn, connect_timeout=max(1, round(timeout_s)),
+                       application_name="backfill controller")
+    except Exception as exc:  # the replica refuses or is unreachable: fail closed
+        return Reading("replica_lag", signal, None, error=_error(exc))
+    try:
+        conn.execute(sql.SQL("SET statement_timeout = {}").format(
+            sql.Literal(f"{int(timeout_s * 1000)}ms")))
+        row = conn.execute(
+            "SELECT extract(epoch FROM clock_timestamp() - at) FROM backfill.heartbeat "
+            "WHERE id = 1").fetchone()
+        if row is None:
+            return Reading("replica_lag", signal, None,
+                           error="no heartbeat replayed yet (is this a replica of the primary?)")
+        return Reading("replica_lag", signal, max(0.0, float(row[0]) - primary_age_s))
+    except psycopg.Error as exc:
+        return Reading("replica_lag", signal, None, error=_error(exc))
+    finally:
+        conn.close()
+
+
+def heartbeat_age(conn: Conn) -> float:
+    row = conn.execute(
+        "SELECT extract(epoch FROM clock_timestamp() - at) FROM backfill.heartbeat WHERE id = 1"
+    ).fetchone()
+    return float(row[0]) if row else 0.0
+
+
+def collect(conn: Conn, jobs: list[WatchedJob], replicas: list[Replica],
+            probes: list[Probe]) -> list[Reading]:
+    """Every reading for one controller tick, taken on the primary ``conn`` and the replicas."""
+    readings: list[Reading] = []
+    for job in jobs:
+        readings += lock_waiters(conn, job)
+        readings.append(autovacuum(conn, job))
+    readings.append(long_transaction(conn))
+    readings += replication(conn)
+    readings += logical_slots(conn)
+    for p in probes:
+        readings.append(probe(conn, p))
+    age = heartbeat_age(conn)
+    for r in replicas:
+        readings.append(replica_lag(r, age))
+    return readings
