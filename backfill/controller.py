@@ -218,6 +218,7 @@ class Controller:
         self._conn: Conn | None = None
         self._leading = False
         self._clear: dict[int, float] = {}
+        self._beats = signals.Heartbeats()
 
     # -- leadership ---------------------------------------------------------------------
 
@@ -272,8 +273,12 @@ class Controller:
     def _tick(self, conn: Conn, *, act: bool) -> TickResult:
         jobs = store.controlled_jobs(conn)
         watched = [signals.WatchedJob(j.id, _tables(conn, j)) for j in jobs]
+        if not self._beats.written:
+            self._beats.seed(conn)
+            if act and not self._beats.written:
+                self._beats.write(conn)  # a first heartbeat to measure replicas against
         readings = signals.collect(conn, watched, list(self.config.replicas),
-                                   list(self.config.probes))
+                                   list(self.config.probes), self._beats)
         views = [JobView(j.id, j.name, j.state) for j in jobs]
         decisions, clear = decide(self.config.policy, views, readings, self._clear, self.clock())
         applied: list[Decision] = []
@@ -288,7 +293,7 @@ class Controller:
                                          self.config.to_json())
             # Last, so the next tick's replicas have long replayed it: a caught-up replica
             # then reads a lag of about 0, not one poll interval.
-            signals.write_heartbeat(conn)
+            self._beats.write(conn)
         return TickResult(readings, decisions, applied)
 
     def _apply(self, conn: Conn, d: Decision, job: store.JobRecord) -> bool:

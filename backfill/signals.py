@@ -9,6 +9,8 @@ prepared transaction), autovacuum on a job's table, and custom SQL probes.
 
 from __future__ import annotations
 
+import bisect
+import datetime as dt
 from dataclasses import dataclass
 
 import psycopg
@@ -51,12 +53,46 @@ def _error(exc: BaseException) -> str:
 # -- the primary -------------------------------------------------------------------------------
 
 
-def write_heartbeat(conn: Conn) -> None:
-    """Stamp the heartbeat row on the primary; replicas replay it, and its age there is their
-    true lag, also when the primary is idle."""
-    conn.execute(
-        """INSERT INTO backfill.heartbeat (id, at) VALUES (1, clock_timestamp())
-           ON CONFLICT (id) DO UPDATE SET at = excluded.at""")
+class Heartbeats:
+    """The heartbeats this process wrote on the primary, newest last (a few minutes' worth).
+
+    A replica's lag is how long ago the primary was where the replica is now: the time since
+    the first heartbeat the replica has not replayed. Measured against the primary's clock
+    only, so clock skew between servers does not matter; and exact after a pause in
+    heartbeats (a controller restart, a new leader), where "the age of the replica's
+    heartbeat" would read the length of the pause as lag."""
+
+    def __init__(self, keep: int = 1000) -> None:
+        self.keep = keep
+        self.written: list[dt.datetime] = []
+
+    def write(self, conn: Conn) -> None:
+        row = conn.execute(
+            """INSERT INTO backfill.heartbeat (id, at) VALUES (1, clock_timestamp())
+               ON CONFLICT (id) DO UPDATE SET at = excluded.at RETURNING at""").fetchone()
+        if row is not None:
+            self.written.append(row[0])
+            del self.written[:-self.keep]
+
+    def seed(self, conn: Conn) -> None:
+        """Start from the heartbeat on the primary now (another controller's, maybe old): a
+        replica that has not replayed it is behind by at least its age."""
+        row = conn.execute("SELECT at FROM backfill.heartbeat WHERE id = 1").fetchone()
+        if row is not None and (not self.written or row[0] > self.written[-1]):
+            self.written.append(row[0])
+
+    def lag(self, replayed: dt.datetime, now: dt.datetime) -> float | None:
+        """Seconds the replica is behind, given the heartbeat it has replayed; ``None`` when
+        this process has not written since then (it cannot tell)."""
+        if not self.written:
+            return None
+        if replayed >= self.written[-1]:
+            return 0.0
+        missing = bisect.bisect_right(self.written, replayed)
+        if missing == 0 and replayed < self.written[0]:
+            # Older than anything remembered: behind by at least the oldest one's age.
+            return (now - self.written[0]).total_seconds()
+        return max(0.0, (now - self.written[missing]).total_seconds())
 
 
 def lock_waiters(conn: Conn, job: WatchedJob) -> list[Reading]:
@@ -160,9 +196,9 @@ def probe(conn: Conn, p: Probe) -> Reading:
 # -- replicas ----------------------------------------------------------------------------------
 
 
-def replica_lag(replica: Replica, primary_age_s: float, timeout_s: float = 3.0) -> Reading:
-    """Heartbeat lag on a replica: the age of the heartbeat it has replayed, minus the age of
-    the newest one on the primary (so a caught-up replica reads ~0 between heartbeats)."""
+def replica_lag(replica: Replica, beats: Heartbeats, now: dt.datetime,
+                timeout_s: float = 3.0) -> Reading:
+    """Heartbeat lag on a replica (see :class:`Heartbeats`); ``now`` is the primary's clock."""
     signal = f"replica_lag[{replica.name}]"
     try:
         conn = connect(replica.dsn, connect_timeout=max(1, round(timeout_s)),
@@ -172,28 +208,21 @@ def replica_lag(replica: Replica, primary_age_s: float, timeout_s: float = 3.0) 
     try:
         conn.execute(sql.SQL("SET statement_timeout = {}").format(
             sql.Literal(f"{int(timeout_s * 1000)}ms")))
-        row = conn.execute(
-            "SELECT extract(epoch FROM clock_timestamp() - at) FROM backfill.heartbeat "
-            "WHERE id = 1").fetchone()
-        if row is None:
+        row = conn.execute("SELECT at FROM backfill.heartbeat WHERE id = 1").fetchone()
+        lag = beats.lag(row[0], now) if row is not None else None
+        if lag is None:
             return Reading("replica_lag", signal, None,
-                           error="no heartbeat replayed yet (is this a replica of the primary?)")
-        return Reading("replica_lag", signal, max(0.0, float(row[0]) - primary_age_s))
+                           error="no heartbeat of this controller replayed yet (is this a "
+                                 "replica of the primary?)")
+        return Reading("replica_lag", signal, lag)
     except psycopg.Error as exc:
         return Reading("replica_lag", signal, None, error=_error(exc))
     finally:
         conn.close()
 
 
-def heartbeat_age(conn: Conn) -> float:
-    row = conn.execute(
-        "SELECT extract(epoch FROM clock_timestamp() - at) FROM backfill.heartbeat WHERE id = 1"
-    ).fetchone()
-    return float(row[0]) if row else 0.0
-
-
 def collect(conn: Conn, jobs: list[WatchedJob], replicas: list[Replica],
-            probes: list[Probe]) -> list[Reading]:
+            probes: list[Probe], beats: Heartbeats) -> list[Reading]:
     """Every reading for one controller tick, taken on the primary ``conn`` and the replicas."""
     readings: list[Reading] = []
     for job in jobs:
@@ -204,7 +233,8 @@ def collect(conn: Conn, jobs: list[WatchedJob], replicas: list[Replica],
     readings += logical_slots(conn)
     for p in probes:
         readings.append(probe(conn, p))
-    age = heartbeat_age(conn)
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
     for r in replicas:
-        readings.append(replica_lag(r, age))
+        readings.append(replica_lag(r, beats, row[0]))
     return readings

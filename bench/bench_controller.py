@@ -22,6 +22,7 @@ and with ``--timeline`` the lag over time is printed. Targets: with the controll
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime as dt
 import json
 import math
@@ -76,27 +77,31 @@ class Sampler:
     job_id: int | None = None
 
     def run(self) -> None:
+        # Lag = how long ago the primary was where the replica is now: the time since the
+        # first heartbeat the replica has not replayed (primary clock only).
+        written: list[dt.datetime] = []
         with psycopg.connect(self.dsn, autocommit=True) as p, \
                 psycopg.connect(self.rdsn, autocommit=True) as r:
             t0 = time.monotonic()
-            last_write = 0.0
             while not self.stop.is_set():
-                now = time.monotonic()
-                if now - last_write >= 0.1:
-                    p.execute("UPDATE bench_hb SET at = clock_timestamp()")
-                    last_write = now
-                row = r.execute("SELECT extract(epoch FROM clock_timestamp() - at) FROM bench_hb"
+                row = p.execute("UPDATE bench_hb SET at = clock_timestamp() RETURNING at"
                                 ).fetchone()
-                age = p.execute("SELECT extract(epoch FROM clock_timestamp() - at) FROM bench_hb"
-                                ).fetchone()
+                assert row is not None
+                written.append(row[0])
+                self.stop.wait(self.every_s)
+                replayed = r.execute("SELECT at FROM bench_hb").fetchone()
+                now_row = p.execute("SELECT clock_timestamp()").fetchone()
+                assert replayed is not None
+                assert now_row is not None
+                i = bisect.bisect_right(written, replayed[0])
+                lag = 0.0 if i >= len(written) else (now_row[0] - written[i]).total_seconds()
                 state = ""
                 if self.job_id is not None:
                     st = p.execute("SELECT state FROM backfill.jobs WHERE id = %s",
                                    (self.job_id,)).fetchone()
                     state = str(st[0]) if st else ""
-                lag = max(0.0, float(row[0]) - float(age[0])) if row and age else float("nan")
-                self.samples.append((now - t0, lag, state))
-                self.stop.wait(self.every_s)
+                self.samples.append((time.monotonic() - t0, max(0.0, lag), state))
+                del written[:-2000]
 
 
 @dataclass
@@ -116,6 +121,19 @@ class Saboteur:
                 r.execute("SELECT pg_wal_replay_resume()")
                 self.stop.wait(self.off)
             r.execute("SELECT pg_wal_replay_resume()")
+
+
+def caught_up(dsn: str, rdsn: str, timeout: float = 600) -> None:
+    with psycopg.connect(dsn, autocommit=True) as p, psycopg.connect(rdsn, autocommit=True) as r:
+        target = p.execute("SELECT pg_current_wal_lsn()").fetchone()
+        deadline = time.monotonic() + timeout
+        while True:
+            row = r.execute("SELECT pg_last_wal_replay_lsn() >= %s", target).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not catch up")
+            time.sleep(0.1)
 
 
 def run_scenario(name: str, dsn: str, rdsn: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -148,7 +166,8 @@ def run_scenario(name: str, dsn: str, rdsn: str, args: argparse.Namespace) -> di
         t.join(timeout=30)
     if done.state != JobState.SUCCEEDED:
         raise RuntimeError(f"{name}: job ended {done.state}: {done.state_reason}")
-    lags = [lag for _, lag, _ in sampler.samples if not math.isnan(lag)]
+    lags = [lag for _, lag, state in sampler.samples
+            if not math.isnan(lag) and state in ("running", "throttled")]
     throttles = sum(1 for e in bf.events(job.id) if e.to_state == "throttled")
     return {
         "scenario": name, "elapsed_s": elapsed, "rows_per_s": args.rows / elapsed,
@@ -194,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         rdsn = replica.dsn(BENCH_DB)
         for name in scenarios:
             reset_table(dsn, KINDS["bigint"], args.rows)
-            time.sleep(2)  # let the replica replay the load before measuring
+            caught_up(dsn, rdsn)  # the reload's WAL is replayed before anything is measured
             r = run_scenario(name, dsn, rdsn, args)
             check_table(dsn, args.rows, name)
             results.append(r)

@@ -106,3 +106,22 @@ def test_rate_shares_split_a_global_budget() -> None:
     assert rate_shares(1000, [1, 2, 3, 4]) == {1: 250, 2: 250, 3: 250, 4: 250}
     assert rate_shares(None, [1]) == {1: None}
     assert rate_shares(1000, []) == {}
+
+
+def test_replica_lag_from_heartbeats_ignores_pauses_in_writing() -> None:
+    import datetime as dt
+
+    from backfill.signals import Heartbeats
+
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    beats = Heartbeats()
+    assert beats.lag(t, t) is None  # nothing written: cannot tell
+    # A heartbeat an hour ago, then a pause (a controller restart), then one every second.
+    beats.written = [t, t + dt.timedelta(hours=1), t + dt.timedelta(hours=1, seconds=1)]
+    now = t + dt.timedelta(hours=1, seconds=1.5)
+    assert beats.lag(t + dt.timedelta(hours=1, seconds=1), now) == 0.0  # has the newest
+    # Has the hour-old one only: behind since the first one it lacks, 1.5 s ago, not 1 h.
+    assert beats.lag(t, now) == 1.5
+    assert beats.lag(t + dt.timedelta(hours=1), now) == 0.5
+    # Older than anything remembered: at least as old as the oldest remembered.
+    assert beats.lag(t - dt.timedelta(seconds=5), now) == 3601.5
