@@ -78,26 +78,35 @@ def split_point(conn: Conn, keyset: Keyset, lower: Key | None, upper: Key,
     return None if cut is None or cut == upper else cut
 
 
+def sample_percent(conn: Conn, keyset: Keyset, parts: int, rows_estimate: int, *,
+                   bounded: bool = False) -> float:
+    """The TABLESAMPLE SYSTEM percentage that reads about PAGES_PER_SLICE pages per part (at
+    most MAX_SAMPLE_PAGES). ``bounded``: the range holds ``rows_estimate`` rows of a bigger
+    table (a slice being split), so sample more of the table for enough pages in the range."""
+    # Pages from the files, not pg_class.relpages: that is 0 for a partitioned table and stale
+    # after a bulk load. pg_partition_tree() lists a partitioned table's tree (root included)
+    # but nothing for a plain table, hence the table itself too.
+    row = conn.execute(
+        """SELECT greatest(1, coalesce(sum(pg_relation_size(c.oid)), 0)
+                              / current_setting('block_size')::int),
+                  greatest(1, coalesce(sum(greatest(c.reltuples, 0)), 0))
+           FROM pg_class c
+           WHERE c.oid = %(t)s::regclass
+              OR c.oid IN (SELECT relid FROM pg_partition_tree(%(t)s::regclass))""",
+        {"t": keyset.table.as_string(conn)},
+    ).fetchone()
+    relpages = int(row[0]) if row else 1
+    fraction = 1.0 if not bounded else min(1.0, rows_estimate / float(row[1] if row else 1))
+    wanted = min(MAX_SAMPLE_PAGES, PAGES_PER_SLICE * parts / max(fraction, 1e-9))
+    return min(100.0, 100.0 * wanted / relpages)
+
+
 def _sampled(conn: Conn, keyset: Keyset, upper: Key, parts: int, rows_estimate: int,
              lower: Key | None = None, *, bounded: bool = False) -> list[Key]:
     # SYSTEM sampling reads whole pages, and a page holds neighbouring keys: balance depends on
     # how many pages are sampled, not how many rows. The database sorts the sample and cuts it
     # into `parts` tiles; the last key of each tile is a boundary.
-    # Pages from the files, not pg_class.relpages: that is 0 for a partitioned table and stale
-    # after a bulk load. pg_partition_tree() also lists a plain table itself.
-    row = conn.execute(
-        """SELECT greatest(1, coalesce(sum(pg_relation_size(p.relid)), 0)
-                              / current_setting('block_size')::int),
-                  greatest(1, coalesce(sum(greatest(c.reltuples, 0)), 0))
-           FROM pg_partition_tree(%s::regclass) p JOIN pg_class c ON c.oid = p.relid""",
-        (keyset.table.as_string(conn),),
-    ).fetchone()
-    relpages = int(row[0]) if row else 1
-    # The range may be part of the table (a slice being split): sample more of the table so
-    # enough pages fall in the range, but never read more than MAX_SAMPLE_PAGES.
-    fraction = 1.0 if not bounded else min(1.0, rows_estimate / float(row[1] if row else 1))
-    wanted = min(MAX_SAMPLE_PAGES, PAGES_PER_SLICE * parts / max(fraction, 1e-9))
-    percent = min(100.0, 100.0 * wanted / relpages)
+    percent = sample_percent(conn, keyset, parts, rows_estimate, bounded=bounded)
     query = sql.SQL(
         "SELECT DISTINCT ON (backfill_tile_) {keys} FROM ("
         " SELECT {keys}, ntile(%(parts)s) OVER (ORDER BY {order}) AS backfill_tile_"

@@ -45,6 +45,10 @@ def test_boundaries_balance_rows_on_skewed_keys(dsn: str, rows: int, exact: bool
     assert upper is not None
     estimate = resolve_table(conn, "items").rows_estimate
     assert (estimate is not None and estimate >= slicing.EXACT_BELOW) != exact
+    if not exact:
+        # 400k rows are ~2,500 pages: 4 x 500 sampled pages are most of it, not all of it (a
+        # 100 % "sample" of a 500M-row table would sort it all before the first batch).
+        assert slicing.sample_percent(conn, prepared.keyset, 4, rows) < 100
     cuts = slicing.boundaries(conn, prepared.keyset, upper, 4, estimate)
     assert len(cuts) == 3
     assert cuts == sorted(cuts)
@@ -274,3 +278,28 @@ def test_inline_run_refuses_a_job_running_on_the_workers(dsn: str) -> None:
     assert bf.run(job.id).state == JobState.SUCCEEDED  # taken back inline, from the checkpoints
     assert bf.get(job.id).runs_on == "inline"
     assert counter_histogram(dsn) == {1: 500}
+
+
+def test_the_sample_is_sized_by_the_table_and_its_partitions(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE big (id bigint PRIMARY KEY, pad text)")
+        c.execute("INSERT INTO big SELECT i, repeat('x', 200) FROM generate_series(1, 200000) i")
+        c.execute("""CREATE TABLE parted (id bigint PRIMARY KEY, pad text)
+                     PARTITION BY RANGE (id)""")
+        c.execute("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100001)")
+        c.execute("CREATE TABLE parted_2 PARTITION OF parted FOR VALUES FROM (100001) TO (300000)")
+        c.execute("INSERT INTO parted SELECT i, repeat('x', 200) FROM generate_series(1, 200000) i")
+        c.execute("ANALYZE big, parted")
+    from psycopg import sql
+
+    from backfill.keyset import Keyset
+
+    conn = connect(dsn)
+    try:
+        # ~6,900 pages each: 2 x 500 pages is about 14 %.
+        for table in ("big", "parted"):
+            keyset = Keyset(sql.Identifier("public", table), ("id",))
+            percent = slicing.sample_percent(conn, keyset, 2, 200_000)
+            assert 10 < percent < 20, (table, percent)
+    finally:
+        conn.close()
