@@ -488,21 +488,31 @@ _STATE_STYLE = {
 }
 
 
+def _bar(fraction: float | None, width: int = 12) -> str:
+    """A text progress bar (plain characters: it survives SSH, logs and `watch`)."""
+    if fraction is None:
+        return "-"
+    filled = round(fraction * width)
+    return "#" * filled + "." * (width - filled)
+
+
 def _jobs_table(rows: list[tuple[store.JobRecord, store.Progress]]) -> Table:
     t = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("ID", "NAME", "TABLE", "STATE", "DONE", "ROWS/S", "BATCH", "ETA", "REASON"):
+    for col in ("ID", "NAME", "TABLE", "STATE", "PROGRESS", "DONE", "ROWS/S", "BATCH", "ETA",
+                "REASON"):
         t.add_column(col, justify="right" if col in ("ID", "ROWS/S", "BATCH") else "left",
                      overflow="fold")
     for job, prog in rows:
         total = job.rows_estimate
-        pct = f"{min(100.0, 100.0 * prog.rows_scanned / total):.1f}%" if total else "-"
+        fraction = min(1.0, prog.rows_scanned / total) if total else None
         if job.state == JobState.SUCCEEDED:
-            pct = "100%"
+            fraction = 1.0
+        pct = f"{100 * fraction:.1f}%" if fraction is not None else "-"
         rate = prog.recent_rows_per_s if job.state == JobState.RUNNING else None
         eta = eta_seconds(prog.rows_scanned, total, rate)
         t.add_row(str(job.id), job.name, job.table,
                   f"[{_STATE_STYLE.get(str(job.state), '')}]{job.state}[/]",
-                  f"{prog.rows_scanned:,} ({pct})", f"{rate:,.0f}" if rate else "-",
+                  _bar(fraction), f"{prog.rows_scanned:,} ({pct})", f"{rate:,.0f}" if rate else "-",
                   f"{prog.current_batch_size:,}" if prog.current_batch_size else "-",
                   format_duration(eta), escape(job.state_reason or ""))
     return t
@@ -618,9 +628,15 @@ def watch(
     interval: Annotated[float, typer.Option("--interval", "-n", help="Seconds between refreshes.")] = 2.0,
     include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
     count: Annotated[int, typer.Option("--count", help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
+    once: Annotated[bool, typer.Option("--once", help="Print the table once and exit (scripts).")] = False,
 ) -> None:
-    """A live table of jobs, refreshed every --interval seconds, until Ctrl-C."""
+    """A live table of jobs (state, progress, rows/s, ETA, throttle reason), refreshed every
+    --interval seconds in place, until Ctrl-C."""
     bf = _client(ctx)
+    if once:
+        rows = _guard(lambda: bf.overview(include_finished=include_all))
+        out.print(_jobs_table(rows) if rows else "no jobs")
+        return
 
     def render() -> Any:
         rows = _guard(lambda: bf.overview(include_finished=include_all))
@@ -733,7 +749,8 @@ def verify(
 def _load_plugins() -> None:
     """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
     Imported by name so the core never imports Celery itself."""
-    importlib.import_module("backfill.controller_cli")  # core, but kept out of this file
+    for core in ("backfill.controller_cli", "backfill.exporter_cli"):  # kept out of this file
+        importlib.import_module(core)
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():
             continue

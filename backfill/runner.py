@@ -683,7 +683,7 @@ class Runner:
             verdict = classify(exc)
             note = {"attempt": state.attempt_number, "error": describe_error(exc),
                     "verdict": verdict.value, "batch_size": sizer.size,
-                    "cursor": start_cursor}
+                    "slice": slice_no, "cursor": start_cursor}
             if verdict is Verdict.SHRINK:
                 note["new_batch_size"] = sizer.shrink(options)
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and (

@@ -188,6 +188,21 @@ ALTER TABLE backfill.jobs
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        5,
+        "batch duration histogram per slice",
+        """
+-- Cumulative counts of batch durations per bucket (see backfill.metrics.BUCKETS_S; the last
+-- is +Inf) and their sum, kept by each checkpoint in the same UPDATE: a Prometheus histogram
+-- that is right whichever process ran the batches, and survives restarts and pruning.
+ALTER TABLE backfill.slices
+    ADD COLUMN duration_buckets bigint[] NOT NULL DEFAULT array_fill(0::bigint, ARRAY[12]),
+    ADD COLUMN duration_sum_ms  double precision NOT NULL DEFAULT 0;
+""",
+    ),
+)
+
 LATEST = MIGRATIONS[-1].version
 
 

@@ -16,9 +16,12 @@ from psycopg.types.json import Jsonb
 
 from backfill.catalog import Conn
 from backfill.errors import IllegalTransition, JobConflict, JobNotFound
+from backfill.logs import get_logger
 from backfill.options import JobOptions
 from backfill.spec import JobSpec
 from backfill.states import ACTIVE, TERMINAL, JobState, check_transition
+
+_log = get_logger(component="store")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class SliceRecord:
     dispatch_seq: int = 0
     dispatched_at: dt.datetime | None = None
     rows_estimate: int | None = None
+    duration_buckets: list[int] | None = None
+    duration_sum_ms: float = 0.0
 
     @property
     def rows_left(self) -> int | None:
@@ -356,6 +361,9 @@ def transition(
             raise JobConflict(_conflict_message(conn, job.conflict_key)) from exc
         add_event(conn, job_id, "transition", actor=actor, from_state=str(job.state),
                   to_state=str(to), reason=reason, details=details)
+        # One log line per state change, wherever it happens (runner, worker, controller, CLI).
+        _log.info("job.transition", job_id=job_id, job=job.name, from_state=str(job.state),
+                  to_state=str(to), actor=actor, reason=reason)
         return get_job(conn, job_id)
 
 
@@ -765,6 +773,19 @@ def set_rows_estimate(conn: Conn, job_id: int, estimate: int | None) -> None:
     conn.execute("UPDATE backfill.jobs SET rows_estimate = %s WHERE id = %s", (estimate, job_id))
 
 
+#: Upper bounds (seconds) of the batch duration histogram's buckets; a 12th is +Inf.
+DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def duration_bucket(duration_ms: float) -> int:
+    """The (1-based) histogram bucket a batch of ``duration_ms`` falls in."""
+    seconds = duration_ms / 1000.0
+    for i, bound in enumerate(DURATION_BUCKETS_S, start=1):
+        if seconds <= bound:
+            return i
+    return len(DURATION_BUCKETS_S) + 1
+
+
 def checkpoint(
     conn: Conn,
     *,
@@ -799,7 +820,9 @@ def checkpoint(
                SET cursor = %(new)s, done = %(done)s,
                    rows_scanned = s.rows_scanned + %(scanned)s,
                    rows_affected = s.rows_affected + %(affected)s,
-                   batches = s.batches + 1, batch_size = %(next_size)s, updated_at = now()
+                   batches = s.batches + 1, batch_size = %(next_size)s, updated_at = now(),
+                   duration_buckets[%(bucket)s] = s.duration_buckets[%(bucket)s] + 1,
+                   duration_sum_ms = s.duration_sum_ms + %(duration)s
                FROM j
                WHERE s.job_id = %(job)s AND s.slice_no = %(slice)s AND NOT s.done
                  AND s.cursor IS NOT DISTINCT FROM %(prev)s
@@ -821,6 +844,7 @@ def checkpoint(
             "next_size": next_batch_size, "job": job_id, "slice": slice_no,
             "prev": Jsonb(prev) if prev is not None else None, "duration": duration_ms,
             "size": batch_size, "attempts": attempts, "token": lease_token,
+            "bucket": duration_bucket(duration_ms),
         },
     ).fetchone()
     return (int(row[0]), str(row[1]), int(row[2])) if row is not None else None

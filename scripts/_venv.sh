@@ -85,3 +85,21 @@ ensure_redis() {
     echo "error: redis-server not found; install Redis 7 (e.g. apt-get install redis-server)" >&2
     return 1
 }
+
+# Prometheus and promtool, for the rule tests and the scrape test.
+ensure_prometheus() {
+    if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+        return 0
+    fi
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        step "installing prometheus (and promtool) with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+        # The package starts a system service; the tests start their own server on a free port.
+        if command -v systemctl >/dev/null 2>&1; then systemctl stop prometheus 2>/dev/null || true; fi
+        pkill -x prometheus 2>/dev/null || true
+        return 0
+    fi
+    echo "error: prometheus/promtool not found; install them (e.g. apt-get install prometheus)" >&2
+    return 1
+}

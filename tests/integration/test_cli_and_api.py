@@ -108,3 +108,32 @@ def test_a_password_in_the_dsn_never_reaches_output_or_logs(dsn: str) -> None:
         assert "hunter2" not in proc.stderr
     assert counter_histogram(dsn) == {1: 2_000}
     assert "batch.done" in outputs[0].stderr  # the debug log really ran
+
+
+def test_logs_are_json_lines_with_ids_and_one_line_per_state_change(dsn: str) -> None:
+    make_counter_table(dsn, 1_000)
+    job_id = cli(dsn, "enqueue", "-t", "items", "--set", "counter = counter + 1",
+                 "--batch-size", "250", "--min-batch-size", "250", "--max-batch-size", "250",
+                 "-q").stdout.strip()
+    run = cli(dsn, "--log-level", "debug", "run", job_id)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(ln) for ln in run.stderr.splitlines() if ln.startswith("{")]
+    changes = [ln for ln in lines if ln["event"] == "job.transition"]
+    assert [(c["from_state"], c["to_state"]) for c in changes] == [
+        ("pending", "running"), ("running", "succeeded")]
+    assert all(c["job_id"] == int(job_id) and c["actor"] for c in changes)
+    batches = [ln for ln in lines if ln["event"] == "batch.done"]
+    assert len(batches) == 4
+    assert all({"job_id", "slice", "batch_id", "rows", "ms"} <= set(b) for b in batches)
+
+
+def test_watch_once_prints_the_jobs_for_scripts(dsn: str) -> None:
+    make_counter_table(dsn, 1_000)
+    job_id = cli(dsn, "enqueue", "-t", "items", "--set", "counter = counter + 1",
+                 "-q").stdout.strip()
+    assert cli(dsn, "run", job_id).returncode == 0
+    res = cli(dsn, "watch", "--once", "--all")
+    assert res.returncode == 0, res.stderr
+    assert "succeeded" in res.stdout
+    assert "############" in res.stdout  # the progress bar, full
+    assert "(100.0%)" in res.stdout

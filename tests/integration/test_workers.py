@@ -119,6 +119,13 @@ def test_a_task_for_an_unknown_job_is_dropped_without_a_write(
 
     monkeypatch.setenv("BACKFILL_DSN", dsn)
     assert run_slice.run(999, 0, 1) == "dropped"
+    # A task for a job that already ended: no write, and no task sent on.
+    make_counter_table(dsn, 500)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC))
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    assert run_slice.run(job.id, 0, 0) == "stopped"
+    assert counter_histogram(dsn) == {1: 500}
 
 
 def test_tune_parallelism_up_splits_running_slices(dsn: str, workers: Workers) -> None:

@@ -1,0 +1,261 @@
+"""Prometheus metrics, read from the state store at each scrape.
+
+The exporter (``backfill exporter``) is its own small process: every figure comes from
+PostgreSQL (jobs, slices, events, the controller's last readings), so it is right whichever
+runner or worker did the work, survives restarts of everything, and needs no coordination.
+It is not served by the controller because the controller is optional and only its leader
+acts, while metrics must exist, once, whether a controller runs or not.
+
+Naming follows Prometheus conventions: ``backfill_`` prefix, base units in names
+(``_seconds``, ``_bytes``), ``_total`` for counters. Labels are bounded: job id and name, kind,
+table, state, signal kind and source; never key values, SQL or free text. Jobs are exported
+while active, while failed (until retried or cancelled), and for ``finished_for_s`` after they
+succeed or are cancelled, so series do not accumulate forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from backfill.db import connect, redact_text
+from backfill.logs import get_logger
+from backfill.states import JobState
+from backfill.store import DURATION_BUCKETS_S
+from backfill.throttle import eta_seconds
+
+log = get_logger(component="exporter")
+
+JOB_LABELS = ["job_id", "job_name"]  # not "job": Prometheus owns that label
+#: Reading kinds exported as their own gauge, with their unit.
+SIGNAL_METRICS = {
+    "replica_lag": ("backfill_signal_replica_lag_seconds", "Replica lag (heartbeat or replay)."),
+    "replica_lag_bytes": ("backfill_signal_replica_lag_bytes", "WAL bytes not yet replayed."),
+    "lock_waiters": ("backfill_signal_lock_waiters", "Sessions waiting on a job's tables."),
+    "lock_wait": ("backfill_signal_lock_wait_seconds", "Oldest lock wait on a job's tables."),
+    "slot_retained": ("backfill_signal_slot_retained_bytes",
+                      "WAL retained by a logical replication slot."),
+    "long_transaction": ("backfill_signal_long_transaction_seconds",
+                         "Age of the oldest open transaction."),
+    "autovacuum": ("backfill_signal_autovacuum_running", "1 while autovacuum works on a job's table."),
+}
+
+_JOBS_SQL = """
+SELECT j.id, j.name, j.kind, j.source_schema || '.' || j.source_table AS tbl, j.state,
+       j.rows_estimate, j.runs_on, j.state_reason,
+       extract(epoch FROM j.updated_at) AS updated_at,
+       coalesce(s.rows_scanned, 0) AS rows_scanned, coalesce(s.rows_affected, 0) AS affected,
+       coalesce(s.batches, 0) AS batches, s.batch_size, s.sum_ms, s.buckets,
+       s.slices, s.slices_done,
+       extract(epoch FROM coalesce(
+           (SELECT max(b.finished_at) FROM backfill.batches b WHERE b.job_id = j.id),
+           j.started_at)) AS last_batch_at,
+       (SELECT count(*) FROM backfill.events e WHERE e.job_id = j.id AND e.kind = 'retry')
+           AS retries,
+       (SELECT count(*) FROM backfill.events e
+         WHERE e.job_id = j.id AND e.kind = 'transition' AND e.to_state = 'failed') AS failures,
+       (SELECT e.details -> 'readings' -> 0 ->> 'signal' FROM backfill.events e
+         WHERE e.job_id = j.id AND e.kind = 'transition' AND e.to_state = 'throttled'
+         ORDER BY e.id DESC LIMIT 1) AS throttle_signal
+FROM backfill.jobs j
+LEFT JOIN LATERAL (
+    SELECT sum(rows_scanned) AS rows_scanned, sum(rows_affected) AS rows_affected,
+           sum(batches) AS batches, max(batch_size) FILTER (WHERE NOT done) AS batch_size,
+           sum(duration_sum_ms) AS sum_ms, count(*) AS slices,
+           count(*) FILTER (WHERE done) AS slices_done,
+           (SELECT array_agg(t ORDER BY i) FROM (
+                SELECT i, sum(sl.duration_buckets[i]) AS t
+                FROM backfill.slices sl, generate_series(1, %(nbuckets)s) i
+                WHERE sl.job_id = j.id GROUP BY i) b) AS buckets
+    FROM backfill.slices WHERE job_id = j.id) s ON true
+WHERE j.state IN ('pending', 'running', 'throttled', 'paused', 'failed')
+   OR j.finished_at > now() - %(finished_for)s * interval '1 second'
+ORDER BY j.id
+"""
+
+
+def _signal_base(signal: str | None) -> str | None:
+    return signal.split("[", 1)[0] if signal else None
+
+
+class StateCollector(Collector):
+    """Reads the state store on each ``collect`` (one connection, a few queries)."""
+
+    def __init__(self, dsn: str, *, finished_for_s: float = 3600.0) -> None:
+        self.dsn = dsn
+        self.finished_for_s = finished_for_s
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self.dsn, application_name="backfill exporter",
+                                 connect_timeout=5)
+            self._conn.execute("SET statement_timeout = '10s'")
+        return self._conn
+
+    def describe(self) -> list[Metric]:
+        return []  # collected fresh at each scrape; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        up = GaugeMetricFamily("backfill_up", "1 if the exporter could read the state store.")
+        try:
+            conn = self._connection()
+            jobs = conn.execute(_JOBS_SQL, {"finished_for": self.finished_for_s,
+                                            "nbuckets": len(DURATION_BUCKETS_S) + 1}).fetchall()
+            controller = conn.execute(
+                """SELECT leader, extract(epoch FROM tick_at), readings, settings
+                   FROM backfill.controller WHERE id = 1""").fetchone()
+        except Exception as exc:  # the database is away: say so, and serve what we can
+            log.warning("exporter.scrape_failed", error=redact_text(str(exc)))
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from self._jobs(jobs)
+        yield from self._controller(controller)
+        took = GaugeMetricFamily("backfill_exporter_scrape_duration_seconds",
+                                 "Time to read the state store for this scrape.")
+        took.add_metric([], time.perf_counter() - started)
+        yield took
+
+    def _jobs(self, rows: list[Any]) -> Iterator[Metric]:
+        info = GaugeMetricFamily("backfill_job_info", "A job: its kind, table and where it runs.",
+                                 labels=[*JOB_LABELS, "kind", "table", "runs_on"])
+        state = GaugeMetricFamily("backfill_job_state", "1 for the job's current state.",
+                                  labels=[*JOB_LABELS, "state"])
+        done = CounterMetricFamily("backfill_job_rows_done", "Rows scanned (processed) so far.",
+                                   labels=JOB_LABELS)
+        affected = CounterMetricFamily("backfill_job_rows_affected",
+                                       "Rows the job's statements changed.", labels=JOB_LABELS)
+        total = GaugeMetricFamily("backfill_job_rows_estimated",
+                                  "Rows in the job's range (an estimate).", labels=JOB_LABELS)
+        batches = CounterMetricFamily("backfill_job_batches", "Batches committed.",
+                                      labels=JOB_LABELS)
+        retries = CounterMetricFamily("backfill_job_batch_retries", "Batch attempts retried.",
+                                      labels=JOB_LABELS)
+        failures = CounterMetricFamily("backfill_job_failures",
+                                       "Times the job failed (a batch error that did not heal).",
+                                       labels=JOB_LABELS)
+        size = GaugeMetricFamily("backfill_job_batch_size", "Current batch size (rows).",
+                                 labels=JOB_LABELS)
+        throttled = GaugeMetricFamily(
+            "backfill_job_throttled", "1 while the controller throttles the job; `signal` is "
+            "the kind of reading that caused it.", labels=[*JOB_LABELS, "signal"])
+        last = GaugeMetricFamily("backfill_job_last_progress_timestamp_seconds",
+                                 "When the job last committed a batch, or started (Unix time).",
+                                 labels=JOB_LABELS)
+        eta = GaugeMetricFamily("backfill_job_eta_seconds",
+                                "Seconds left at the recent rate (running jobs only).",
+                                labels=JOB_LABELS)
+        slices = GaugeMetricFamily("backfill_job_slices", "Slices, and slices done.",
+                                   labels=[*JOB_LABELS, "done"])
+        duration = HistogramMetricFamily("backfill_job_batch_duration_seconds",
+                                         "Batch duration (probe and write).", labels=JOB_LABELS)
+        for r in rows:
+            (job_id, name, kind, table, st, estimate, runs_on, _reason, _updated_at, scanned,
+             n_affected, n_batches, batch_size, sum_ms, buckets, n_slices, n_done, last_at,
+             n_retries, n_failures, signal) = r
+            lab = [str(job_id), name]
+            info.add_metric([*lab, kind, table, runs_on], 1)
+            for s in JobState:
+                state.add_metric([*lab, str(s)], 1 if s == st else 0)
+            done.add_metric(lab, float(scanned))
+            affected.add_metric(lab, float(n_affected))
+            batches.add_metric(lab, float(n_batches))
+            retries.add_metric(lab, float(n_retries))
+            failures.add_metric(lab, float(n_failures))
+            if estimate is not None:
+                total.add_metric(lab, float(max(estimate, scanned)))
+            if batch_size is not None:
+                size.add_metric(lab, float(batch_size))
+            if st == JobState.THROTTLED:
+                throttled.add_metric([*lab, _signal_base(signal) or "unknown"], 1)
+            if last_at is not None:
+                last.add_metric(lab, float(last_at))
+            if n_slices:
+                slices.add_metric([*lab, "false"], float(n_slices - n_done))
+                slices.add_metric([*lab, "true"], float(n_done))
+            if buckets:
+                cumulative, running = [], 0
+                for bound, count in zip((*DURATION_BUCKETS_S, float("inf")), buckets,
+                                        strict=True):
+                    running += int(count or 0)
+                    cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
+                duration.add_metric(lab, cumulative, (sum_ms or 0) / 1000.0)
+            if st in (JobState.RUNNING, JobState.THROTTLED):
+                rate = self._recent_rate(job_id)
+                left = eta_seconds(int(scanned), estimate, rate)
+                if left is not None:
+                    eta.add_metric(lab, left)
+        yield from (info, state, done, affected, total, batches, retries, failures, size,
+                    throttled, last, eta, slices, duration)
+
+    def _recent_rate(self, job_id: int) -> float | None:
+        row = self._connection().execute(
+            """SELECT sum(rows_scanned), extract(epoch FROM max(finished_at)
+                      - min(finished_at - duration_ms * interval '1 millisecond'))
+               FROM (SELECT finished_at, rows_scanned, duration_ms FROM backfill.batches
+                     WHERE job_id = %s ORDER BY id DESC LIMIT 50) b""", (job_id,)).fetchone()
+        if not row or row[0] is None or not row[1] or float(row[1]) <= 0:
+            return None
+        return float(row[0]) / float(row[1])
+
+    def _controller(self, row: Any) -> Iterator[Metric]:
+        last = GaugeMetricFamily("backfill_controller_last_poll_timestamp_seconds",
+                                 "When the acting controller last polled (Unix time).")
+        leader = GaugeMetricFamily("backfill_controller_leader_info",
+                                   "The acting controller.", labels=["leader"])
+        poll = GaugeMetricFamily("backfill_controller_poll_interval_seconds",
+                                 "The acting controller's poll interval.")
+        unreadable = GaugeMetricFamily(
+            "backfill_signal_unreadable", "1 for a signal the controller could not read (it "
+            "throttles: fail closed).", labels=["kind", "source"])
+        gauges = {kind: GaugeMetricFamily(name, help_, labels=["source"])
+                  for kind, (name, help_) in SIGNAL_METRICS.items()}
+        probes = GaugeMetricFamily("backfill_signal_probe_value", "An operator probe's value.",
+                                   labels=["source"])
+        if row is not None:
+            name, tick_at, readings, settings = row
+            last.add_metric([], float(tick_at))
+            leader.add_metric([name], 1)
+            poll.add_metric([], float((settings or {}).get("poll_s") or 1.0))
+            for reading in readings or []:
+                signal = str(reading.get("signal", ""))
+                kind, _, rest = signal.partition("[")
+                source = rest.rstrip("]") or kind
+                kind = {"standby_replay_lag": "replica_lag",
+                        "standby_replay_bytes": "replica_lag_bytes"}.get(kind, kind)
+                value = reading.get("value")
+                if value is None:
+                    unreadable.add_metric([kind, source], 1)
+                    continue
+                if kind == "probe":
+                    probes.add_metric([source], float(value))
+                elif kind in gauges:
+                    gauges[kind].add_metric([source], float(value))
+        yield from (last, leader, poll, unreadable, probes, *gauges.values())
+
+
+def serve(dsn: str, *, port: int, addr: str = "0.0.0.0",
+          finished_for_s: float = 3600.0) -> Any:
+    """Start the HTTP exporter in a background thread; returns (server, thread)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(dsn, finished_for_s=finished_for_s))
+    return start_http_server(port, addr=addr, registry=registry)

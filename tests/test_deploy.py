@@ -1,0 +1,102 @@
+"""The files in deploy/ and docker-compose.yml: rules tested with promtool, the dashboard and
+the compose file checked for what would break them at `docker compose up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM = ROOT / "deploy" / "prometheus"
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("BACKFILL_REQUIRE_PG"):
+            pytest.fail("promtool is not installed (scripts/test.sh installs prometheus)")
+        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
+    return found
+
+
+def test_rules_pass_promtool_check() -> None:
+    res = subprocess.run([_promtool(), "check", "rules", str(PROM / "rules.yml")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_rules_pass_their_unit_tests() -> None:
+    res = subprocess.run([_promtool(), "test", "rules", "tests.yml"], cwd=PROM,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_alert_is_tested_and_has_a_runbook_entry() -> None:
+    rules = yaml.safe_load((PROM / "rules.yml").read_text())
+    tests = (PROM / "tests.yml").read_text()
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) >= 6
+    for rule in alerts:
+        name = rule["alert"]
+        assert f"alertname: {name}" in tests, f"{name} has no promtool test"
+        anchor = rule["annotations"]["runbook_url"].split("#", 1)[1]
+        assert f"## {name}" in runbook, name
+        assert anchor == name.lower(), name
+        assert rule["annotations"]["summary"]
+        assert rule["annotations"]["description"]
+
+
+def test_the_dashboard_is_valid_and_queries_something() -> None:
+    dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "backfill.json").read_text())
+    assert dash["uid"] == "backfill"
+    titles = {p["title"] for p in dash["panels"]}
+    for wanted in ("Progress", "Rows per second", "ETA", "Batch duration p50 / p95",
+                   "Throttled jobs and why", "Replica lag", "Lock waiters on job tables"):
+        assert wanted in titles
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        assert all(t["expr"].strip() for t in panel["targets"])
+
+
+def _compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_compose_file_is_consistent() -> None:
+    compose = _compose()
+    services = compose["services"]
+    for wanted in ("primary", "replica", "redis", "worker", "controller", "exporter",
+                   "prometheus", "grafana"):
+        assert wanted in services, wanted
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for vol in svc.get("volumes", []):
+            src = vol.split(":", 1)[0]
+            if src.startswith("./"):
+                assert (ROOT / src).exists(), f"{name} mounts missing {src}"
+            else:
+                assert src in compose.get("volumes", {}), f"{name}: undeclared volume {src}"
+        if name not in ("primary", "replica", "redis", "prometheus", "grafana"):
+            assert svc.get("build") == ".", name
+        probe = svc.get("healthcheck")
+        conditions = [d.get("condition") for d in svc.get("depends_on", {}).values()]
+        assert probe or name not in {d for s in services.values()
+                                     for d, c in s.get("depends_on", {}).items()
+                                     if c.get("condition") == "service_healthy"}, name
+        assert all(c in ("service_healthy", "service_completed_successfully",
+                         "service_started") for c in conditions), name
+    ports = [p for svc in services.values() for p in svc.get("ports", [])]
+    assert len(ports) == len(set(ports)), "two services publish the same port"
+    prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["exporter:9187"]
+    assert "9187" in services["exporter"]["command"]
