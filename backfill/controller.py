@@ -9,6 +9,7 @@ the current throttle reason is the job's ``state_reason``.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -24,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from backfill import signals, store
 from backfill.catalog import Conn
-from backfill.db import connect, redact_dsn, redact_text
+from backfill.db import connect, hold_lock_briefly_after_death, redact_dsn, redact_text
 from backfill.durations import parse_duration_ms, parse_size
 from backfill.errors import BackfillError, IllegalTransition, InvalidOption
 from backfill.logs import get_logger
@@ -71,11 +72,14 @@ class ControllerConfig:
     batches_per_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
+        def lim(v: Limit) -> list[float | None]:  # JSON has no infinity (a limit turned off)
+            return [x if math.isfinite(x) else None for x in (v.throttle_at, v.resume_below)]
+
         return {
             "poll_s": self.poll_s, "hold_s": self.policy.hold_s,
-            "limits": {k: [v.throttle_at, v.resume_below] for k, v in self.policy.limits.items()},
-            "per_job": {name: {k: [v.throttle_at, v.resume_below] for k, v in lim.items()}
-                        for name, lim in self.policy.per_job.items()},
+            "limits": {k: lim(v) for k, v in self.policy.limits.items()},
+            "per_job": {name: {k: lim(v) for k, v in limits.items()}
+                        for name, limits in self.policy.per_job.items()},
             "replicas": {r.name: redact_dsn(r.dsn) for r in self.replicas},
             "probes": [p.name for p in self.probes],
             "rows_per_s": self.rows_per_s, "batches_per_s": self.batches_per_s,
@@ -102,8 +106,9 @@ class ControllerConfig:
             raise InvalidOption(f"unknown controller settings: {', '.join(sorted(unknown))} "
                                 f"(known: {', '.join(sorted(known))})")
         ratio = _number(data.get("resume_ratio", 0.5), "resume_ratio")
-        if not 0 <= ratio <= 1:
-            raise InvalidOption("resume_ratio must be between 0 and 1")
+        if not 0 < ratio <= 1:
+            raise InvalidOption("resume_ratio must be more than 0 and at most 1 (healthy "
+                                "signals read 0: a resume threshold of 0 never resumes)")
         limits = dict(DEFAULT_LIMITS)
         limits.update(_limits(data.get("limits", {}), ratio, "limits"))
         limits.update(_limits(overrides.get("limits") or {}, ratio, "option"))
@@ -163,6 +168,9 @@ def _number(value: Any, where: str) -> float:
 
 
 def _limit(top: float, below: float, where: str) -> Limit:
+    if below <= 0:
+        raise InvalidOption(f"{where}: the resume threshold must be more than 0 (healthy "
+                            "signals read 0, and a job resumes only below the threshold)")
     try:
         return Limit(top, below)
     except ValueError as exc:
@@ -238,9 +246,13 @@ class Controller:
             if not (row and row[0]):
                 conn.close()
                 return None
+            # If this host vanishes, the server must end the session (and free the lock) in
+            # seconds, not after the OS's two-hour keepalive: a standby then takes over.
+            hold_lock_briefly_after_death(conn)
             self._conn = conn
             self._leading = True
             self._clear = {}  # a new leader starts its hold clocks afresh
+            self._beats = signals.Heartbeats()  # another leader may have written meanwhile
             log.info("controller.leader", actor=self.actor)
         return conn
 
@@ -288,12 +300,12 @@ class Controller:
             for d in decisions:
                 if self._apply(conn, d, by_id[d.job_id]):
                     applied.append(d)
+            # The heartbeat goes out whatever happens to the bookkeeping below, and after this
+            # poll's reads, so the next poll's replicas have long replayed it.
+            self._beats.write(conn)
             self._share_budgets(conn)
             store.record_controller_tick(conn, self.actor, [r.to_json() for r in readings],
                                          self.config.to_json())
-            # Last, so the next tick's replicas have long replayed it: a caught-up replica
-            # then reads a lag of about 0, not one poll interval.
-            self._beats.write(conn)
         return TickResult(readings, decisions, applied)
 
     def _apply(self, conn: Conn, d: Decision, job: store.JobRecord) -> bool:

@@ -60,3 +60,12 @@ def connect(dsn: str, *, application_name: str = "backfill", connect_timeout: in
         first = redact_text(lines[0]) if lines else type(exc).__name__
         raise DatabaseUnavailable(f"cannot connect to {describe(dsn)}: {first}") from None
     return conn
+
+
+def hold_lock_briefly_after_death(conn: Conn) -> None:
+    """For a connection holding a session advisory lock (a leader): if this host vanishes,
+    the server ends the session, freeing the lock, within about 30 s rather than after the
+    operating system's two-hour keepalive, so a standby takes over."""
+    for setting, value in (("tcp_keepalives_idle", "10"), ("tcp_keepalives_interval", "5"),
+                           ("tcp_keepalives_count", "3"), ("tcp_user_timeout", "30000")):
+        conn.execute("SELECT set_config(%s, %s, false)", (setting, value))

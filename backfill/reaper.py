@@ -20,7 +20,7 @@ import psycopg
 
 from backfill import store
 from backfill.catalog import Conn
-from backfill.db import connect, redact_text
+from backfill.db import connect, hold_lock_briefly_after_death, redact_text
 from backfill.errors import (
     BackfillError,
     IllegalTransition,
@@ -112,6 +112,7 @@ class ReaperLoop:
             if not (row and row[0]):
                 conn.close()
                 return False
+            hold_lock_briefly_after_death(conn)
             self._lock_conn = conn
             log.info("reaper.leader", actor=self.actor)
             return True

@@ -601,9 +601,10 @@ class Runner:
     def _delay_after(self, rows: int, seconds: float, options: JobOptions) -> float:
         """Seconds to wait after a batch: the job's own rate limit and pause, and its share of
         the controller's global budgets (split among the job's slots on the workers)."""
-        rate = options.rate_limit
         rows_share, batches_share = self._shares
         slots = max(1, options.parallelism) if self._worker else 1
+        # --rate is the job's, not each slot's: on the workers its slots share it.
+        rate = options.rate_limit / slots if options.rate_limit else None
         if rows_share:
             rate = min(rate, rows_share / slots) if rate else rows_share / slots
         delay = rate_delay(rows, seconds, rate)

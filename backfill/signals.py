@@ -106,7 +106,10 @@ def lock_waiters(conn: Conn, job: WatchedJob) -> list[Reading]:
            FROM pg_stat_activity a
            JOIN LATERAL (
                SELECT min(l.waitstart) AS since, bool_or(l.relation = ANY(%(rels)s::oid[])) AS on_rel
-               FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted) w ON true
+               FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted
+                 -- oids are per database: a lock in another database is not on our tables
+                 AND l.database = (SELECT oid FROM pg_database
+                                   WHERE datname = current_database())) w ON true
            WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid()
              AND coalesce(a.application_name, '') NOT LIKE 'backfill job %%'
              AND (w.on_rel OR EXISTS (
@@ -156,7 +159,8 @@ def replication(conn: Conn) -> list[Reading]:
     ``replay_lag`` is NULL while the standby is idle and caught up: 0."""
     out = []
     for name, lag_s, lag_bytes in conn.execute(
-        """SELECT coalesce(nullif(application_name, ''), client_addr::text, 'standby'),
+        """SELECT coalesce(nullif(application_name, ''), 'standby')
+                      || coalesce('@' || host(client_addr), ''),
                   coalesce(extract(epoch FROM replay_lag), 0),
                   coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)
            FROM pg_stat_replication ORDER BY 1""").fetchall():

@@ -52,8 +52,20 @@ def test_overrides_win_and_defaults_fill_in() -> None:
     ({"probes": {"q": {"sql": "SELECT 1"}}}, "needs `sql` and `max`"),
     ({"pol": "1s"}, "unknown controller settings: pol"),
     ({"poll": "0s"}, "more than 0s"),
-    ({"resume_ratio": 2}, "between 0 and 1"),
+    ({"resume_ratio": 2}, "more than 0 and at most 1"),
 ])
 def test_bad_settings_are_refused_with_a_clear_error(data: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidOption, match=message):
         ControllerConfig.from_mapping(data)
+
+
+def test_a_turned_off_limit_still_serialises_and_resume_zero_is_refused() -> None:
+    import json
+
+    cfg = ControllerConfig.from_mapping({"limits": {"autovacuum": False}})
+    json.dumps(cfg.to_json(), allow_nan=False)  # PostgreSQL's jsonb has no Infinity
+    with pytest.raises(InvalidOption, match="resume_ratio must be more than 0"):
+        ControllerConfig.from_mapping({"resume_ratio": 0})
+    with pytest.raises(InvalidOption, match="resume threshold must be more than 0"):
+        ControllerConfig.from_mapping({"limits": {"replica_lag": {"throttle": "2s",
+                                                                  "resume": "0s"}}})
