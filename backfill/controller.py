@@ -9,6 +9,7 @@ the current throttle reason is the job's ``state_reason``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -77,6 +78,7 @@ class ControllerConfig:
 
         return {
             "poll_s": self.poll_s, "hold_s": self.policy.hold_s,
+            "lookahead_s": self.policy.lookahead_s,
             "limits": {k: lim(v) for k, v in self.policy.limits.items()},
             "per_job": {name: {k: lim(v) for k, v in limits.items()}
                         for name, limits in self.policy.per_job.items()},
@@ -100,7 +102,8 @@ class ControllerConfig:
         """Build from a parsed config file (see ``deploy/controller.example.toml``), then
         command-line ``overrides``: ``poll``, ``hold``, ``limits`` (kind -> value),
         ``replicas`` (name -> DSN), ``rows_per_s``, ``batches_per_s``."""
-        known = {"poll", "hold", "resume_ratio", "limits", "jobs", "replicas", "probes", "budget"}
+        known = {"poll", "hold", "lookahead", "resume_ratio", "limits", "jobs", "replicas",
+                 "probes", "budget"}
         unknown = set(data) - known
         if unknown:
             raise InvalidOption(f"unknown controller settings: {', '.join(sorted(unknown))} "
@@ -138,10 +141,14 @@ class ControllerConfig:
         poll_s = parse_duration_ms(poll, option="poll") / 1000
         if poll_s <= 0:
             raise InvalidOption("poll must be more than 0s")
+        lookahead = data.get("lookahead")
+        lookahead_s = (parse_duration_ms(lookahead, option="lookahead") / 1000
+                       if lookahead is not None else 2 * poll_s)
         return cls(
             poll_s=poll_s,
             policy=PolicyConfig(limits=limits, per_job=per_job,
-                                hold_s=parse_duration_ms(hold, option="hold") / 1000),
+                                hold_s=parse_duration_ms(hold, option="hold") / 1000,
+                                lookahead_s=lookahead_s),
             replicas=tuple(signals.Replica(k, v) for k, v in replicas.items()),
             probes=tuple(probes),
             rows_per_s=_number(rows, "budget.rows_per_s") if rows else None,
@@ -227,6 +234,7 @@ class Controller:
         self._leading = False
         self._clear: dict[int, float] = {}
         self._beats = signals.Heartbeats()
+        self._previous: dict[str, tuple[float, float]] = {}
 
     # -- leadership ---------------------------------------------------------------------
 
@@ -289,8 +297,8 @@ class Controller:
             self._beats.seed(conn)
             if act and not self._beats.written:
                 self._beats.write(conn)  # a first heartbeat to measure replicas against
-        readings = signals.collect(conn, watched, list(self.config.replicas),
-                                   list(self.config.probes), self._beats)
+        readings = self._with_trends(signals.collect(
+            conn, watched, list(self.config.replicas), list(self.config.probes), self._beats))
         views = [JobView(j.id, j.name, j.state) for j in jobs]
         decisions, clear = decide(self.config.policy, views, readings, self._clear, self.clock())
         applied: list[Decision] = []
@@ -307,6 +315,19 @@ class Controller:
             store.record_controller_tick(conn, self.actor, [r.to_json() for r in readings],
                                          self.config.to_json())
         return TickResult(readings, decisions, applied)
+
+    def _with_trends(self, readings: list[Reading]) -> list[Reading]:
+        """Each reading with its change per second since the previous poll."""
+        now = self.clock()
+        out = []
+        for r in readings:
+            prev = self._previous.get(r.signal)
+            trend = None
+            if r.value is not None and prev is not None and now > prev[0]:
+                trend = (r.value - prev[1]) / (now - prev[0])
+            out.append(dataclasses.replace(r, trend=trend))
+        self._previous = {r.signal: (now, r.value) for r in readings if r.value is not None}
+        return out
 
     def _apply(self, conn: Conn, d: Decision, job: store.JobRecord) -> bool:
         to, expect = ((JobState.THROTTLED, JobState.RUNNING) if d.action == "throttle"

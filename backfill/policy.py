@@ -46,6 +46,8 @@ class Reading:
     error: str | None = None
     detail: str | None = None
     job_id: int | None = None
+    #: Change per second since the previous poll (set by the controller), for prediction.
+    trend: float | None = None
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"signal": self.signal, "value": self.value}
@@ -79,6 +81,12 @@ class PolicyConfig:
     limits: Mapping[str, Limit] = field(default_factory=dict)
     per_job: Mapping[str, Mapping[str, Limit]] = field(default_factory=dict)
     hold_s: float = 10.0
+    #: Throttle early when a rising signal of these kinds will reach its limit within
+    #: ``lookahead_s`` at its current rate: by the time a throttle takes effect (a poll, the
+    #: batch in flight) the replica still has the WAL written before it to replay, and its lag
+    #: keeps growing meanwhile.
+    predict: frozenset[str] = frozenset({"replica_lag"})
+    lookahead_s: float = 0.0
 
     def limits_for(self, job_name: str) -> Mapping[str, Limit]:
         overrides = self.per_job.get(job_name)
@@ -118,12 +126,17 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _breach(r: Reading, limit: Limit) -> str | None:
+def _breach(r: Reading, limit: Limit, config: PolicyConfig) -> str | None:
     if r.value is None:
         return f"cannot read {r.signal}: {r.error or 'no value'} (fail closed)"
     if r.value >= limit.throttle_at:
         text = f"{r.signal} {show(r.kind, r.value)} >= {show(r.kind, limit.throttle_at)}"
         return text + (f" ({r.detail})" if r.detail else "")
+    if (r.kind in config.predict and config.lookahead_s > 0 and r.trend is not None
+            and r.trend > 0 and r.value + r.trend * config.lookahead_s >= limit.throttle_at):
+        return (f"{r.signal} {show(r.kind, r.value)} rising {r.trend:.2f}/s: "
+                f">= {show(r.kind, limit.throttle_at)} within "
+                f"{format_duration(config.lookahead_s)}")
     return None
 
 
@@ -145,7 +158,8 @@ def decide(
             continue
         limits = config.limits_for(job.name)
         mine = [r for r in readings if (r.job_id is None or r.job_id == job.id) and r.kind in limits]
-        breaches = [(r, why) for r in mine if (why := _breach(r, limits[r.kind])) is not None]
+        breaches = [(r, why) for r in mine
+                    if (why := _breach(r, limits[r.kind], config)) is not None]
         if job.state == JobState.RUNNING:
             if breaches:
                 decisions.append(Decision(job.id, "throttle", "; ".join(w for _, w in breaches),

@@ -149,7 +149,7 @@ def run_scenario(name: str, dsn: str, rdsn: str, args: argparse.Namespace) -> di
         cfg = ControllerConfig(
             poll_s=args.poll,
             policy=PolicyConfig(limits={"replica_lag": Limit(args.lag, args.lag / 2)},
-                                hold_s=args.hold),
+                                hold_s=args.hold, lookahead_s=args.lookahead),
             replicas=(Replica("replica", rdsn),))
         ctl = Controller(dsn, cfg, actor="controller:bench", stop=ctl_stop)
         threads.append(threading.Thread(target=ctl.run_forever, daemon=True))
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lag", type=float, default=2.0, help="The controller's lag threshold T (s).")
     p.add_argument("--hold", type=float, default=3.0)
     p.add_argument("--poll", type=float, default=0.5)
+    p.add_argument("--lookahead", type=float, default=None,
+                   help="Predictive throttle horizon (s); default 2 polls, 0 turns it off.")
     p.add_argument("--pause-on", type=float, default=1.0)
     p.add_argument("--pause-off", type=float, default=0.3)
     p.add_argument("--sample", type=float, default=0.25)
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeline", action="store_true", help="Print the lag over time.")
     args = p.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if args.lookahead is None:
+        args.lookahead = 2 * args.poll
     if set(scenarios) - set(SCENARIOS):
         p.error(f"scenarios are {', '.join(SCENARIOS)}")
     configure_logs(json=True, level="warning")
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = next((r for r in results if r["scenario"] == "healthy"), None)
     lines = [f"{human(args.rows)} rows, lag threshold T = {args.lag:g}s (resume below "
-             f"{args.lag / 2:g}s, hold {args.hold:g}s, poll {args.poll:g}s); slow replica: replay "
+             f"{args.lag / 2:g}s, hold {args.hold:g}s, poll {args.poll:g}s, lookahead "
+             f"{args.lookahead:g}s); slow replica: replay "
              f"paused {args.pause_on:g}s of every {args.pause_on + args.pause_off:g}s", "",
              "| scenario | rows/s | vs healthy | throttles | max lag | p95 lag |",
              "|---|---|---|---|---|---|"]

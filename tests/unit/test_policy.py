@@ -125,3 +125,16 @@ def test_replica_lag_from_heartbeats_ignores_pauses_in_writing() -> None:
     assert beats.lag(t + dt.timedelta(hours=1), now) == 0.5
     # Older than anything remembered: at least as old as the oldest remembered.
     assert beats.lag(t - dt.timedelta(seconds=5), now) == 3601.5
+
+
+def test_a_rising_lag_throttles_before_it_reaches_the_limit() -> None:
+    predictive = PolicyConfig(limits={"replica_lag": LAG}, hold_s=10, lookahead_s=1.0)
+    rising = Reading("replica_lag", "replica_lag[r1]", 1.2, trend=0.9)
+    d = one(decide(predictive, [RUNNING], [rising], {}, now=0)[0])
+    assert d.action == "throttle"
+    assert "rising 0.90/s" in d.reason
+    # Falling, or too slow to get there within the lookahead: nothing yet.
+    for trend in (-0.5, 0.5):
+        steady = Reading("replica_lag", "replica_lag[r1]", 1.2, trend=trend)
+        assert decide(predictive, [RUNNING], [steady], {}, now=0)[0] == []
+    assert decide(CONFIG, [RUNNING], [rising], {}, now=0)[0] == []  # no lookahead: off
