@@ -19,8 +19,8 @@ from backfill.controller import Controller, ControllerConfig
 from backfill.db import connect
 from backfill.durations import format_duration
 from backfill.errors import InvalidOption
-from backfill.policy import Reading, show
-from backfill.schema import require_current
+from backfill.policy import Reading, kind_of, show
+from backfill.schema import check_schema, require_current
 
 controller_app = typer.Typer(
     help="The health controller: throttles running jobs when the database is under strain "
@@ -83,14 +83,7 @@ def run_(
                                  max_long_transaction, max_slot_retained, rows_per_s,
                                  batches_per_s))
 
-    def check() -> None:
-        conn = connect(s.dsn)
-        try:
-            require_current(conn)
-        finally:
-            conn.close()
-
-    _guard(check)
+    _guard(lambda: check_schema(s.dsn))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -167,15 +160,10 @@ def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
     alive = age <= max(10.0, 5 * poll)
     out.print(f"leader {st['leader']} since {st['leader_since']:%Y-%m-%d %H:%M:%S}; last poll "
               f"{format_duration(age)} ago" + ("" if alive else "  [red](stale: is it running?)[/]"))
-    readings = [Reading(kind=_kind(r["signal"]), signal=r["signal"], value=r.get("value"),
+    readings = [Reading(kind=kind_of(r["signal"]), signal=r["signal"], value=r.get("value"),
                         error=r.get("error"), detail=r.get("detail"))
                 for r in st["readings"]]
     out.print(_readings_table(readings, None))
     if not alive:
         raise typer.Exit(1)
 
-
-def _kind(signal_name: str) -> str:
-    base = signal_name.split("[", 1)[0]
-    return {"standby_replay_lag": "replica_lag", "standby_replay_bytes": "replica_lag_bytes"}.get(
-        base, base)

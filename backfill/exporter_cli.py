@@ -9,10 +9,8 @@ from typing import Annotated
 import typer
 
 from backfill.cli import _fail, _guard, _settings, app, out
-from backfill.db import connect
 from backfill.durations import format_duration, parse_duration_ms
-from backfill.metrics import serve
-from backfill.schema import require_current
+from backfill.schema import check_schema
 
 
 @app.command()
@@ -25,19 +23,15 @@ def exporter(
 ) -> None:
     """Serve Prometheus metrics for every job and the controller, read from the state store
     at each scrape (so they are right whichever process did the work). Runs until SIGTERM."""
+    # Imported here: prometheus_client is only needed by this command.
+    from backfill.metrics import serve
+
     s = _settings(ctx)
     keep_s = _guard(lambda: parse_duration_ms(finished_for, option="--finished-for") / 1000)
     if not 0 < port < 65536:
         _fail(f"--port must be a TCP port, not {port}", 2)
 
-    def check() -> None:
-        conn = connect(s.dsn)
-        try:
-            require_current(conn)
-        finally:
-            conn.close()
-
-    _guard(check)
+    _guard(lambda: check_schema(s.dsn))
     try:
         server, _ = serve(s.dsn, port=port, addr=addr, finished_for_s=keep_s)
     except OSError as exc:

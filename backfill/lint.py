@@ -196,7 +196,7 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
     in_tx = False
     created: set[str] = set()
     lock_timeout_set = False
-    ddl_without_timeout: tuple[int, str] | None = None
+    timeout_reported = False  # missing-lock-timeout is reported once, at the first DDL
     validated_checks: set[str] = set()
     previous_end = 0
     for raw in statements:
@@ -305,8 +305,8 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
         is_ddl = kind in ("AlterTableStmt", "IndexStmt", "RenameStmt", "DropStmt")
         on_new_table = kind in ("AlterTableStmt", "IndexStmt") and _relname(
             st.relation) in created  # nobody else uses a table this file creates
-        if is_ddl and not lock_timeout_set and ddl_without_timeout is None and not on_new_table:
-            ddl_without_timeout = (line, short)
+        if is_ddl and not lock_timeout_set and not timeout_reported and not on_new_table:
+            timeout_reported = True
             if "missing-lock-timeout" not in ignored and "all" not in ignored:
                 r = RULES["missing-lock-timeout"]
                 findings.append(Finding(filename, line, r.id, short, r.why, r.instead))

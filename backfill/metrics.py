@@ -28,8 +28,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from backfill import store
 from backfill.db import connect, redact_text
 from backfill.logs import get_logger
+from backfill.policy import kind_of
 from backfill.states import JobState
 from backfill.store import DURATION_BUCKETS_S
 from backfill.throttle import eta_seconds
@@ -52,8 +54,7 @@ SIGNAL_METRICS = {
 
 _JOBS_SQL = """
 SELECT j.id, j.name, j.kind, j.source_schema || '.' || j.source_table AS tbl, j.state,
-       j.rows_estimate, j.runs_on, j.state_reason,
-       extract(epoch FROM j.updated_at) AS updated_at,
+       j.rows_estimate, j.runs_on,
        coalesce(s.rows_scanned, 0) AS rows_scanned, coalesce(s.rows_affected, 0) AS affected,
        coalesce(s.batches, 0) AS batches, s.batch_size, s.sum_ms, s.buckets,
        s.slices, s.slices_done,
@@ -167,7 +168,7 @@ class StateCollector(Collector):
         duration = HistogramMetricFamily("backfill_job_batch_duration_seconds",
                                          "Batch duration (probe and write).", labels=JOB_LABELS)
         for r in rows:
-            (job_id, name, kind, table, st, estimate, runs_on, _reason, _updated_at, scanned,
+            (job_id, name, kind, table, st, estimate, runs_on, scanned,
              n_affected, n_batches, batch_size, sum_ms, buckets, n_slices, n_done, last_at,
              n_retries, n_failures, signal) = r
             lab = [str(job_id), name]
@@ -198,22 +199,12 @@ class StateCollector(Collector):
                     cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
                 duration.add_metric(lab, cumulative, (sum_ms or 0) / 1000.0)
             if st in (JobState.RUNNING, JobState.THROTTLED):
-                rate = self._recent_rate(job_id)
+                _, rate = store.recent_rate(self._connection(), job_id, batches=50)
                 left = eta_seconds(int(scanned), estimate, rate)
                 if left is not None:
                     eta.add_metric(lab, left)
         yield from (info, state, done, affected, total, batches, retries, failures, size,
                     throttled, last, eta, slices, duration)
-
-    def _recent_rate(self, job_id: int) -> float | None:
-        row = self._connection().execute(
-            """SELECT sum(rows_scanned), extract(epoch FROM max(finished_at)
-                      - min(finished_at - duration_ms * interval '1 millisecond'))
-               FROM (SELECT finished_at, rows_scanned, duration_ms FROM backfill.batches
-                     WHERE job_id = %s ORDER BY id DESC LIMIT 50) b""", (job_id,)).fetchone()
-        if not row or row[0] is None or not row[1] or float(row[1]) <= 0:
-            return None
-        return float(row[0]) / float(row[1])
 
     def _controller(self, row: Any) -> Iterator[Metric]:
         last = GaugeMetricFamily("backfill_controller_last_poll_timestamp_seconds",
@@ -236,10 +227,9 @@ class StateCollector(Collector):
             poll.add_metric([], float((settings or {}).get("poll_s") or 1.0))
             for reading in readings or []:
                 signal = str(reading.get("signal", ""))
-                kind, _, rest = signal.partition("[")
-                source = rest.rstrip("]") or kind
-                kind = {"standby_replay_lag": "replica_lag",
-                        "standby_replay_bytes": "replica_lag_bytes"}.get(kind, kind)
+                base, _, rest = signal.partition("[")
+                source = rest.rstrip("]") or base
+                kind = kind_of(signal)
                 value = reading.get("value")
                 if value is None:
                     unreadable.add_metric([kind, source], 1)

@@ -108,6 +108,16 @@ class Decision:
     readings: tuple[Reading, ...]
 
 
+#: Signals whose name differs from their kind (see backfill.signals.replication).
+_KIND_OF_SIGNAL = {"standby_replay_lag": "replica_lag", "standby_replay_bytes": "replica_lag_bytes"}
+
+
+def kind_of(signal: str) -> str:
+    """The kind (the limit it is compared with) of a signal named ``base[source]``."""
+    base = signal.split("[", 1)[0]
+    return _KIND_OF_SIGNAL.get(base, base)
+
+
 def show(kind: str, value: float) -> str:
     unit = UNITS.get(kind, "")
     if unit == "s":

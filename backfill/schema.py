@@ -279,3 +279,15 @@ def require_current(conn: psycopg.Connection[Any]) -> None:
             f"the backfill state schema (version {version}) is newer than this backfill "
             f"({LATEST}): upgrade the backfill package"
         )
+
+
+def check_schema(dsn: str) -> None:
+    """Connect to ``dsn`` and :func:`require_current`: what a long-running process (worker,
+    controller, exporter) checks once before it starts."""
+    from backfill.db import connect  # db sits above schema in the import order
+
+    conn = connect(dsn)
+    try:
+        require_current(conn)
+    finally:
+        conn.close()

@@ -860,6 +860,25 @@ def prune_batches(conn: Conn, job_id: int, keep: int = 1000) -> int:
     return cur.rowcount
 
 
+def recent_rate(conn: Conn, job_id: int, batches: int = 20) -> tuple[dt.datetime | None,
+                                                                       float | None]:
+    """When the job's last batch finished, and its rows/s over its last ``batches`` batches
+    (from the first one's start to the last one's end)."""
+    recent = conn.execute(
+        """SELECT max(finished_at), sum(rows_scanned),
+                  extract(epoch FROM max(finished_at) - min(finished_at - duration_ms
+                          * interval '1 millisecond'))
+           FROM (SELECT finished_at, rows_scanned, duration_ms FROM backfill.batches
+                 WHERE job_id = %s ORDER BY id DESC LIMIT %s) b""",
+        (job_id, batches),
+    ).fetchone()
+    if not recent or recent[0] is None:
+        return None, None
+    if recent[2] and float(recent[2]) > 0:
+        return recent[0], float(recent[1]) / float(recent[2])
+    return recent[0], None
+
+
 def progress(conn: Conn, job_id: int) -> Progress:
     row = conn.execute(
         """SELECT coalesce(sum(rows_scanned), 0), coalesce(sum(rows_affected), 0),
@@ -869,20 +888,7 @@ def progress(conn: Conn, job_id: int) -> Progress:
         (job_id,),
     ).fetchone()
     assert row is not None
-    recent = conn.execute(
-        """SELECT max(finished_at), sum(rows_scanned),
-                  extract(epoch FROM max(finished_at) - min(finished_at - duration_ms
-                          * interval '1 millisecond'))
-           FROM (SELECT finished_at, rows_scanned, duration_ms FROM backfill.batches
-                 WHERE job_id = %s ORDER BY id DESC LIMIT 20) b""",
-        (job_id,),
-    ).fetchone()
-    rate = None
-    last_at = None
-    if recent and recent[0] is not None:
-        last_at = recent[0]
-        if recent[2] and float(recent[2]) > 0:
-            rate = float(recent[1]) / float(recent[2])
+    last_at, rate = recent_rate(conn, job_id)
     return Progress(
         rows_scanned=int(row[0]), rows_affected=int(row[1]), batches=int(row[2]),
         slices=int(row[3]), slices_done=int(row[4]), last_batch_at=last_at,

@@ -22,7 +22,6 @@ and with ``--timeline`` the lag over time is printed. Targets: with the controll
 from __future__ import annotations
 
 import argparse
-import bisect
 import datetime as dt
 import json
 import math
@@ -60,7 +59,7 @@ from backfill.controller import Controller, ControllerConfig  # noqa: E402
 from backfill.localpg import LocalPostgres  # noqa: E402
 from backfill.logs import configure as configure_logs  # noqa: E402
 from backfill.policy import Limit, PolicyConfig  # noqa: E402
-from backfill.signals import Replica  # noqa: E402
+from backfill.signals import Heartbeats, Replica  # noqa: E402
 
 SCENARIOS = ("healthy", "healthy+controller", "slow", "slow+controller")
 
@@ -77,9 +76,8 @@ class Sampler:
     job_id: int | None = None
 
     def run(self) -> None:
-        # Lag = how long ago the primary was where the replica is now: the time since the
-        # first heartbeat the replica has not replayed (primary clock only).
-        written: list[dt.datetime] = []
+        # Lag as the controller defines it (Heartbeats.lag), from this sampler's own table.
+        beats = Heartbeats(keep=2000)
         with psycopg.connect(self.dsn, autocommit=True) as p, \
                 psycopg.connect(self.rdsn, autocommit=True) as r:
             t0 = time.monotonic()
@@ -87,21 +85,20 @@ class Sampler:
                 row = p.execute("UPDATE bench_hb SET at = clock_timestamp() RETURNING at"
                                 ).fetchone()
                 assert row is not None
-                written.append(row[0])
+                beats.written.append(row[0])
                 self.stop.wait(self.every_s)
                 replayed = r.execute("SELECT at FROM bench_hb").fetchone()
                 now_row = p.execute("SELECT clock_timestamp()").fetchone()
                 assert replayed is not None
                 assert now_row is not None
-                i = bisect.bisect_right(written, replayed[0])
-                lag = 0.0 if i >= len(written) else (now_row[0] - written[i]).total_seconds()
+                lag = beats.lag(replayed[0], now_row[0]) or 0.0
                 state = ""
                 if self.job_id is not None:
                     st = p.execute("SELECT state FROM backfill.jobs WHERE id = %s",
                                    (self.job_id,)).fetchone()
                     state = str(st[0]) if st else ""
-                self.samples.append((time.monotonic() - t0, max(0.0, lag), state))
-                del written[:-2000]
+                self.samples.append((time.monotonic() - t0, lag, state))
+                del beats.written[:-beats.keep]
 
 
 @dataclass

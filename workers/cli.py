@@ -13,8 +13,7 @@ import typer
 
 from backfill import cli as core_cli
 from backfill.cli import _fail, _guard, _settings, app, out
-from backfill.db import connect
-from backfill.schema import require_current
+from backfill.schema import check_schema
 from workers.tasks import dispatch, reap_once
 
 core_cli.DISPATCH_HOOK = dispatch
@@ -30,14 +29,7 @@ def worker(
     also runs the reaper, which starts and re-sends work without an operator."""
     s = _settings(ctx)
 
-    def check() -> None:
-        conn = connect(s.dsn)
-        try:
-            require_current(conn)
-        finally:
-            conn.close()
-
-    _guard(check)
+    _guard(lambda: check_schema(s.dsn))
     os.environ["BACKFILL_DSN"] = s.dsn
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "backfill",
             "--concurrency", str(concurrency), "--loglevel", "INFO", "-E"]

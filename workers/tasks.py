@@ -22,7 +22,7 @@ from backfill.errors import BackfillError, BrokerUnavailable, TasksNotSent
 from backfill.logs import get_logger
 from backfill.reaper import ReaperLoop, reap
 from backfill.runner import WORKERS_OWNER, Runner
-from backfill.schema import require_current
+from backfill.schema import check_schema
 from workers.app import DISPATCH_STALE_S, LEASE_TTL_FLOOR_S, REAP_EVERY_S, SLICE_BUDGET_S, app
 
 log = get_logger(component="worker")
@@ -42,11 +42,7 @@ def _check_schema(**_: object) -> None:
     """Refuse to start against a missing or mismatched state schema. Celery logs and ignores
     exceptions from signal handlers, so this exits the process itself."""
     try:
-        conn = connect(_dsn())
-        try:
-            require_current(conn)
-        finally:
-            conn.close()
+        check_schema(_dsn())
     except (BackfillError, RuntimeError, psycopg.Error) as exc:
         log.critical("worker.refused", error=str(exc))
         print(f"backfill worker refuses to start: {exc}", file=sys.stderr, flush=True)
