@@ -188,7 +188,9 @@ def test_replica_lag_throttles_within_a_poll_and_resumes_after_the_hold(
     assert decisions[1][:2] == ("throttled", "running")
     throttle = next(e for e in bf.events(job_id) if e.to_state == "throttled")
     assert throttle.details is not None
-    assert throttle.details["readings"][0]["signal"] == "replica_lag[r1]"
+    # The standby's own replay lag (pg_stat_replication) may cross the limit in the same poll.
+    signals = {r["signal"] for r in throttle.details["readings"]}
+    assert "replica_lag[r1]" in signals
 
 
 def test_lock_waiters_throttle_and_their_release_resumes(dbs: tuple[str, str]) -> None:
