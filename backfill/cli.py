@@ -749,7 +749,8 @@ def verify(
 def _load_plugins() -> None:
     """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
     Imported by name so the core never imports Celery itself."""
-    for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli"):
+    for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli",
+                 "backfill.migrate_cli"):
         importlib.import_module(core)
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():

@@ -78,3 +78,24 @@ class BrokerUnavailable(BackfillError):
 class TasksNotSent(BackfillError):
     """The job was started on the workers but some tasks could not be sent; the reaper
     sends them once the broker is back."""
+
+
+class MigrationError(BackfillError):
+    """Raised when a migration step fails, or a migration cannot go where it was asked to
+    (unknown id, rollback after complete began, a file edited since start)."""
+
+
+class MigrationBusy(MigrationError):
+    """Raised when another process is running the same migration."""
+
+
+class GateClosed(MigrationError):
+    """Raised when ``migrate complete`` is refused: a backfill is not done, or does not verify,
+    or a validation of start no longer holds."""
+
+
+class MigrationWaiting(MigrationError):
+    """Raised when start stops before its end without failing: a backfill is paused, or runs
+    on the workers and was not waited for. Re-running ``migrate start`` continues."""
+
+    exit_code = 3

@@ -156,6 +156,15 @@ def _fn_names(node: Any) -> set[str]:
     return found
 
 
+def function_names(expression: str) -> set[str]:
+    """Names of the functions an SQL expression calls (``lower(a) || now()`` -> lower, now)."""
+    try:
+        statements = parse_sql(f"SELECT ({expression})")
+    except ParseError as exc:
+        raise InvalidInput(f"cannot parse expression {expression!r}: {exc}") from None
+    return _fn_names(statements)
+
+
 def _has_option(options: Any, name: str) -> bool:
     return any(getattr(o, "defname", None) == name for o in (options or ()))
 

@@ -203,6 +203,56 @@ ALTER TABLE backfill.slices
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        6,
+        "schema migrations: their steps and events",
+        """
+-- One row per migration file run on this database (backfill migrate start|complete|rollback).
+CREATE TABLE backfill.migrations (
+    id          text PRIMARY KEY,
+    description text NOT NULL DEFAULT '',
+    checksum    text NOT NULL,    -- of the file's content: a file edited after start is refused
+    definition  jsonb NOT NULL,
+    state       text NOT NULL CHECK (state IN ('starting', 'started', 'completing', 'completed',
+                                               'rolling_back', 'rolled_back')),
+    last_error  text,
+    created_by  text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+-- The steps planned at start, per phase; `done` commits with a transactional step's DDL.
+CREATE TABLE backfill.migration_steps (
+    migration_id text NOT NULL REFERENCES backfill.migrations (id),
+    phase        text NOT NULL CHECK (phase IN ('start', 'complete', 'rollback')),
+    step_no      integer NOT NULL,
+    step         jsonb NOT NULL,
+    state        text NOT NULL DEFAULT 'pending'
+                 CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    attempts     integer NOT NULL DEFAULT 0,
+    job_id       bigint REFERENCES backfill.jobs (id),
+    started_at   timestamptz,
+    finished_at  timestamptz,
+    last_error   text,
+    PRIMARY KEY (migration_id, phase, step_no)
+);
+-- Everything that happened to a migration, and who or what did it.
+CREATE TABLE backfill.migration_events (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    migration_id text NOT NULL REFERENCES backfill.migrations (id),
+    at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    actor        text NOT NULL,
+    kind         text NOT NULL,
+    phase        text,
+    step_no      integer,
+    message      text NOT NULL,
+    details      jsonb
+);
+CREATE INDEX migration_events_by_migration ON backfill.migration_events (migration_id, id);
+""",
+    ),
+)
+
 LATEST = MIGRATIONS[-1].version
 
 

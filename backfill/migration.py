@@ -1,0 +1,1238 @@
+"""Zero-downtime migrations as data: a file of operations, each expanded into steps.
+
+A migration file (TOML) names an id, a description and its operations. Each operation turns
+into *steps* in three phases, in the expand/contract pattern (pgroll's start/complete/rollback):
+
+- ``start`` (expand): additive changes the running application tolerates (a nullable column, a
+  sync trigger, a ``NOT VALID`` constraint, a concurrent index), then the backfill jobs that
+  fill the new shape, then validations;
+- ``complete`` (contract): the changes that need the backfill done (``SET NOT NULL``, the column
+  swap) and the destructive ones (drop a column, table or index), behind the gate;
+- ``rollback``: undoes ``start``, in reverse order; every step is idempotent (``IF EXISTS``).
+
+A step is plain data: its statements, the lock it takes, how long it holds it (a duration
+class), its risk and how it runs (in a transaction, outside one for ``CONCURRENTLY``, as a
+backfill job, or as a read-only check). :mod:`backfill.migrator` runs them; this module only
+plans, against the catalog of the database it will run on, so a missing table or column is an
+error before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast, overload
+
+from psycopg import sql
+
+from backfill.catalog import Conn, split_name
+from backfill.durations import parse_duration_ms
+from backfill.errors import ColumnNotFound, InvalidInput, InvalidOption, TableNotFound
+
+PHASES = ("start", "complete", "rollback")
+#: How a step runs. ``tx``: its statements and its "done" mark commit in one transaction.
+#: ``concurrent``: outside any transaction (CONCURRENTLY). ``backfill``: a backfill job.
+#: ``check``: a read-only query that must return true.
+MODES = ("tx", "concurrent", "backfill", "check")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_DOLLAR = "$bf$"
+#: Column names a trigger cannot declare as variables (they would shadow the row records).
+_PLPGSQL_RESERVED = {"new", "old", "found"}
+
+
+# -- the plan's vocabulary ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit the executor runs and records; everything the plan prints about it."""
+
+    phase: str
+    op: int                                  # index of its operation in the file (0-based)
+    description: str
+    mode: str
+    statements: tuple[str, ...] = ()
+    lock: str = "none"                       # the strongest lock taken, and on what
+    duration: str = "instant"                # instant | scan | build | backfill
+    risk: str = "low"                        # low | medium | high
+    table: str | None = None                 # qualified table whose size drives the estimate
+    index: str | None = None                 # concurrent builds: the index a failure leaves
+    job: dict[str, Any] | None = None        # backfill steps: the JobSpec as JSON
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "op": self.op, "description": self.description,
+                "mode": self.mode, "statements": list(self.statements), "lock": self.lock,
+                "duration": self.duration, "risk": self.risk, "table": self.table,
+                "index": self.index, "job": self.job, "note": self.note}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Step:
+        return cls(phase=d["phase"], op=int(d["op"]), description=d["description"],
+                   mode=d["mode"], statements=tuple(d.get("statements") or ()),
+                   lock=d.get("lock", "none"), duration=d.get("duration", "instant"),
+                   risk=d.get("risk", "low"), table=d.get("table"), index=d.get("index"),
+                   job=d.get("job"), note=d.get("note"))
+
+
+@dataclass(frozen=True)
+class OpPlan:
+    """What one operation does: its goal, its steps per phase, and what to know about it."""
+
+    op: int
+    kind: str
+    goal: str
+    steps: tuple[Step, ...]
+    warnings: tuple[str, ...] = ()
+    irreversible: str | None = None          # what `complete` destroys, when it does
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the executor treats locks and time (``[settings]`` in the file)."""
+
+    lock_timeout_ms: float = 2_000.0
+    statement_timeout_ms: float = 60_000.0
+    #: CONCURRENTLY builds and VALIDATE scan the table under a weak lock: no timeout by default.
+    long_statement_timeout_ms: float = 0.0
+    lock_retries: int = 30
+    retry_backoff_ms: float = 500.0
+    retry_backoff_max_ms: float = 30_000.0
+
+    @classmethod
+    def from_toml(cls, data: Mapping[str, Any]) -> Settings:
+        known = {"lock_timeout", "statement_timeout", "long_statement_timeout", "lock_retries",
+                 "retry_backoff", "retry_backoff_max"}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidOption(f"unknown setting(s) {', '.join(sorted(unknown))} "
+                                f"(settings: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for name in ("lock_timeout", "statement_timeout", "long_statement_timeout",
+                     "retry_backoff", "retry_backoff_max"):
+            if name in data:
+                values[name + "_ms"] = parse_duration_ms(data[name], option=name)
+        if "lock_retries" in data:
+            n = data["lock_retries"]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise InvalidOption(f"lock_retries must be a whole number >= 0, got {n!r}")
+            values["lock_retries"] = n
+        s = cls(**values)
+        if s.lock_timeout_ms <= 0:
+            raise InvalidOption("lock_timeout must be > 0: a DDL step must never wait in the "
+                                "lock queue without limit (it blocks every query behind it)")
+        return s
+
+    def to_json(self) -> dict[str, Any]:
+        return {"lock_timeout_ms": self.lock_timeout_ms,
+                "statement_timeout_ms": self.statement_timeout_ms,
+                "long_statement_timeout_ms": self.long_statement_timeout_ms,
+                "lock_retries": self.lock_retries, "retry_backoff_ms": self.retry_backoff_ms,
+                "retry_backoff_max_ms": self.retry_backoff_max_ms}
+
+
+@dataclass(frozen=True)
+class MigrationFile:
+    """A parsed migration file: checked for shape, not yet against a database."""
+
+    id: str
+    description: str
+    operations: tuple[dict[str, Any], ...]
+    settings: Settings
+    depends_on: tuple[str, ...] = ()
+    backfill: dict[str, Any] = field(default_factory=dict)   # job options for its backfills
+    checksum: str = ""
+    path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "description": self.description,
+                "operations": list(self.operations), "settings": self.settings.to_json(),
+                "depends_on": list(self.depends_on), "backfill": self.backfill}
+
+
+def load_file(path: str | Path) -> MigrationFile:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read migration file {p}: {exc.strerror or exc}") from None
+    return parse(text, str(p))
+
+
+def parse(text: str, name: str = "<migration>") -> MigrationFile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"{name}: not valid TOML: {exc}") from None
+    known = {"id", "description", "operations", "settings", "depends_on", "backfill"}
+    unknown = set(data) - known
+    if unknown:
+        raise InvalidInput(f"{name}: unknown key(s) {', '.join(sorted(unknown))} "
+                           f"(a migration has: {', '.join(sorted(known))})")
+    mid = data.get("id")
+    if not isinstance(mid, str) or not _ID_RE.match(mid):
+        raise InvalidInput(f"{name}: `id` must be a string of letters, digits, '_', '-' or '.' "
+                           f"(at most 100), got {mid!r}")
+    ops = data.get("operations")
+    if not isinstance(ops, list) or not ops or not all(isinstance(o, dict) for o in ops):
+        raise InvalidInput(f"{name}: a migration needs at least one [[operations]] table")
+    for i, o in enumerate(ops):
+        if o.get("op") not in OPERATIONS:
+            raise InvalidInput(f"{name}: operation {i + 1}: unknown op {o.get('op')!r} "
+                               f"(ops: {', '.join(OPERATIONS)})")
+    deps = data.get("depends_on", [])
+    if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+        raise InvalidInput(f"{name}: depends_on must be a list of migration ids")
+    backfill = data.get("backfill", {})
+    if not isinstance(backfill, dict):
+        raise InvalidInput(f"{name}: [backfill] must be a table of job options")
+    if not isinstance(data.get("settings", {}), dict):
+        raise InvalidInput(f"{name}: [settings] must be a table")
+    settings = Settings.from_toml(data.get("settings", {}))
+    canonical = json.dumps({"id": mid, "description": data.get("description", ""),
+                            "operations": ops, "settings": settings.to_json(),
+                            "depends_on": deps, "backfill": backfill},
+                           sort_keys=True, default=str)
+    return MigrationFile(
+        id=mid, description=str(data.get("description", "")), operations=tuple(ops),
+        settings=settings, depends_on=tuple(deps), backfill=dict(backfill),
+        checksum=hashlib.sha256(canonical.encode()).hexdigest()[:16], path=name)
+
+
+# -- the catalog as the migration will find it ------------------------------------------------
+
+
+@dataclass
+class TableShape:
+    schema: str
+    name: str
+    columns: dict[str, ColumnShape]
+    rows: int | None = None
+    bytes: int | None = None
+    exists: bool = True          # False: created by an earlier operation of this migration
+    primary_key: tuple[str, ...] = ()
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def column(self, name: str, what: str = "column") -> ColumnShape:
+        if name not in self.columns:
+            raise ColumnNotFound(f"{what} {name!r} does not exist in {self.qualified} "
+                                 f"(columns: {', '.join(self.columns) or 'none'})")
+        return self.columns[name]
+
+
+@dataclass
+class ColumnShape:
+    name: str
+    type: str                    # with its modifiers: character varying(20)
+    not_null: bool
+    default: str | None
+
+
+class Shape:
+    """The database's tables, read lazily, and changed by each planned operation in turn, so
+    an operation can use what an earlier one creates (a table, then its index)."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self._tables: dict[tuple[str, str], TableShape | None] = {}
+
+    def _key(self, name: str) -> tuple[str, str]:
+        schema, table = split_name(name)
+        if schema is None:
+            row = self.conn.execute(
+                """SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.relname = %s AND c.relkind IN ('r', 'p')
+                     AND n.nspname = ANY (current_schemas(false))
+                   ORDER BY array_position(current_schemas(false), n.nspname::text) LIMIT 1""",
+                (table,)).fetchone()
+            if row is None:
+                cur = self.conn.execute("SELECT current_schema()").fetchone()
+                schema = str(cur[0]) if cur and cur[0] else "public"
+                for (s, t), shape in self._tables.items():   # created by this migration
+                    if t == table and shape is not None and not shape.exists:
+                        schema = s
+            else:
+                schema = str(row[0])
+        return schema, table
+
+    def find(self, name: str) -> TableShape | None:
+        key = self._key(name)
+        if key not in self._tables:
+            self._tables[key] = self._read(*key)
+        return self._tables[key]
+
+    def table(self, name: str) -> TableShape:
+        t = self.find(name)
+        if t is None:
+            raise TableNotFound(f"table {name!r} does not exist (or is not a plain table)")
+        return t
+
+    def create(self, name: str, columns: Iterable[ColumnShape], pk: tuple[str, ...]) -> TableShape:
+        if self.find(name) is not None:
+            raise InvalidInput(f"table {name!r} already exists")
+        schema, table = self._key(name)
+        t = TableShape(schema, table, {c.name: c for c in columns}, rows=0, bytes=0,
+                       exists=False, primary_key=pk)
+        self._tables[(schema, table)] = t
+        return t
+
+    def drop(self, t: TableShape) -> None:
+        self._tables[(t.schema, t.name)] = None
+
+    def _read(self, schema: str, table: str) -> TableShape | None:
+        row = self.conn.execute(
+            """SELECT c.oid, c.reltuples::bigint, pg_total_relation_size(c.oid)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE c.relname = %s AND n.nspname = %s AND c.relkind IN ('r', 'p')""",
+            (table, schema)).fetchone()
+        if row is None:
+            return None
+        oid, reltuples, size = row
+        cols = self.conn.execute(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                      pg_get_expr(d.adbin, d.adrelid)
+               FROM pg_attribute a
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+               WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+               ORDER BY a.attnum""", (oid,)).fetchall()
+        pk = self.conn.execute(
+            """SELECT array_agg(a.attname::text ORDER BY k.ord)
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+               WHERE i.indrelid = %s AND i.indisprimary""", (oid,)).fetchone()
+        return TableShape(
+            schema, table,
+            {str(n): ColumnShape(str(n), str(t), bool(nn), d) for n, t, nn, d in cols},
+            rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
+            bytes=int(size), primary_key=tuple(pk[0]) if pk and pk[0] else ())
+
+    def index_exists(self, name: str) -> bool:
+        schema, idx = split_name(name)
+        row = self.conn.execute(
+            """SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE c.relname = %s AND c.relkind IN ('i', 'I')
+                 AND (n.nspname = %s OR (%s::text IS NULL AND n.nspname = ANY (current_schemas(false))))""",
+            (idx, schema, schema)).fetchone()
+        return row is not None
+
+    def volatile(self, expression: str) -> bool:
+        """Whether ``expression`` calls a volatile function (its value differs per row)."""
+        from backfill.lint import function_names
+
+        names = function_names(expression)
+        if not names:
+            return False
+        row = self.conn.execute(
+            "SELECT bool_or(provolatile = 'v') FROM pg_proc WHERE proname = ANY (%s)",
+            (sorted(names),)).fetchone()
+        return bool(row and row[0])
+
+
+# -- operations -------------------------------------------------------------------------------
+
+
+class _Op:
+    """Reads one ``[[operations]]`` table; unknown or missing fields are errors."""
+
+    def __init__(self, index: int, data: Mapping[str, Any], shape: Shape, conn: Conn,
+                 mig: MigrationFile) -> None:
+        self.i = index
+        self.data = dict(data)
+        self.shape = shape
+        self.conn = conn
+        self.mig = mig
+        self.used = {"op"}
+        self.steps: list[Step] = []
+        self.warnings: list[str] = []
+
+    def where(self) -> str:
+        return f"operation {self.i + 1} ({self.data.get('op')})"
+
+    def get(self, name: str, default: Any = None, *, required: bool = False) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if required:
+                raise InvalidInput(f"{self.where()}: `{name}` is required")
+            return default
+        return self.data[name]
+
+    def text(self, name: str) -> str:
+        v = self.opt(name)
+        if v is None:
+            raise InvalidInput(f"{self.where()}: `{name}` is required")
+        return v
+
+    @overload
+    def opt(self, name: str) -> str | None: ...
+    @overload
+    def opt(self, name: str, default: str) -> str: ...
+
+    def opt(self, name: str, default: str | None = None) -> str | None:
+        v = self.get(name, None)
+        if v is None:
+            return default
+        if not isinstance(v, str) or not v.strip():
+            raise InvalidInput(f"{self.where()}: `{name}` must be a non-empty string, got {v!r}")
+        if _DOLLAR in v:
+            raise InvalidInput(f"{self.where()}: `{name}` must not contain {_DOLLAR}")
+        return v
+
+    def names(self, name: str, *, required: bool = True) -> tuple[str, ...]:
+        v = self.get(name, None, required=required)
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            v = [v]
+        if (not isinstance(v, list) or not v
+                or not all(isinstance(x, str) and x.strip() for x in v)):
+            raise InvalidInput(f"{self.where()}: `{name}` must be a column name or a list of "
+                               f"them, got {v!r}")
+        if len(set(v)) != len(v):
+            raise InvalidInput(f"{self.where()}: `{name}` names a column twice")
+        return tuple(v)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        v = self.get(name, default)
+        if not isinstance(v, bool):
+            raise InvalidInput(f"{self.where()}: `{name}` must be true or false, got {v!r}")
+        return v
+
+    def check_unused(self) -> None:
+        unknown = set(self.data) - self.used
+        if unknown:
+            raise InvalidInput(f"{self.where()}: unknown field(s) {', '.join(sorted(unknown))}")
+
+    # -- building SQL --
+
+    def render(self, q: sql.Composable) -> str:
+        return q.as_string(self.conn)
+
+    def add(self, phase: str, description: str, mode: str, *statements: sql.Composable,
+            **kw: Any) -> None:
+        self.steps.append(Step(phase=phase, op=self.i, description=description, mode=mode,
+                               statements=tuple(self.render(s) for s in statements), **kw))
+
+    def check(self, phase: str, description: str, query: sql.Composable, **kw: Any) -> None:
+        """A validation: ``query`` returns one boolean, true when the phase did its work."""
+        self.add(phase, description, "check", query, **kw)
+
+    def job(self, table: TableShape, description: str, spec: dict[str, Any]) -> None:
+        options = dict(self.mig.backfill)
+        options.update(self.get("backfill", {}) or {})
+        spec = {"table": table.qualified, **spec, "options": options,
+                "name": f"migration {self.mig.id} op {self.i + 1}: {description}"}
+        self.steps.append(Step(phase="start", op=self.i, description=description,
+                               mode="backfill", duration="backfill", lock="ROW EXCLUSIVE "
+                               f"on {table.qualified} (rows of one batch at a time)",
+                               risk="low", table=table.qualified, job=spec))
+
+    def brief(self, t: TableShape) -> str:
+        return f"ACCESS EXCLUSIVE on {t.qualified} (brief, under lock_timeout)"
+
+    def ident(self, *parts: str) -> sql.Identifier:
+        return sql.Identifier(object_name(*parts))
+
+    def validate_constraint(self, t: TableShape, name: str, phase: str = "start") -> None:
+        self.add(phase, f"validate {name} (scans {t.qualified}; reads and writes go on)", "tx",
+                 sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+                     t.ident, sql.Identifier(name)),
+                 lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}", duration="scan",
+                 table=t.qualified)
+        self.check(phase, f"{name} is valid", sql.SQL(
+            "SELECT coalesce(bool_and(convalidated), false) FROM pg_constraint "
+            "WHERE conrelid = {}::regclass AND conname = {}").format(
+                sql.Literal(t.qualified), sql.Literal(name)))
+
+    def set_not_null(self, t: TableShape, column: str, phase: str = "complete") -> None:
+        """``SET NOT NULL`` without a long lock: a validated CHECK proves it first (PG 12+)."""
+        chk = object_name("nn", t.name, column)
+        self.add(phase, f"SET NOT NULL on {column} (instant: proven by {chk})", "tx",
+                 sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
+                     t.ident, sql.Identifier(column)),
+                 sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                     t.ident, sql.Identifier(chk)), lock=self.brief(t))
+        self.check(phase, f"{column} is NOT NULL", sql.SQL(
+            "SELECT attnotnull FROM pg_attribute WHERE attrelid = {}::regclass AND attname = {}"
+        ).format(sql.Literal(t.qualified), sql.Literal(column)))
+
+    def not_null_check(self, t: TableShape, column: str) -> str:
+        """``CHECK (col IS NOT NULL) NOT VALID`` in start: new rows are checked at once."""
+        chk = object_name("nn", t.name, column)
+        self.add("start", f"CHECK ({column} IS NOT NULL) NOT VALID: new and updated rows "
+                 "must have it", "tx",
+                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID"
+                         ).format(t.ident, sql.Identifier(chk), sql.Identifier(column)),
+                 lock=self.brief(t))
+        return chk
+
+    def trigger(self, t: TableShape, name: str, timing: str, events: str,
+                body: sql.Composable) -> None:
+        """A PL/pgSQL row trigger; every column of ``t`` is a variable holding NEW's value, so
+        user expressions name columns as they would in an UPDATE (pgroll's technique)."""
+        fn = sql.Identifier(t.schema, name)
+        declare = sql.SQL("").join(
+            sql.SQL("    {v} {t}.{c}%TYPE := NEW.{c};\n").format(
+                v=sql.Identifier(c), t=t.ident, c=sql.Identifier(c))
+            for c in t.columns if c.lower() not in _PLPGSQL_RESERVED and not c.lower().startswith("tg_")
+        ) if timing == "BEFORE" else sql.SQL("")
+        create = sql.SQL(
+            "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {d}\n"
+            "DECLARE\n{decl}BEGIN\n{body}\nEND\n{d}").format(
+                fn=fn, d=sql.SQL(_DOLLAR), decl=declare, body=body)
+        trg = sql.SQL("CREATE TRIGGER {n} {timing} {events} ON {t} FOR EACH ROW "
+                      "EXECUTE FUNCTION {fn}()").format(
+            n=sql.Identifier(name), timing=sql.SQL(timing),
+            events=sql.SQL(events), t=t.ident, fn=fn)
+        self.add("start", f"trigger {name} on {t.qualified} ({timing.lower()} "
+                 f"{events.lower()})", "tx", create, trg,
+                 lock=f"SHARE ROW EXCLUSIVE on {t.qualified} (brief, under lock_timeout)")
+        self.drop_trigger(t, name, "rollback")
+
+    def drop_trigger(self, t: TableShape, name: str, phase: str) -> None:
+        self.add(phase, f"drop trigger {name}", "tx",
+                 sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident),
+                 sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(t.schema, name)),
+                 lock=f"ACCESS EXCLUSIVE on {t.qualified} (brief, under lock_timeout)")
+
+    def create_index_steps(self, t: TableShape, name: str, definition: sql.Composable,
+                           *, unique: bool, phase: str = "start") -> None:
+        qualified = f"{t.schema}.{name}"
+        self.add(phase, f"build index {name} CONCURRENTLY (reads and writes go on)",
+                 "concurrent",
+                 sql.SQL("CREATE {u}INDEX CONCURRENTLY {n} ON {t} {d}").format(
+                     u=sql.SQL("UNIQUE " if unique else ""), n=sql.Identifier(name),
+                     t=t.ident, d=definition),
+                 lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}", duration="build",
+                 table=t.qualified, index=qualified,
+                 note="a failed build leaves an INVALID index; the executor drops it and "
+                      "builds again")
+        self.check(phase, f"index {name} is valid", sql.SQL(
+            "SELECT coalesce(bool_and(indisvalid AND indisready), false) FROM pg_index "
+            "WHERE indexrelid = to_regclass({})").format(sql.Literal(qualified)))
+        self.add("rollback", f"drop index {name} CONCURRENTLY", "concurrent",
+                 sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                     sql.Identifier(t.schema, name)),
+                 lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}")
+
+    def plan(self) -> OpPlan:
+        goal = self.build()
+        self.check_unused()
+        irreversible = self.irreversible()
+        return OpPlan(self.i, str(self.data["op"]), goal, tuple(self.steps),
+                      tuple(self.warnings), irreversible)
+
+    def build(self) -> str:
+        raise NotImplementedError
+
+    def irreversible(self) -> str | None:
+        return None
+
+    def column_refs(self, t: TableShape, column: str) -> list[str]:
+        """Indexes and constraints that use ``column`` (they do not follow a copy)."""
+        if not t.exists:
+            return []
+        rows = self.conn.execute(
+            """SELECT 'index ' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+               WHERE i.indrelid = %(t)s::regclass AND a.attname = %(c)s AND NOT i.indisprimary
+               UNION ALL
+               SELECT 'constraint ' || conname FROM pg_constraint k
+               JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY (k.conkey)
+               WHERE k.conrelid = %(t)s::regclass AND a.attname = %(c)s AND k.contype <> 'p'
+               UNION ALL
+               SELECT 'foreign key ' || conname || ' of ' || conrelid::regclass::text
+               FROM pg_constraint k
+               JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = ANY (k.confkey)
+               WHERE k.confrelid = %(t)s::regclass AND a.attname = %(c)s""",
+            {"t": t.qualified, "c": column}).fetchall()
+        return sorted({str(r[0]) for r in rows})
+
+
+class CreateTable(_Op):
+    def build(self) -> str:
+        name = self.text("table")
+        cols = self.get("columns", required=True)
+        if not isinstance(cols, list) or not cols or not all(isinstance(c, dict) for c in cols):
+            raise InvalidInput(f"{self.where()}: `columns` must be a list of "
+                               "{{ name, type, not_null, default, primary_key }} tables")
+        shapes, defs, pk = [], [], []
+        for c in cols:
+            unknown = set(c) - {"name", "type", "not_null", "default", "primary_key"}
+            if unknown or not isinstance(c.get("name"), str) or not isinstance(c.get("type"), str):
+                raise InvalidInput(f"{self.where()}: each column needs `name` and `type` "
+                                   f"(and optionally not_null, default, primary_key): {c!r}")
+            d = sql.SQL("{} {}").format(sql.Identifier(c["name"]), sql.SQL(c["type"]))
+            if c.get("not_null") or c.get("primary_key"):
+                d = sql.SQL("{} NOT NULL").format(d)
+            if c.get("default") is not None:
+                d = sql.SQL("{} DEFAULT {}").format(d, sql.SQL(str(c["default"])))
+            if c.get("primary_key"):
+                pk.append(c["name"])
+            defs.append(d)
+            shapes.append(ColumnShape(c["name"], c["type"], bool(c.get("not_null")),
+                                      c.get("default")))
+        if len({c.name for c in shapes}) != len(shapes):
+            raise InvalidInput(f"{self.where()}: a column is named twice")
+        if not pk:
+            self.warnings.append(f"{name} has no primary key: backfill jobs on it need a key "
+                                 "with a unique index (give one column primary_key = true)")
+        if pk:
+            defs.append(sql.SQL("PRIMARY KEY ({})").format(
+                sql.SQL(", ").join(sql.Identifier(p) for p in pk)))
+        for c in shapes:
+            if c.name in pk and c.type.lower() in ("integer", "int", "int4", "serial", "smallint"):
+                self.warnings.append(f"{c.name} is a {c.type} primary key: it runs out at "
+                                     "2^31; use bigint (bigserial or identity)")
+        t = self.shape.create(name, shapes, tuple(pk))
+        self.add("start", f"create table {t.qualified}", "tx",
+                 sql.SQL("CREATE TABLE {} ({})").format(t.ident, sql.SQL(", ").join(defs)),
+                 lock="none (a new table)")
+        self.add("rollback", f"drop table {t.qualified} (and any rows written to it since)",
+                 "tx", sql.SQL("DROP TABLE IF EXISTS {}").format(t.ident),
+                 lock=self.brief(t), risk="medium")
+        return f"create table {t.qualified}"
+
+
+class DropTable(_Op):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        self.add("complete", f"drop table {t.qualified}", "tx",
+                 sql.SQL("DROP TABLE IF EXISTS {}").format(t.ident), lock=self.brief(t),
+                 risk="high")
+        self.check("complete", f"{t.qualified} is gone", sql.SQL(
+            "SELECT to_regclass({}) IS NULL").format(sql.Literal(t.qualified)))
+        self.t = t
+        self.shape.drop(t)
+        return f"drop table {t.qualified} (on complete, once nothing reads it)"
+
+    def irreversible(self) -> str | None:
+        return f"table {self.t.qualified} and its rows"
+
+
+class AddColumn(_Op):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        col = self.text("column")
+        typ = self.text("type")
+        default = self.opt("default")
+        value = self.opt("value")
+        not_null = self.flag("not_null")
+        if col in t.columns:
+            raise InvalidInput(f"{self.where()}: column {col!r} already exists in {t.qualified}")
+        if not_null and default is None and value is None and t.exists:
+            raise InvalidInput(f"{self.where()}: a NOT NULL column on an existing table needs "
+                               "a `default` or a `value` to fill the rows already there")
+        ident, cident = t.ident, sql.Identifier(col)
+        volatile = default is not None and self.shape.volatile(default)
+        fill = value if value is not None else (default if volatile else None)
+        col_def = sql.SQL("{} {}").format(cident, sql.SQL(typ))
+        goal = f"add column {t.qualified}.{col} {typ}"
+        if default is not None and not volatile:
+            col_def = sql.SQL("{} DEFAULT {}").format(col_def, sql.SQL(default))
+        if not_null and fill is None:
+            # A non-volatile default: PostgreSQL 11+ stores it once; no rewrite, no backfill.
+            self.add("start", f"add {col} NOT NULL with a stored default (no rewrite)", "tx",
+                     sql.SQL("ALTER TABLE {} ADD COLUMN {} NOT NULL").format(ident, col_def),
+                     lock=self.brief(t))
+            self.add("rollback", f"drop column {col}", "tx",
+                     sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ident, cident),
+                     lock=self.brief(t))
+            t.columns[col] = ColumnShape(col, typ, True, default)
+            return goal + " NOT NULL DEFAULT " + str(default)
+        self.add("start", f"add {col} as a nullable column (no rewrite)", "tx",
+                 sql.SQL("ALTER TABLE {} ADD COLUMN {}").format(ident, col_def),
+                 lock=self.brief(t))
+        # Registered now so that rollback, which runs in reverse, drops the trigger first.
+        self.add("rollback", f"drop column {col}", "tx",
+                 sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ident, cident),
+                 lock=self.brief(t))
+        t.columns[col] = ColumnShape(col, typ, False, default)
+        if volatile:
+            self.add("start", f"default {default} for new rows only (no rewrite)", "tx",
+                     sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+                         ident, cident, sql.SQL(cast(str, default))), lock=self.brief(t))
+        trig = None
+        if fill is not None and t.exists:
+            # Rows the application writes before the backfill reaches them get the value too,
+            # so the NOT VALID check below never fails an application's INSERT or UPDATE.
+            trig = object_name("fill", t.name, col)
+            self.trigger(t, trig, "BEFORE", "INSERT OR UPDATE", sql.SQL(
+                "    IF NEW.{c} IS NULL THEN NEW.{c} := ({v}); END IF;\n    RETURN NEW;").format(
+                    c=cident, v=sql.SQL(fill)))
+            self.job(t, f"fill {col}", {"kind": "update", "set": [[col, fill]],
+                                        "where": f"{quote(col)} IS NULL"})
+        if not_null and t.exists:
+            chk = self.not_null_check(t, col)
+            if trig is not None:
+                self.drop_trigger(t, trig, "complete")
+            self.validate_constraint(t, chk, "complete")
+            self.set_not_null(t, col)
+        else:
+            if trig is not None:
+                self.drop_trigger(t, trig, "complete")
+            if not_null:
+                self.add("start", f"SET NOT NULL on {col} (a new table: nothing to scan)",
+                         "tx", sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
+                             ident, cident), lock=self.brief(t))
+        t.columns[col] = ColumnShape(col, typ, not_null, default)
+        return goal + (" NOT NULL" if not_null else "") + (f", filled with {fill}" if fill else "")
+
+
+class DropColumn(_Op):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        col = self.text("column")
+        t.column(col)
+        if col in t.primary_key:
+            raise InvalidInput(f"{self.where()}: {col} is part of the primary key of "
+                               f"{t.qualified}")
+        refs = self.column_refs(t, col)
+        if refs:
+            self.warnings.append(f"dropping {col} also drops: {', '.join(refs)}")
+        self.add("complete", f"drop column {col}", "tx",
+                 sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
+                     t.ident, sql.Identifier(col)), lock=self.brief(t), risk="high")
+        self.check("complete", f"{col} is gone", _no_column(t, col))
+        del t.columns[col]
+        self.t, self.col = t, col
+        return f"drop column {t.qualified}.{col} (on complete, once nothing reads it)"
+
+    def irreversible(self) -> str | None:
+        return f"column {self.t.qualified}.{self.col} and its values"
+
+
+class _Copied(_Op):
+    """A column replaced by a new one kept in sync by a trigger until ``complete`` swaps them
+    (rename, change of type): old and new application versions both keep working."""
+
+    def sync(self, t: TableShape, old: str, new: str, new_type: str, up: str,
+             down: str | None) -> None:
+        o, n = sql.Identifier(old), sql.Identifier(new)
+        src = t.column(old)
+        self.add("start", f"add {new} {new_type} beside {old}", "tx",
+                 sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(t.ident, n,
+                                                                   sql.SQL(new_type)),
+                 lock=self.brief(t))
+        self.add("rollback", f"drop column {new}", "tx",
+                 sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(t.ident, n),
+                 lock=self.brief(t))
+        t.columns[new] = ColumnShape(new, new_type, False, None)
+        up_sql, down_sql = sql.SQL(up), sql.SQL(down) if down else None
+        # An application version that writes only the old column gets the new one computed,
+        # and one that writes only the new column gets the old one (when `down` says how).
+        # The backfill writes new = up(old): consistent, so the old column is left alone.
+        body = sql.SQL(
+            "    IF TG_OP = 'INSERT' THEN\n"
+            "        IF NEW.{n} IS NULL THEN NEW.{n} := ({up});{ins_down} END IF;\n"
+            "    ELSIF NEW.{o} IS DISTINCT FROM OLD.{o} AND NEW.{n} IS NOT DISTINCT FROM OLD.{n} THEN\n"
+            "        NEW.{n} := ({up});\n"
+            "{upd_down}"
+            "    ELSIF NEW.{n} IS NULL THEN\n"   # a row the backfill has not reached yet
+            "        NEW.{n} := ({up});\n"
+            "    END IF;\n    RETURN NEW;").format(
+            n=n, o=o, up=up_sql,
+            ins_down=(sql.SQL(" ELSIF NEW.{o} IS NULL THEN NEW.{o} := ({d});").format(
+                o=o, d=down_sql) if down_sql else sql.SQL("")),
+            upd_down=(sql.SQL(
+                "    ELSIF NEW.{n} IS DISTINCT FROM OLD.{n} AND NEW.{o} IS NOT DISTINCT FROM OLD.{o}\n"
+                "          AND NEW.{n} IS DISTINCT FROM ({up}) THEN\n"
+                "        NEW.{o} := ({d});\n").format(n=n, o=o, up=up_sql, d=down_sql)
+                if down_sql else sql.SQL("")))
+        self.trg = object_name("sync", t.name, old)
+        self.trigger(t, self.trg, "BEFORE", "INSERT OR UPDATE", body)
+        self.chk = self.not_null_check(t, new) if src.not_null else None
+        self.job(t, f"copy {old} into {new}", {"kind": "update", "set": [[new, up]]})
+        if not down:
+            self.warnings.append(f"no `down`: rows written through {new} alone do not update "
+                                 f"{old}; until complete, write {old} (or give `down`)")
+        refs = self.column_refs(t, old)
+        if refs:
+            self.warnings.append(f"{old} is used by {', '.join(refs)}: these do not follow to "
+                                 f"{new}; recreate them on {new} (e.g. a create_index "
+                                 "operation in this migration) before complete drops "
+                                 f"{old}, which drops them")
+
+    def swap(self, t: TableShape, old: str, new: str, *, rename_to: str | None) -> None:
+        self.drop_trigger(t, self.trg, "complete")
+        if self.chk:
+            self.validate_constraint(t, self.chk, "complete")
+            self.set_not_null(t, new)
+        stmts: list[sql.Composable] = [sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+            t.ident, sql.Identifier(old))]
+        if rename_to:
+            stmts.append(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+                t.ident, sql.Identifier(new), sql.Identifier(rename_to)))
+        self.add("complete", f"drop {old}" + (f", rename {new} to {rename_to}" if rename_to
+                                              else ""), "tx", *stmts, lock=self.brief(t),
+                 risk="high")
+        final = rename_to or new
+        typed: sql.Composable = sql.SQL("")
+        if rename_to:
+            typed = sql.SQL(" AND atttypid = {}::regtype").format(
+                sql.Literal(t.columns[new].type))
+        self.check("complete", f"{old} is gone and {final} is in place" if not rename_to
+                   else f"{final} has type {t.columns[new].type}", sql.SQL(
+            "SELECT ({gone}) AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {t}::regclass"
+            " AND attname = {f} AND NOT attisdropped{typed})").format(
+                gone=_no_column(t, old) if old != final else sql.SQL("true"),
+                t=sql.Literal(t.qualified), f=sql.Literal(final), typed=typed))
+        self.t, self.old = t, old
+
+
+class RenameColumn(_Copied):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        old, new = self.text("column"), self.text("to")
+        src = t.column(old)
+        if new in t.columns:
+            raise InvalidInput(f"{self.where()}: column {new!r} already exists in {t.qualified}")
+        if old in t.primary_key:
+            raise InvalidInput(f"{self.where()}: {old} is part of the primary key; "
+                               "renaming a key column is not supported")
+        self.sync(t, old, new, src.type, quote(old), quote(new))
+        if src.default is not None:
+            self.add("start", f"default of {new}: {src.default}", "tx",
+                     sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+                         t.ident, sql.Identifier(new), sql.SQL(src.default)),
+                     lock=self.brief(t))
+        self.swap(t, old, new, rename_to=None)
+        t.columns.pop(old)
+        t.columns[new] = ColumnShape(new, src.type, src.not_null, src.default)
+        return f"rename {t.qualified}.{old} to {new}"
+
+    def irreversible(self) -> str | None:
+        return f"column {self.t.qualified}.{self.old} (its values live on in the new column)"
+
+
+class ChangeType(_Copied):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        col, typ = self.text("column"), self.text("type")
+        src = t.column(col)
+        if col in t.primary_key:
+            raise InvalidInput(f"{self.where()}: {col} is part of the primary key; changing "
+                               "a key column's type is not supported")
+        up = self.opt("using", f"{quote(col)}::{typ}")
+        tmp = object_name("new", col)
+        down_v = self.get("down", None)
+        if down_v is False:
+            down = None
+        elif down_v is None:
+            down = f"{quote(tmp)}::{src.type}"
+        elif isinstance(down_v, str) and down_v.strip():
+            down = down_v
+        else:
+            raise InvalidInput(f"{self.where()}: `down` must be an expression or false")
+        self.sync(t, col, tmp, typ, up, down)
+        if src.default is not None:
+            self.warnings.append(f"{col} has a default ({src.default}); set it again on the "
+                                 "new type after complete")
+        self.swap(t, col, tmp, rename_to=col)
+        t.columns[col] = ColumnShape(col, typ, src.not_null, None)
+        t.columns.pop(tmp)
+        return f"change {t.qualified}.{col} from {src.type} to {typ} (using {up})"
+
+    def irreversible(self) -> str | None:
+        return f"the {self.old} column's old-type values"
+
+
+class AddForeignKey(_Op):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        cols = self.names("columns")
+        ref = self.shape.table(self.text("references"))
+        ref_cols = self.names("referenced_columns", required=False) or ref.primary_key
+        if not ref_cols:
+            raise InvalidInput(f"{self.where()}: {ref.qualified} has no primary key; give "
+                               "referenced_columns")
+        for c in cols:
+            t.column(c)
+        for c in ref_cols:
+            ref.column(c)
+        if len(cols) != len(ref_cols):
+            raise InvalidInput(f"{self.where()}: {len(cols)} columns reference "
+                               f"{len(ref_cols)} columns")
+        name = self.opt("name", object_name("fk", t.name, *cols))
+        on_delete = self.opt("on_delete", "NO ACTION").upper()
+        if on_delete not in ("NO ACTION", "RESTRICT", "CASCADE", "SET NULL", "SET DEFAULT"):
+            raise InvalidInput(f"{self.where()}: on_delete must be NO ACTION, RESTRICT, "
+                               f"CASCADE, SET NULL or SET DEFAULT, got {on_delete!r}")
+        join = sql.SQL(", ").join
+        self.add("start", f"add {name} NOT VALID (new rows are checked; no scan)", "tx",
+                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) "
+                         "ON DELETE {} NOT VALID").format(
+                     t.ident, sql.Identifier(name), join(map(sql.Identifier, cols)), ref.ident,
+                     join(map(sql.Identifier, ref_cols)),
+                     sql.SQL(on_delete)),
+                 lock=f"SHARE ROW EXCLUSIVE on {t.qualified} and {ref.qualified} (brief, "
+                      "under lock_timeout)")
+        self.validate_constraint(t, name)
+        self.add("rollback", f"drop {name}", "tx",
+                 sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                     t.ident, sql.Identifier(name)), lock=self.brief(t))
+        if t.exists and not self._indexed(t, cols):
+            self.warnings.append(f"no index on {t.qualified} ({', '.join(cols)}): each delete "
+                                 f"or key update on {ref.qualified} scans {t.qualified}; "
+                                 "add a create_index operation")
+        return f"foreign key {t.qualified} ({', '.join(cols)}) -> {ref.qualified}"
+
+    def _indexed(self, t: TableShape, cols: tuple[str, ...]) -> bool:
+        row = self.conn.execute(
+            """SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND
+               (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(i.indkey)
+                WITH ORDINALITY AS k(attnum, ord) JOIN pg_attribute a
+                ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                WHERE k.ord <= %s) = %s""", (t.qualified, len(cols), list(cols))).fetchone()
+        return row is not None
+
+
+class AddCheck(_Op):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        name = self.text("name")
+        expr = self.text("check")
+        self.add("start", f"add {name} NOT VALID (new rows are checked; no scan)", "tx",
+                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
+                     t.ident, sql.Identifier(name), sql.SQL(expr)), lock=self.brief(t))
+        self.validate_constraint(t, name)
+        self.add("rollback", f"drop {name}", "tx",
+                 sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                     t.ident, sql.Identifier(name)), lock=self.brief(t))
+        return f"check {name} on {t.qualified}: {expr}"
+
+
+class CreateIndex(_Op):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        cols = self.names("columns", required=False)
+        expr = self.opt("expression")
+        if bool(cols) == bool(expr):
+            raise InvalidInput(f"{self.where()}: give `columns` or `expression` (one of them)")
+        for c in cols:
+            t.column(c)
+        method = self.opt("method", "btree").lower()
+        if not re.match(r"^[a-z_]+$", method):
+            raise InvalidInput(f"{self.where()}: malformed index method {method!r}")
+        where = self.opt("where")
+        unique = self.flag("unique")
+        name = self.opt("name", object_name("idx", t.name, *(cols or ("expr",))))
+        if self.shape.index_exists(f"{t.schema}.{name}"):
+            self.warnings.append(f"an index named {name} exists already: start takes it if it "
+                                 "is valid and rebuilds it if it is INVALID")
+        body = (sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Identifier, cols))) if cols
+                else sql.SQL("(({}))").format(sql.SQL(cast(str, expr))))
+        definition = sql.SQL("USING {} {}{}").format(
+            sql.SQL(method), body,
+            sql.SQL(" WHERE {}").format(sql.SQL(where)) if where else sql.SQL(""))
+        self.create_index_steps(t, name, definition, unique=unique)
+        return (f"{'unique ' if unique else ''}index {name} on {t.qualified} "
+                f"({', '.join(cols) or expr})")
+
+
+class DropIndex(_Op):
+    def build(self) -> str:
+        name = self.text("name")
+        schema, idx = split_name(name)
+        row = self.conn.execute(
+            """SELECT n.nspname, t.relname, tn.nspname FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_class t ON t.oid = i.indrelid
+               JOIN pg_namespace tn ON tn.oid = t.relnamespace
+               WHERE c.relname = %s AND c.relkind = 'i'
+                 AND (n.nspname = %s OR (%s::text IS NULL AND n.nspname = ANY (current_schemas(false))))
+               LIMIT 1""", (idx, schema, schema)).fetchone()
+        if row is None:
+            raise InvalidInput(f"{self.where()}: index {name!r} does not exist")
+        used = self.conn.execute(
+            "SELECT conname FROM pg_constraint WHERE conindid = %s::regclass AND contype IN "
+            "('p', 'u', 'x')", (f"{row[0]}.{idx}",)).fetchone()
+        if used:
+            raise InvalidInput(f"{self.where()}: index {name} backs constraint {used[0]}; "
+                               "drop the constraint instead")
+        self.q = f"{row[0]}.{idx}"
+        self.add("complete", f"drop index {idx} CONCURRENTLY", "concurrent",
+                 sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                     sql.Identifier(str(row[0]), idx)),
+                 lock=f"SHARE UPDATE EXCLUSIVE on {row[2]}.{row[1]}", risk="medium")
+        self.check("complete", f"index {idx} is gone", sql.SQL(
+            "SELECT to_regclass({}) IS NULL").format(sql.Literal(self.q)))
+        return f"drop index {self.q} (on complete)"
+
+    def irreversible(self) -> str | None:
+        return f"index {self.q} (a create_index can build it again)"
+
+
+class AddUnique(_Op):
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        cols = self.names("columns")
+        for c in cols:
+            t.column(c)
+        name = self.opt("name", object_name("uq", t.name, *cols))
+        self.create_index_steps(t, name, sql.SQL("({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, cols))), unique=True)
+        self.add("start", f"attach {name} as a UNIQUE constraint (no scan: the index proves it)",
+                 "tx", sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
+                     t.ident, sql.Identifier(name), sql.Identifier(name)), lock=self.brief(t))
+        # Rollback runs in reverse: the constraint goes first, then its index.
+        self.add("rollback", f"drop constraint {name}", "tx",
+                 sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                     t.ident, sql.Identifier(name)), lock=self.brief(t))
+        return f"unique ({', '.join(cols)}) on {t.qualified}"
+
+
+class SplitTable(_Op):
+    """Move columns to a new table sharing the key: a trigger mirrors every write, a copy job
+    fills the rest, the application switches to the new table, complete drops the old columns."""
+
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        into = self.text("into")
+        cols = self.names("columns")
+        key = t.primary_key
+        if not key:
+            raise InvalidInput(f"{self.where()}: {t.qualified} has no primary key to share")
+        for c in cols:
+            if c in key:
+                raise InvalidInput(f"{self.where()}: {c} is part of the key; it is copied "
+                                   "to the new table anyway")
+            t.column(c)
+        keep = self.flag("keep_columns")
+        defs = [sql.SQL("{} {} NOT NULL").format(sql.Identifier(k), sql.SQL(t.column(k).type))
+                for k in key]
+        defs += [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t.column(c).type))
+                 for c in cols]
+        new = self.shape.create(into, [t.column(k) for k in key] + [t.column(c) for c in cols],
+                                key)
+        ids = sql.SQL(", ").join
+        defs.append(sql.SQL("PRIMARY KEY ({})").format(ids(map(sql.Identifier, key))))
+        self.add("start", f"create table {new.qualified}", "tx",
+                 sql.SQL("CREATE TABLE {} ({})").format(new.ident, ids(defs)),
+                 lock="none (a new table)")
+        self.add("rollback", f"drop table {new.qualified}", "tx",
+                 sql.SQL("DROP TABLE IF EXISTS {}").format(new.ident), lock=self.brief(new))
+        every = (*key, *cols)
+        match = sql.SQL(" AND ").join(
+            sql.SQL("{} = OLD.{}").format(sql.Identifier(k), sql.Identifier(k)) for k in key)
+        body = sql.SQL(
+            "    IF TG_OP IN ('DELETE', 'UPDATE') THEN\n"
+            "        DELETE FROM {new} WHERE {match};\n"
+            "        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;\n"
+            "    END IF;\n"
+            "    INSERT INTO {new} ({cols}) VALUES ({vals})\n"
+            "        ON CONFLICT ({key}) DO UPDATE SET {set};\n"
+            "    RETURN NEW;").format(
+                new=new.ident, match=match, cols=ids(map(sql.Identifier, every)),
+                vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every),
+                key=ids(map(sql.Identifier, key)),
+                set=ids(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols))
+        self.trg = object_name("split", t.name, new.name)
+        self.trigger(t, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
+        self.job(t, f"copy {', '.join(cols)} into {new.qualified}",
+                 {"kind": "copy", "dest": new.qualified, "columns": list(every),
+                  "on_conflict": "update"})
+        self.drop_trigger(t, self.trg, "complete")
+        self.dropped = not keep
+        if not keep:
+            self.add("complete", f"drop {', '.join(cols)} from {t.qualified}", "tx",
+                     sql.SQL("ALTER TABLE {} {}").format(t.ident, ids(
+                         sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(c))
+                         for c in cols)), lock=self.brief(t), risk="high")
+            for c in cols:
+                del t.columns[c]
+        self.t, self.cols = t, cols
+        return f"split {', '.join(cols)} of {t.qualified} into {new.qualified}"
+
+    def irreversible(self) -> str | None:
+        return (f"columns {', '.join(self.cols)} of {self.t.qualified} (kept in the new table)"
+                if self.dropped else None)
+
+
+class MergeTables(_Op):
+    """Bring a table's columns into another that shares its key: new nullable columns, a
+    trigger mirroring writes to the source, a backfill, then complete drops the source."""
+
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        src = self.shape.table(self.text("from"))
+        cols = self.names("columns", required=False) or tuple(
+            c for c in src.columns if c not in src.primary_key)
+        key = src.primary_key
+        if not key:
+            raise InvalidInput(f"{self.where()}: {src.qualified} has no primary key")
+        for k in key:
+            t.column(k, "key column")
+        for c in cols:
+            src.column(c)
+            if c in t.columns:
+                raise InvalidInput(f"{self.where()}: {t.qualified} already has a column {c!r}")
+        ids = sql.SQL(", ").join
+        self.add("start", f"add {', '.join(cols)} to {t.qualified} (nullable, no rewrite)",
+                 "tx", sql.SQL("ALTER TABLE {} {}").format(t.ident, ids(
+                     sql.SQL("ADD COLUMN {} {}").format(sql.Identifier(c),
+                                                        sql.SQL(src.column(c).type))
+                     for c in cols)), lock=self.brief(t))
+        self.add("rollback", f"drop {', '.join(cols)} from {t.qualified}", "tx",
+                 sql.SQL("ALTER TABLE {} {}").format(t.ident, ids(
+                     sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(c))
+                     for c in cols)), lock=self.brief(t))
+        for c in cols:
+            t.columns[c] = ColumnShape(c, src.column(c).type, False, None)
+
+        def match(rec: str) -> sql.Composable:
+            return sql.SQL(" AND ").join([sql.SQL("{} = {}.{}").format(
+                sql.Identifier(k), sql.SQL(rec), sql.Identifier(k)) for k in key])
+
+        body = sql.SQL(
+            "    IF TG_OP = 'DELETE' THEN\n"
+            "        UPDATE {t} SET {nulls} WHERE {old};\n        RETURN OLD;\n    END IF;\n"
+            "    UPDATE {t} SET {set} WHERE {new};\n    RETURN NEW;").format(
+                t=t.ident, old=match("OLD"), new=match("NEW"),
+                nulls=ids(sql.SQL("{} = NULL").format(sql.Identifier(c)) for c in cols),
+                set=ids(sql.SQL("{c} = NEW.{c}").format(c=sql.Identifier(c)) for c in cols))
+        self.trg = object_name("merge", src.name, t.name)
+        self.trigger(src, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
+        src_q = src.ident.as_string(self.conn)
+        tgt_q = t.ident.as_string(self.conn)
+        where = " AND ".join(f"s.{quote(k)} = {tgt_q}.{quote(k)}" for k in key)
+        self.job(t, f"fill {', '.join(cols)} from {src.qualified}", {
+            "kind": "update",
+            # Identifiers quoted above; the engine runs these as the job's SET expressions.
+            "set": [[c, f"(SELECT s.{quote(c)} FROM {src_q} AS s WHERE {where})"]  # noqa: S608
+                    for c in cols]})
+        self.drop_trigger(src, self.trg, "complete")
+        self.add("complete", f"drop table {src.qualified}", "tx",
+                 sql.SQL("DROP TABLE IF EXISTS {}").format(src.ident), lock=self.brief(src),
+                 risk="high")
+        self.shape.drop(src)
+        self.src = src
+        return f"merge {', '.join(cols)} of {src.qualified} into {t.qualified}"
+
+    def irreversible(self) -> str | None:
+        return f"table {self.src.qualified} (its columns live on in the merged table)"
+
+
+class Backfill(_Op):
+    """A data change of its own (transform a format, fill a column): an update job."""
+
+    def build(self) -> str:
+        t = self.shape.table(self.text("table"))
+        raw = self.get("set", required=True)
+        if not isinstance(raw, dict) or not raw or not all(
+                isinstance(v, str) and v.strip() for v in raw.values()):
+            raise InvalidInput(f"{self.where()}: `set` must be a table of column = "
+                               "\"expression\"")
+        for c in raw:
+            t.column(c)
+        where = self.opt("where")
+        spec: dict[str, Any] = {"kind": "update", "set": [[c, v] for c, v in raw.items()]}
+        if where:
+            spec["where"] = where
+        self.job(t, f"set {', '.join(raw)}", spec)
+        self.warnings.append("a backfill writes rows in place: rollback does not restore "
+                             "the old values")
+        return f"backfill {t.qualified}: set {', '.join(raw)}" + (f" where {where}" if where
+                                                                   else "")
+
+
+class RawSql(_Op):
+    """An escape hatch: statements for each phase, linted; flagged rules must be allowed."""
+
+    def build(self) -> str:
+        from pglast import split
+
+        from backfill.lint import lint_sql
+
+        # The executor sets lock_timeout itself; the linter cannot see that.
+        allow = set(self.names("allow", required=False)) | {"missing-lock-timeout"}
+        concurrent = self.flag("concurrent")
+        described = self.opt("description", "custom SQL")
+        for phase, key in (("start", "up"), ("complete", "complete"), ("rollback", "down")):
+            text = self.text(key) if key == "up" else self.opt(key)
+            if text is None:
+                continue
+            findings = [f for f in lint_sql(text, f"{self.where()} `{key}`")
+                        if f.rule not in allow]
+            if findings:
+                raise InvalidInput(
+                    f"{self.where()}: `{key}` is flagged by the linter:\n  "
+                    + "\n  ".join(f.render() for f in findings)
+                    + "\nrewrite it, or list the rules in `allow` if you accept the risk")
+            statements = tuple(sql.SQL(st) for st in split(text))
+            self.add(phase, f"{described} ({key})", "concurrent" if concurrent else "tx",
+                     *statements, lock="as written", risk="medium")
+        return described
+
+
+OPERATIONS: dict[str, type[_Op]] = {
+    "create_table": CreateTable, "drop_table": DropTable,
+    "add_column": AddColumn, "drop_column": DropColumn,
+    "rename_column": RenameColumn, "change_type": ChangeType,
+    "add_foreign_key": AddForeignKey, "add_check": AddCheck, "add_unique": AddUnique,
+    "create_index": CreateIndex, "drop_index": DropIndex,
+    "split_table": SplitTable, "merge_tables": MergeTables,
+    "backfill": Backfill, "sql": RawSql,
+}
+
+
+def build_plan(conn: Conn, mig: MigrationFile) -> tuple[OpPlan, ...]:
+    """Every operation's steps, checked against ``conn``'s catalog; writes nothing."""
+    shape = Shape(conn)
+    plans = []
+    for i, data in enumerate(mig.operations):
+        plans.append(OPERATIONS[data["op"]](i, data, shape, conn, mig).plan())
+    return tuple(plans)
+
+
+def ordered_steps(plans: Iterable[OpPlan]) -> dict[str, list[Step]]:
+    """Steps per phase in execution order: start runs each operation's DDL, then the
+    backfills, then the checks; complete in file order; rollback in reverse."""
+    steps: dict[str, list[Step]] = {p: [] for p in PHASES}
+    plans = list(plans)
+    rank = {"tx": 0, "concurrent": 0, "backfill": 1, "check": 2}
+    start = [s for p in plans for s in p.steps if s.phase == "start"]
+    steps["start"] = sorted(start, key=lambda s: rank[s.mode])   # stable: file order kept
+    steps["complete"] = [s for p in plans for s in p.steps if s.phase == "complete"]
+    steps["rollback"] = [s for p in reversed(plans) for s in reversed(p.steps)
+                         if s.phase == "rollback"]
+    return steps
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def quote(name: str) -> str:
+    """An identifier quoted for an expression we hand to the job engine as text."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def object_name(*parts: str) -> str:
+    """A deterministic name for an object we create (trigger, constraint), within 63 bytes."""
+    base = "bf_" + "_".join(re.sub(r"[^a-z0-9_]", "", p.lower()) for p in parts)
+    if len(base) <= 63:
+        return base
+    digest = hashlib.sha1("\0".join(parts).encode()).hexdigest()[:8]
+    return base[:54] + "_" + digest
+
+
+def _no_column(t: TableShape, col: str) -> sql.Composable:
+    return sql.SQL("NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {}::regclass "
+                   "AND attname = {} AND NOT attisdropped)").format(
+        sql.Literal(t.qualified), sql.Literal(col))
+
+
+#: The step runner's view of a check's result, for the executor.
+CheckResult = Callable[[Conn], bool]

@@ -1,0 +1,623 @@
+"""The migration workflow on a real PostgreSQL: expand/contract with both application versions
+writing, crashes after every step, a killed concurrent index build, lock timeouts that retry
+instead of queueing, the contract gate, rollback, split and merge."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from backfill.errors import GateClosed, MigrationError
+from backfill.migration import parse
+from backfill.migrator import Migrator
+from tests.integration.helpers import cli, cli_env, scalar, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+USERS = 3_000
+
+
+def _users(dsn: str, rows: int = USERS) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("""CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL,
+                     name varchar(50) NOT NULL, score int, bio text, team_id bigint)""")
+        c.execute("CREATE TABLE teams (id bigint PRIMARY KEY, title text)")
+        c.execute("INSERT INTO teams SELECT g, 't' || g FROM generate_series(1, 10) g")
+        c.execute("""INSERT INTO users SELECT g, 'User' || g || '@Example.COM', 'name ' || g, g,
+                     'bio ' || g, 1 + g %% 10 FROM generate_series(1, %s) g""", (rows,))
+        c.execute("ANALYZE users")
+
+
+FULL = """
+id = "m-full"
+description = "every operation kind on users"
+[settings]
+lock_timeout = "300ms"
+retry_backoff = "50ms"
+[backfill]
+batch_size = 500
+
+[[operations]]
+op = "add_column"
+table = "users"
+column = "email_lower"
+type = "text"
+value = "lower(email)"
+not_null = true
+
+[[operations]]
+op = "add_column"
+table = "users"
+column = "status"
+type = "text"
+default = "'active'"
+not_null = true
+
+[[operations]]
+op = "rename_column"
+table = "users"
+column = "name"
+to = "full_name"
+
+[[operations]]
+op = "change_type"
+table = "users"
+column = "score"
+type = "bigint"
+
+[[operations]]
+op = "create_index"
+table = "users"
+columns = ["team_id"]
+
+[[operations]]
+op = "add_foreign_key"
+table = "users"
+columns = ["team_id"]
+references = "teams"
+
+[[operations]]
+op = "add_check"
+table = "users"
+name = "users_score_positive"
+check = "team_id > 0"
+
+[[operations]]
+op = "add_unique"
+table = "users"
+columns = ["email"]
+"""
+
+
+def _mig(text: str) -> Any:
+    return parse(text, "test.toml")
+
+
+def _schema(dsn: str) -> dict[str, Any]:
+    """Columns, constraints, indexes, triggers and functions of the public schema."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        cols = c.execute(
+            """SELECT table_name, column_name, data_type, is_nullable, column_default
+               FROM information_schema.columns WHERE table_schema = 'public'
+               ORDER BY 1, 2""").fetchall()
+        cons = c.execute(
+            """SELECT conrelid::regclass::text, conname, contype, convalidated
+               FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2"""
+        ).fetchall()
+        idx = c.execute(
+            """SELECT indexrelid::regclass::text, indisvalid FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indexrelid
+               WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1""").fetchall()
+        trg = c.execute("SELECT tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                        "WHERE NOT tgisinternal AND c.relnamespace = 'public'::regnamespace "
+                        "ORDER BY 1").fetchall()
+        fns = c.execute("SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace "
+                        "ORDER BY 1").fetchall()
+    return {"columns": cols, "constraints": cons, "indexes": idx, "triggers": trg,
+            "functions": fns}
+
+
+def _events(dsn: str, mid: str) -> list[tuple[str, str | None, int | None, str, str]]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return c.execute(
+            """SELECT kind, phase, step_no, message, actor FROM backfill.migration_events
+               WHERE migration_id = %s ORDER BY id""", (mid,)).fetchall()
+
+
+def _write_file(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+class _Writers:
+    """Old and new application versions writing while the migration runs."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.writes = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Writers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        next_id = 1_000_000
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as c:
+                c.execute("SET lock_timeout = '5s'")
+                i = 0
+                while not self.stop.is_set():
+                    i += 1
+                    # The old application knows none of the new columns.
+                    c.execute("INSERT INTO users (id, email, name, score, team_id) "
+                              "VALUES (%s, %s, %s, %s, 3)",
+                              (next_id, f"Old{next_id}@App.COM", f"old {next_id}", i))
+                    next_id += 1
+                    c.execute("UPDATE users SET name = name || '!', score = score + 1 "
+                              "WHERE id = %s", (1 + (i * 37) % USERS,))
+                    c.execute("DELETE FROM users WHERE id = %s", (USERS - (i % 50),))
+                    self.writes += 3
+                    time.sleep(0.005)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+
+def test_expand_backfill_contract_while_both_application_versions_write(dsn: str) -> None:
+    _users(dsn)
+    m = Migrator(dsn, actor="tester")
+    mig = _mig(FULL)
+    with _Writers(dsn) as w:
+        rec = m.start(mig)
+        wait_for(lambda: w.writes > 30, timeout=20, what="old-app writes")
+    assert not w.errors, w.errors
+    assert rec.state == "started"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        # Between start and complete: the new application writes the new columns only.
+        c.execute("INSERT INTO users (id, email, email_lower, full_name, bf_new_score, team_id) "
+                  "VALUES (2000000, 'New@App.COM', 'new@app.com', 'new app', 5, 2)")
+        c.execute("UPDATE users SET full_name = 'renamed by new app' WHERE id = 10")
+        # ...and the old one still writes the old ones.
+        c.execute("UPDATE users SET name = 'renamed by old app', score = 42 WHERE id = 11")
+        rows = {r[0]: r[1:] for r in c.execute(
+            "SELECT id, name, full_name, score, bf_new_score, email_lower, status FROM users "
+            "WHERE id IN (10, 11, 2000000) ORDER BY id")}
+    assert rows[10][:2] == ("renamed by new app", "renamed by new app")
+    assert rows[11][:4] == ("renamed by old app", "renamed by old app", 42, 42)
+    assert rows[2000000][:2] == ("new app", "new app")
+    assert rows[2000000][3] == 5
+    assert rows[2000000][2] == 5
+    rec = m.complete("m-full")
+    assert rec.state == "completed"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        bad = c.execute("""SELECT count(*) FROM users WHERE email_lower IS DISTINCT FROM lower(email)
+                           OR status IS DISTINCT FROM 'active' OR full_name IS NULL
+                           OR score IS NULL""").fetchone()
+        assert bad == (0,)
+        n = c.execute("SELECT count(*) FROM users").fetchone()
+        assert n
+        assert n[0] > USERS - 60
+    s = _schema(dsn)
+    cols = {(t, col): (typ, nullable) for t, col, typ, nullable, _ in s["columns"]}
+    assert cols[("users", "email_lower")] == ("text", "NO")
+    assert cols[("users", "status")] == ("text", "NO")
+    assert cols[("users", "full_name")] == ("character varying", "NO")
+    assert cols[("users", "score")] == ("bigint", "YES")
+    assert ("users", "name") not in cols
+    assert ("users", "bf_new_score") not in cols
+    cons = {name: (kind, valid) for _, name, kind, valid in s["constraints"]}
+    assert cons["bf_fk_users_team_id"] == ("f", True)
+    assert cons["users_score_positive"] == ("c", True)
+    assert cons["bf_uq_users_email"] == ("u", True)
+    assert not any(name.startswith("bf_nn_") for name in cons)   # the NOT NULL proofs are gone
+    assert all(valid for _, valid in s["indexes"])
+    assert s["triggers"] == []
+    assert s["functions"] == []
+    kinds = [e[0] for e in _events(dsn, "m-full")]
+    assert "gate" in kinds
+    assert kinds[-1] == "state"
+    assert {e[4] for e in _events(dsn, "m-full")} == {"tester"}
+
+
+def _run_cli(dsn: str, *args: str, failpoint: str | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = cli_env(**({"BACKFILL_FAILPOINT": failpoint} if failpoint else {}))
+    return subprocess.run(
+        [*_backfill(), "--dsn", dsn, *args], env=env, capture_output=True, text=True,
+        timeout=timeout, check=False)
+
+
+def _backfill() -> list[str]:
+    import sys
+    return [sys.executable, "-m", "backfill.cli"]
+
+
+def test_a_crash_after_any_step_is_repaired_by_running_the_command_again(
+        dsn: str, admin_dsn: str, tmp_path: Path) -> None:
+    """Kill the process right after each step in turn (the effect applied, nothing else
+    recorded); each re-run continues where the last stopped, and the end state is the same
+    as an uninterrupted run's."""
+    text = FULL.replace('id = "m-full"', 'id = "m-crash"')
+    path = _write_file(tmp_path, text)
+    _users(dsn, 800)
+    m = Migrator(dsn, actor="tester")
+    steps = m.plan(_mig(text))
+    from backfill.migration import ordered_steps
+    ordered = ordered_steps(steps)
+    n_start, n_complete = len(ordered["start"]), len(ordered["complete"])
+    for phase, count, cmd in (("start", n_start, ["migrate", "start", str(path)]),
+                              ("complete", n_complete, ["migrate", "complete", "m-crash"])):
+        for k in range(1, count + 1):
+            r = _run_cli(dsn, *cmd, failpoint=f"migrate:{phase}:{k}")
+            assert r.returncode == 137, (phase, k, r.stdout, r.stderr)
+            done = scalar(dsn, "SELECT count(*) FROM backfill.migration_steps WHERE "
+                          "migration_id = 'm-crash' AND phase = %s AND state = 'done'", (phase,))
+            # The step the crash followed is either recorded (transactional: it committed
+            # with its mark) or not yet (concurrent, backfill): never anything after it.
+            assert done in (k - 1, k), (phase, k, done)
+        r = _run_cli(dsn, *cmd)
+        assert r.returncode == 0, r.stderr
+    crashed = _schema(dsn)
+    crashed_rows = scalar(dsn, "SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM users u")
+    # The same migration without crashes, on a fresh copy of the same table.
+    from tests.conftest import _create_db, _db_dsn, _drop_db
+    fresh_name = _create_db(admin_dsn, "bf_template")
+    try:
+        fresh = _db_dsn(admin_dsn, fresh_name)
+        _users(fresh, 800)
+        Migrator(fresh, actor="tester").start(_mig(text))
+        Migrator(fresh, actor="tester").complete("m-crash")
+        assert _schema(fresh) == crashed
+        assert scalar(fresh, "SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM users u") \
+            == crashed_rows
+    finally:
+        _drop_db(admin_dsn, fresh_name)
+    # Every step is recorded done exactly once, and each backfill ran one job.
+    dones = [(e[1], e[2]) for e in _events(dsn, "m-crash")
+             if e[0] == "step" and "already built" not in e[3]]
+    assert len(dones) == len(set(dones)) == n_start + n_complete
+    assert scalar(dsn, "SELECT count(*) FROM backfill.jobs") == 3   # status needs no backfill
+
+
+def test_a_killed_concurrent_build_leaves_an_invalid_index_that_start_drops_and_rebuilds(
+        dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 500)
+    path = _write_file(tmp_path, 'id = "m-idx"\n[[operations]]\nop = "create_index"\n'
+                                 'table = "users"\ncolumns = ["email"]\nunique = true\n')
+    # An open transaction holding a snapshot: the build waits for it to end.
+    old = psycopg.connect(dsn)
+    old.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    old.execute("SELECT count(*) FROM teams")
+    proc = subprocess.Popen([*_backfill(), "--dsn", dsn, "migrate", "start", str(path)],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for(lambda: scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                "'CREATE UNIQUE INDEX CONCURRENTLY%%' AND wait_event_type = 'Lock'"),
+                 timeout=30, what="the build waiting for the old transaction")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        # client_connection_check_interval: the orphaned build notices and stops.
+        wait_for(lambda: not scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE query "
+                                    "LIKE 'CREATE UNIQUE INDEX CONCURRENTLY%%'"),
+                 timeout=15, what="the orphaned build to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        old.rollback()
+        old.close()
+    assert scalar(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                       "'bf_idx_users_email'::regclass") is False
+    r = _run_cli(dsn, "migrate", "start", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "dropped INVALID index" in r.stderr
+    assert scalar(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                       "'bf_idx_users_email'::regclass") is True
+    assert any(e[0] == "cleanup" for e in _events(dsn, "m-idx"))
+
+
+def test_a_failed_unique_build_is_cleaned_up_and_reported(dsn: str) -> None:
+    _users(dsn, 200)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET email = 'dup@x' WHERE id IN (1, 2)")
+    m = Migrator(dsn, actor="tester")
+    mig = _mig('id = "m-dup"\n[[operations]]\nop = "add_unique"\ntable = "users"\n'
+               'columns = ["email"]\n')
+    with pytest.raises(MigrationError, match=r"could not create unique index.*dropped"):
+        m.start(mig)
+    assert scalar(dsn, "SELECT to_regclass('bf_uq_users_email')") is None
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET email = 'unique@x' WHERE id = 2")
+    assert m.start(mig).state == "started"
+    assert scalar(dsn, "SELECT contype FROM pg_constraint WHERE conname = 'bf_uq_users_email'") \
+        == "u"
+
+
+@pytest.fixture
+def blocker(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    _users(dsn, 200)
+    c = psycopg.connect(dsn)
+    c.execute("SELECT count(*) FROM users")      # holds ACCESS SHARE until rollback
+    yield c
+    c.rollback()
+    c.close()
+
+
+LOCKED = """
+id = "m-lock"
+[settings]
+lock_timeout = "200ms"
+retry_backoff = "100ms"
+retry_backoff_max = "200ms"
+lock_retries = {retries}
+[[operations]]
+op = "add_column"
+table = "users"
+column = "flag"
+type = "boolean"
+"""
+
+
+def test_a_blocked_ddl_step_times_out_and_retries_instead_of_queueing_readers(
+        dsn: str, blocker: psycopg.Connection[Any], tmp_path: Path) -> None:
+    path = _write_file(tmp_path, LOCKED.format(retries=200))
+    proc = subprocess.Popen([*_backfill(), "--dsn", dsn, "migrate", "start", str(path)],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for(lambda: scalar(dsn, "SELECT count(*) FROM backfill.migration_events "
+                                "WHERE kind = 'retry'") >= 3, timeout=30, what="retries")
+        # Readers arriving meanwhile wait at most one lock_timeout behind the ALTER.
+        with psycopg.connect(dsn, autocommit=True) as reader:
+            reader.execute("SET statement_timeout = '2s'")
+            for _ in range(10):
+                t0 = time.monotonic()
+                reader.execute("SELECT count(*) FROM users").fetchone()
+                assert time.monotonic() - t0 < 1.0
+        blocker.rollback()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert scalar(dsn, "SELECT count(*) FROM information_schema.columns WHERE column_name = "
+                       "'flag'") == 1
+    retry = scalar(dsn, "SELECT details FROM backfill.migration_events WHERE kind = 'retry' "
+                        "ORDER BY id LIMIT 1")
+    assert retry["holders"]
+    assert retry["holders"][0]["pid"] == blocker.info.backend_pid
+
+
+def test_when_retries_run_out_the_step_fails_clearly_and_a_rerun_continues(
+        dsn: str, blocker: psycopg.Connection[Any], tmp_path: Path) -> None:
+    path = _write_file(tmp_path, LOCKED.format(retries=2))
+    r = _run_cli(dsn, "migrate", "start", str(path))
+    assert r.returncode == 1
+    assert "could not take its lock in 3 attempts" in r.stderr
+    assert f"held by pid {blocker.info.backend_pid}" in r.stderr
+    assert "Traceback" not in r.stderr
+    status = json.loads(_run_cli(dsn, "migrate", "status", "m-lock", "--json").stdout)
+    assert status["steps"][0]["state"] == "failed"
+    blocker.rollback()
+    r = _run_cli(dsn, "migrate", "start", str(path))
+    assert r.returncode == 0, r.stderr
+    status = json.loads(_run_cli(dsn, "migrate", "status", "m-lock", "--json").stdout)
+    assert status["state"] == "started"
+    assert status["last_error"] is None
+
+
+GATED = """
+id = "m-gate"
+[[operations]]
+op = "change_type"
+table = "users"
+column = "score"
+type = "bigint"
+down = false
+[[operations]]
+op = "create_index"
+table = "users"
+columns = ["team_id"]
+"""
+
+
+def test_the_gate_refuses_to_contract_until_the_backfill_is_done_and_verifies(
+        dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 1000)
+    path = _write_file(tmp_path, GATED)
+    # The backfill goes to the workers (none run here): start stops, waiting.
+    r = _run_cli(dsn, "migrate", "start", str(path), "--workers", "--no-wait")
+    assert r.returncode == 3, r.stderr
+    r = _run_cli(dsn, "migrate", "complete", "m-gate")
+    assert r.returncode == 1
+    assert "start has not finished" in r.stderr
+    job = scalar(dsn, "SELECT id FROM backfill.jobs")
+    with psycopg.connect(dsn, autocommit=True) as c:   # run the job here instead
+        c.execute("UPDATE backfill.jobs SET runs_on = 'inline' WHERE id = %s", (job,))
+    m = Migrator(dsn, actor="tester")
+    assert m.start(_mig(GATED)).state == "started"
+    # Drift: the new column no longer matches the old one, and the index is gone.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET bf_new_score = -1 WHERE id = 7")
+        c.execute("DROP INDEX bf_idx_users_team_id")
+    with pytest.raises(GateClosed) as info:
+        m.complete("m-gate")
+    assert "does not verify" in str(info.value)
+    assert "no longer true: index bf_idx_users_team_id is valid" in str(info.value)
+    assert scalar(dsn, "SELECT count(*) FROM backfill.migration_steps WHERE phase = 'complete' "
+                       "AND state <> 'pending'") == 0
+    assert scalar(dsn, "SELECT state FROM backfill.migrations") == "started"
+    gate = [e for e in _events(dsn, "m-gate") if e[0] == "gate"]
+    assert gate
+    assert "complete refused" in gate[-1][3]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET bf_new_score = score WHERE id = 7")
+        c.execute("CREATE INDEX bf_idx_users_team_id ON users (team_id)")
+    assert m.complete("m-gate").state == "completed"
+
+
+def test_rollback_undoes_whatever_start_did_and_is_refused_after_complete(
+        dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 600)
+    before = _schema(dsn)
+    text = FULL.replace('id = "m-full"', 'id = "m-rb"')
+    path = _write_file(tmp_path, text)
+    # Stop start in the middle (right after the concurrent index build), then roll back.
+    r = _run_cli(dsn, "migrate", "start", str(path), failpoint="migrate:start:10")
+    assert r.returncode == 137
+    r = _run_cli(dsn, "migrate", "rollback", str(path))
+    assert r.returncode == 0, r.stderr
+    assert _schema(dsn) == before
+    assert scalar(dsn, "SELECT state FROM backfill.migrations") == "rolled_back"
+    # A rolled-back migration can start again, and once complete it cannot be rolled back.
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(text))
+    assert _schema(dsn) != before
+    # Rolling back a fully started migration (backfills done) restores the schema too.
+    m.rollback("m-rb")
+    assert _schema(dsn) == before
+    m.start(_mig(text))
+    m.complete("m-rb")
+    with pytest.raises(MigrationError, match="no automatic rollback"):
+        m.rollback("m-rb")
+
+
+SPLIT = """
+id = "m-split"
+[[operations]]
+op = "split_table"
+table = "users"
+into = "user_profiles"
+columns = ["bio", "team_id"]
+"""
+
+MERGE = """
+id = "m-merge"
+depends_on = ["m-split"]
+[[operations]]
+op = "merge_tables"
+table = "users"
+from = "user_profiles"
+"""
+
+
+def test_split_then_merge_a_table_while_the_application_writes(dsn: str) -> None:
+    _users(dsn, 1500)
+    m = Migrator(dsn, actor="tester")
+    with pytest.raises(MigrationError, match="depends on migrations that are not completed"):
+        m.start(_mig(MERGE))
+    with _Writers(dsn) as w:
+        m.start(_mig(SPLIT))
+        wait_for(lambda: w.writes > 30, timeout=20, what="writes")
+    assert not w.errors, w.errors
+    same = """SELECT count(*) FROM users u FULL JOIN user_profiles p USING (id)
+              WHERE u.id IS NULL OR p.id IS NULL
+                 OR u.bio IS DISTINCT FROM p.bio OR u.team_id IS DISTINCT FROM p.team_id"""
+    assert scalar(dsn, same) == 0
+    m.complete("m-split")
+    assert scalar(dsn, "SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                       "'users' AND column_name IN ('bio', 'team_id')") == 0
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE user_profiles SET bio = 'before merge' WHERE id = 5")
+    m.start(_mig(MERGE))
+    with psycopg.connect(dsn, autocommit=True) as c:   # writes to the source are mirrored
+        c.execute("UPDATE user_profiles SET bio = 'during merge' WHERE id = 6")
+    m.complete("m-merge")
+    assert scalar(dsn, "SELECT to_regclass('user_profiles')") is None
+    assert scalar(dsn, "SELECT bio FROM users WHERE id = 5") == "before merge"
+    assert scalar(dsn, "SELECT bio FROM users WHERE id = 6") == "during merge"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('id = "x"\n[[operations]]\nop = "add_column"\ntable = "nope"\ncolumn = "c"\ntype = "int"\n',
+     "table 'nope' does not exist"),
+    ('id = "x"\n[[operations]]\nop = "rename_column"\ntable = "users"\ncolumn = "nope"\n'
+     'to = "b"\n', "column 'nope' does not exist in public.users"),
+    ('id = "x"\n[[operations]]\nop = "add_column"\ntable = "users"\ncolumn = "c"\n'
+     'type = "int"\nnot_null = true\n', "needs a `default` or a `value`"),
+    ('id = "x"\n[[operations]]\nop = "add_column"\ntable = "users"\ncolumn = "c"\n'
+     'type = "int"\ncolour = "red"\n', "unknown field(s) colour"),
+    ('id = "x"\n[[operations]]\nop = "teleport"\n', "unknown op 'teleport'"),
+    ('id = "x"\n[[operations]]\nop = "sql"\nup = "CREATE INDEX i ON users (email)"\n',
+     "index-not-concurrent"),
+    ('id = "x"\n[[operations]]\nop = "add_column"\ntable = "users"\ncolumn = "email"\n'
+     'type = "int"\n', "already exists"),
+    ('id = "x"\n[settings]\nlock_timeout = "0s"\n[[operations]]\nop = "drop_table"\n'
+     'table = "users"\n', "lock_timeout must be > 0"),
+    ('id = "bad id!"\n[[operations]]\nop = "drop_table"\ntable = "users"\n', "`id` must be"),
+    ("id = \n", "not valid TOML"),
+])
+def test_bad_migration_files_are_refused_before_anything_is_written(
+        dsn: str, tmp_path: Path, text: str, message: str) -> None:
+    _users(dsn, 10)
+    path = _write_file(tmp_path, text)
+    for cmd in ("plan", "start"):
+        r = _run_cli(dsn, "migrate", cmd, str(path))
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM backfill.migrations") == 0
+    assert scalar(dsn, "SELECT count(*) FROM backfill.jobs") == 0
+    assert scalar(dsn, "SELECT count(*) FROM information_schema.columns WHERE "
+                       "table_name = 'users'") == 6
+
+
+def test_an_edited_file_and_an_unknown_id_are_refused(dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 10)
+    path = _write_file(tmp_path, GATED)
+    assert _run_cli(dsn, "migrate", "start", str(path)).returncode == 0
+    path.write_text(GATED.replace('"bigint"', '"numeric"'))
+    r = _run_cli(dsn, "migrate", "start", str(path))
+    assert r.returncode == 1
+    assert "changed since migration m-gate started" in r.stderr
+    r = _run_cli(dsn, "migrate", "complete", "no-such-migration")
+    assert r.returncode == 2
+    assert "no migration 'no-such-migration'" in r.stderr
+
+
+def test_plan_prints_goal_impact_risk_rollback_and_an_estimate(dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 2000)
+    path = _write_file(tmp_path, FULL)
+    r = cli(dsn, "migrate", "plan", str(path))
+    assert r.returncode == 0, r.stderr
+    for heading in ("Goal", "Impact", "Risk", "Rollback", "Dependencies",
+                    "start (expand + backfill)", "complete (contract"):
+        assert heading in r.stdout
+    assert "public.users: ~2,000 rows" in r.stdout
+    assert "2,000 rows at 10,000 rows/s (assumed)" in r.stdout
+    doc = json.loads(cli(dsn, "migrate", "plan", str(path), "--json").stdout)
+    assert doc["risk"] == "high"
+    assert any("users.name" in x for x in doc["irreversible_on_complete"])
+    assert doc["phases"]["start"]["estimated_s"] > 0
+    assert scalar(dsn, "SELECT count(*) FROM backfill.migrations") == 0
+
+
+def test_what_start_runs_passes_our_own_linter(dsn: str) -> None:
+    """The expand phase is what runs while the application serves traffic: every statement
+    it issues must be one the linter calls safe (under the lock_timeout the executor sets)."""
+    from backfill.lint import lint_sql
+    from backfill.migration import ordered_steps
+
+    _users(dsn, 100)
+    text = FULL + SPLIT.replace('id = "m-split"', "").replace('"bio", "team_id"', '"bio"')
+    steps = ordered_steps(Migrator(dsn, actor="tester").plan(_mig(text)))["start"]
+    statements = [st for s in steps if s.mode in ("tx", "concurrent") for st in s.statements]
+    assert len(statements) > 15
+    findings = lint_sql("SET lock_timeout = '2s';\n" + ";\n".join(statements) + ";")
+    assert findings == []
