@@ -52,4 +52,6 @@ def get_logger(**bindings: Any) -> Any:
     # structlog's default of every debug line on stdout.
     if not structlog.is_configured():
         configure()
-    return structlog.get_logger("backfill").bind(**bindings)
+    # A lazy proxy, not .bind(): module-level loggers are made at import, before the CLI
+    # applies --log-level; a bound logger would keep the configuration of that moment.
+    return structlog.get_logger("backfill", **bindings)

@@ -334,7 +334,8 @@ def status(
     style = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim"}
     for phase in PHASES:
         rows = [s for s in st.steps if s.phase == phase]
-        if not rows:
+        if not rows or (phase == "rollback"
+                        and rec.state not in ("rolling_back", "rolled_back")):
             continue
         out.print(f"\n[bold]{phase}[/]", highlight=False)
         for s in rows:

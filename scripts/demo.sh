@@ -128,5 +128,22 @@ backfill verify "$JOB"
 step "backfill show $JOB"
 backfill show "$JOB"
 
+# The workflow around backfills: a zero-downtime schema change, planned, expanded (with its
+# own backfill), validated, then contracted behind the gate.
+MIGRATION=examples/migrations/2026-11-26-orders-total.toml
+if backfill migrate status "$MIGRATION" >/dev/null 2>&1; then
+    # A database given in BACKFILL_DSN keeps its migrations from an earlier demo run.
+    step "backfill migrate status $MIGRATION (ran before on this database)"
+    backfill migrate status "$MIGRATION" --events 0
+else
+    step "backfill migrate plan $MIGRATION"
+    backfill migrate plan "$MIGRATION"
+    step "backfill migrate start $MIGRATION"
+    backfill migrate start "$MIGRATION"
+    step "backfill migrate complete $MIGRATION"
+    backfill migrate complete "$MIGRATION"
+    backfill migrate status "$MIGRATION" --events 0
+fi
+
 step "done"
 echo "Explore further with: BACKFILL_DSN='$BACKFILL_DSN' $VENV_BIN/backfill --help" >&2

@@ -489,8 +489,13 @@ def test_rollback_undoes_whatever_start_did_and_is_refused_after_complete(
     m = Migrator(dsn, actor="tester")
     m.start(_mig(text))
     assert _schema(dsn) != before
-    # Rolling back a fully started migration (backfills done) restores the schema too.
-    m.rollback("m-rb")
+    # Rolling back a fully started migration restores the schema too, even when the process
+    # dies after each rollback step in turn.
+    n = scalar(dsn, "SELECT count(*) FROM backfill.migration_steps WHERE phase = 'rollback'")
+    for k in range(1, n + 1):
+        r = _run_cli(dsn, "migrate", "rollback", "m-rb", failpoint=f"migrate:rollback:{k}")
+        assert r.returncode == 137, (k, r.stderr)
+    assert _run_cli(dsn, "migrate", "rollback", "m-rb").returncode == 0
     assert _schema(dsn) == before
     m.start(_mig(text))
     m.complete("m-rb")
@@ -621,3 +626,40 @@ def test_what_start_runs_passes_our_own_linter(dsn: str) -> None:
     assert len(statements) > 15
     findings = lint_sql("SET lock_timeout = '2s';\n" + ";\n".join(statements) + ";")
     assert findings == []
+
+
+VIEW = """
+id = "m-view"
+[[operations]]
+op = "rename_column"
+table = "users"
+column = "name"
+to = "full_name"
+view_schema = "app_v1"
+"""
+
+
+def test_a_rename_through_a_compatibility_view_serves_the_old_name(dsn: str) -> None:
+    _users(dsn, 100)
+    old_app = psycopg.connect(dsn, autocommit=True)
+    old_app.execute("SET search_path = app_v1, public")    # set before start, as documented
+    try:
+        assert old_app.execute("SELECT name FROM users WHERE id = 1").fetchone() == ("name 1",)
+        m = Migrator(dsn, actor="tester")
+        m.start(_mig(VIEW))
+        # Old application, through the view: reads, inserts and updates by the old name.
+        assert old_app.execute("SELECT name FROM users WHERE id = 1").fetchone() == ("name 1",)
+        old_app.execute("INSERT INTO users (id, email, name) VALUES (500, 'v@x', 'via view')")
+        old_app.execute("UPDATE users SET name = 'changed' WHERE id = 2")
+        assert scalar(dsn, "SELECT full_name FROM public.users WHERE id = 500") == "via view"
+        assert scalar(dsn, "SELECT full_name FROM public.users WHERE id = 2") == "changed"
+        assert scalar(dsn, "SELECT count(*) FROM backfill.jobs") == 0   # instant: no backfill
+        m.rollback("m-view")
+        assert old_app.execute("SELECT name FROM users WHERE id = 500").fetchone() == ("via view",)
+        assert scalar(dsn, "SELECT to_regclass('app_v1.users')") is None
+        m.start(_mig(VIEW))
+        m.complete("m-view")
+        assert scalar(dsn, "SELECT to_regclass('app_v1.users')") is None
+        assert scalar(dsn, "SELECT full_name FROM users WHERE id = 500") == "via view"
+    finally:
+        old_app.close()
