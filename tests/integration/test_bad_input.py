@@ -415,7 +415,8 @@ def test_outdated_state_schema_says_to_run_db_upgrade(
 def test_db_upgrade_brings_an_outdated_schema_to_current(dsn: str, conn: Conn) -> None:
     # A faithful "version 0" schema: the version table exists, migration 1 is not applied.
     conn.execute("DROP TABLE backfill.batches, backfill.events, backfill.slices, backfill.jobs, "
-                 "backfill.heartbeat, backfill.controller")
+                 "backfill.heartbeat, backfill.controller, backfill.migration_events, "
+                 "backfill.migration_steps, backfill.migrations")
     conn.execute("DROP FUNCTION backfill.events_append_only()")
     conn.execute("DELETE FROM backfill.schema_version")
     assert_refused(cli(dsn, "list"), 1, "outdated", "backfill db upgrade")
