@@ -70,6 +70,19 @@ class Plan:
         }
 
 
+def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store.JobRecord:
+    """Validate ``spec`` on ``conn`` (a dry EXPLAIN included) and store it as pending; inside
+    the caller's transaction when there is one (the migrator records the job's id with it)."""
+    prepared = prepare(conn, spec, explain=True)
+    return store.create_job(
+        conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
+        table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
+        source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
+        rows_estimate=prepared.table.rows_estimate, actor=actor,
+        runs_on="workers" if workers else "inline",
+    )
+
+
 class Backfill:
     """A handle on one database: its state schema and its jobs."""
 
@@ -120,14 +133,7 @@ class Backfill:
         """
         spec = self.spec_for(spec_or_name, **options)
         with self._conn() as conn:
-            prepared = prepare(conn, spec, explain=True)
-            return store.create_job(
-                conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
-                table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
-                source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
-                rows_estimate=prepared.table.rows_estimate, actor=self.actor,
-                runs_on="workers" if workers else "inline",
-            )
+            return create_job(conn, spec, actor=self.actor, workers=workers)
 
     def plan(self, spec_or_job: JobSpec | JobRef) -> Plan:
         """The dry run: table, key, estimated rows, first batch bounds, SQL and its EXPLAIN."""

@@ -97,10 +97,15 @@ class PreparedJob:
             cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.copy_columns)
             conflict = self._on_conflict()
             if s.kind == "copy":
+                # An upsert copy may race a trigger mirroring the same rows (a table split):
+                # FOR SHARE waits for a concurrent update of a source row and reads its newest
+                # version, so an older value never overwrites a newer one in the destination.
+                lock = sql.SQL(" FOR SHARE OF {}").format(sql.Identifier(self.table.name)) \
+                    if s.on_conflict == "update" else sql.SQL("")
                 return sql.SQL(
-                    "INSERT INTO {d} ({c}) SELECT {c} FROM {t} WHERE {p}{f}{conflict}"
+                    "INSERT INTO {d} ({c}) SELECT {c} FROM {t} WHERE {p}{f}{lock}{conflict}"
                 ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
-                         conflict=conflict)
+                         lock=lock, conflict=conflict)
             return sql.SQL(
                 "WITH moved AS (DELETE FROM {t} WHERE {p}{f} RETURNING {c}) "
                 "INSERT INTO {d} ({c}) SELECT {c} FROM moved{conflict}"

@@ -133,8 +133,8 @@ def _relname(rel: Any) -> str:
     return f"{rel.schemaname}.{rel.relname}" if rel.schemaname else rel.relname
 
 
-def _fn_names(node: Any) -> set[str]:
-    """Function names called anywhere under ``node``."""
+def _collect(node: Any, pick: Any) -> set[str]:
+    """Names ``pick(n)`` returns for the nodes under ``node`` (None: not one of ours)."""
     found: set[str] = set()
 
     def walk(n: Any) -> None:
@@ -144,8 +144,9 @@ def _fn_names(node: Any) -> set[str]:
             for x in n:
                 walk(x)
             return
-        if type(n).__name__ == "FuncCall":
-            found.add(n.funcname[-1].sval)
+        name = pick(n)
+        if name is not None:
+            found.add(name)
         if hasattr(n, "__slots__"):
             for attr in n.__slots__:
                 value = getattr(n, attr, None)
@@ -156,13 +157,36 @@ def _fn_names(node: Any) -> set[str]:
     return found
 
 
-def function_names(expression: str) -> set[str]:
-    """Names of the functions an SQL expression calls (``lower(a) || now()`` -> lower, now)."""
+def _fn_names(node: Any) -> set[str]:
+    """Function names called anywhere under ``node``."""
+    return _collect(node, lambda n: n.funcname[-1].sval if type(n).__name__ == "FuncCall"
+                    else None)
+
+
+def _parse_expression(expression: str) -> Any:
     try:
-        statements = parse_sql(f"SELECT ({expression})")
+        return parse_sql(f"SELECT ({expression})")
     except ParseError as exc:
         raise InvalidInput(f"cannot parse expression {expression!r}: {exc}") from None
-    return _fn_names(statements)
+
+
+def column_names(expression: str) -> set[str]:
+    """Column names an SQL expression refers to (``lower(email) || t.x`` -> email, x)."""
+    if not expression.strip():
+        return set()
+
+    def pick(n: Any) -> str | None:
+        if type(n).__name__ != "ColumnRef":
+            return None
+        last = n.fields[-1]
+        return getattr(last, "sval", None)
+
+    return _collect(_parse_expression(expression), pick)
+
+
+def function_names(expression: str) -> set[str]:
+    """Names of the functions an SQL expression calls (``lower(a) || now()`` -> lower, now)."""
+    return _fn_names(_parse_expression(expression))
 
 
 def _has_option(options: Any, name: str) -> bool:

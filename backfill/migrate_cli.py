@@ -59,9 +59,11 @@ def _sizes(ctx: typer.Context, steps: list[Step]) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
     with connect(_settings(ctx).dsn) as conn:
         for t in tables:
+            schema, _, name = t.partition(".")
             row = conn.execute(
                 """SELECT greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid)
-                   FROM pg_class c WHERE c.oid = to_regclass(%s)""", (t,)).fetchone()
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname = %s AND c.relname = %s""", (schema, name)).fetchone()
             sizes[t] = (int(row[0]), int(row[1])) if row else (0, 0)
     return sizes
 

@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast, overload
 
+import psycopg
 from psycopg import sql
 
 from backfill.catalog import Conn, split_name
 from backfill.durations import parse_duration_ms
 from backfill.errors import ColumnNotFound, InvalidInput, InvalidOption, TableNotFound
+from backfill.lint import column_names, function_names
+from backfill.spec import JobSpec
 
 PHASES = ("start", "complete", "rollback")
 #: How a step runs. ``tx``: its statements and its "done" mark commit in one transaction.
@@ -225,6 +228,11 @@ class TableShape:
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}"
 
+    @property
+    def regclass(self) -> str:
+        """The name as ``::regclass`` and ``to_regclass`` read it: quoted."""
+        return f"{quote(self.schema)}.{quote(self.name)}"
+
     def column(self, name: str, what: str = "column") -> ColumnShape:
         if name not in self.columns:
             raise ColumnNotFound(f"{what} {name!r} does not exist in {self.qualified} "
@@ -247,6 +255,33 @@ class Shape:
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self._tables: dict[tuple[str, str], TableShape | None] = {}
+        self._claimed: dict[tuple[str, str, str], str] = {}
+
+    _TAKEN = {
+        "constraint": "SELECT 1 FROM pg_constraint WHERE conname = %(n)s "
+                      "AND conrelid = to_regclass(%(t)s)",
+        "trigger": "SELECT 1 FROM pg_trigger WHERE tgname = %(n)s AND tgrelid = to_regclass(%(t)s)",
+        "relation": "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = %(s)s AND c.relname = %(n)s",
+        "function": "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE n.nspname = %(s)s AND p.proname = %(n)s",
+    }
+
+    def claim(self, kind: str, t: TableShape, name: str, where: str,
+              schema: str | None = None) -> None:
+        """Refuse a name this migration would create if it exists, or another operation of
+        the file creates it too: rollback drops what it names, so it must be ours alone."""
+        schema = schema or t.schema
+        key = (kind, schema, name)
+        if key in self._claimed:
+            raise InvalidInput(f"{where}: {self._claimed[key]} creates {kind} {name} too")
+        self._claimed[key] = where
+        if self.conn.execute(self._TAKEN[kind],
+                             {"n": name, "t": t.regclass, "s": schema}).fetchone():
+            place = f"on {t.qualified}" if kind in ("constraint", "trigger") else f"in {schema}"
+            raise InvalidInput(f"{where}: a {'relation' if kind == 'relation' else kind} named "
+                               f"{name} already exists {place}; give another name (rollback "
+                               "drops what the migration created, so it must not be taken)")
 
     def _key(self, name: str) -> tuple[str, str]:
         schema, table = split_name(name)
@@ -319,19 +354,8 @@ class Shape:
             rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
             bytes=int(size), primary_key=tuple(pk[0]) if pk and pk[0] else ())
 
-    def index_exists(self, name: str) -> bool:
-        schema, idx = split_name(name)
-        row = self.conn.execute(
-            """SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE c.relname = %s AND c.relkind IN ('i', 'I')
-                 AND (n.nspname = %s OR (%s::text IS NULL AND n.nspname = ANY (current_schemas(false))))""",
-            (idx, schema, schema)).fetchone()
-        return row is not None
-
     def volatile(self, expression: str) -> bool:
         """Whether ``expression`` calls a volatile function (its value differs per row)."""
-        from backfill.lint import function_names
-
         names = function_names(expression)
         if not names:
             return False
@@ -431,19 +455,57 @@ class _Op:
 
     def job(self, table: TableShape, description: str, spec: dict[str, Any]) -> None:
         options = dict(self.mig.backfill)
-        options.update(self.get("backfill", {}) or {})
-        spec = {"table": table.qualified, **spec, "options": options,
+        extra = self.get("backfill", {}) or {}
+        if not isinstance(extra, dict):
+            raise InvalidInput(f"{self.where()}: `backfill` must be a table of job options")
+        options.update(extra)
+        if not table.primary_key:
+            raise InvalidInput(f"{self.where()}: {table.qualified} has no primary key; a "
+                               "backfill walks the table by its key")
+        spec = {"table": table.qualified, **spec,
                 "name": f"migration {self.mig.id} op {self.i + 1}: {description}"}
+        try:   # the options and the spec's shape, checked now rather than after the DDL
+            JobSpec.from_json(spec).with_options(**options)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{self.where()}: {exc}") from None
+        spec["options"] = options
         self.steps.append(Step(phase="start", op=self.i, description=description,
                                mode="backfill", duration="backfill", lock="ROW EXCLUSIVE "
                                f"on {table.qualified} (rows of one batch at a time)",
                                risk="low", table=table.qualified, job=spec))
 
+    def expr(self, t: TableShape, text: str, what: str, *, cast_to: str | None = None,
+             boolean: bool = False, extra: Mapping[str, str] | None = None) -> None:
+        """Check an expression now, over a row shaped like ``t`` as planned (plus ``extra``
+        columns), with EXPLAIN: nothing runs. A typo must not reach a trigger, where it would
+        fail every write to the table."""
+        cols = {c.name: c.type for c in t.columns.values()}
+        cols.update(extra or {})
+        row = sql.SQL(", ").join(sql.SQL("NULL::{} AS {}").format(sql.SQL(typ), sql.Identifier(n))
+                                 for n, typ in cols.items())
+        e = sql.SQL("({})").format(sql.SQL(text))
+        if cast_to:
+            e = sql.SQL("{}::{}").format(e, sql.SQL(cast_to))
+        q = (sql.SQL("EXPLAIN SELECT 1 FROM (SELECT {r}) AS {a} WHERE {e}") if boolean
+             else sql.SQL("EXPLAIN SELECT {e} FROM (SELECT {r}) AS {a}")).format(
+            e=e, r=row, a=sql.Identifier(t.name))
+        try:
+            with self.conn.transaction(force_rollback=True):
+                self.conn.execute(q)
+        except psycopg.Error as exc:
+            msg = (exc.diag.message_primary or str(exc)).strip()
+            raise InvalidInput(f"{self.where()}: `{what}` ({text}) does not work on "
+                               f"{t.qualified}: {msg}") from None
+
+    def claim(self, kind: str, t: TableShape, name: str) -> str:
+        """Refuse a name that is taken: rollback drops what it names, so it must be ours."""
+        if len(name.encode()) > 63:
+            raise InvalidInput(f"{self.where()}: {kind} name {name!r} is longer than 63 bytes")
+        self.shape.claim(kind, t, name, self.where())
+        return name
+
     def brief(self, t: TableShape) -> str:
         return f"ACCESS EXCLUSIVE on {t.qualified} (brief, under lock_timeout)"
-
-    def ident(self, *parts: str) -> sql.Identifier:
-        return sql.Identifier(object_name(*parts))
 
     def validate_constraint(self, t: TableShape, name: str, phase: str = "start") -> None:
         self.add(phase, f"validate {name} (scans {t.qualified}; reads and writes go on)", "tx",
@@ -454,23 +516,24 @@ class _Op:
         self.check(phase, f"{name} is valid", sql.SQL(
             "SELECT coalesce(bool_and(convalidated), false) FROM pg_constraint "
             "WHERE conrelid = {}::regclass AND conname = {}").format(
-                sql.Literal(t.qualified), sql.Literal(name)))
+                sql.Literal(t.regclass), sql.Literal(name)), duration="scan")
 
-    def set_not_null(self, t: TableShape, column: str, phase: str = "complete") -> None:
-        """``SET NOT NULL`` without a long lock: a validated CHECK proves it first (PG 12+)."""
-        chk = object_name("nn", t.name, column)
-        self.add(phase, f"SET NOT NULL on {column} (instant: proven by {chk})", "tx",
-                 sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
-                     t.ident, sql.Identifier(column)),
-                 sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-                     t.ident, sql.Identifier(chk)), lock=self.brief(t))
-        self.check(phase, f"{column} is NOT NULL", sql.SQL(
+    def not_null_statements(self, t: TableShape, column: str, chk: str) -> list[sql.Composable]:
+        """``SET NOT NULL`` without a scan under ACCESS EXCLUSIVE: the validated CHECK proves
+        it (PostgreSQL 12+), then goes."""
+        return [sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
+                    t.ident, sql.Identifier(column)),
+                sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                    t.ident, sql.Identifier(chk))]
+
+    def check_not_null(self, t: TableShape, column: str) -> None:
+        self.check("complete", f"{column} is NOT NULL", sql.SQL(
             "SELECT attnotnull FROM pg_attribute WHERE attrelid = {}::regclass AND attname = {}"
-        ).format(sql.Literal(t.qualified), sql.Literal(column)))
+        ).format(sql.Literal(t.regclass), sql.Literal(column)))
 
     def not_null_check(self, t: TableShape, column: str) -> str:
         """``CHECK (col IS NOT NULL) NOT VALID`` in start: new rows are checked at once."""
-        chk = object_name("nn", t.name, column)
+        chk = self.claim("constraint", t, object_name("nn", t.name, column))
         self.add("start", f"CHECK ({column} IS NOT NULL) NOT VALID: new and updated rows "
                  "must have it", "tx",
                  sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID"
@@ -479,15 +542,18 @@ class _Op:
         return chk
 
     def trigger(self, t: TableShape, name: str, timing: str, events: str,
-                body: sql.Composable) -> None:
-        """A PL/pgSQL row trigger; every column of ``t`` is a variable holding NEW's value, so
-        user expressions name columns as they would in an UPDATE (pgroll's technique)."""
+                body: sql.Composable, variables: Iterable[str] = ()) -> None:
+        """A PL/pgSQL row trigger. ``variables``: the columns the user's expressions name,
+        each declared as a variable holding NEW's value, so expressions read as they would in
+        an UPDATE (pgroll's technique); only those, so other columns are not copied per row."""
+        self.claim("trigger", t, name)
+        self.claim("function", t, name)
         fn = sql.Identifier(t.schema, name)
         declare = sql.SQL("").join(
             sql.SQL("    {v} {t}.{c}%TYPE := NEW.{c};\n").format(
                 v=sql.Identifier(c), t=t.ident, c=sql.Identifier(c))
-            for c in t.columns if c.lower() not in _PLPGSQL_RESERVED and not c.lower().startswith("tg_")
-        ) if timing == "BEFORE" else sql.SQL("")
+            for c in t.columns if c in set(variables)
+            and c.lower() not in _PLPGSQL_RESERVED and not c.lower().startswith("tg_"))
         create = sql.SQL(
             "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {d}\n"
             "DECLARE\n{decl}BEGIN\n{body}\nEND\n{d}").format(
@@ -499,17 +565,21 @@ class _Op:
         self.add("start", f"trigger {name} on {t.qualified} ({timing.lower()} "
                  f"{events.lower()})", "tx", create, trg,
                  lock=f"SHARE ROW EXCLUSIVE on {t.qualified} (brief, under lock_timeout)")
-        self.drop_trigger(t, name, "rollback")
+        self.add("rollback", f"drop trigger {name}", "tx",
+                 *self.drop_trigger_statements(t, name),
+                 lock=f"ACCESS EXCLUSIVE on {t.qualified} (brief, under lock_timeout)")
+
+    def drop_trigger_statements(self, t: TableShape, name: str) -> list[sql.Composable]:
+        return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident),
+                sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(t.schema, name))]
 
     def drop_trigger(self, t: TableShape, name: str, phase: str) -> None:
-        self.add(phase, f"drop trigger {name}", "tx",
-                 sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident),
-                 sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(t.schema, name)),
+        self.add(phase, f"drop trigger {name}", "tx", *self.drop_trigger_statements(t, name),
                  lock=f"ACCESS EXCLUSIVE on {t.qualified} (brief, under lock_timeout)")
 
     def create_index_steps(self, t: TableShape, name: str, definition: sql.Composable,
                            *, unique: bool, phase: str = "start") -> None:
-        qualified = f"{t.schema}.{name}"
+        qualified = f"{quote(t.schema)}.{quote(name)}"
         self.add(phase, f"build index {name} CONCURRENTLY (reads and writes go on)",
                  "concurrent",
                  sql.SQL("CREATE {u}INDEX CONCURRENTLY {n} ON {t} {d}").format(
@@ -541,7 +611,7 @@ class _Op:
         return None
 
     def column_refs(self, t: TableShape, column: str) -> list[str]:
-        """Indexes and constraints that use ``column`` (they do not follow a copy)."""
+        """Indexes, constraints and views that use ``column`` (they do not follow a copy)."""
         if not t.exists:
             return []
         rows = self.conn.execute(
@@ -556,8 +626,14 @@ class _Op:
                SELECT 'foreign key ' || conname || ' of ' || conrelid::regclass::text
                FROM pg_constraint k
                JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = ANY (k.confkey)
-               WHERE k.confrelid = %(t)s::regclass AND a.attname = %(c)s""",
-            {"t": t.qualified, "c": column}).fetchall()
+               WHERE k.confrelid = %(t)s::regclass AND a.attname = %(c)s
+               UNION ALL
+               SELECT 'view ' || v.oid::regclass::text FROM pg_depend d
+               JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+               JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+               WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = %(t)s::regclass
+                 AND a.attname = %(c)s AND v.oid <> d.refobjid""",
+            {"t": t.regclass, "c": column}).fetchall()
         return sorted({str(r[0]) for r in rows})
 
 
@@ -583,7 +659,7 @@ class CreateTable(_Op):
                 pk.append(c["name"])
             defs.append(d)
             shapes.append(ColumnShape(c["name"], c["type"], bool(c.get("not_null")),
-                                      c.get("default")))
+                                      None if c.get("default") is None else str(c["default"])))
         if len({c.name for c in shapes}) != len(shapes):
             raise InvalidInput(f"{self.where()}: a column is named twice")
         if not pk:
@@ -597,6 +673,9 @@ class CreateTable(_Op):
                 self.warnings.append(f"{c.name} is a {c.type} primary key: it runs out at "
                                      "2^31; use bigint (bigserial or identity)")
         t = self.shape.create(name, shapes, tuple(pk))
+        for c in shapes:   # the types and defaults, checked before anything is written
+            self.expr(t, c.default or "NULL", f"{c.name} {c.type}", cast_to=c.type)
+        self.shape.claim("relation", t, t.name, self.where())
         self.add("start", f"create table {t.qualified}", "tx",
                  sql.SQL("CREATE TABLE {} ({})").format(t.ident, sql.SQL(", ").join(defs)),
                  lock="none (a new table)")
@@ -613,7 +692,7 @@ class DropTable(_Op):
                  sql.SQL("DROP TABLE IF EXISTS {}").format(t.ident), lock=self.brief(t),
                  risk="high")
         self.check("complete", f"{t.qualified} is gone", sql.SQL(
-            "SELECT to_regclass({}) IS NULL").format(sql.Literal(t.qualified)))
+            "SELECT to_regclass({}) IS NULL").format(sql.Literal(t.regclass)))
         self.t = t
         self.shape.drop(t)
         return f"drop table {t.qualified} (on complete, once nothing reads it)"
@@ -635,6 +714,9 @@ class AddColumn(_Op):
         if not_null and default is None and value is None and t.exists:
             raise InvalidInput(f"{self.where()}: a NOT NULL column on an existing table needs "
                                "a `default` or a `value` to fill the rows already there")
+        self.expr(t, default or "NULL", "type" if default is None else "default", cast_to=typ)
+        if value is not None:
+            self.expr(t, value, "value", cast_to=typ)
         ident, cident = t.ident, sql.Identifier(col)
         volatile = default is not None and self.shape.volatile(default)
         fill = value if value is not None else (default if volatile else None)
@@ -642,23 +724,20 @@ class AddColumn(_Op):
         goal = f"add column {t.qualified}.{col} {typ}"
         if default is not None and not volatile:
             col_def = sql.SQL("{} DEFAULT {}").format(col_def, sql.SQL(default))
+        drop = sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ident, cident)
         if not_null and fill is None:
             # A non-volatile default: PostgreSQL 11+ stores it once; no rewrite, no backfill.
             self.add("start", f"add {col} NOT NULL with a stored default (no rewrite)", "tx",
                      sql.SQL("ALTER TABLE {} ADD COLUMN {} NOT NULL").format(ident, col_def),
                      lock=self.brief(t))
-            self.add("rollback", f"drop column {col}", "tx",
-                     sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ident, cident),
-                     lock=self.brief(t))
+            self.add("rollback", f"drop column {col}", "tx", drop, lock=self.brief(t))
             t.columns[col] = ColumnShape(col, typ, True, default)
             return goal + " NOT NULL DEFAULT " + str(default)
         self.add("start", f"add {col} as a nullable column (no rewrite)", "tx",
                  sql.SQL("ALTER TABLE {} ADD COLUMN {}").format(ident, col_def),
                  lock=self.brief(t))
         # Registered now so that rollback, which runs in reverse, drops the trigger first.
-        self.add("rollback", f"drop column {col}", "tx",
-                 sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ident, cident),
-                 lock=self.brief(t))
+        self.add("rollback", f"drop column {col}", "tx", drop, lock=self.brief(t))
         t.columns[col] = ColumnShape(col, typ, False, default)
         if volatile:
             self.add("start", f"default {default} for new rows only (no rewrite)", "tx",
@@ -671,15 +750,20 @@ class AddColumn(_Op):
             trig = object_name("fill", t.name, col)
             self.trigger(t, trig, "BEFORE", "INSERT OR UPDATE", sql.SQL(
                 "    IF NEW.{c} IS NULL THEN NEW.{c} := ({v}); END IF;\n    RETURN NEW;").format(
-                    c=cident, v=sql.SQL(fill)))
+                    c=cident, v=sql.SQL(fill)), variables=column_names(fill))
             self.job(t, f"fill {col}", {"kind": "update", "set": [[col, fill]],
                                         "where": f"{quote(col)} IS NULL"})
         if not_null and t.exists:
             chk = self.not_null_check(t, col)
-            if trig is not None:
-                self.drop_trigger(t, trig, "complete")
+            # The trigger stays until NOT NULL holds: while VALIDATE scans, writes go on.
             self.validate_constraint(t, chk, "complete")
-            self.set_not_null(t, col)
+            stmts = self.not_null_statements(t, col, chk)
+            if trig is not None:
+                stmts += self.drop_trigger_statements(t, trig)
+            self.add("complete", f"SET NOT NULL on {col} (instant: proven by {chk})"
+                     + (", drop the fill trigger" if trig else ""), "tx", *stmts,
+                     lock=self.brief(t))
+            self.check_not_null(t, col)
         else:
             if trig is not None:
                 self.drop_trigger(t, trig, "complete")
@@ -722,6 +806,9 @@ class _Copied(_Op):
              down: str | None) -> None:
         o, n = sql.Identifier(old), sql.Identifier(new)
         src = t.column(old)
+        self.expr(t, up, "using", cast_to=new_type)
+        if down:
+            self.expr(t, down, "down", cast_to=src.type, extra={new: new_type})
         self.add("start", f"add {new} {new_type} beside {old}", "tx",
                  sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(t.ident, n,
                                                                    sql.SQL(new_type)),
@@ -731,19 +818,30 @@ class _Copied(_Op):
                  lock=self.brief(t))
         t.columns[new] = ColumnShape(new, new_type, False, None)
         up_sql, down_sql = sql.SQL(up), sql.SQL(down) if down else None
-        # An application version that writes only the old column gets the new one computed,
-        # and one that writes only the new column gets the old one (when `down` says how).
-        # The backfill writes new = up(old): consistent, so the old column is left alone.
+        # Which application version wrote a row is told by what it changed:
+        # - INSERT: a side left NULL is computed from the other. The old column keeps its
+        #   default until complete, so an old column equal to its default beside a new column
+        #   that does not match it means the new application wrote only the new column.
+        # - UPDATE of the old column only: the old application; the new one is recomputed.
+        # - UPDATE of the new column only, to a value not already consistent with the old one
+        #   (the backfill's writes are): the new application; the old one follows (`down`).
+        # - any other UPDATE of a row the backfill has not reached fills the new column.
+        ins_default: sql.Composable = sql.SQL("")
+        if down_sql is not None and src.default is not None:
+            ins_default = sql.SQL(
+                "\n        ELSIF NEW.{o} IS NOT DISTINCT FROM ({d}) "
+                "AND NEW.{n} IS DISTINCT FROM ({up}) THEN NEW.{o} := ({down});").format(
+                    o=o, n=n, d=sql.SQL(src.default), up=up_sql, down=down_sql)
         body = sql.SQL(
             "    IF TG_OP = 'INSERT' THEN\n"
-            "        IF NEW.{n} IS NULL THEN NEW.{n} := ({up});{ins_down} END IF;\n"
+            "        IF NEW.{n} IS NULL THEN NEW.{n} := ({up});{ins_down}{ins_default} END IF;\n"
             "    ELSIF NEW.{o} IS DISTINCT FROM OLD.{o} AND NEW.{n} IS NOT DISTINCT FROM OLD.{n} THEN\n"
             "        NEW.{n} := ({up});\n"
             "{upd_down}"
-            "    ELSIF NEW.{n} IS NULL THEN\n"   # a row the backfill has not reached yet
+            "    ELSIF NEW.{n} IS NULL THEN\n"
             "        NEW.{n} := ({up});\n"
             "    END IF;\n    RETURN NEW;").format(
-            n=n, o=o, up=up_sql,
+            n=n, o=o, up=up_sql, ins_default=ins_default,
             ins_down=(sql.SQL(" ELSIF NEW.{o} IS NULL THEN NEW.{o} := ({d});").format(
                 o=o, d=down_sql) if down_sql else sql.SQL("")),
             upd_down=(sql.SQL(
@@ -752,7 +850,8 @@ class _Copied(_Op):
                 "        NEW.{o} := ({d});\n").format(n=n, o=o, up=up_sql, d=down_sql)
                 if down_sql else sql.SQL("")))
         self.trg = object_name("sync", t.name, old)
-        self.trigger(t, self.trg, "BEFORE", "INSERT OR UPDATE", body)
+        self.trigger(t, self.trg, "BEFORE", "INSERT OR UPDATE", body,
+                     variables=column_names(up) | column_names(down or ""))
         self.chk = self.not_null_check(t, new) if src.not_null else None
         self.job(t, f"copy {old} into {new}", {"kind": "update", "set": [[new, up]]})
         if not down:
@@ -763,20 +862,28 @@ class _Copied(_Op):
             self.warnings.append(f"{old} is used by {', '.join(refs)}: these do not follow to "
                                  f"{new}; recreate them on {new} (e.g. a create_index "
                                  "operation in this migration) before complete drops "
-                                 f"{old}, which drops them")
+                                 f"{old}; complete fails while a view depends on {old}")
 
-    def swap(self, t: TableShape, old: str, new: str, *, rename_to: str | None) -> None:
-        self.drop_trigger(t, self.trg, "complete")
+    def swap(self, t: TableShape, old: str, new: str, *, rename_to: str | None,
+             default: str | None = None) -> None:
+        """Contract in one brief transaction, the trigger kept until then (writes go on while
+        VALIDATE scans): SET NOT NULL, drop the trigger, drop the old column, rename."""
         if self.chk:
             self.validate_constraint(t, self.chk, "complete")
-            self.set_not_null(t, new)
-        stmts: list[sql.Composable] = [sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
-            t.ident, sql.Identifier(old))]
+        stmts = self.not_null_statements(t, new, self.chk) if self.chk else []
+        stmts += self.drop_trigger_statements(t, self.trg)
+        if default is not None:
+            stmts.append(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+                t.ident, sql.Identifier(new), sql.SQL(default)))
+        stmts.append(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+            t.ident, sql.Identifier(old)))
         if rename_to:
             stmts.append(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
                 t.ident, sql.Identifier(new), sql.Identifier(rename_to)))
-        self.add("complete", f"drop {old}" + (f", rename {new} to {rename_to}" if rename_to
-                                              else ""), "tx", *stmts, lock=self.brief(t),
+        self.add("complete", (f"{'SET NOT NULL on ' + new + ', ' if self.chk else ''}"
+                              f"drop trigger {self.trg}, drop {old}"
+                              + (f", rename {new} to {rename_to}" if rename_to else "")
+                              + " (one transaction)"), "tx", *stmts, lock=self.brief(t),
                  risk="high")
         final = rename_to or new
         typed: sql.Composable = sql.SQL("")
@@ -786,9 +893,10 @@ class _Copied(_Op):
         self.check("complete", f"{old} is gone and {final} is in place" if not rename_to
                    else f"{final} has type {t.columns[new].type}", sql.SQL(
             "SELECT ({gone}) AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {t}::regclass"
-            " AND attname = {f} AND NOT attisdropped{typed})").format(
+            " AND attname = {f} AND NOT attisdropped{nn}{typed})").format(
                 gone=_no_column(t, old) if old != final else sql.SQL("true"),
-                t=sql.Literal(t.qualified), f=sql.Literal(final), typed=typed))
+                t=sql.Literal(t.regclass), f=sql.Literal(final), typed=typed,
+                nn=sql.SQL(" AND attnotnull") if self.chk else sql.SQL("")))
         self.t, self.old = t, old
 
 
@@ -806,12 +914,9 @@ class RenameColumn(_Copied):
         if view_schema is not None:
             return self.by_view(t, old, new, view_schema)
         self.sync(t, old, new, src.type, quote(old), quote(new))
-        if src.default is not None:
-            self.add("start", f"default of {new}: {src.default}", "tx",
-                     sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
-                         t.ident, sql.Identifier(new), sql.SQL(src.default)),
-                     lock=self.brief(t))
-        self.swap(t, old, new, rename_to=None)
+        # The default moves with the swap: on the new column before then, it would hide
+        # which side an INSERT wrote.
+        self.swap(t, old, new, rename_to=None, default=src.default)
         t.columns.pop(old)
         t.columns[new] = ColumnShape(new, src.type, src.not_null, src.default)
         return f"rename {t.qualified}.{old} to {new}"
@@ -823,6 +928,7 @@ class RenameColumn(_Copied):
         view_schema, public``, set before start: until the view exists, that path falls
         through to the table itself."""
         self.view = True
+        self.shape.claim("relation", t, t.name, self.where(), schema=view_schema)
         view = sql.Identifier(view_schema, t.name)
         cols = sql.SQL(", ").join(
             sql.SQL("{} AS {}").format(sql.Identifier(new), sql.Identifier(old)) if c == old
@@ -844,7 +950,7 @@ class RenameColumn(_Copied):
                  sql.SQL("DO {d} BEGIN IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = "
                          "{t}::regclass AND attname = {n} AND NOT attisdropped) THEN {r}; "
                          "END IF; END {d}").format(
-                     d=sql.SQL(_DOLLAR), t=sql.Literal(t.qualified), n=sql.Literal(new),
+                     d=sql.SQL(_DOLLAR), t=sql.Literal(t.regclass), n=sql.Literal(new),
                      r=sql.SQL(rename_back)), lock=self.brief(t))
         self.add("complete", f"drop view {view_schema}.{t.name} (the old application is gone)",
                  "tx", sql.SQL("DROP VIEW IF EXISTS {}").format(view),
@@ -871,12 +977,14 @@ class ChangeType(_Copied):
                                "a key column's type is not supported")
         up = self.opt("using", f"{quote(col)}::{typ}")
         tmp = object_name("new", col)
+        if tmp in t.columns:
+            raise InvalidInput(f"{self.where()}: {t.qualified} already has a column {tmp}")
         down_v = self.get("down", None)
         if down_v is False:
             down = None
         elif down_v is None:
             down = f"{quote(tmp)}::{src.type}"
-        elif isinstance(down_v, str) and down_v.strip():
+        elif isinstance(down_v, str) and down_v.strip() and _DOLLAR not in down_v:
             down = down_v
         else:
             raise InvalidInput(f"{self.where()}: `down` must be an expression or false")
@@ -909,7 +1017,7 @@ class AddForeignKey(_Op):
         if len(cols) != len(ref_cols):
             raise InvalidInput(f"{self.where()}: {len(cols)} columns reference "
                                f"{len(ref_cols)} columns")
-        name = self.opt("name", object_name("fk", t.name, *cols))
+        name = self.claim("constraint", t, self.opt("name", object_name("fk", t.name, *cols)))
         on_delete = self.opt("on_delete", "NO ACTION").upper()
         if on_delete not in ("NO ACTION", "RESTRICT", "CASCADE", "SET NULL", "SET DEFAULT"):
             raise InvalidInput(f"{self.where()}: on_delete must be NO ACTION, RESTRICT, "
@@ -939,15 +1047,16 @@ class AddForeignKey(_Op):
                (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(i.indkey)
                 WITH ORDINALITY AS k(attnum, ord) JOIN pg_attribute a
                 ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                WHERE k.ord <= %s) = %s""", (t.qualified, len(cols), list(cols))).fetchone()
+                WHERE k.ord <= %s) = %s""", (t.regclass, len(cols), list(cols))).fetchone()
         return row is not None
 
 
 class AddCheck(_Op):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
-        name = self.text("name")
+        name = self.claim("constraint", t, self.text("name"))
         expr = self.text("check")
+        self.expr(t, expr, "check", boolean=True)
         self.add("start", f"add {name} NOT VALID (new rows are checked; no scan)", "tx",
                  sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
                      t.ident, sql.Identifier(name), sql.SQL(expr)), lock=self.brief(t))
@@ -973,9 +1082,11 @@ class CreateIndex(_Op):
         where = self.opt("where")
         unique = self.flag("unique")
         name = self.opt("name", object_name("idx", t.name, *(cols or ("expr",))))
-        if self.shape.index_exists(f"{t.schema}.{name}"):
-            self.warnings.append(f"an index named {name} exists already: start takes it if it "
-                                 "is valid and rebuilds it if it is INVALID")
+        self.shape.claim("relation", t, name, self.where())
+        if expr:
+            self.expr(t, expr, "expression")
+        if where:
+            self.expr(t, where, "where", boolean=True)
         body = (sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Identifier, cols))) if cols
                 else sql.SQL("(({}))").format(sql.SQL(cast(str, expr))))
         definition = sql.SQL("USING {} {}{}").format(
@@ -1002,17 +1113,18 @@ class DropIndex(_Op):
             raise InvalidInput(f"{self.where()}: index {name!r} does not exist")
         used = self.conn.execute(
             "SELECT conname FROM pg_constraint WHERE conindid = %s::regclass AND contype IN "
-            "('p', 'u', 'x')", (f"{row[0]}.{idx}",)).fetchone()
+            "('p', 'u', 'x')", (f"{quote(str(row[0]))}.{quote(idx)}",)).fetchone()
         if used:
             raise InvalidInput(f"{self.where()}: index {name} backs constraint {used[0]}; "
                                "drop the constraint instead")
         self.q = f"{row[0]}.{idx}"
+        regclass = f"{quote(str(row[0]))}.{quote(idx)}"
         self.add("complete", f"drop index {idx} CONCURRENTLY", "concurrent",
                  sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
                      sql.Identifier(str(row[0]), idx)),
                  lock=f"SHARE UPDATE EXCLUSIVE on {row[2]}.{row[1]}", risk="medium")
         self.check("complete", f"index {idx} is gone", sql.SQL(
-            "SELECT to_regclass({}) IS NULL").format(sql.Literal(self.q)))
+            "SELECT to_regclass({}) IS NULL").format(sql.Literal(regclass)))
         return f"drop index {self.q} (on complete)"
 
     def irreversible(self) -> str | None:
@@ -1025,7 +1137,8 @@ class AddUnique(_Op):
         cols = self.names("columns")
         for c in cols:
             t.column(c)
-        name = self.opt("name", object_name("uq", t.name, *cols))
+        name = self.claim("constraint", t, self.opt("name", object_name("uq", t.name, *cols)))
+        self.shape.claim("relation", t, name, self.where())
         self.create_index_steps(t, name, sql.SQL("({})").format(
             sql.SQL(", ").join(map(sql.Identifier, cols))), unique=True)
         self.add("start", f"attach {name} as a UNIQUE constraint (no scan: the index proves it)",
@@ -1085,18 +1198,22 @@ class SplitTable(_Op):
                 set=ids(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols))
         self.trg = object_name("split", t.name, new.name)
         self.trigger(t, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
+        # on_conflict=update copies lock the source rows they read (FOR SHARE), so a batch
+        # never overwrites a newer value the trigger mirrored with the one it read earlier.
         self.job(t, f"copy {', '.join(cols)} into {new.qualified}",
                  {"kind": "copy", "dest": new.qualified, "columns": list(every),
                   "on_conflict": "update"})
-        self.drop_trigger(t, self.trg, "complete")
         self.dropped = not keep
+        stmts = self.drop_trigger_statements(t, self.trg)
         if not keep:
-            self.add("complete", f"drop {', '.join(cols)} from {t.qualified}", "tx",
-                     sql.SQL("ALTER TABLE {} {}").format(t.ident, ids(
-                         sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(c))
-                         for c in cols)), lock=self.brief(t), risk="high")
+            stmts.append(sql.SQL("ALTER TABLE {} {}").format(t.ident, ids(
+                sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(c)) for c in cols)))
             for c in cols:
                 del t.columns[c]
+        self.add("complete", f"drop trigger {self.trg}"
+                 + (f", drop {', '.join(cols)} from {t.qualified}" if not keep else "")
+                 + " (one transaction)", "tx", *stmts, lock=self.brief(t),
+                 risk="high" if not keep else "low")
         self.t, self.cols = t, cols
         return f"split {', '.join(cols)} of {t.qualified} into {new.qualified}"
 
@@ -1115,10 +1232,10 @@ class MergeTables(_Op):
         cols = self.names("columns", required=False) or tuple(
             c for c in src.columns if c not in src.primary_key)
         key = src.primary_key
-        if not key:
-            raise InvalidInput(f"{self.where()}: {src.qualified} has no primary key")
-        for k in key:
-            t.column(k, "key column")
+        if not key or t.primary_key != key:
+            raise InvalidInput(f"{self.where()}: {t.qualified} and {src.qualified} must have "
+                               f"the same primary key columns (they have "
+                               f"({', '.join(t.primary_key)}) and ({', '.join(key)}))")
         for c in cols:
             src.column(c)
             if c in t.columns:
@@ -1149,16 +1266,42 @@ class MergeTables(_Op):
                 set=ids(sql.SQL("{c} = NEW.{c}").format(c=sql.Identifier(c)) for c in cols))
         self.trg = object_name("merge", src.name, t.name)
         self.trigger(src, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
+        # A target row inserted after its source row takes the source's values.
+        self.pull = object_name("pull", t.name, src.name)
+        self.trigger(t, self.pull, "BEFORE", "INSERT", sql.SQL(
+            "    IF {none} THEN\n"
+            "        SELECT {scols} INTO {ncols} FROM {src} AS s WHERE {match};\n"
+            "    END IF;\n    RETURN NEW;").format(
+                none=sql.SQL(" AND ").join([sql.SQL("NEW.{} IS NULL").format(sql.Identifier(c))
+                                            for c in cols]),
+                scols=ids(sql.SQL("s.{}").format(sql.Identifier(c)) for c in cols),
+                ncols=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in cols),
+                src=src.ident, match=sql.SQL(" AND ").join([sql.SQL("s.{k} = NEW.{k}").format(
+                    k=sql.Identifier(k)) for k in key])))
         src_q = src.ident.as_string(self.conn)
         tgt_q = t.ident.as_string(self.conn)
         where = " AND ".join(f"s.{quote(k)} = {tgt_q}.{quote(k)}" for k in key)
         self.job(t, f"fill {', '.join(cols)} from {src.qualified}", {
             "kind": "update",
             # Identifiers quoted above; the engine runs these as the job's SET expressions.
-            "set": [[c, f"(SELECT s.{quote(c)} FROM {src_q} AS s WHERE {where})"]  # noqa: S608
-                    for c in cols]})
-        self.drop_trigger(src, self.trg, "complete")
-        self.add("complete", f"drop table {src.qualified}", "tx",
+            # FOR SHARE: the newest committed source value, not the batch snapshot's.
+            "set": [[c, f"(SELECT s.{quote(c)} FROM {src_q} AS s WHERE {where} "  # noqa: S608
+                        "FOR SHARE)"] for c in cols]})
+        on = sql.SQL(" AND ").join([sql.SQL("t.{k} = s.{k}").format(k=sql.Identifier(k))
+                                    for k in key])
+        row = ids(sql.SQL("{a}.{c}").format(a=sql.Identifier(a), c=sql.Identifier(c))
+                  for a in ("s",) for c in cols)
+        trow = ids(sql.SQL("t.{c}").format(c=sql.Identifier(c)) for c in cols)
+        self.check("start", f"every row of {src.qualified} is in {t.qualified}, with the "
+                   "same values", sql.SQL(
+                       "SELECT NOT EXISTS (SELECT 1 FROM {s} AS s LEFT JOIN {t} AS t ON {on} "
+                       "WHERE t.{k} IS NULL OR ROW({row}) IS DISTINCT FROM ROW({trow}))").format(
+                           s=src.ident, t=t.ident, on=on, k=sql.Identifier(key[0]), row=row,
+                           trow=trow), duration="scan", table=src.qualified)
+        self.add("complete", f"drop triggers {self.trg} and {self.pull}, drop table "
+                 f"{src.qualified} (one transaction)", "tx",
+                 *self.drop_trigger_statements(src, self.trg),
+                 *self.drop_trigger_statements(t, self.pull),
                  sql.SQL("DROP TABLE IF EXISTS {}").format(src.ident), lock=self.brief(src),
                  risk="high")
         self.shape.drop(src)
@@ -1179,9 +1322,11 @@ class Backfill(_Op):
                 isinstance(v, str) and v.strip() for v in raw.values()):
             raise InvalidInput(f"{self.where()}: `set` must be a table of column = "
                                "\"expression\"")
-        for c in raw:
-            t.column(c)
+        for c, v in raw.items():
+            self.expr(t, v, f"set.{c}", cast_to=t.column(c).type)
         where = self.opt("where")
+        if where:
+            self.expr(t, where, "where", boolean=True)
         spec: dict[str, Any] = {"kind": "update", "set": [[c, v] for c, v in raw.items()]}
         if where:
             spec["where"] = where
@@ -1243,12 +1388,20 @@ def build_plan(conn: Conn, mig: MigrationFile) -> tuple[OpPlan, ...]:
 
 def ordered_steps(plans: Iterable[OpPlan]) -> dict[str, list[Step]]:
     """Steps per phase in execution order: start runs each operation's DDL, then the
-    backfills, then the checks; complete in file order; rollback in reverse."""
+    backfills, then the VALIDATEs, then the checks; complete in file order; rollback in
+    reverse."""
     steps: dict[str, list[Step]] = {p: [] for p in PHASES}
     plans = list(plans)
-    rank = {"tx": 0, "concurrent": 0, "backfill": 1, "check": 2}
+    # VALIDATE comes after the backfills: a constraint may be about a column they fill.
+    def rank(s: Step) -> int:
+        if s.mode == "check":
+            return 3
+        if s.mode == "backfill":
+            return 1
+        return 2 if s.duration == "scan" else 0
+
     start = [s for p in plans for s in p.steps if s.phase == "start"]
-    steps["start"] = sorted(start, key=lambda s: rank[s.mode])   # stable: file order kept
+    steps["start"] = sorted(start, key=rank)   # stable: file order kept within a rank
     steps["complete"] = [s for p in plans for s in p.steps if s.phase == "complete"]
     steps["rollback"] = [s for p in reversed(plans) for s in reversed(p.steps)
                          if s.phase == "rollback"]
@@ -1265,8 +1418,10 @@ def quote(name: str) -> str:
 
 def object_name(*parts: str) -> str:
     """A deterministic name for an object we create (trigger, constraint), within 63 bytes."""
-    base = "bf_" + "_".join(re.sub(r"[^a-z0-9_]", "", p.lower()) for p in parts)
-    if len(base) <= 63:
+    clean = [re.sub(r"[^a-z0-9_]", "", p.lower()) for p in parts]
+    base = "bf_" + "_".join(clean)
+    # Names that lost characters ("Orders" and "orders") or length get a hash of the originals.
+    if len(base) <= 63 and clean == list(parts):
         return base
     digest = hashlib.sha1("\0".join(parts).encode()).hexdigest()[:8]
     return base[:54] + "_" + digest
@@ -1275,7 +1430,7 @@ def object_name(*parts: str) -> str:
 def _no_column(t: TableShape, col: str) -> sql.Composable:
     return sql.SQL("NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {}::regclass "
                    "AND attname = {} AND NOT attisdropped)").format(
-        sql.Literal(t.qualified), sql.Literal(col))
+        sql.Literal(t.regclass), sql.Literal(col))
 
 
 #: The step runner's view of a check's result, for the executor.

@@ -36,11 +36,12 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from backfill import store
-from backfill.api import Backfill
+from backfill.api import Backfill, create_job
 from backfill.catalog import Conn
 from backfill.db import connect, redact_text
 from backfill.durations import format_duration
 from backfill.errors import (
+    BackfillError,
     GateClosed,
     InvalidInput,
     MigrationBusy,
@@ -520,10 +521,10 @@ class Migrator:
     def _drop_invalid(self, conn: Conn, rec: MigrationRecord, s: StepRecord) -> bool:
         if not s.step.index or self._index_state(conn, s.step.index) != "invalid":
             return False
-        schema, _, name = s.step.index.partition(".")
         conn.execute("SET lock_timeout = 0")
+        # step.index is the quoted, qualified name the plan rendered.
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-            sql.Identifier(schema, name)))
+            sql.SQL(s.step.index)))
         self._event(conn, rec.id, "cleanup", f"dropped INVALID index {s.step.index} left by "
                     "a build that did not finish", phase=s.phase, step_no=s.step_no)
         log.info("migration.invalid_index_dropped", migration=rec.id, index=s.step.index)
@@ -546,34 +547,31 @@ class Migrator:
 
     def _job_for(self, conn: Conn, rec: MigrationRecord, s: StepRecord,
                  workers: bool) -> store.JobRecord:
+        """The step's job: the one it recorded, or a new one created and recorded in one
+        transaction, so a crash can never leave a job the migration does not know about."""
         assert s.step.job is not None
-        name = s.step.job["name"]
-        job = None
         if s.job_id is not None:
             job = store.get_job(conn, s.job_id)
-        else:
-            # A crash between enqueue and recording the id leaves a job that never ran: still
-            # pending. (Jobs of an earlier run, rolled back since, have ended: not taken.)
-            found = [j for j in store.find_jobs_by_name(conn, name)
-                     if j.state == JobState.PENDING and j.created_at >= rec.created_at]
-            job = found[0] if found else None
-        if job is not None and job.state == JobState.CANCELLED:
+            if job.state != JobState.CANCELLED:
+                return job
             self._event(conn, rec.id, "job", f"backfill job {job.id} was cancelled; "
                         "enqueueing it again", phase=s.phase, step_no=s.step_no)
-            job = None
-        if job is None:
-            spec = JobSpec.from_json(s.step.job)
-            job = Backfill(self.dsn, actor=self.actor).enqueue(spec, workers=workers)
-            self.notify(f"  enqueued backfill job {job.id}: {name}"
-                        + (" (on the workers)" if workers else ""))
-            self._event(conn, rec.id, "job", f"enqueued backfill job {job.id}",
-                        phase=s.phase, step_no=s.step_no,
-                        details={"job_id": job.id, "workers": workers})
-        if s.job_id != job.id:
-            conn.execute("""UPDATE backfill.migration_steps SET job_id = %s, state = 'running',
-                            started_at = coalesce(started_at, now())
-                            WHERE migration_id = %s AND phase = %s AND step_no = %s""",
-                         (job.id, rec.id, s.phase, s.step_no))
+        spec = JobSpec.from_json(s.step.job)
+        try:
+            with conn.transaction():
+                job = create_job(conn, spec, actor=self.actor, workers=workers)
+                conn.execute(
+                    """UPDATE backfill.migration_steps SET job_id = %s, state = 'running',
+                       started_at = coalesce(started_at, now())
+                       WHERE migration_id = %s AND phase = %s AND step_no = %s""",
+                    (job.id, rec.id, s.phase, s.step_no))
+                self._event(conn, rec.id, "job", f"enqueued backfill job {job.id}",
+                            phase=s.phase, step_no=s.step_no,
+                            details={"job_id": job.id, "workers": workers})
+        except BackfillError as exc:
+            raise self._fail(conn, rec, s, f"cannot enqueue its backfill job: {exc}") from None
+        self.notify(f"  enqueued backfill job {job.id}: {spec.display_name}"
+                    + (" (on the workers)" if workers else ""))
         return job
 
     def _run_backfill(self, conn: Conn, rec: MigrationRecord, s: StepRecord, *,

@@ -567,6 +567,21 @@ def test_split_then_merge_a_table_while_the_application_writes(dsn: str) -> None
      'table = "users"\n', "lock_timeout must be > 0"),
     ('id = "bad id!"\n[[operations]]\nop = "drop_table"\ntable = "users"\n', "`id` must be"),
     ("id = \n", "not valid TOML"),
+    ('id = "x"\n[[operations]]\nop = "add_column"\ntable = "users"\ncolumn = "c"\n'
+     'type = "text"\nvalue = "lower(emial)"\n', 'column "emial" does not exist'),
+    ('id = "x"\n[[operations]]\nop = "add_column"\ntable = "users"\ncolumn = "c"\n'
+     'type = "txet"\n', 'type "txet" does not exist'),
+    ('id = "x"\n[[operations]]\nop = "change_type"\ntable = "users"\ncolumn = "score"\n'
+     'type = "bigint"\nusing = "score + )"\n', "syntax error"),
+    ('id = "x"\n[[operations]]\nop = "add_check"\ntable = "users"\nname = "users_pkey"\n'
+     'check = "score > 0"\n', "a constraint named users_pkey already exists"),
+    ('id = "x"\n[[operations]]\nop = "create_index"\ntable = "users"\nname = "teams"\n'
+     'columns = ["email"]\n', "a relation named teams already exists"),
+    ('id = "x"\n[backfill]\nbatch_size = "lots"\n[[operations]]\nop = "add_column"\n'
+     'table = "users"\ncolumn = "c"\ntype = "int"\nvalue = "1"\n', "batch_size"),
+    ('id = "x"\n[[operations]]\nop = "create_index"\ntable = "users"\ncolumns = ["email"]\n'
+     '[[operations]]\nop = "create_index"\ntable = "users"\ncolumns = ["email"]\n',
+     "creates relation bf_idx_users_email too"),
 ])
 def test_bad_migration_files_are_refused_before_anything_is_written(
         dsn: str, tmp_path: Path, text: str, message: str) -> None:
@@ -663,3 +678,116 @@ def test_a_rename_through_a_compatibility_view_serves_the_old_name(dsn: str) -> 
         assert scalar(dsn, "SELECT full_name FROM users WHERE id = 500") == "via view"
     finally:
         old_app.close()
+
+
+
+def test_complete_keeps_the_old_applications_writes_while_validate_scans(dsn: str) -> None:
+    """The sync trigger stays until the one-transaction swap: an application writing the
+    old column through complete loses nothing and is never refused."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE prices (id bigint PRIMARY KEY, price int NOT NULL)")
+        c.execute("INSERT INTO prices SELECT g, g FROM generate_series(1, 50000) g")
+    mig = _mig('id = "m-price"\n[[operations]]\nop = "change_type"\ntable = "prices"\n'
+               'column = "price"\ntype = "bigint"\n')
+    m = Migrator(dsn, actor="tester")
+    m.start(mig)
+    written: dict[int, int] = {}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    key = 1 + (i * 7919) % 50000
+                    # The application's own column name stays valid across the swap.
+                    c.execute("UPDATE prices SET price = %s WHERE id = %s", (-i, key))
+                    c.execute("INSERT INTO prices (id, price) VALUES (%s, %s)", (100000 + i, i))
+                    written[key] = -i
+                    written[100000 + i] = i
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: len(written) > 50, timeout=20, what="writes before complete")
+        m.complete("m-price")
+        n = len(written)
+        wait_for(lambda: len(written) > n + 50, timeout=20, what="writes after complete")
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert not errors, errors
+    with psycopg.connect(dsn, autocommit=True) as c:
+        got = dict(c.execute("SELECT id, price FROM prices WHERE id = ANY(%s)",
+                             (list(written),)).fetchall())
+        typ = c.execute("SELECT data_type, is_nullable FROM information_schema.columns "
+                        "WHERE table_name = 'prices' AND column_name = 'price'").fetchone()
+    assert got == written
+    assert typ == ("bigint", "NO")
+
+
+def test_a_rename_keeps_both_sides_right_when_the_old_column_has_a_default(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE tickets (id bigint PRIMARY KEY, status text NOT NULL "
+                  "DEFAULT 'new')")
+        c.execute("INSERT INTO tickets SELECT g, 'open' FROM generate_series(1, 100) g")
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig('id = "m-status"\n[[operations]]\nop = "rename_column"\ntable = "tickets"\n'
+                 'column = "status"\nto = "state"\n'))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("INSERT INTO tickets (id, status) VALUES (1001, 'old-app')")
+        c.execute("INSERT INTO tickets (id, state) VALUES (1002, 'new-app')")
+        c.execute("INSERT INTO tickets (id) VALUES (1003)")
+        rows = {r[0]: r[1:] for r in c.execute(
+            "SELECT id, status, state FROM tickets WHERE id > 1000 ORDER BY id")}
+    assert rows == {1001: ("old-app", "old-app"), 1002: ("new-app", "new-app"),
+                    1003: ("new", "new")}
+    m.complete("m-status")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("INSERT INTO tickets (id) VALUES (1004)")
+        assert c.execute("SELECT state FROM tickets WHERE id = 1004").fetchone() == ("new",)
+
+
+def test_quoted_names_and_a_check_on_a_column_the_migration_fills(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute('CREATE TABLE "Orders" (id bigint PRIMARY KEY, "Qty" int NOT NULL)')
+        c.execute('INSERT INTO "Orders" SELECT g, g FROM generate_series(1, 500) g')
+    mig = _mig('id = "m-quoted"\n'
+               '[[operations]]\nop = "add_column"\ntable = "Orders"\ncolumn = "Total"\n'
+               'type = "bigint"\nvalue = \'"Qty" * 2\'\n'
+               '[[operations]]\nop = "add_check"\ntable = "Orders"\nname = "Total positive"\n'
+               'check = \'"Total" IS NOT NULL AND "Total" > 0\'\n'
+               '[[operations]]\nop = "create_index"\ntable = "Orders"\ncolumns = ["Total"]\n')
+    m = Migrator(dsn, actor="tester")
+    m.start(mig)     # VALIDATE runs after the backfill that makes it true
+    m.complete("m-quoted")
+    assert scalar(dsn, 'SELECT count(*) FROM "Orders" WHERE "Total" = "Qty" * 2') == 500
+    assert scalar(dsn, "SELECT convalidated FROM pg_constraint WHERE conname = "
+                       "'Total positive'") is True
+
+
+def test_merge_refuses_source_rows_without_a_target_and_pulls_late_inserts(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE people (id bigint PRIMARY KEY, name text)")
+        c.execute("CREATE TABLE bios (id bigint PRIMARY KEY, bio text)")
+        c.execute("INSERT INTO people SELECT g, 'p' || g FROM generate_series(1, 100) g")
+        c.execute("INSERT INTO bios SELECT g, 'b' || g FROM generate_series(1, 100) g")
+        c.execute("INSERT INTO bios VALUES (500, 'orphan')")
+    text = ('id = "m-bios"\n[[operations]]\nop = "merge_tables"\ntable = "people"\n'
+            'from = "bios"\n')
+    m = Migrator(dsn, actor="tester")
+    with pytest.raises(MigrationError, match=r"every row of public\.bios is in public\.people"):
+        m.start(_mig(text))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("INSERT INTO people VALUES (500, 'late')")     # pulls the orphan's bio
+        c.execute("INSERT INTO bios VALUES (600, 'early')")       # before its person
+        c.execute("INSERT INTO people VALUES (600, 'later')")
+    m.start(_mig(text))
+    m.complete("m-bios")
+    assert scalar(dsn, "SELECT bio FROM people WHERE id = 500") == "orphan"
+    assert scalar(dsn, "SELECT bio FROM people WHERE id = 600") == "early"
+    assert scalar(dsn, "SELECT count(*) FROM people WHERE bio = 'b' || id") == 100
