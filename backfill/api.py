@@ -20,17 +20,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg import sql
+
 from backfill import registry as registry_mod
 from backfill import store
 from backfill.catalog import Conn
 from backfill.db import connect
 from backfill.errors import InvalidInput, JobNotFound
 from backfill.keyset import KeyCodec, render_key
-from backfill.kinds import prepare, prepare_stored
+from backfill.kinds import prepare, prepare_stored, undo_table
 from backfill.runner import Runner, Tick
 from backfill.schema import require_current, upgrade_conn
-from backfill.spec import JobSpec
-from backfill.states import TERMINAL, JobState
+from backfill.spec import UNDOABLE, JobSpec
+from backfill.states import ACTIVE, TERMINAL, JobState
 from backfill.verify import VerifyReport, verify
 
 S = JobState
@@ -43,6 +45,39 @@ def default_actor() -> str:
     except (KeyError, OSError):
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class UndoLog:
+    job_id: int
+    table: str
+    rows: int
+    bytes: int
+    job_state: str
+    ended_s_ago: float | None
+    reverting: bool      # a revert job that reads it is still active
+
+
+def undo_log_exists(conn: Conn, job_id: int) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                       (undo_table(job_id).as_string(conn),)).fetchone()
+    return bool(row and row[0])
+
+
+def list_undo_logs(conn: Conn) -> builtins.list[UndoLog]:
+    rows = conn.execute(
+        """SELECT j.id, 'backfill.' || c.relname, greatest(c.reltuples, 0)::bigint,
+                  pg_total_relation_size(c.oid), j.state,
+                  extract(epoch FROM now() - j.finished_at)::float8,
+                  EXISTS (SELECT 1 FROM backfill.jobs r WHERE r.kind = 'revert'
+                          AND (r.spec ->> 'reverts')::bigint = j.id
+                          AND r.state IN ('pending', 'running', 'throttled', 'paused'))
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           JOIN backfill.jobs j ON c.relname = 'undo_' || j.id
+           WHERE n.nspname = 'backfill' AND c.relkind = 'r' ORDER BY j.id""").fetchall()
+    return [UndoLog(int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]),
+                    float(r[5]) if r[5] is not None and r[4] not in ACTIVE else None,
+                    bool(r[6])) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -74,13 +109,17 @@ def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store
     """Validate ``spec`` on ``conn`` (a dry EXPLAIN included) and store it as pending; inside
     the caller's transaction when there is one (the migrator records the job's id with it)."""
     prepared = prepare(conn, spec, explain=True)
-    return store.create_job(
-        conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
-        table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
-        source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
-        rows_estimate=prepared.table.rows_estimate, actor=actor,
-        runs_on="workers" if workers else "inline",
-    )
+    with conn.transaction():   # the job and its undo table: both or neither
+        job = store.create_job(
+            conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
+            table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
+            source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
+            rows_estimate=prepared.table.rows_estimate, actor=actor,
+            runs_on="workers" if workers else "inline",
+        )
+        if spec.undo_enabled:
+            prepared.create_undo_table(conn, job.id)
+    return job
 
 
 class Backfill:
@@ -284,6 +323,55 @@ class Backfill:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job.id} is still {job.state} after {timeout}s")
             time.sleep(poll)
+
+    # -- undo logs ----------------------------------------------------------------------
+
+    def revert(self, ref: JobRef, *, force: bool = False, workers: bool = False,
+               **options: Any) -> store.JobRecord:
+        """Enqueue a job that applies ``ref``'s undo log back: each row the job changed gets
+        its old values (deleted rows come back), batched and checkpointed like any job. Rows
+        changed since by someone else are left alone and counted, unless ``force``."""
+        with self._conn() as conn:
+            job = self._resolve(conn, ref)
+            if not job.spec.undo_enabled:
+                why = ("it was enqueued with undo_log off" if job.kind in UNDOABLE else
+                       f"{job.kind} jobs keep no undo log")
+                raise InvalidInput(f"job {job.id} cannot be reverted: {why}")
+            if job.state in ACTIVE:
+                raise InvalidInput(f"job {job.id} is {job.state}: cancel it (or let it finish) "
+                                   "before reverting it")
+            undo = undo_table(job.id).as_string(conn)
+            if not undo_log_exists(conn, job.id):
+                raise InvalidInput(f"job {job.id}'s undo log {undo} was pruned; it cannot be "
+                                   "reverted")
+            spec = JobSpec("revert", f"backfill.undo_{job.id}", dest=f"{job.source_schema}.{job.source_table}",
+                           reverts=job.id, on_conflict="update" if force else "nothing",
+                           name=f"revert job {job.id}" + (" (force)" if force else ""),
+                           options=job.options).with_options(**options)
+            return create_job(conn, spec, actor=self.actor, workers=workers)
+
+    def undo_logs(self) -> builtins.list[UndoLog]:
+        """Every undo table with its job, rows and size."""
+        with self._conn() as conn:
+            return list_undo_logs(conn)
+
+    def prune_undo_logs(self, *, older_than_s: float, dry_run: bool = False
+                        ) -> builtins.list[UndoLog]:
+        """Drop the undo logs of jobs that ended more than ``older_than_s`` ago (and are not
+        being reverted); each drop is an event on its job."""
+        with self._conn() as conn:
+            gone = [u for u in list_undo_logs(conn)
+                    if u.ended_s_ago is not None and u.ended_s_ago > older_than_s
+                    and not u.reverting]
+            if dry_run:
+                return gone
+            for u in gone:
+                with conn.transaction():
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(undo_table(u.job_id)))
+                    store.add_event(conn, u.job_id, "undo_pruned", actor=self.actor,
+                                    reason=f"undo log dropped ({u.rows} rows, {u.bytes} bytes)",
+                                    details={"rows": u.rows, "bytes": u.bytes})
+            return gone
 
     def verify(self, ref: JobRef, *, chunk: int = 50_000) -> VerifyReport:
         with self._conn() as conn:

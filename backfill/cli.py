@@ -7,6 +7,7 @@ verify found differences); 2 bad input (nothing was written); 3 the job is pause
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -227,6 +228,10 @@ def enqueue(
     workers: Annotated[bool, typer.Option(
         "--workers", help="Run it on the Celery workers: dispatched at once, or by the "
         "workers' reaper if the broker is down.")] = False,
+    undo_log: Annotated[bool | None, typer.Option(
+        "--undo-log/--no-undo-log", help="Keep every changed row's old values (deleted rows "
+        "whole) so `backfill revert` can restore them (default: on for update, transform and "
+        "delete).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -251,6 +256,9 @@ def enqueue(
         else:
             spec = _adhoc_spec(table, kind, set_, where, statement, dest, columns, on_conflict,
                                function, key, job_name)
+        if undo_log is not None:
+            base = bf.spec_for(spec) if isinstance(spec, str) else spec
+            spec = dataclasses.replace(base, undo_log=undo_log)
         return bf.enqueue(spec, workers=workers, **options)
 
     job = _guard(build)
@@ -583,6 +591,13 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         f"  created   {rec.created_at:%Y-%m-%d %H:%M:%S} by {rec.created_by}"
         + (f"; owner {rec.owner}" if rec.owner else ""),
     ]
+    if rec.spec.undo_enabled:
+        lines.append(f"  undo log  backfill.undo_{rec.id}: `backfill revert {rec.id}` restores "
+                     "the old values")
+    if rec.kind == "revert":
+        left = prog.rows_scanned - prog.rows_affected
+        lines.append(f"  reverts   job {rec.spec.reverts}: {prog.rows_affected:,} rows restored"
+                     + (f", {left:,} changed since and left alone" if left else ""))
     if rec.last_error:
         lines.append(f"  [red]error     {rec.last_error}[/]")
         if rec.error_range:
@@ -750,7 +765,7 @@ def _load_plugins() -> None:
     """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
     Imported by name so the core never imports Celery itself."""
     for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli",
-                 "backfill.migrate_cli"):
+                 "backfill.migrate_cli", "backfill.undo_cli"):
         importlib.import_module(core)
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():

@@ -48,6 +48,10 @@ class PreparedJob:
     dest: Table | None
     copy_columns: tuple[str, ...]
     fn: TransformFn | None
+    #: The job's undo table (``backfill.undo_<id>``) when it keeps an undo log.
+    undo: sql.Identifier | None = None
+    #: revert jobs: the kind of the job reverted (delete: rows go back in; else: values).
+    reverted_kind: str | None = None
 
     @property
     def keyset(self) -> Keyset:
@@ -87,11 +91,21 @@ class PreparedJob:
             assignments = sql.SQL(", ").join(
                 sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
             )
+            if self.undo is not None:
+                return self._update_logged(assignments, pred)
             return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
                 t=t, a=assignments, p=pred, f=self.extra_filter()
             )
         if s.kind == "delete":
+            if self.undo is not None:
+                cols = sql.SQL(", ").join(map(sql.Identifier, self.undo_columns()))
+                return sql.SQL(
+                    "WITH gone AS (DELETE FROM {t} WHERE {p}{f} RETURNING {c}) "
+                    "INSERT INTO {u} ({c}) SELECT {c} FROM gone").format(
+                        t=t, p=pred, f=self.extra_filter(), c=cols, u=self.undo)
             return sql.SQL("DELETE FROM {t} WHERE {p}{f}").format(t=t, p=pred, f=self.extra_filter())
+        if s.kind == "revert":
+            return self._revert_statement(lower)
         if s.kind in ("copy", "move"):
             assert self.dest is not None
             cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.copy_columns)
@@ -112,14 +126,116 @@ class PreparedJob:
             ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
                      conflict=conflict)
         if s.kind == "transform":
-            read = sql.SQL(", ").join(
-                sql.Identifier(c) for c in dict.fromkeys((*self.key, *s.columns))
-            )
+            read = sql.SQL(", ").join(sql.Identifier(c) for c in self._transform_reads())
             return sql.SQL(
                 "SELECT {r} FROM {t} WHERE {p}{f} ORDER BY {o} FOR NO KEY UPDATE"
             ).format(r=read, t=t, p=pred, f=self.extra_filter(), o=self.keyset.order_by())
         assert s.statement is not None
         return sql.Composed([_user_sql(s.statement, placeholders=True)])
+
+    def _transform_reads(self) -> tuple[str, ...]:
+        extra = self.spec.write_columns() if self.undo is not None else ()
+        return tuple(dict.fromkeys((*self.key, *self.spec.columns, *extra)))
+
+    # -- the undo log ----------------------------------------------------------------------
+
+    def undo_columns(self) -> tuple[str, ...]:
+        """Columns of the undo table: a deleted row whole; else the key, then each written
+        column's value before (``old:c``) and after (``new:c``) the job."""
+        if self.spec.kind == "delete":
+            return tuple(c.name for c in self.table.columns if not c.generated)
+        writes = self.spec.write_columns()
+        return (*self.key, *(f"old:{c}" for c in writes), *(f"new:{c}" for c in writes))
+
+    def create_undo_table(self, conn: Conn, job_id: int) -> sql.Identifier:
+        """``backfill.undo_<job_id>``, typed like the table, keyed like the job."""
+        undo = undo_table(job_id)
+        t = _ident(self.table)
+        if self.spec.kind == "delete":
+            select = sql.SQL(", ").join(map(sql.Identifier, self.undo_columns()))
+        else:
+            writes = self.spec.write_columns()
+            select = sql.SQL(", ").join([
+                *(sql.Identifier(k) for k in self.key),
+                *(sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"old:{c}"))
+                  for c in writes),
+                *(sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"new:{c}"))
+                  for c in writes)])
+        conn.execute(sql.SQL("CREATE TABLE {u} AS SELECT {s} FROM {t} WITH NO DATA").format(
+            u=undo, s=select, t=t))
+        conn.execute(sql.SQL("ALTER TABLE {u} ADD PRIMARY KEY ({k})").format(
+            u=undo, k=sql.SQL(", ").join(map(sql.Identifier, self.key))))
+        return undo
+
+    def _update_logged(self, assignments: sql.Composable, pred: sql.Composable) -> sql.Composed:
+        """One statement: lock the batch's rows (their newest versions), update exactly those,
+        and log each row's values before and after. The CTE's columns are renamed so the
+        user's SET expressions still name the table's columns."""
+        t = _ident(self.table)
+        writes = self.spec.write_columns()
+        ids = sql.SQL(", ").join
+        key_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(k), sql.Identifier(f"k:{k}"))
+                     for k in self.key)
+        old_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"old:{c}"))
+                     for c in writes)
+        join = sql.SQL(" AND ").join(
+            sql.SQL("{t}.{k} = old.{ok}").format(t=t, k=sql.Identifier(k),
+                                                 ok=sql.Identifier(f"k:{k}"))
+            for k in self.key)
+        returning = ids(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c))
+                        for c in (*self.key, *writes))
+        match = sql.SQL(" AND ").join(
+            sql.SQL("upd.{k} = old.{ok}").format(k=sql.Identifier(k), ok=sql.Identifier(f"k:{k}"))
+            for k in self.key)
+        return sql.SQL(
+            "WITH old AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
+            "upd AS (UPDATE {t} SET {a} FROM old WHERE {join} RETURNING {ret}) "
+            "INSERT INTO {u} ({cols}) SELECT {vals} FROM old JOIN upd ON {match}").format(
+                key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(), a=assignments,
+                join=join, ret=returning, u=self.undo,
+                cols=ids(map(sql.Identifier, self.undo_columns())),
+                vals=ids([*(sql.SQL("old.{}").format(sql.Identifier(f"k:{k}")) for k in self.key),
+                          *(sql.SQL("old.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
+                          *(sql.SQL("upd.{}").format(sql.Identifier(c)) for c in writes)]),
+                match=match)
+
+    def _revert_statement(self, lower: bool) -> sql.Composed:
+        """Apply a batch of an undo log (this job's "table") back to its table ("dest").
+
+        Values: restored only where the row still holds what the job wrote (``on_conflict``
+        update: whatever it holds now). Deleted rows: inserted back, skipped when the key is
+        taken again (update: overwritten)."""
+        assert self.dest is not None
+        u, d = _ident(self.table), _ident(self.dest)
+        pred = self.keyset.predicate(lower=lower, alias="u")
+        ids = sql.SQL(", ").join
+        if self.reverted_kind == "delete":
+            names = ids(map(sql.Identifier, self.copy_columns))
+            conflict: sql.Composable = sql.SQL(" ON CONFLICT DO NOTHING")
+            if self.spec.on_conflict == "update":
+                rest = [c for c in self.copy_columns if c not in self.key]
+                conflict = sql.SQL(" ON CONFLICT ({k}) DO UPDATE SET {s}").format(
+                    k=ids(map(sql.Identifier, self.key)),
+                    s=ids(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
+                          for c in rest)) if rest else sql.SQL(" ON CONFLICT DO NOTHING")
+            return sql.SQL("INSERT INTO {d} ({c}) OVERRIDING SYSTEM VALUE SELECT {uc} FROM {u} "
+                           "AS u WHERE {p}{conflict}").format(
+                d=d, c=names, uc=ids(sql.SQL("u.{}").format(sql.Identifier(c))
+                                    for c in self.copy_columns),
+                u=u, p=pred, conflict=conflict)
+        cols = self.copy_columns
+        unchanged: sql.Composable = sql.SQL("")
+        if self.spec.on_conflict != "update":
+            unchanged = sql.SQL(" AND ({now}) IS NOT DISTINCT FROM ({new})").format(
+                now=ids(sql.SQL("{d}.{c}").format(d=d, c=sql.Identifier(c)) for c in cols),
+                new=ids(sql.SQL("u.{}").format(sql.Identifier(f"new:{c}")) for c in cols))
+        return sql.SQL("UPDATE {d} SET {s} FROM {u} AS u WHERE {p} AND {j}{unchanged}").format(
+            d=d, s=ids(sql.SQL("{c} = u.{o}").format(c=sql.Identifier(c),
+                                                     o=sql.Identifier(f"old:{c}"))
+                       for c in cols),
+            u=u, p=pred, j=sql.SQL(" AND ").join(
+                sql.SQL("{d}.{k} = u.{k}").format(d=d, k=sql.Identifier(k)) for k in self.key),
+            unchanged=unchanged)
 
     def _on_conflict(self) -> sql.Composable:
         mode = self.spec.on_conflict
@@ -173,9 +289,13 @@ class PreparedJob:
             rows = cur.fetchall()  # first: in a pipeline the description arrives with the rows
             names = [d.name for d in cur.description or ()]
         changes: list[tuple[tuple[str, ...], list[Any]]] = []
+        undo_rows: list[list[Any]] = []
+        given = dict.fromkeys((*self.key, *self.spec.columns))
         for values in rows:
             row = dict(zip(names, values, strict=True))
-            out = self.fn(dict(row))
+            # The function sees the key and its columns; the undo log also needs the
+            # written columns' current values, read beside them.
+            out = self.fn({c: row[c] for c in given})
             if not out:
                 continue
             unknown = set(out) - writes
@@ -189,6 +309,11 @@ class PreparedJob:
                 continue
             cols = tuple(sorted(changed))
             changes.append((cols, [*(changed[c] for c in cols), *(row[k] for k in self.key)]))
+            if self.undo is not None:
+                after = {**row, **changed}
+                undo_rows.append([*(row[k] for k in self.key),
+                                  *(row[c] for c in self.spec.write_columns()),
+                                  *(after[c] for c in self.spec.write_columns())])
         by_cols: dict[tuple[str, ...], list[list[Any]]] = {}
         for cols, args in changes:
             by_cols.setdefault(cols, []).append(args)
@@ -205,6 +330,13 @@ class PreparedJob:
             )
             with conn.cursor() as cur:
                 cur.executemany(stmt, arg_rows)
+        if undo_rows:
+            assert self.undo is not None
+            cols = self.undo_columns()
+            with conn.cursor() as cur:
+                cur.executemany(sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                    self.undo, sql.SQL(", ").join(map(sql.Identifier, cols)),
+                    sql.SQL(", ").join(sql.Placeholder() * len(cols))), undo_rows)
         return len(changes)
 
     def first_batch(self, conn: Conn) -> tuple[Key, Key] | None:
@@ -276,7 +408,18 @@ def prepare_stored(conn: Conn, job: Any, *, explain: bool) -> PreparedJob:
             f"the key columns of job {job.id} changed type ({', '.join(job.key_types)} -> "
             f"{', '.join(prepared.key_types)}); cancel the job and enqueue a new one"
         )
+    if job.spec.undo_enabled:
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                              (undo_table(job.id).as_string(conn),)).fetchone()
+        if not (exists and exists[0]):
+            raise InvalidInput(f"job {job.id}'s undo log ({undo_table(job.id).as_string(conn)}) "
+                               "is gone (pruned?); it cannot run without one")
+        prepared = dataclasses.replace(prepared, undo=undo_table(job.id))
     return prepared
+
+
+def undo_table(job_id: int) -> sql.Identifier:
+    return sql.Identifier("backfill", f"undo_{job_id}")
 
 
 def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
@@ -320,6 +463,22 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
             raise InvalidInput(
                 f"on_conflict=update needs the key ({', '.join(key)}) among the copied columns"
             )
+    reverted_kind = None
+    if spec.kind == "revert":
+        assert spec.dest is not None
+        assert spec.reverts is not None
+        dest = resolve_table(conn, spec.dest)
+        row = conn.execute("SELECT kind, spec FROM backfill.jobs WHERE id = %s",
+                           (spec.reverts,)).fetchone()
+        if row is None:
+            raise InvalidInput(f"job {spec.reverts}, which this job reverts, does not exist")
+        reverted_kind = str(row[0])
+        if reverted_kind == "delete":
+            copy_columns = tuple(c.name for c in table.columns)
+        else:
+            copy_columns = JobSpec.from_json(row[1]).write_columns()
+        for c in copy_columns:
+            dest.column(c)
     if spec.kind == "transform":
         for name in (*spec.columns, *spec.write_columns()):
             table.column(name)
@@ -328,7 +487,8 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
                 raise InvalidInput(f"transform may not write key column {name!r}")
         assert spec.function is not None
         fn = load_function(spec.function)
-    prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn)
+    prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn,
+                           reverted_kind=reverted_kind)
     if explain:
         try:
             prepared.dry_explain(conn, prepared.first_batch(conn))

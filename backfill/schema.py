@@ -253,6 +253,18 @@ CREATE INDEX migration_events_by_migration ON backfill.migration_events (migrati
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        7,
+        "revert jobs (undo logs live in backfill.undo_<job id>)",
+        """
+ALTER TABLE backfill.jobs DROP CONSTRAINT jobs_kind_check,
+    ADD CONSTRAINT jobs_kind_check CHECK (kind IN ('update', 'sql', 'copy', 'move', 'transform',
+                                                   'delete', 'revert'));
+""",
+    ),
+)
+
 LATEST = MIGRATIONS[-1].version
 
 

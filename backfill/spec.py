@@ -16,7 +16,9 @@ from typing import Any
 from backfill.errors import InvalidInput, InvalidOption
 from backfill.options import JobOptions, build_options
 
-KINDS = ("update", "sql", "copy", "move", "transform", "delete")
+KINDS = ("update", "sql", "copy", "move", "transform", "delete", "revert")
+#: Kinds that change rows in place and can keep an undo log (on by default for them).
+UNDOABLE = ("update", "transform", "delete")
 CONFLICT_MODES = ("error", "nothing", "update")
 
 #: A transform gets one row (column -> value) and returns the columns to change, or None.
@@ -43,6 +45,11 @@ class JobSpec:
     name: str | None = None
     description: str | None = None
     options: JobOptions = field(default_factory=JobOptions)
+    #: Keep the old values of every row changed (deleted rows whole) in an undo table, in the
+    #: batch's transaction, so ``backfill revert`` can restore them. None: on for UNDOABLE.
+    undo_log: bool | None = None
+    #: revert jobs: the job whose undo log they apply (table: its undo table, dest: its table).
+    reverts: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,6 +84,11 @@ class JobSpec:
                 "%(lower_<col>)s / %(upper_<col>)s per key column): without them every batch "
                 "would touch the whole table"
             )
+        if self.undo_log and self.kind not in UNDOABLE:
+            raise InvalidInput(f"a {self.kind} job cannot keep an undo log (only "
+                               f"{', '.join(UNDOABLE)} jobs change rows in place)")
+        if self.kind == "revert" and (self.reverts is None or not self.dest):
+            raise InvalidInput("a revert job needs the job it reverts (`backfill revert JOB`)")
         if self.on_conflict not in CONFLICT_MODES:
             raise InvalidOption(
                 f"on_conflict must be one of {', '.join(CONFLICT_MODES)}, got {self.on_conflict!r}"
@@ -90,7 +102,13 @@ class JobSpec:
             return f"update {self.table}: " + ", ".join(c for c, _ in self.set)
         if self.kind in ("copy", "move"):
             return f"{self.kind} {self.table} -> {self.dest}"
+        if self.kind == "revert":
+            return f"revert job {self.reverts}"
         return f"{self.kind} {self.table}"
+
+    @property
+    def undo_enabled(self) -> bool:
+        return self.kind in UNDOABLE and self.undo_log is not False
 
     def write_columns(self) -> tuple[str, ...]:
         if self.kind == "update":
@@ -192,12 +210,14 @@ def update(
     key: str | Iterable[str] | None = None,
     name: str | None = None,
     description: str | None = None,
+    undo_log: bool | None = None,
     **options: Any,
 ) -> JobSpec:
-    """``UPDATE table SET col = expr ... WHERE <batch range> [AND where]``, batch by batch."""
+    """``UPDATE table SET col = expr ... WHERE <batch range> [AND where]``, batch by batch.
+    ``undo_log`` (default on) keeps the old values for ``revert``."""
     return JobSpec(
         "update", table, key=_key(key), set=parse_set(set), where=where, name=name,
-        description=description, options=build_options(**options),
+        description=description, options=build_options(**options), undo_log=undo_log,
     )
 
 
@@ -270,13 +290,14 @@ def transform(
     key: str | Iterable[str] | None = None,
     name: str | None = None,
     description: str | None = None,
+    undo_log: bool | None = None,
     **options: Any,
 ) -> JobSpec:
     """Apply ``fn`` to each row (``columns`` read, ``writes`` written) and write changes back."""
     return JobSpec(
         "transform", table, key=_key(key), function=function_name(fn), columns=tuple(columns),
         writes=tuple(writes or ()), where=where, name=name, description=description,
-        options=build_options(**options),
+        options=build_options(**options), undo_log=undo_log,
     )
 
 
@@ -287,10 +308,12 @@ def delete(
     key: str | Iterable[str] | None = None,
     name: str | None = None,
     description: str | None = None,
+    undo_log: bool | None = None,
     **options: Any,
 ) -> JobSpec:
-    """``DELETE FROM table WHERE <batch range> AND where``, batch by batch."""
+    """``DELETE FROM table WHERE <batch range> AND where``, batch by batch; the deleted rows
+    are kept whole in the undo log (``undo_log=False``: not)."""
     return JobSpec(
         "delete", table, key=_key(key), where=where, name=name, description=description,
-        options=build_options(**options),
+        options=build_options(**options), undo_log=undo_log,
     )

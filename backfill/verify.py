@@ -71,6 +71,8 @@ class _Checker:
                 t=t, p=pred, f=self.p.extra_filter(), ok=ok)
             n = self._scalar(q, params)
             return f"{n} rows where the SET is not true" if n else None
+        if kind == "revert":
+            return self._check_revert(lo, hi)
         if kind == "delete":
             q = sql.SQL("SELECT count(*) FROM {t} WHERE {p}{f}").format(t=t, p=pred, f=self.p.extra_filter())
             n = self._scalar(q, params)
@@ -115,6 +117,35 @@ class _Checker:
                         pending += 1
             return f"{pending} rows the transform would still change" if pending else None
         return None
+
+    def _check_revert(self, lo: Key | None, hi: Key) -> str | None:
+        """Rows of the undo log still as the reverted job left them (a plain revert leaves
+        rows changed since alone, so those count as done); deleted rows still missing."""
+        assert self.p.dest is not None
+        d = _ident(self.p.dest)
+        pred = self.ks.predicate(lower=lo is not None, alias="u")
+        params = self.ks.params(lo, hi)
+        join = sql.SQL(" AND ").join(sql.SQL("{d}.{k} = u.{k}").format(d=d, k=sql.Identifier(k))
+                                     for k in self.p.key)
+        ids = sql.SQL(", ").join
+        if self.p.reverted_kind == "delete":
+            q = sql.SQL("SELECT count(*) FROM {u} AS u WHERE {p} AND NOT EXISTS "
+                        "(SELECT 1 FROM {d} WHERE {j})").format(
+                u=_ident(self.p.table), p=pred, d=d, j=join)
+            n = self._scalar(q, params)
+            return f"{n} deleted rows are still missing" if n else None
+        cols = self.p.copy_columns
+        now = ids(sql.SQL("{d}.{c}").format(d=d, c=sql.Identifier(c)) for c in cols)
+        target = "new" if self.p.spec.on_conflict != "update" else "old"
+        cmp = "IS NOT DISTINCT FROM" if target == "new" else "IS DISTINCT FROM"
+        q = sql.SQL("SELECT count(*) FROM {u} AS u JOIN {d} ON {j} WHERE {p} "
+                    "AND ({now}) {cmp} ({vals}) AND ({new}) IS DISTINCT FROM ({old})").format(
+            u=_ident(self.p.table), d=d, j=join, p=pred, now=now, cmp=sql.SQL(cmp),
+            vals=ids(sql.SQL("u.{}").format(sql.Identifier(f"{target}:{c}")) for c in cols),
+            new=ids(sql.SQL("u.{}").format(sql.Identifier(f"new:{c}")) for c in cols),
+            old=ids(sql.SQL("u.{}").format(sql.Identifier(f"old:{c}")) for c in cols))
+        n = self._scalar(q, params)
+        return f"{n} rows still hold the reverted job's values" if n else None
 
     def _scalar(self, q: sql.Composed, params: dict[str, Any]) -> int:
         row = self.conn.execute(q, params).fetchone()

@@ -1,0 +1,80 @@
+"""``backfill revert JOB`` and ``backfill undo-log list|prune``: reversible backfills."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from backfill.cli import _client, _guard, _send_to_workers, app, err, out, run
+from backfill.durations import format_duration, parse_duration_ms
+
+undo_app = typer.Typer(help="Undo logs: the old values kept by update, transform and delete "
+                       "jobs for `backfill revert`.", no_args_is_help=True)
+app.add_typer(undo_app, name="undo-log")
+
+
+@app.command()
+def revert(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="The job to revert (id or name).")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Also restore rows changed since by someone else (default: leave "
+        "them alone and count them).")] = False,
+    workers: Annotated[bool, typer.Option(
+        "--workers", help="Enqueue the revert for the Celery workers instead of running it "
+        "here.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Restore what a job changed from its undo log, as a job of its own (batched, throttled,
+    checkpointed; pause, resume and watch it like any job). Rows changed since by the
+    application are left alone and reported, unless --force. Deleted rows are inserted back."""
+    bf = _client(ctx)
+    rec = _guard(lambda: bf.revert(job, force=force, workers=workers))
+    err.print(f"revert job {rec.id} enqueued: it restores job {rec.spec.reverts}'s rows",
+              highlight=False)
+    if workers:
+        _send_to_workers(ctx, rec.id, "enqueued")
+        out.print(rec.id)
+        return
+    run(ctx, str(rec.id), dry_run=False, progress=progress, takeover_after=30.0, as_json=False)
+
+
+@undo_app.command("list")
+def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every undo log with its job, estimated rows and size."""
+    logs = _guard(_client(ctx).undo_logs)
+    if as_json:
+        out.print_json(json.dumps([u.__dict__ for u in logs], default=str))
+        return
+    t = Table("JOB", "UNDO TABLE", "~ROWS", "SIZE", "JOB STATE", "ENDED", box=None)
+    for u in logs:
+        t.add_row(str(u.job_id), u.table, f"{u.rows:,}", f"{u.bytes / 2**20:,.1f} MB",
+                  u.job_state, format_duration(u.ended_s_ago) + " ago" if u.ended_s_ago else "-")
+    out.print(t if logs else "no undo logs")
+
+
+@undo_app.command("prune")
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[str, typer.Option(
+        "--older-than", help="Drop the undo logs of jobs that ended longer ago than this.")]
+    = "7d",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list them.")] = False,
+) -> None:
+    """Drop old undo logs (default: of jobs that ended more than 7 days ago, the rollback
+    window people keep). Logs of active jobs, and of jobs being reverted, are kept."""
+    text = older_than.strip().lower()
+    days = text.endswith("d") and text[:-1].replace(".", "", 1).isdigit()
+    seconds = float(text[:-1]) * 86400 if days else _guard(
+        lambda: parse_duration_ms(older_than, option="--older-than")) / 1000.0
+    gone = _guard(lambda: _client(ctx).prune_undo_logs(older_than_s=seconds, dry_run=dry_run))
+    verb = "would drop" if dry_run else "dropped"
+    for u in gone:
+        out.print(f"{verb} {escape(u.table)} (job {u.job_id}, {u.bytes / 2**20:,.1f} MB)",
+                  highlight=False)
+    if not gone:
+        out.print(f"no undo log older than {older_than}")
