@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import getpass
 import socket
 import threading
@@ -26,12 +27,13 @@ from backfill import registry as registry_mod
 from backfill import store
 from backfill.catalog import Conn
 from backfill.db import connect
-from backfill.errors import InvalidInput, JobNotFound
+from backfill.errors import InvalidInput, JobNotFound, PreflightFailed
 from backfill.keyset import KeyCodec, render_key
 from backfill.kinds import prepare, prepare_stored, undo_table
+from backfill.preflight import Check, PreflightConfig, blocked, run_checks
 from backfill.runner import Runner, Tick
 from backfill.schema import require_current, upgrade_conn
-from backfill.spec import UNDOABLE, JobSpec
+from backfill.spec import UNDOABLE, JobSpec, canary_size
 from backfill.states import ACTIVE, TERMINAL, JobState
 from backfill.verify import VerifyReport, verify
 
@@ -45,6 +47,45 @@ def default_actor() -> str:
     except (KeyError, OSError):
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def approve(conn: Conn, job: store.JobRecord, *, actor: str, reason: str) -> store.JobRecord:
+    report = store.canary_report(conn, job.id)
+    if job.state == S.AWAITING_APPROVAL and (report is None or report.get("verified") is None):
+        raise InvalidInput(f"job {job.id}'s canary is still being verified; approve it once "
+                           "`backfill show` says it verified")
+    with conn.transaction():
+        rec = store.transition(conn, job.id, S.PENDING, actor=actor, reason=reason,
+                               expect=frozenset({S.AWAITING_APPROVAL}), action="approve")
+        conn.execute("UPDATE backfill.jobs SET approved_at = now(), approved_by = %s "
+                     "WHERE id = %s", (actor, job.id))
+    return dataclasses.replace(rec, approved_by=actor)
+
+
+def auto_approval_due(conn: Conn, job: store.JobRecord) -> bool | None:
+    """For a job awaiting approval with ``auto_approve_after``: True once the quiet period
+    has passed with no retry, failure or throttling since the job started; False when there
+    was one (an operator decides, and an event says why); None: not yet."""
+    wait_ms = job.spec.auto_approve_after_ms
+    if wait_ms is None or job.state != S.AWAITING_APPROVAL:
+        return None
+    row = conn.execute(
+        """SELECT
+             (SELECT count(*) FROM backfill.events WHERE job_id = %(id)s
+                AND (kind IN ('retry', 'canary_failed') OR to_state IN ('throttled', 'failed'))),
+             (SELECT extract(epoch FROM now() - max(at)) * 1000 FROM backfill.events
+                WHERE job_id = %(id)s AND to_state = 'awaiting_approval'),
+             (SELECT count(*) FROM backfill.events WHERE job_id = %(id)s
+                AND kind = 'auto_approve_withheld')""", {"id": job.id}).fetchone()
+    assert row is not None
+    troubles, waited_ms, withheld = int(row[0]), float(row[1] or 0), int(row[2])
+    if troubles:
+        if not withheld:
+            store.add_event(conn, job.id, "auto_approve_withheld", actor="auto-approve",
+                            reason=f"{troubles} retries, throttles or failures during the "
+                            "canary: an operator must approve")
+        return False
+    return True if waited_ms >= wait_ms else None
 
 
 @dataclass(frozen=True)
@@ -109,13 +150,19 @@ def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store
     """Validate ``spec`` on ``conn`` (a dry EXPLAIN included) and store it as pending; inside
     the caller's transaction when there is one (the migrator records the job's id with it)."""
     prepared = prepare(conn, spec, explain=True)
+    canary_rows = None
+    if spec.canary is not None:
+        if prepared.table.rows_estimate is None and spec.canary.strip().endswith("%"):
+            raise InvalidInput(f"a canary in percent needs {prepared.table.qualified}'s size: "
+                               "ANALYZE it, or give the canary in rows")
+        canary_rows = canary_size(spec.canary, prepared.table.rows_estimate)
     with conn.transaction():   # the job and its undo table: both or neither
         job = store.create_job(
             conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
             table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
             source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
             rows_estimate=prepared.table.rows_estimate, actor=actor,
-            runs_on="workers" if workers else "inline",
+            runs_on="workers" if workers else "inline", canary_rows=canary_rows,
         )
         if spec.undo_enabled:
             prepared.create_undo_table(conn, job.id)
@@ -272,6 +319,18 @@ class Backfill:
     def cancel(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         return self._transition(ref, S.CANCELLED, reason or "cancelled by operator")
 
+    def approve(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
+        """awaiting_approval -> pending once the canary verified: the rest of the job runs
+        (``backfill run`` again inline; on the workers, their reaper sends it)."""
+        with self._conn() as conn:
+            job = self._resolve(conn, ref)
+            return approve(conn, job, actor=self.actor, reason=reason or "approved by operator")
+
+    def canary(self, ref: JobRef) -> dict[str, Any] | None:
+        """The canary's rows, seconds, rows/s and verification, once it ran."""
+        with self._conn() as conn:
+            return store.canary_report(conn, self._resolve(conn, ref).id)
+
     def retry(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         """failed -> pending; the next run resumes from the checkpoint."""
         return self._transition(ref, S.PENDING, reason or "retried by operator",
@@ -288,6 +347,39 @@ class Backfill:
 
     # -- running ------------------------------------------------------------------------
 
+    def preflight(self, ref: JobRef, *, config: PreflightConfig | None = None,
+                  record: bool = True) -> builtins.list[Check]:
+        """Run the pre-flight checks for ``ref`` (an event records them); writes nothing."""
+        with self._conn() as conn:
+            job = self._resolve(conn, ref)
+            checks = run_checks(conn, job, config or PreflightConfig.load(), self.dsn)
+            if record:
+                failed = blocked(checks)
+                store.add_event(conn, job.id, "preflight", actor=self.actor,
+                                reason=("blocked: " + "; ".join(f"{c.name}: {c.reason}"
+                                                                for c in failed))
+                                if failed else "all checks passed or warned",
+                                details={"checks": [c.to_json() for c in checks]})
+            return checks
+
+    def gate(self, job: store.JobRecord, *, skip: bool = False,
+             config: PreflightConfig | None = None) -> None:
+        """Before a job's first write: the pre-flight checks, or a recorded skip."""
+        if job.state != S.PENDING or job.started_at is not None:
+            return
+        if skip:
+            with self._conn() as conn:
+                store.add_event(conn, job.id, "preflight_skipped", actor=self.actor,
+                                reason=f"pre-flight skipped by {self.actor} (--skip-preflight)")
+            return
+        failed = blocked(self.preflight(job.id, config=config))
+        if failed:
+            raise PreflightFailed(
+                f"job {job.id} did not pass pre-flight, nothing was written:\n  "
+                + "\n  ".join(f"{c.name}: {c.reason}" for c in failed)
+                + f"\n  (`backfill preflight {job.id}` shows every check; --skip-preflight "
+                "overrides, and is recorded)")
+
     def run(
         self,
         ref: JobRef | JobSpec,
@@ -295,9 +387,13 @@ class Backfill:
         stop: threading.Event | None = None,
         on_tick: Callable[[Tick], None] | None = None,
         takeover_after_s: float = 30.0,
+        skip_preflight: bool = False,
+        preflight: PreflightConfig | None = None,
     ) -> store.JobRecord:
         """Run a job inline until it ends or is paused. A spec or a defined name with no
-        active job is enqueued first. Returns the job as it stands afterwards."""
+        active job is enqueued first. Before the first write the pre-flight gate runs
+        (:class:`PreflightFailed`, nothing written, when a check fails). Returns the job as
+        it stands afterwards."""
         if isinstance(ref, JobSpec):
             job = self.enqueue(ref)
         elif isinstance(ref, str) and not ref.strip().isdigit() and ref in self.registry:
@@ -307,9 +403,33 @@ class Backfill:
             job = existing[0] if existing else self.enqueue(ref)
         else:
             job = self.get(ref)
-        runner = Runner(self.dsn, job.id, actor=self.actor, stop=stop, on_tick=on_tick,
-                        takeover_after_s=takeover_after_s)
-        return runner.run()
+        self.gate(job, skip=skip_preflight, config=preflight)
+        while True:
+            runner = Runner(self.dsn, job.id, actor=self.actor, stop=stop, on_tick=on_tick,
+                            takeover_after_s=takeover_after_s)
+            job = runner.run()
+            if job.state != S.AWAITING_APPROVAL or job.spec.auto_approve_after_ms is None:
+                return job
+            # --auto-approve-after: wait out the quiet period here, then go on by itself.
+            if not self._wait_auto_approval(job, stop):
+                return self.get(job.id)
+
+    def _wait_auto_approval(self, job: store.JobRecord, stop: threading.Event | None) -> bool:
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            with self._conn() as conn:
+                current = store.get_job(conn, job.id)
+                if current.state != S.AWAITING_APPROVAL:
+                    return current.state == S.PENDING
+                due = auto_approval_due(conn, current)
+                if due is False:
+                    return False     # withheld: an operator decides
+                if due is True:
+                    approve(conn, current, actor="auto-approve",
+                            reason="auto-approved after a quiet period")
+                    return True
+            stop.wait(min(1.0, (job.spec.auto_approve_after_ms or 1000) / 1000.0))
+        return False
 
     def wait(self, ref: JobRef, *, timeout: float | None = None, poll: float = 0.5,
              until: frozenset[JobState] = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
@@ -344,7 +464,8 @@ class Backfill:
             if not undo_log_exists(conn, job.id):
                 raise InvalidInput(f"job {job.id}'s undo log {undo} was pruned; it cannot be "
                                    "reverted")
-            spec = JobSpec("revert", f"backfill.undo_{job.id}", dest=f"{job.source_schema}.{job.source_table}",
+            spec = JobSpec("revert", f"backfill.undo_{job.id}",
+                           dest=f"{job.source_schema}.{job.source_table}",
                            reverts=job.id, on_conflict="update" if force else "nothing",
                            name=f"revert job {job.id}" + (" (force)" if force else ""),
                            options=job.options).with_options(**options)

@@ -27,6 +27,7 @@ class BatchResult:
     batch_id: int
     job_state: JobState  # as of the checkpoint: throttled means wait before the next batch
     options_version: int  # a change means someone tuned the job
+    canary_reached: bool = False  # this batch completed the canary: verify it
 
 
 def run_batch(
@@ -43,6 +44,8 @@ def run_batch(
     attempts: int = 1,
     next_size: Any = None,
     lease_token: int,
+    canary: bool = False,
+    actor: str = "runner",
 ) -> BatchResult:
     """Process ``(cursor, next]`` where ``next`` is ``size`` keys past ``cursor`` (or the slice's
     upper bound). The checkpoint is a compare-and-set on ``cursor``: if the slice moved on, the
@@ -98,6 +101,8 @@ def run_batch(
                 f"slice {slice_no} of job {job_id} is no longer at this cursor, its lease was "
                 "taken over, or the job is no longer running: batch rolled back"
             )
+        reached = canary and store.reach_canary(conn, job_id, actor=actor)
     batch_id, state, options_version = result
     return BatchResult(cursor, hi, done, scanned, affected, duration_ms, batch_id,
-                       JobState(state), options_version)
+                       JobState.AWAITING_APPROVAL if reached else JobState(state),
+                       options_version, canary_reached=reached)

@@ -35,7 +35,7 @@ from rich.table import Table
 from backfill import logs, store
 from backfill.api import Backfill, default_actor
 from backfill.db import connect, describe, redact_text
-from backfill.durations import format_duration
+from backfill.durations import format_duration, parse_duration_ms
 from backfill.errors import BackfillError, BrokerUnavailable, InvalidInput
 from backfill.runner import Tick
 from backfill.schema import LATEST, MIGRATIONS, current_version
@@ -228,10 +228,19 @@ def enqueue(
     workers: Annotated[bool, typer.Option(
         "--workers", help="Run it on the Celery workers: dispatched at once, or by the "
         "workers' reaper if the broker is down.")] = False,
+    canary: Annotated[str | None, typer.Option(
+        "--canary", help="Run this many rows first (5000, or 2%), verify them, then wait in "
+        "awaiting_approval for `backfill approve`.", show_default=False)] = None,
+    auto_approve_after: Annotated[str | None, typer.Option(
+        "--auto-approve-after", help="With --canary: approve by itself after this quiet "
+        "period (10m) if nothing was retried, throttled or failed.", show_default=False)] = None,
     undo_log: Annotated[bool | None, typer.Option(
         "--undo-log/--no-undo-log", help="Keep every changed row's old values (deleted rows "
         "whole) so `backfill revert` can restore them (default: on for update, transform and "
         "delete).", show_default=False)] = None,
+    skip_preflight: Annotated[bool, typer.Option(
+        "--skip-preflight", help="With --workers: start without the pre-flight checks "
+        "(recorded as an event).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -256,12 +265,22 @@ def enqueue(
         else:
             spec = _adhoc_spec(table, kind, set_, where, statement, dest, columns, on_conflict,
                                function, key, job_name)
+        changes: dict[str, Any] = {}
         if undo_log is not None:
+            changes["undo_log"] = undo_log
+        if canary is not None:
+            changes["canary"] = canary
+        if auto_approve_after is not None:
+            changes["auto_approve_after_ms"] = parse_duration_ms(
+                auto_approve_after, option="--auto-approve-after")
+        if changes:
             base = bf.spec_for(spec) if isinstance(spec, str) else spec
-            spec = dataclasses.replace(base, undo_log=undo_log)
+            spec = dataclasses.replace(base, **changes)
         return bf.enqueue(spec, workers=workers, **options)
 
     job = _guard(build)
+    if skip_preflight:
+        _guard(lambda: bf.gate(job, skip=True))
     if workers:
         _send_to_workers(ctx, job.id, "enqueued")
     if quiet:
@@ -331,6 +350,9 @@ def run(
         "--takeover-after", help="Seconds after which a silent previous runner's job is "
         "taken over.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
+    skip_preflight: Annotated[bool, typer.Option(
+        "--skip-preflight", help="Start without the pre-flight checks (recorded as an "
+        "event).")] = False,
 ) -> None:
     """Run a job in this process (no broker) until it finishes. Ctrl-C pauses it with the
     checkpoint kept; running it again resumes. Exit: 0 done, 1 failed, 3 paused, 130 Ctrl-C."""
@@ -374,7 +396,8 @@ def run(
     try:
         with view:
             result = _guard(lambda: bf.run(job, stop=stop, on_tick=view.tick,
-                                           takeover_after_s=takeover_after))
+                                           takeover_after_s=takeover_after,
+                                           skip_preflight=skip_preflight))
     except KeyboardInterrupt:
         err.print("[red]aborted: the batch in flight was rolled back; the job keeps its last "
                   "checkpoint (it may show as running until taken over; `backfill run` again "
@@ -459,6 +482,14 @@ def _report_run(bf: Backfill, job: store.JobRecord, interrupted: bool) -> None:
               "(it resumes from the checkpoint)", 1)
     if job.state == JobState.CANCELLED:
         _fail(f"job {job.id} was cancelled: {job.state_reason}", 1)
+    if job.state == JobState.AWAITING_APPROVAL:
+        canary = _guard(lambda: bf.canary(job.id))
+        err.print(escape(f"job {job.id} ran its canary and waits for approval: "
+                         + _canary_text(job, canary)
+                         + f"\n  `backfill approve {job.id}` lets the rest run (then "
+                           f"`backfill run {job.id}`); `backfill revert {job.id}` after "
+                           "cancelling it undoes the canary"), highlight=False)
+        raise typer.Exit(EXIT_PAUSED)
     if interrupted and job.state == JobState.PAUSED:
         err.print(f"job {job.id} paused at {prog.rows_scanned:,} rows; "
                   f"`backfill run {job.id}` resumes it")
@@ -493,7 +524,22 @@ def _job_json(job: store.JobRecord, prog: store.Progress | None = None) -> dict[
 _STATE_STYLE = {
     "pending": "cyan", "running": "green", "throttled": "yellow", "paused": "magenta",
     "succeeded": "bold green", "failed": "bold red", "cancelled": "dim",
+    "awaiting_approval": "bold yellow",
 }
+
+
+def _canary_text(job: store.JobRecord, canary: dict[str, Any] | None) -> str:
+    """The canary's measured rows/s, its verification, and the rest's projected duration."""
+    if canary is None:
+        return f"canary of {job.canary_rows:,} rows not reached yet" if job.canary_rows else ""
+    rows, rate = int(canary.get("canary_rows") or 0), float(canary.get("canary_rows_per_s") or 0)
+    rest = max(0, (job.rows_estimate or 0) - rows)
+    verified = {True: "verified", False: "FAILED verification",
+                None: "being verified"}[canary.get("verified")]
+    projected = format_duration(rest / rate) if rate > 0 else "-"
+    return (f"canary {rows:,} rows at {rate:,.0f} rows/s, {verified}; the other ~{rest:,} "
+            f"rows projected at {projected}"
+            + (f"; approved by {job.approved_by}" if job.approved_by else ""))
 
 
 def _bar(fraction: float | None, width: int = 12) -> str:
@@ -567,6 +613,10 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
     if as_json:
         data = _job_json(rec, prog)
         data["spec"] = rec.spec.to_json()
+        if rec.canary_rows is not None:
+            data["canary"] = {"rows": rec.canary_rows, "approved_by": rec.approved_by,
+                              "approved_at": rec.approved_at,
+                              "report": _guard(lambda: bf.canary(rec.id))}
         data["slices"] = [{"slice": s.slice_no, "lower": s.lower_bound, "upper": s.upper_bound,
                            "cursor": s.cursor, "done": s.done, "rows": s.rows_scanned,
                            "batches": s.batches} for s in slices]
@@ -591,6 +641,9 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         f"  created   {rec.created_at:%Y-%m-%d %H:%M:%S} by {rec.created_by}"
         + (f"; owner {rec.owner}" if rec.owner else ""),
     ]
+    if rec.canary_rows is not None:
+        report = _guard(lambda: bf.canary(rec.id))
+        lines.append("  canary    " + escape(_canary_text(rec, report)))
     if rec.spec.undo_enabled:
         lines.append(f"  undo log  backfill.undo_{rec.id}: `backfill revert {rec.id}` restores "
                      "the old values")
@@ -696,6 +749,18 @@ def resume(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Re
 
 
 @app.command()
+def approve(ctx: typer.Context, job: Annotated[str, typer.Argument()],
+            reason: Reason = None) -> None:
+    """Let a job whose canary verified run the rest: awaiting_approval -> pending."""
+    rec = _guard(lambda: _client(ctx).approve(job, reason))
+    if rec.runs_on == "workers":
+        _send_to_workers(ctx, rec.id, "approved")
+        out.print(f"job {rec.id} approved: the workers run the rest")
+        return
+    out.print(f"job {rec.id} approved; `backfill run {rec.id}` runs the rest")
+
+
+@app.command()
 def cancel(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
     """Cancel a job for good (rows already written stay written)."""
     rec = _guard(lambda: _client(ctx).cancel(job, reason))
@@ -765,7 +830,7 @@ def _load_plugins() -> None:
     """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
     Imported by name so the core never imports Celery itself."""
     for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli",
-                 "backfill.migrate_cli", "backfill.undo_cli"):
+                 "backfill.migrate_cli", "backfill.safety_cli"):
         importlib.import_module(core)
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():

@@ -99,3 +99,8 @@ class MigrationWaiting(MigrationError):
     on the workers and was not waited for. Re-running ``migrate start`` continues."""
 
     exit_code = 3
+
+
+class PreflightFailed(BackfillError):
+    """Raised when a pre-flight check fails before a job's first write; nothing was written.
+    ``--skip-preflight`` overrides it (and the skip is recorded)."""

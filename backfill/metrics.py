@@ -79,7 +79,7 @@ LEFT JOIN LATERAL (
                 FROM backfill.slices sl, generate_series(1, %(nbuckets)s) i
                 WHERE sl.job_id = j.id GROUP BY i) b) AS buckets
     FROM backfill.slices WHERE job_id = j.id) s ON true
-WHERE j.state IN ('pending', 'running', 'throttled', 'paused', 'failed')
+WHERE j.state IN ('pending', 'running', 'throttled', 'paused', 'failed', 'awaiting_approval')
    OR j.finished_at > now() - %(finished_for)s * interval '1 second'
 ORDER BY j.id
 """

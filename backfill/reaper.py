@@ -42,6 +42,7 @@ log = get_logger(component="reaper")
 
 def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> list[store.Dispatch]:
     """One pass over the jobs on the workers; returns the tasks it sent."""
+    _auto_approve(dsn, actor)
     conn = connect(dsn)
     try:
         require_current(conn)
@@ -69,6 +70,26 @@ def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> l
     if sent:
         log.info("reaper.dispatched", tasks=[(d.job_id, d.slice_no) for d in sent])
     return sent
+
+
+def _auto_approve(dsn: str, actor: str) -> None:
+    """Jobs on the workers whose canary waited out its --auto-approve-after go on."""
+    from backfill.api import approve, auto_approval_due
+
+    conn = connect(dsn)
+    try:
+        for job in store.list_jobs(conn):
+            if job.runs_on != "workers" or job.state != JobState.AWAITING_APPROVAL:
+                continue
+            try:
+                if auto_approval_due(conn, job) is True:
+                    approve(conn, job, actor="auto-approve",
+                            reason="auto-approved after a quiet period")
+            except (BackfillError, psycopg.Error) as exc:
+                log.warning("reaper.auto_approve_failed", job_id=job.id,
+                            error=redact_text(str(exc)))
+    finally:
+        conn.close()
 
 
 def _refuse(dsn: str, job_id: int, actor: str, exc: BackfillError) -> None:

@@ -40,6 +40,7 @@ from backfill.errors import (
     IllegalTransition,
     JobConflict,
     LeaseLost,
+    PreflightFailed,
 )
 from backfill.keyset import Key, KeyCodec, render_key
 from backfill.kinds import PreparedJob, prepare_stored
@@ -49,6 +50,7 @@ from backfill.retry import Verdict, classify, describe_error
 from backfill.schema import require_current
 from backfill.states import TERMINAL, JobState
 from backfill.throttle import BatchSizer, rate_delay
+from backfill.verify import verify
 
 S = JobState
 T = TypeVar("T")
@@ -200,6 +202,8 @@ class Runner:
                     "then dispatch it to the workers")
             if job.state == S.PENDING:
                 self._prepare(job, explain=True)
+                if job.started_at is None:
+                    self._preflight_gate(job)
                 with self.conn.transaction():
                     store.set_runs_on(self.conn, job.id, "workers")
                     job = store.transition(self.conn, job.id, S.RUNNING, actor=self.actor,
@@ -273,6 +277,33 @@ class Runner:
         finally:
             self._drop_conn()
 
+    def _preflight_gate(self, job: store.JobRecord) -> None:
+        """Before the first write on the workers: the pre-flight checks (unless an operator's
+        skip is recorded). A failure pauses the job with the reasons, so the reaper does not
+        retry it every pass; `resume` runs the checks again."""
+        from backfill.preflight import PreflightConfig, blocked, run_checks
+
+        skipped = self.conn.execute(
+            "SELECT 1 FROM backfill.events WHERE job_id = %s AND kind = 'preflight_skipped'",
+            (job.id,)).fetchone()
+        if skipped:
+            return
+        checks = run_checks(self.conn, job, PreflightConfig.load(), self.dsn)
+        failed = blocked(checks)
+        reason = "; ".join(f"{c.name}: {c.reason}" for c in failed)
+        with self.conn.transaction():
+            store.add_event(self.conn, job.id, "preflight", actor=self.actor,
+                            reason=f"blocked: {reason}" if failed
+                            else "all checks passed or warned",
+                            details={"checks": [c.to_json() for c in checks]})
+            if failed:
+                store.transition(self.conn, job.id, S.PAUSED, actor=self.actor,
+                                 reason=f"pre-flight failed: {reason}",
+                                 expect=frozenset({S.PENDING}))
+        if failed:
+            raise PreflightFailed(f"job {job.id} did not pass pre-flight (paused, nothing "
+                                  f"written): {reason}")
+
     def _hand_off(self, job_id: int) -> None:
         """A slot is free (a slice finished or was split): send tasks for waiting slices."""
         claims = store.claim_dispatch(self.conn, job_id, stale_after_s=self.dispatch_stale_s,
@@ -322,6 +353,8 @@ class Runner:
         if job.state == S.PAUSED:
             job = store.transition(conn, job.id, S.PENDING, actor=self.actor,
                                    reason="resumed by run", expect=frozenset({S.PAUSED}))
+        if job.state == S.AWAITING_APPROVAL:
+            return job   # only `approve` (or auto-approval) lets the rest run
         if job.state == S.PENDING:
             # Check the job again against today's catalog before the first write.
             self._prepare(job, explain=True)
@@ -586,6 +619,8 @@ class Runner:
             while window and window[0][0] < end - RATE_WINDOW_S:
                 window.pop(0)
             self._tick(job, outcome, sizer.size, window, S.RUNNING)
+            if outcome.canary_reached:
+                self._db(lambda: self._verify_canary(job))
             self.log.debug("batch.done", batch_id=outcome.batch_id, slice=slc.slice_no,
                            lower=render_key(outcome.lower), upper=render_key(outcome.upper),
                            rows=outcome.rows_scanned, affected=outcome.rows_affected,
@@ -710,6 +745,8 @@ class Runner:
                 attempts=attempts,
                 next_size=lambda rows, ms: sizer.observe(rows, ms, options),
                 lease_token=lease_token,
+                canary=job.canary_rows is not None and job.approved_at is None,
+                actor=self.owner,
             )
 
         by_attempts = stop_after_attempt(options.max_retries + 1)
@@ -796,6 +833,25 @@ class Runner:
                 return current
             return store.transition(self.conn, job_id, to, actor=self.owner, reason=reason,
                                     error=error, details=details, clear_owner=True)
+
+    def _verify_canary(self, job: store.JobRecord) -> None:
+        """The batch that completed the canary checks every row done so far; a difference
+        fails the job before anyone can approve the rest."""
+        report = verify(self.conn, job.id)
+        if report.ok or report.unverifiable:
+            reason = (f"canary verified: {report.checked_rows:,} rows, no differences"
+                      if report.ok else f"canary not re-checkable: {report.unverifiable}")
+            store.add_event(self.conn, job.id, "canary_verified", actor=self.owner,
+                            reason=reason, details=report.to_json())
+            self.log.info("job.canary_verified", rows=report.checked_rows)
+            return
+        detail = "; ".join(d.detail for d in report.diffs[:3])
+        with self.conn.transaction():
+            store.add_event(self.conn, job.id, "canary_failed", actor=self.owner, reason=detail,
+                            details=report.to_json())
+            store.transition(self.conn, job.id, S.FAILED, actor=self.owner,
+                             reason=f"canary verification failed: {detail}",
+                             expect=frozenset({S.AWAITING_APPROVAL}))
 
     def _pause_on_stop(self) -> store.JobRecord:
         def pause() -> store.JobRecord:

@@ -265,6 +265,24 @@ ALTER TABLE backfill.jobs DROP CONSTRAINT jobs_kind_check,
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        8,
+        "canary rollout: awaiting_approval, the canary's size and its approval",
+        """
+ALTER TABLE backfill.jobs DROP CONSTRAINT jobs_state_check,
+    ADD CONSTRAINT jobs_state_check CHECK (state IN ('pending', 'running', 'throttled',
+        'paused', 'succeeded', 'failed', 'cancelled', 'awaiting_approval')),
+    ADD COLUMN canary_rows bigint,     -- stop for approval once this many rows are done
+    ADD COLUMN approved_at timestamptz,
+    ADD COLUMN approved_by text;
+DROP INDEX backfill.jobs_one_active_per_target;
+CREATE UNIQUE INDEX jobs_one_active_per_target ON backfill.jobs (conflict_key)
+    WHERE state IN ('pending', 'running', 'throttled', 'paused', 'awaiting_approval');
+""",
+    ),
+)
+
 LATEST = MIGRATIONS[-1].version
 
 

@@ -50,6 +50,10 @@ class JobSpec:
     undo_log: bool | None = None
     #: revert jobs: the job whose undo log they apply (table: its undo table, dest: its table).
     reverts: int | None = None
+    #: Run this many rows first ("5000", or "2%" of the table), verify them, then wait in
+    #: awaiting_approval for `backfill approve` (or ``auto_approve_after_ms`` of quiet).
+    canary: str | None = None
+    auto_approve_after_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,6 +93,10 @@ class JobSpec:
                                f"{', '.join(UNDOABLE)} jobs change rows in place)")
         if self.kind == "revert" and (self.reverts is None or not self.dest):
             raise InvalidInput("a revert job needs the job it reverts (`backfill revert JOB`)")
+        if self.canary is not None:
+            canary_size(self.canary, None)   # shape only; the table's size is checked later
+        if self.auto_approve_after_ms is not None and self.canary is None:
+            raise InvalidOption("auto_approve_after needs a canary")
         if self.on_conflict not in CONFLICT_MODES:
             raise InvalidOption(
                 f"on_conflict must be one of {', '.join(CONFLICT_MODES)}, got {self.on_conflict!r}"
@@ -135,6 +143,29 @@ class JobSpec:
 
     def with_options(self, **changes: Any) -> JobSpec:
         return dataclasses.replace(self, options=self.options.merged(changes))
+
+
+def canary_size(text: str, rows_estimate: int | None) -> int:
+    """Rows of a canary: ``"5000"`` or ``"2%"`` (of ``rows_estimate``); checked for shape when
+    ``rows_estimate`` is None."""
+    t = str(text).strip()
+    pct = t.endswith("%")
+    num = t[:-1].strip() if pct else t
+    try:
+        value = float(num) if pct else int(num)
+    except ValueError:
+        raise InvalidOption(f"canary: expected rows (5000) or a percent (2%), got {text!r}") from None
+    if not value > 0 or (pct and value >= 100):
+        raise InvalidOption(f"canary must be more than 0 rows and less than 100%, got {text!r}")
+    if rows_estimate is None:
+        if pct and rows_estimate is None:
+            return 0
+        return int(value)
+    rows = max(1, round(rows_estimate * value / 100)) if pct else int(value)
+    if rows >= rows_estimate:
+        raise InvalidInput(f"canary of {rows:,} rows is not smaller than the table "
+                           f"(~{rows_estimate:,} rows): it would be the whole job")
+    return rows
 
 
 def parse_set(expressions: Iterable[str] | Mapping[str, str]) -> tuple[tuple[str, str], ...]:

@@ -15,6 +15,8 @@ class JobState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: A canary ran and verified; the rest waits for `backfill approve` (or auto-approval).
+    AWAITING_APPROVAL = "awaiting_approval"
 
 
 S = JobState
@@ -23,8 +25,12 @@ S = JobState
 #: then moves it to running); ``failed -> pending`` is retry from the checkpoint.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.PENDING: frozenset({S.RUNNING, S.PAUSED, S.CANCELLED}),
-    S.RUNNING: frozenset({S.THROTTLED, S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
-    S.THROTTLED: frozenset({S.RUNNING, S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.THROTTLED, S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLED,
+                          S.AWAITING_APPROVAL}),
+    S.THROTTLED: frozenset({S.RUNNING, S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLED,
+                            S.AWAITING_APPROVAL}),
+    # approve -> pending (a runner or a worker goes on); a canary that does not verify fails.
+    S.AWAITING_APPROVAL: frozenset({S.PENDING, S.FAILED, S.CANCELLED}),
     S.PAUSED: frozenset({S.PENDING, S.CANCELLED}),
     S.FAILED: frozenset({S.PENDING, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
@@ -33,13 +39,15 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 TERMINAL = frozenset({S.SUCCEEDED, S.CANCELLED})
 #: States in which a job holds its table: a second job on the same columns is refused.
-ACTIVE = frozenset({S.PENDING, S.RUNNING, S.THROTTLED, S.PAUSED})
+ACTIVE = frozenset({S.PENDING, S.RUNNING, S.THROTTLED, S.PAUSED, S.AWAITING_APPROVAL})
 
 _HINTS = {
     S.SUCCEEDED: "it has already succeeded",
     S.CANCELLED: "it was cancelled",
     S.FAILED: "it failed; `backfill retry` moves it back to pending",
     S.PAUSED: "it is paused; `backfill resume` moves it back to pending",
+    S.AWAITING_APPROVAL: "its canary is awaiting approval; `backfill approve` lets the rest "
+                         "run",
 }
 
 

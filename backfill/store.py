@@ -53,6 +53,9 @@ class JobRecord:
     runs_on: str = "inline"
     rate_share: float | None = None
     batch_rate_share: float | None = None
+    canary_rows: int | None = None
+    approved_at: dt.datetime | None = None
+    approved_by: str | None = None
 
     @property
     def table(self) -> str:
@@ -130,7 +133,7 @@ _JOB_COLUMNS = (
     "options, "
     "options_version, state, state_reason, conflict_key, rows_estimate, created_by, created_at, "
     "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range, runs_on, "
-    "rate_share, batch_rate_share"
+    "rate_share, batch_rate_share, canary_rows, approved_at, approved_by"
 )
 
 
@@ -158,6 +161,7 @@ def create_job(
     rows_estimate: int | None,
     actor: str,
     runs_on: str = "inline",
+    canary_rows: int | None = None,
 ) -> JobRecord:
     """Insert a pending job and its ``created`` event; refuse a conflicting active job.
 
@@ -171,12 +175,12 @@ def create_job(
             row = conn.cursor(row_factory=dict_row).execute(
                 f"""INSERT INTO backfill.jobs (name, kind, source_schema, source_table,
                         source_oid, key_columns, key_types, spec, options, conflict_key,
-                        rows_estimate, created_by, runs_on)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                        rows_estimate, created_by, runs_on, canary_rows)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                     RETURNING {_JOB_COLUMNS}""",  # noqa: S608 - constant column list
                 (name, spec.kind, schema, table, source_oid, list(key), list(key_types),
                  Jsonb(spec.to_json()), Jsonb(spec.options.to_json()), conflict_key,
-                 rows_estimate, actor, runs_on),
+                 rows_estimate, actor, runs_on, canary_rows),
             ).fetchone()
         except pgerrors.UniqueViolation as exc:
             raise JobConflict(_conflict_message(conn, conflict_key)) from exc
@@ -784,6 +788,53 @@ def duration_bucket(duration_ms: float) -> int:
         if seconds <= bound:
             return i
     return len(DURATION_BUCKETS_S) + 1
+
+
+def reach_canary(conn: Conn, job_id: int, *, actor: str) -> bool:
+    """In a batch's transaction, after its checkpoint: once the job's done rows reach its
+    canary, move it to awaiting_approval (other slices' batches then commit nothing, as for a
+    pause) with the canary's figures in the event. True for the one batch that did it."""
+    row = conn.execute(
+        """WITH total AS (SELECT sum(rows_scanned)::bigint AS n, sum(rows_affected)::bigint AS a
+                          FROM backfill.slices WHERE job_id = %(job)s),
+                prev AS (SELECT state FROM backfill.jobs WHERE id = %(job)s),
+                upd AS (
+               UPDATE backfill.jobs j SET state = 'awaiting_approval', updated_at = now(),
+                      state_reason = 'canary of ' || total.n || ' rows done; '
+                                     || '`backfill approve` lets the rest run'
+               FROM total WHERE j.id = %(job)s AND j.state IN ('running', 'throttled')
+                 AND j.canary_rows IS NOT NULL AND j.approved_at IS NULL
+                 AND total.n >= j.canary_rows
+               RETURNING j.id, j.state_reason, total.n, total.a,
+                         extract(epoch FROM now() - j.started_at)::float8 AS secs)
+           INSERT INTO backfill.events (job_id, kind, from_state, to_state, actor, reason, details)
+           SELECT upd.id, 'transition', prev.state, 'awaiting_approval', %(actor)s,
+                  upd.state_reason,
+                  jsonb_build_object('canary_rows', upd.n, 'canary_changed', upd.a,
+                                     'canary_seconds', upd.secs,
+                                     'canary_rows_per_s', upd.n / greatest(upd.secs, 0.001))
+           FROM upd, prev RETURNING job_id""", {"job": job_id, "actor": actor}).fetchone()
+    if row is not None:
+        _log.info("job.transition", job_id=job_id, to_state="awaiting_approval", actor=actor,
+                 reason="canary done")
+    return row is not None
+
+
+def canary_report(conn: Conn, job_id: int) -> dict[str, Any] | None:
+    """The canary's figures (rows, seconds, rows/s) and its verification, from the events."""
+    row = conn.execute(
+        """SELECT details FROM backfill.events WHERE job_id = %s AND kind = 'transition'
+             AND to_state = 'awaiting_approval' ORDER BY id DESC LIMIT 1""", (job_id,)).fetchone()
+    if row is None:
+        return None
+    report = dict(row[0] or {})
+    verified = conn.execute(
+        """SELECT kind, reason FROM backfill.events WHERE job_id = %s
+             AND kind IN ('canary_verified', 'canary_failed') ORDER BY id DESC LIMIT 1""",
+        (job_id,)).fetchone()
+    report["verified"] = None if verified is None else verified[0] == "canary_verified"
+    report["verify_detail"] = verified[1] if verified else None
+    return report
 
 
 def checkpoint(

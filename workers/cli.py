@@ -39,12 +39,24 @@ def worker(
 
 
 @app.command("dispatch")
-def dispatch_(ctx: typer.Context, job: Annotated[str, typer.Argument()]) -> None:
+def dispatch_(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument()],
+    skip_preflight: Annotated[bool, typer.Option(
+        "--skip-preflight", help="Start without the pre-flight checks (recorded as an "
+        "event).")] = False,
+) -> None:
     """Run a job on the workers: start it (or resume a paused one) and send a task per slice,
-    up to its parallelism. Sending a running job again replaces tasks that were lost."""
+    up to its parallelism. Sending a running job again replaces tasks that were lost. A job's
+    first start runs the pre-flight checks; a failure pauses it with the reasons."""
     s = _settings(ctx)
     if not job.isdigit():
         _fail("dispatch takes a job id", 2)
+    if skip_preflight:
+        from backfill.cli import _client
+
+        bf = _client(ctx)
+        _guard(lambda: bf.gate(bf.get(int(job)), skip=True))
     sent = _guard(lambda: dispatch(s.dsn, int(job), actor=s.actor))
     out.print(f"job {job}: sent {len(sent)} task(s) to the workers"
               + (f" (slices {', '.join(str(d.slice_no) for d in sent)})" if sent else ""))

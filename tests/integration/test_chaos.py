@@ -104,7 +104,9 @@ def _batch_in_flight(dsn: str, job_id: int) -> bool:
     with psycopg.connect(dsn, autocommit=True) as c:
         row = c.execute(
             """SELECT count(*) FROM pg_stat_activity
-               WHERE application_name = %s AND state = 'active' AND query ILIKE 'UPDATE%%'""",
+               WHERE application_name = %s AND state = 'active'
+                 -- the batch's write: a plain UPDATE, or the undo-logging WITH ... UPDATE
+                 AND (query ILIKE 'UPDATE%%' OR query ILIKE 'WITH old AS%%')""",
             (f"backfill job {job_id}",),
         ).fetchone()
         return bool(row and row[0])

@@ -1,4 +1,4 @@
-"""``backfill revert JOB`` and ``backfill undo-log list|prune``: reversible backfills."""
+"""Safety commands: `revert`, `undo-log list|prune` (reversible backfills) and `preflight`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def revert(
         _send_to_workers(ctx, rec.id, "enqueued")
         out.print(rec.id)
         return
-    run(ctx, str(rec.id), dry_run=False, progress=progress, takeover_after=30.0, as_json=False)
+    run(ctx, str(rec.id), dry_run=False, progress=progress, takeover_after=30.0, as_json=False,
+        skip_preflight=False)
 
 
 @undo_app.command("list")
@@ -78,3 +79,33 @@ def prune(
                   highlight=False)
     if not gone:
         out.print(f"no undo log older than {older_than}")
+
+
+@app.command()
+def preflight(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or name.")],
+    config: Annotated[str | None, typer.Option(
+        "--config", help="Pre-flight settings (TOML, [preflight]); default: "
+        "$BACKFILL_PREFLIGHT_CONFIG.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check the database can take the job now: its table and WAL (sampled from one rolled-back
+    batch), free disk, WAL archiving, replicas, long transactions, invalid indexes, a recent
+    backup (backup_command) and timeouts. Exit 1 when a check fails. `run` and the workers run
+    it before a job's first write."""
+    from backfill.preflight import PreflightConfig, blocked
+
+    bf = _client(ctx)
+    cfg = _guard(lambda: PreflightConfig.load(config))
+    checks = _guard(lambda: bf.preflight(job, config=cfg))
+    if as_json:
+        out.print_json(json.dumps({"checks": [c.to_json() for c in checks],
+                                   "blocked": bool(blocked(checks))}, default=str))
+    else:
+        style = {"pass": "green", "warn": "yellow", "fail": "bold red"}
+        for c in checks:
+            out.print(f"[{style[c.status]}]{c.status:<4}[/] {c.name:<18} {escape(c.reason)}",
+                      highlight=False, soft_wrap=True)
+    if blocked(checks):
+        raise typer.Exit(1)

@@ -1,0 +1,303 @@
+"""The pre-flight gate: can the database take this job now? Each check passes, warns or fails
+with a reason; any failure blocks the job's first write (``backfill run`` and ``enqueue
+--workers`` run it; ``--skip-preflight`` skips it, and the skip is an event).
+
+Checks: the table's size and the WAL the job will write (sampled from one batch, rolled back),
+free disk for it, WAL archiving, the standbys' replay lag, long transactions, invalid indexes
+on the table, a recent backup (through the operator's command) and the job's timeouts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+import os
+import shlex
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from backfill import store
+from backfill.catalog import Conn
+from backfill.durations import format_duration, parse_duration_ms, parse_size
+from backfill.errors import BackfillError, InvalidOption
+from backfill.kinds import prepare_stored
+
+CONFIG_ENV = "BACKFILL_PREFLIGHT_CONFIG"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str            # pass | warn | fail
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PreflightConfig:
+    """Limits and the operator's commands (a TOML file, section ``[preflight]``)."""
+
+    backup_command: str | None = None          # prints the last backup's time (ISO or epoch)
+    backup_max_age_s: float = 24 * 3600.0
+    disk_free_command: str | None = None       # prints free bytes where the WAL goes
+    wal_headroom: float = 3.0                  # free disk >= this x the estimated WAL
+    max_replica_lag_s: float = 30.0
+    max_transaction_age_s: float = 300.0
+    max_archive_age_s: float = 900.0
+    command_timeout_s: float = 30.0
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> PreflightConfig:
+        path = path or os.environ.get(CONFIG_ENV)
+        if not path:
+            return cls()
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidOption(f"cannot read pre-flight config {path}: {exc}") from None
+        return cls.from_mapping(data.get("preflight", data))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PreflightConfig:
+        durations = {"backup_max_age": "backup_max_age_s", "max_replica_lag": "max_replica_lag_s",
+                     "max_transaction_age": "max_transaction_age_s",
+                     "max_archive_age": "max_archive_age_s", "command_timeout": "command_timeout_s"}
+        known = {*durations, "backup_command", "disk_free_command", "wal_headroom"}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidOption(f"unknown pre-flight setting(s) {', '.join(sorted(unknown))} "
+                                f"(settings: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for key, attr in durations.items():
+            if key in data:
+                values[attr] = parse_duration_ms(data[key], option=key) / 1000.0
+        for key in ("backup_command", "disk_free_command"):
+            if key in data:
+                if not isinstance(data[key], str) or not data[key].strip():
+                    raise InvalidOption(f"{key} must be a command line")
+                values[key] = data[key]
+        if "wal_headroom" in data:
+            h = data["wal_headroom"]
+            if not isinstance(h, int | float) or isinstance(h, bool) or not h >= 1:
+                raise InvalidOption(f"wal_headroom must be a number >= 1, got {h!r}")
+            values["wal_headroom"] = float(h)
+        return cls(**values)
+
+
+def blocked(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if c.status == "fail"]
+
+
+def run_checks(conn: Conn, job: store.JobRecord, config: PreflightConfig,
+               dsn: str) -> list[Check]:
+    """Every check, in order; each one's failure to run is itself a failed check."""
+    checks: list[Check] = []
+
+    def attempt(name: str, fn: Callable[[], Check]) -> Check:
+        try:
+            check = fn()
+        except (psycopg.Error, OSError, ValueError, BackfillError) as exc:
+            check = Check(name, "fail", f"could not check: {exc}")
+        checks.append(check)
+        return check
+
+    size = attempt("table and WAL", lambda: _size_and_wal(conn, job))
+    wal = size.details.get("wal_bytes_estimate")
+    attempt("free disk", lambda: _disk(conn, dsn, config, wal))
+    for name, fn in (("WAL archiving", _archiving), ("replicas", _replicas),
+                     ("long transactions", _long_transactions),
+                     ("invalid indexes", _invalid_indexes), ("backup", _backup),
+                     ("timeouts", _timeouts)):
+        attempt(name, functools.partial(fn, conn, job, config))
+    return checks
+
+
+def _size_and_wal(conn: Conn, job: store.JobRecord) -> Check:
+    """The table's size, and the WAL the job will write: one batch is run in a transaction
+    that is rolled back, measuring the WAL it inserted (the undo log's included)."""
+    row = conn.execute(
+        """SELECT pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::bigint
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s""",
+        (job.source_schema, job.source_table)).fetchone()
+    size, rows = (int(row[0]), int(row[1])) if row else (0, 0)
+    prepared = prepare_stored(conn, job, explain=False)
+    bounds = prepared.first_batch(conn)
+    sampled = per_row = 0.0
+    if bounds is not None and job.kind not in ("sql",):
+        with conn.transaction(force_rollback=True):
+            conn.execute("SELECT set_config('statement_timeout', '30s', true), "
+                          "set_config('lock_timeout', %s, true)",
+                          (f"{max(1, int(job.options.lock_timeout_ms))}ms",))
+            before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+            first, upper = bounds
+            changed = prepared.write_batch(conn, None, upper, first)
+            after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)",
+                                 (before[0] if before else None,)).fetchone()
+            sampled = float(after[0]) if after and after[0] is not None else 0.0
+            per_row = sampled / changed if changed else 0.0
+    estimate = per_row * rows
+    return Check("table and WAL", "pass",
+                 f"{rows:,} rows, {size / 2**20:,.1f} MB; about "
+                 f"{estimate / 2**20:,.1f} MB of WAL ({per_row:,.0f} bytes per changed row, "
+                 "sampled from a rolled-back batch)",
+                 {"rows_estimate": rows, "table_bytes": size, "wal_bytes_per_row": per_row,
+                  "wal_bytes_estimate": estimate})
+
+
+def _local_host(dsn: str) -> bool:
+    host = str(conninfo_to_dict(dsn).get("host") or "")
+    return host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
+
+
+def _disk(conn: Conn, dsn: str, config: PreflightConfig, wal: float | None) -> Check:
+    free: float | None = None
+    how = ""
+    if config.disk_free_command:
+        out = _run(config.disk_free_command, config.command_timeout_s)
+        free, how = float(parse_size(out.strip().splitlines()[-1])), "disk_free_command"
+    elif _local_host(dsn):
+        row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
+        path = row[0] if row else None
+        if path and os.path.isdir(path):
+            st = os.statvfs(path)
+            free, how = float(st.f_bavail * st.f_frsize), f"statvfs({path})"
+    if free is None:
+        return Check("free disk", "warn", "cannot see the server's disk from here: set "
+                     "disk_free_command in the pre-flight config")
+    need = (wal or 0.0) * config.wal_headroom
+    details = {"free_bytes": free, "needed_bytes": need, "source": how}
+    if free < need:
+        return Check("free disk", "fail", f"{free / 2**30:,.2f} GiB free, the job needs about "
+                     f"{need / 2**30:,.2f} GiB ({config.wal_headroom:g}x its WAL)", details)
+    return Check("free disk", "pass", f"{free / 2**30:,.2f} GiB free ({how}); the job's WAL "
+                 f"x{config.wal_headroom:g} is {need / 2**30:,.2f} GiB", details)
+
+
+def _archiving(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    row = conn.execute(
+        """SELECT current_setting('archive_mode'), archived_count, failed_count,
+                  extract(epoch FROM now() - last_archived_time)::float8,
+                  last_failed_time > coalesce(last_archived_time, '-infinity')
+           FROM pg_stat_archiver""").fetchone()
+    assert row is not None
+    mode, archived, failed, age, failing = row
+    if mode == "off":
+        return Check("WAL archiving", "warn", "archive_mode is off: no point-in-time recovery "
+                     "covers this change (keep the undo log, or take a backup first)")
+    if failing:
+        return Check("WAL archiving", "fail", f"archiving is failing ({failed} failures, the "
+                     "last after the last success): WAL piles up on the primary")
+    if archived and age is not None and age > config.max_archive_age_s:
+        return Check("WAL archiving", "fail", f"the last WAL segment was archived "
+                     f"{format_duration(age)} ago (limit {format_duration(config.max_archive_age_s)})")
+    return Check("WAL archiving", "pass", f"archive_mode {mode}, {archived} archived, "
+                 + (f"last {format_duration(age)} ago" if age is not None else "none yet"))
+
+
+def _replicas(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    rows = conn.execute(
+        """SELECT application_name, client_addr::text, state,
+                  extract(epoch FROM coalesce(replay_lag, interval '0'))::float8
+           FROM pg_stat_replication""").fetchall()
+    if not rows:
+        return Check("replicas", "pass", "no standby streams from this server")
+    bad = [f"{r[0] or r[1]}: {r[2]}" for r in rows if r[2] != "streaming"]
+    slow = [f"{r[0] or r[1]}: replay lag {r[3]:.1f}s" for r in rows
+            if r[3] > config.max_replica_lag_s]
+    details = {"standbys": [{"name": r[0], "addr": r[1], "state": r[2], "lag_s": r[3]}
+                            for r in rows]}
+    if bad or slow:
+        return Check("replicas", "fail", "; ".join(bad + slow), details)
+    return Check("replicas", "pass", f"{len(rows)} standby(s) streaming, replay lag at most "
+                 f"{max(r[3] for r in rows):.1f}s", details)
+
+
+def _long_transactions(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    row = conn.execute(
+        """SELECT pid, state, extract(epoch FROM now() - xact_start)::float8,
+                  left(regexp_replace(query, '\\s+', ' ', 'g'), 60)
+           FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND xact_start IS NOT NULL
+             AND backend_type = 'client backend'
+           ORDER BY xact_start LIMIT 1""").fetchone()
+    if row is None or row[2] < config.max_transaction_age_s:
+        age = f"{row[2]:.0f}s" if row else "none"
+        return Check("long transactions", "pass", f"oldest open transaction: {age}")
+    return Check("long transactions", "fail",
+                 f"pid {row[0]} ({row[1]}) has had a transaction open for "
+                 f"{format_duration(row[2])}: it holds back vacuum, so every row the job "
+                 f"rewrites stays as a dead version until it ends ({row[3]})",
+                 {"pid": row[0], "age_s": row[2]})
+
+
+def _invalid_indexes(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    rows = conn.execute(
+        """SELECT i.indexrelid::regclass::text FROM pg_index i
+           JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s AND NOT i.indisvalid""",
+        (job.source_schema, job.source_table)).fetchall()
+    if rows:
+        names = ", ".join(r[0] for r in rows)
+        return Check("invalid indexes", "fail", f"{names}: left by a failed CREATE INDEX "
+                     "CONCURRENTLY; every write maintains it and no query uses it (drop it, or "
+                     "rebuild it concurrently)")
+    return Check("invalid indexes", "pass", f"no invalid index on {job.table}")
+
+
+def _backup(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    if not config.backup_command:
+        return Check("backup", "warn", "no backup_command configured: the last backup's age "
+                     "is unknown")
+    out = _run(config.backup_command, config.command_timeout_s)
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    if not lines:
+        return Check("backup", "fail", "backup_command printed nothing")
+    last = lines[-1]
+    try:
+        when = dt.datetime.fromtimestamp(float(last), dt.UTC)
+    except ValueError:
+        when = dt.datetime.fromisoformat(last.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+    age = (dt.datetime.now(dt.UTC) - when).total_seconds()
+    details = {"last_backup": when.isoformat(), "age_s": age}
+    if age > config.backup_max_age_s:
+        return Check("backup", "fail", f"the last backup is {format_duration(age)} old "
+                     f"(limit {format_duration(config.backup_max_age_s)})", details)
+    return Check("backup", "pass", f"last backup {format_duration(age)} ago", details)
+
+
+def _timeouts(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    o = job.options
+    if not (o.lock_timeout_ms > 0 and o.statement_timeout_ms > 0
+            and math.isfinite(o.statement_timeout_ms)):
+        return Check("timeouts", "fail", "the job needs a lock_timeout and a statement_timeout")
+    return Check("timeouts", "pass", f"lock_timeout {o.lock_timeout_ms:.0f}ms, "
+                 f"statement_timeout {o.statement_timeout_ms:.0f}ms per batch")
+
+
+def _run(command: str, timeout_s: float) -> str:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{command!r} did not finish in {timeout_s:g}s") from None
+    except OSError as exc:
+        raise ValueError(f"cannot run {command!r}: {exc.strerror or exc}") from None
+    if done.returncode != 0:
+        raise ValueError(f"{command!r} exited {done.returncode} after "
+                         f"{time.monotonic() - started:.1f}s: {done.stderr.strip()[:200]}")
+    return done.stdout

@@ -1,0 +1,154 @@
+"""Progressive rollout: a canary runs, is verified, and the job waits in awaiting_approval
+until an operator (or a quiet period) approves the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import psycopg
+import pytest
+
+from backfill import Backfill, update
+from backfill.errors import IllegalTransition, InvalidInput
+from backfill.reaper import _auto_approve
+from backfill.runner import Runner
+from backfill.spec import JobSpec
+from backfill.states import JobState
+from tests.integration.helpers import cli, counter_histogram, make_counter_table, scalar, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+FILL = {"note": "'n' || id"}   # idempotent: verify can re-check it
+
+
+def test_canary_stops_for_approval_then_the_rest_runs(dsn: str) -> None:
+    make_counter_table(dsn, 20_000)
+    bf = Backfill(dsn)
+    r = cli(dsn, "enqueue", "-t", "items", "--set", "note = 'n' || id", "--canary", "2000",
+            "--batch-size", "500", "-q")
+    assert r.returncode == 0, r.stderr
+    job_id = int(r.stdout.strip())
+    with pytest.raises(IllegalTransition, match="nothing to approve"):
+        bf.approve(job_id)
+    r = cli(dsn, "run", str(job_id), "--no-progress")
+    assert r.returncode == 3, r.stderr
+    assert "ran its canary and waits for approval" in r.stderr
+    job = bf.get(job_id)
+    assert job.state == JobState.AWAITING_APPROVAL
+    done = bf.progress(job_id).rows_scanned
+    assert 2_000 <= done < 2_000 + 2_000      # the batch that crossed it, at most
+    assert scalar(dsn, "SELECT count(*) FROM items WHERE note IS NOT NULL") == done
+    # run again does not go past the gate
+    r = cli(dsn, "run", str(job_id), "--no-progress")
+    assert r.returncode == 3
+    assert bf.progress(job_id).rows_scanned == done
+    shown = cli(dsn, "show", str(job_id)).stdout
+    assert f"canary {done:,} rows at" in shown
+    assert "verified; the other ~" in shown
+    assert "rows projected at" in shown
+    kinds = [e.kind for e in bf.events(job_id)]
+    assert "canary_verified" in kinds
+    r = cli(dsn, "approve", str(job_id))
+    assert r.returncode == 0, r.stderr
+    assert bf.get(job_id).approved_by == "tester"
+    r = cli(dsn, "run", str(job_id), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM items WHERE note IS NULL") == 0
+    approvals = [e for e in bf.events(job_id) if e.to_state == "pending"
+                 and e.from_state == "awaiting_approval"]
+    assert len(approvals) == 1
+    assert approvals[0].actor == "tester"
+
+
+def test_a_canary_that_does_not_verify_fails_the_job(dsn: str) -> None:
+    make_counter_table(dsn, 10_000)
+    bf = Backfill(dsn)
+    # counter + 1 is never "true" on re-check: verify reports every row.
+    job = bf.enqueue(
+        _with_canary(update("items", {"counter": "counter + 1"}, batch_size=500), "1000"))
+    done = bf.run(job.id)
+    assert done.state == JobState.FAILED
+    assert "canary verification failed" in (done.state_reason or "")
+    assert counter_histogram(dsn)[1] < 2_000    # the rest never ran
+
+
+def test_auto_approval_after_a_quiet_period(dsn: str) -> None:
+    make_counter_table(dsn, 8_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(_with_canary(update("items", FILL, batch_size=400), "800",
+                                  auto_ms=300))
+    done = bf.run(job.id)
+    assert done.state == JobState.SUCCEEDED
+    approval = [e for e in bf.events(job.id) if e.from_state == "awaiting_approval"]
+    assert approval[0].actor == "auto-approve"
+
+
+def test_auto_approval_is_withheld_after_a_retry(dsn: str) -> None:
+    make_counter_table(dsn, 8_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(_with_canary(update("items", FILL, batch_size=400, lock_timeout="100ms"),
+                                  "2000", auto_ms=200))
+    holder = psycopg.connect(dsn)
+    holder.execute("SELECT * FROM items WHERE id = 1000 FOR UPDATE")
+
+    def release() -> None:
+        # Release the row once the runner waited for it and timed out (a retry, then).
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        wait_for(lambda: scalar(dsn, waiting), timeout=30, interval=0.01,
+                 what="the runner waiting for the locked row")
+        wait_for(lambda: not scalar(dsn, waiting), timeout=30, interval=0.01,
+                 what="its lock timeout")
+        holder.rollback()
+
+    t = threading.Thread(target=release, daemon=True)
+    t.start()
+    try:
+        done = bf.run(job.id)
+    finally:
+        t.join(timeout=30)
+        holder.close()
+    assert done.state == JobState.AWAITING_APPROVAL
+    assert any(e.kind == "auto_approve_withheld" for e in bf.events(job.id))
+
+
+def test_the_workers_reaper_auto_approves(dsn: str) -> None:
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(_with_canary(update("items", FILL, batch_size=500), "500", auto_ms=100))
+    # The runner alone (Backfill.run would wait out the quiet period itself).
+    assert Runner(dsn, job.id, actor="tester").run().state == JobState.AWAITING_APPROVAL
+    with psycopg.connect(dsn, autocommit=True) as c:   # as if it had run on the workers
+        c.execute("UPDATE backfill.jobs SET runs_on = 'workers' WHERE id = %s", (job.id,))
+    wait_for(lambda: (_auto_approve(dsn, "reaper:test"),
+                      bf.get(job.id).state == JobState.PENDING)[1], timeout=20,
+             interval=0.2, what="auto-approval by the reaper")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--canary", "50000"], "is not smaller than the table"),
+    (["--canary", "100%"], "less than 100%"),
+    (["--canary", "lots"], "expected rows (5000) or a percent (2%)"),
+    (["--auto-approve-after", "5m"], "auto_approve_after needs a canary"),
+])
+def test_bad_canary_options_are_refused(dsn: str, args: list[str], message: str) -> None:
+    make_counter_table(dsn, 1_000)
+    r = cli(dsn, "enqueue", "-t", "items", "--set", "note = 'x'", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM backfill.jobs") == 0
+
+
+def test_a_percent_canary_is_sized_from_the_table(dsn: str) -> None:
+    make_counter_table(dsn, 10_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(_with_canary(update("items", FILL), "5%"))
+    assert job.canary_rows == 500
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE fresh (id bigint PRIMARY KEY, note text)")
+    with pytest.raises(InvalidInput, match=r"needs public\.fresh's size"):
+        bf.enqueue(_with_canary(update("fresh", FILL), "5%"))
+
+
+def _with_canary(spec: JobSpec, canary: str, auto_ms: float | None = None) -> JobSpec:
+    return dataclasses.replace(spec, canary=canary, auto_approve_after_ms=auto_ms)

@@ -1,0 +1,131 @@
+"""The pre-flight gate: checks against a real server, a failing check blocks the first write,
+a skip is recorded, and the workers' path pauses the job with the reasons."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from backfill import Backfill, update
+from backfill.errors import PreflightFailed
+from backfill.preflight import PreflightConfig
+from backfill.runner import Runner
+from backfill.states import JobState
+from tests.integration.helpers import cli_env, make_counter_table, scalar, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _cli(dsn: str, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = cli_env(**({"BACKFILL_PREFLIGHT_CONFIG": str(config)} if config else {}))
+    return subprocess.run([sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "preflight.toml"
+    p.write_text("[preflight]\n" + text)
+    return p
+
+
+def _checks(r: subprocess.CompletedProcess[str]) -> dict[str, dict[str, str]]:
+    return {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+
+
+def test_a_healthy_database_passes_and_nothing_is_written(dsn: str, tmp_path: Path) -> None:
+    make_counter_table(dsn, 20_000)
+    job = Backfill(dsn).enqueue(update("items", {"note": "'n' || id"}))
+    before = scalar(dsn, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i")
+    backup = tmp_path / "last-backup.sh"
+    backup.write_text(f"#!/bin/sh\necho {dt.datetime.now(dt.UTC).isoformat()}\n")
+    backup.chmod(0o755)
+    r = _cli(dsn, "preflight", str(job.id), "--json",
+             config=_config(tmp_path, f'backup_command = "{backup}"\n'))
+    assert r.returncode == 0, r.stderr
+    checks = _checks(r)
+    assert {c["status"] for c in checks.values()} <= {"pass", "warn"}
+    for name in ("table and WAL", "free disk", "replicas", "long transactions",
+                 "invalid indexes", "backup", "timeouts"):
+        assert checks[name]["status"] == "pass", checks[name]
+    assert checks["WAL archiving"]["status"] == "warn"          # archive_mode is off here
+    assert checks["table and WAL"]["details"]["wal_bytes_per_row"] > 0
+    assert scalar(dsn, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i") == before
+    assert Backfill(dsn).get(job.id).state == JobState.PENDING
+    text = _cli(dsn, "preflight", str(job.id)).stdout
+    assert "warn backup" in text
+    assert "no backup_command configured" in text
+
+
+def test_a_failing_check_blocks_the_first_write_and_a_skip_is_recorded(
+        dsn: str, tmp_path: Path) -> None:
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", {"note": "'n' || id"}))
+    with psycopg.connect(dsn, autocommit=True) as c, pytest.raises(psycopg.errors.UniqueViolation):
+        # val repeats: the build fails and leaves an INVALID index behind.
+        c.execute("CREATE UNIQUE INDEX CONCURRENTLY items_broken ON items (val)")
+    r = _cli(dsn, "run", str(job.id), "--no-progress")
+    assert r.returncode == 1
+    assert "did not pass pre-flight, nothing was written" in r.stderr
+    assert "invalid indexes: items_broken" in r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM items WHERE note IS NOT NULL") == 0
+    assert bf.get(job.id).state == JobState.PENDING
+    r = _cli(dsn, "run", str(job.id), "--no-progress", "--skip-preflight")
+    assert r.returncode == 0, r.stderr
+    skipped = [e for e in bf.events(job.id) if e.kind == "preflight_skipped"]
+    assert len(skipped) == 1
+    assert skipped[0].actor == "tester"
+
+
+def test_old_backup_long_transaction_and_little_disk_fail(dsn: str, tmp_path: Path) -> None:
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", {"note": "repeat('x', 200)"}))
+    old = tmp_path / "old-backup.sh"
+    old.write_text("#!/bin/sh\necho 1700000000\n")
+    old.chmod(0o755)
+    cfg = PreflightConfig.from_mapping({"backup_command": str(old),
+                                        "disk_free_command": "echo 1000",
+                                        "max_transaction_age": "1s"})
+    holder = psycopg.connect(dsn)
+    holder.execute("SELECT txid_current()")
+    holder_pid = holder.info.backend_pid
+    try:
+        wait_for(lambda: scalar(dsn, "SELECT extract(epoch FROM now() - xact_start) > 1.1 "
+                                "FROM pg_stat_activity WHERE pid = %s",
+                                (holder_pid,)), timeout=10, what="an old transaction")
+        checks = {c.name: c for c in bf.preflight(job.id, config=cfg)}
+    finally:
+        holder.rollback()
+        holder.close()
+    assert checks["backup"].status == "fail"
+    assert "old" in checks["backup"].reason
+    assert checks["long transactions"].status == "fail"
+    assert f"pid {holder_pid}" in checks["long transactions"].reason
+    assert checks["free disk"].status == "fail"
+    failing = PreflightConfig.from_mapping({"backup_command": "false"})
+    checks = {c.name: c for c in bf.preflight(job.id, config=failing)}
+    assert checks["backup"].status == "fail"
+    assert "exited 1" in checks["backup"].reason
+    with pytest.raises(PreflightFailed):
+        bf.run(job.id, preflight=cfg)
+
+
+def test_on_the_workers_a_failing_preflight_pauses_the_job(dsn: str, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    make_counter_table(dsn, 2_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", {"note": "'n'"}), workers=True)
+    monkeypatch.setenv("BACKFILL_PREFLIGHT_CONFIG",
+                       str(_config(tmp_path, 'backup_command = "false"\n')))
+    with pytest.raises(PreflightFailed):
+        Runner(dsn, job.id, actor="reaper:test").start_distributed()
+    paused = bf.get(job.id)
+    assert paused.state == JobState.PAUSED
+    assert "pre-flight failed: backup" in (paused.state_reason or "")
