@@ -31,6 +31,7 @@ from backfill.errors import InvalidInput, JobNotFound, PreflightFailed
 from backfill.keyset import KeyCodec, render_key
 from backfill.kinds import prepare, prepare_stored, undo_table
 from backfill.preflight import Check, PreflightConfig, blocked, run_checks
+from backfill.rehearsal import Rehearsal
 from backfill.runner import Runner, Tick
 from backfill.schema import require_current, upgrade_conn
 from backfill.spec import UNDOABLE, JobSpec, canary_size
@@ -325,6 +326,25 @@ class Backfill:
         with self._conn() as conn:
             job = self._resolve(conn, ref)
             return approve(conn, job, actor=self.actor, reason=reason or "approved by operator")
+
+    def rehearse(self, ref: JobRef, on: str) -> Rehearsal:
+        """Run the job for real on a clone (``on``: its DSN), measure rows/s, WAL, batch
+        durations and lock waits, verify it, and keep the figures on this job."""
+        from backfill.rehearsal import rehearse
+
+        job = self.get(ref)
+
+        def run(dsn: str, job_id: int) -> store.JobRecord:
+            return Runner(dsn, job_id, actor=self.actor).run()
+
+        return rehearse(self.dsn, on, job, actor=self.actor, run=run)
+
+    def rehearsal(self, ref: JobRef) -> dict[str, Any] | None:
+        """The last rehearsal's figures, if the job was rehearsed."""
+        from backfill.rehearsal import latest
+
+        with self._conn() as conn:
+            return latest(conn, self._resolve(conn, ref).id)
 
     def canary(self, ref: JobRef) -> dict[str, Any] | None:
         """The canary's rows, seconds, rows/s and verification, once it ran."""

@@ -644,6 +644,14 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
     if rec.canary_rows is not None:
         report = _guard(lambda: bf.canary(rec.id))
         lines.append("  canary    " + escape(_canary_text(rec, report)))
+    rehearsed = _guard(lambda: bf.rehearsal(rec.id))
+    if rehearsed:
+        rate = float(rehearsed.get("rows_per_s") or 0)
+        rest = max(0, (rec.rows_estimate or 0) - prog.rows_scanned)
+        lines.append(
+            f"  rehearsed {rehearsed.get('rows', 0):,} rows at {rate:,.0f} rows/s on "
+            f"{rehearsed.get('clone')}, {float(rehearsed.get('wal_bytes') or 0) / 2**20:,.1f} MB "
+            f"WAL; projected here: {format_duration(rest / rate) if rate else '-'}")
     if rec.spec.undo_enabled:
         lines.append(f"  undo log  backfill.undo_{rec.id}: `backfill revert {rec.id}` restores "
                      "the old values")

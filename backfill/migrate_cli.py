@@ -69,12 +69,11 @@ def _sizes(ctx: typer.Context, steps: list[Step]) -> dict[str, tuple[int, int]]:
 
 
 def _estimate(step: Step, sizes: dict[str, tuple[int, int]],
-              rows_per_s: float | None) -> tuple[float, str]:
+              rates: dict[str, tuple[float, str]]) -> tuple[float, str]:
     rows, size = sizes.get(step.table or "", (0, 0))
     mb = size / 2**20
     if step.duration == "backfill":
-        rate = rows_per_s or ASSUMED_ROWS_PER_S
-        basis = "measured on this database" if rows_per_s else "assumed"
+        rate, basis = rates.get(step.table or "", (ASSUMED_ROWS_PER_S, "assumed"))
         return rows / rate, f"{rows:,} rows at {rate:,.0f} rows/s ({basis})"
     if step.duration == "scan":
         return size / ASSUMED_SCAN_BYTES_PER_S, f"scans {mb:,.0f} MB (guess: 200 MB/s)"
@@ -84,11 +83,11 @@ def _estimate(step: Step, sizes: dict[str, tuple[int, int]],
 
 
 def _plan_json(mig: MigrationFile, plans: tuple[OpPlan, ...], steps: dict[str, list[Step]],
-               sizes: dict[str, tuple[int, int]], rows_per_s: float | None,
+               sizes: dict[str, tuple[int, int]], rates: dict[str, tuple[float, str]],
                deps: dict[str, str]) -> dict[str, Any]:
     phases = {}
     for phase in PHASES:
-        est = [_estimate(s, sizes, rows_per_s) for s in steps[phase]]
+        est = [_estimate(s, sizes, rates) for s in steps[phase]]
         phases[phase] = {"estimated_s": round(sum(e[0] for e in est), 1),
                          "steps": [{**s.to_json(), "estimated_s": round(e[0], 1),
                                     "estimate_basis": e[1] or None}
@@ -103,7 +102,7 @@ def _plan_json(mig: MigrationFile, plans: tuple[OpPlan, ...], steps: dict[str, l
         "irreversible_on_complete": [p.irreversible for p in plans if p.irreversible],
         "warnings": [w for p in plans for w in p.warnings],
         "dependencies": deps, "settings": mig.settings.to_json(), "phases": phases,
-        "rows_per_s_measured": rows_per_s,
+        "rows_per_s": {t: {"rate": r, "basis": b} for t, (r, b) in rates.items()},
     }
 
 
@@ -118,24 +117,34 @@ def plan(
     operation against the database; writes nothing."""
     from backfill.db import connect
     from backfill.migrator import _get, estimate_rows_per_s
+    from backfill.rehearsal import latest_for_table
 
     mig = _guard(lambda: load_file(file))
     plans = _guard(lambda: _migrator(ctx, notify=False).plan(mig))
     steps = ordered_steps(plans)
     sizes = _guard(lambda: _sizes(ctx, [s for p in PHASES for s in steps[p]]))
     deps: dict[str, str] = {}
-    rows_per_s = None
+    rates: dict[str, tuple[float, str]] = {}
 
     def read() -> None:
-        nonlocal rows_per_s
         with connect(_settings(ctx).dsn) as conn:
-            rows_per_s = estimate_rows_per_s(conn)
+            general = estimate_rows_per_s(conn)
+            for s in steps["start"]:
+                if s.mode != "backfill" or not s.table:
+                    continue
+                schema, _, name = s.table.partition(".")
+                rehearsed = latest_for_table(conn, schema, name)
+                if rehearsed and rehearsed.get("rows_per_s"):
+                    rates[s.table] = (float(rehearsed["rows_per_s"]),
+                                      f"rehearsed on {rehearsed.get('clone')}")
+                elif general:
+                    rates[s.table] = (general, "measured on this database")
             for d in mig.depends_on:
                 rec = _get(conn, d)
                 deps[d] = rec.state if rec else "never run here"
 
     _guard(read)
-    doc = _plan_json(mig, plans, steps, sizes, rows_per_s, deps)
+    doc = _plan_json(mig, plans, steps, sizes, rates, deps)
     if as_json:
         out.print_json(json.dumps(doc, default=str))
         return

@@ -133,6 +133,18 @@ def _size_and_wal(conn: Conn, job: store.JobRecord) -> Check:
            WHERE n.nspname = %s AND c.relname = %s""",
         (job.source_schema, job.source_table)).fetchone()
     size, rows = (int(row[0]), int(row[1])) if row else (0, 0)
+    from backfill.rehearsal import latest
+
+    rehearsed = latest(conn, job.id)
+    if rehearsed and rehearsed.get("wal_bytes_per_row"):
+        per_row = float(rehearsed["wal_bytes_per_row"])
+        estimate = per_row * rows
+        return Check("table and WAL", "pass",
+                     f"{rows:,} rows, {size / 2**20:,.1f} MB; about "
+                     f"{estimate / 2**20:,.1f} MB of WAL ({per_row:,.0f} bytes per changed "
+                     f"row, measured by the rehearsal on {rehearsed.get('clone')})",
+                     {"rows_estimate": rows, "table_bytes": size, "wal_bytes_per_row": per_row,
+                      "wal_bytes_estimate": estimate, "source": "rehearsal"})
     prepared = prepare_stored(conn, job, explain=False)
     bounds = prepared.first_batch(conn)
     sampled = per_row = 0.0

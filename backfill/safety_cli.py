@@ -109,3 +109,36 @@ def preflight(
                       highlight=False, soft_wrap=True)
     if blocked(checks):
         raise typer.Exit(1)
+
+
+@app.command()
+def rehearse(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or name.")],
+    on: Annotated[str, typer.Option(
+        "--on", help="DSN of a clone or staging copy holding the same table (never the "
+        "job's own database).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run the job for real on a clone, then verify it there: rows/s, WAL, batch durations and
+    lock waits are measured and kept on this job, so `show`, `preflight` and migration plans
+    use them instead of guesses. Exit 1 when the rehearsal fails or does not verify."""
+    bf = _client(ctx)
+    result = _guard(lambda: bf.rehearse(job, on))
+    if as_json:
+        out.print_json(json.dumps(result.to_json(), default=str))
+    else:
+        out.print(
+            f"rehearsal of job {result.job_id} on {escape(result.clone)}: {result.state}, "
+            f"{result.rows:,} rows ({result.rows_changed:,} changed) in "
+            f"{format_duration(result.seconds)}, {result.rows_per_s:,.0f} rows/s\n"
+            f"  WAL {result.wal_bytes / 2**20:,.1f} MB ({result.wal_bytes_per_row:,.0f} bytes "
+            f"per changed row); {result.batches:,} batches, p50 "
+            f"{result.batch_ms_p50 or 0:,.0f} ms, p95 {result.batch_ms_p95 or 0:,.0f} ms; "
+            f"{result.retries} retries ({result.lock_timeouts} lock timeouts)\n"
+            f"  verify: " + {True: "no differences", False: f"DIFFERENCES: "
+                             f"{escape(result.verify_detail or '')}",
+                             None: escape(result.verify_detail or "not run")}[result.verified],
+            highlight=False)
+    if result.state != "succeeded" or result.verified is False:
+        raise typer.Exit(1)
