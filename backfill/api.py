@@ -51,10 +51,17 @@ def default_actor() -> str:
 
 
 def approve(conn: Conn, job: store.JobRecord, *, actor: str, reason: str) -> store.JobRecord:
-    report = store.canary_report(conn, job.id)
-    if job.state == S.AWAITING_APPROVAL and (report is None or report.get("verified") is None):
-        raise InvalidInput(f"job {job.id}'s canary is still being verified; approve it once "
-                           "`backfill show` says it verified")
+    if job.state == S.AWAITING_APPROVAL:
+        report = store.canary_report(conn, job.id) or {}
+        if report.get("verified") is None:
+            # Its verifier died before the verdict: verify it here, now.
+            from backfill.runner import verify_canary
+
+            verify_canary(conn, job.id, actor=actor)
+            report = store.canary_report(conn, job.id) or {}
+        if report.get("verified") is not True:
+            raise InvalidInput(f"job {job.id}'s canary did not verify "
+                               f"({report.get('verify_detail')}): it cannot be approved")
     with conn.transaction():
         rec = store.transition(conn, job.id, S.PENDING, actor=actor, reason=reason,
                                expect=frozenset({S.AWAITING_APPROVAL}), action="approve")
@@ -113,7 +120,8 @@ def list_undo_logs(conn: Conn) -> builtins.list[UndoLog]:
                   extract(epoch FROM now() - j.finished_at)::float8,
                   EXISTS (SELECT 1 FROM backfill.jobs r WHERE r.kind = 'revert'
                           AND (r.spec ->> 'reverts')::bigint = j.id
-                          AND r.state IN ('pending', 'running', 'throttled', 'paused'))
+                          AND r.state IN ('pending', 'running', 'throttled', 'paused',
+                                          'awaiting_approval'))
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            JOIN backfill.jobs j ON c.relname = 'undo_' || j.id
            WHERE n.nspname = 'backfill' AND c.relkind = 'r' ORDER BY j.id""").fetchall()
@@ -150,6 +158,9 @@ class Plan:
 def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store.JobRecord:
     """Validate ``spec`` on ``conn`` (a dry EXPLAIN included) and store it as pending; inside
     the caller's transaction when there is one (the migrator records the job's id with it)."""
+    if spec.source_dsn is not None and workers:
+        raise InvalidInput("a cross-database copy runs inline (`backfill run`), not on the "
+                           "workers")
     prepared = prepare(conn, spec, explain=True)
     canary_rows = None
     if spec.canary is not None:
@@ -167,7 +178,29 @@ def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store
         )
         if spec.undo_enabled:
             prepared.create_undo_table(conn, job.id)
+            for warning in _undo_gaps(conn, spec, prepared.table.oid):
+                store.add_event(conn, job.id, "warning", actor=actor, reason=warning)
     return job
+
+
+def _undo_gaps(conn: Conn, spec: JobSpec, oid: int) -> builtins.list[str]:
+    """What an undo log cannot restore on this table: rows other tables lose by cascade,
+    columns a BEFORE trigger changes beside the job's."""
+    gaps = []
+    if spec.kind == "delete":
+        rows = conn.execute(
+            """SELECT conrelid::regclass::text, conname FROM pg_constraint
+               WHERE confrelid = %s AND contype = 'f' AND confdeltype IN ('c', 'n', 'd')""",
+            (oid,)).fetchall()
+        gaps += [f"undo log: rows that {t} loses or changes through {c} (ON DELETE) are not "
+                 "logged; revert puts back this table's rows only" for t, c in rows]
+    else:
+        rows = conn.execute(
+            """SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal
+                 AND tgtype & 2 = 2 AND tgtype & 16 = 16""", (oid,)).fetchall()
+        gaps += [f"undo log: BEFORE UPDATE trigger {t} may change columns the job does not "
+                 "write; revert restores the job's columns only" for (t,) in rows]
+    return gaps
 
 
 class Backfill:
@@ -385,7 +418,9 @@ class Backfill:
     def gate(self, job: store.JobRecord, *, skip: bool = False,
              config: PreflightConfig | None = None) -> None:
         """Before a job's first write: the pre-flight checks, or a recorded skip."""
-        if job.state != S.PENDING or job.started_at is not None:
+        # Never started: pending, or paused before its first batch (by an operator, or by a
+        # failed pre-flight on the workers). Every such start goes through here.
+        if job.state not in (S.PENDING, S.PAUSED) or job.started_at is not None:
             return
         if skip:
             with self._conn() as conn:
@@ -481,15 +516,23 @@ class Backfill:
                 raise InvalidInput(f"job {job.id} is {job.state}: cancel it (or let it finish) "
                                    "before reverting it")
             undo = undo_table(job.id).as_string(conn)
-            if not undo_log_exists(conn, job.id):
-                raise InvalidInput(f"job {job.id}'s undo log {undo} was pruned; it cannot be "
-                                   "reverted")
             spec = JobSpec("revert", f"backfill.undo_{job.id}",
                            dest=f"{job.source_schema}.{job.source_table}",
                            reverts=job.id, on_conflict="update" if force else "nothing",
                            name=f"revert job {job.id}" + (" (force)" if force else ""),
                            options=job.options).with_options(**options)
-            return create_job(conn, spec, actor=self.actor, workers=workers)
+            with conn.transaction():
+                # The job's row lock, as prune takes it: the undo log cannot go meanwhile.
+                conn.execute("SELECT 1 FROM backfill.jobs WHERE id = %s FOR UPDATE", (job.id,))
+                if not undo_log_exists(conn, job.id):
+                    raise InvalidInput(f"job {job.id}'s undo log {undo} was pruned; it cannot "
+                                       "be reverted")
+                rec = create_job(conn, spec, actor=self.actor, workers=workers)
+                if job.state == S.FAILED:
+                    # A retry after the revert would resume past the reverted range.
+                    store.transition(conn, job.id, S.CANCELLED, actor=self.actor,
+                                     reason=f"reverted by job {rec.id}")
+            return rec
 
     def undo_logs(self) -> builtins.list[UndoLog]:
         """Every undo table with its job, rows and size."""
@@ -508,6 +551,16 @@ class Backfill:
                 return gone
             for u in gone:
                 with conn.transaction():
+                    # The job's row lock, as revert takes it; then check no revert came since.
+                    conn.execute("SELECT 1 FROM backfill.jobs WHERE id = %s FOR UPDATE",
+                                 (u.job_id,))
+                    busy = conn.execute(
+                        """SELECT 1 FROM backfill.jobs WHERE kind = 'revert'
+                             AND (spec ->> 'reverts')::bigint = %s AND state IN
+                             ('pending', 'running', 'throttled', 'paused', 'awaiting_approval')""",
+                        (u.job_id,)).fetchone()
+                    if busy:
+                        continue
                     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(undo_table(u.job_id)))
                     store.add_event(conn, u.job_id, "undo_pruned", actor=self.actor,
                                     reason=f"undo log dropped ({u.rows} rows, {u.bytes} bytes)",

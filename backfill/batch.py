@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ def run_batch(
     lease_token: int,
     canary: bool = False,
     actor: str = "runner",
+    read: Conn | None = None,
 ) -> BatchResult:
     """Process ``(cursor, next]`` where ``next`` is ``size`` keys past ``cursor`` (or the slice's
     upper bound). The checkpoint is a compare-and-set on ``cursor``: if the slice moved on, the
@@ -56,18 +58,21 @@ def run_batch(
     state and options version come back with the checkpoint, so no separate read is needed.
     """
     keyset = prepared.keyset
+    src = read if read is not None else conn   # a cross-database copy reads its source there
     started = time.perf_counter()
-    with conn.pipeline() as pipeline, conn.transaction():
+    # COPY cannot run in pipeline mode: a cross-database batch goes statement by statement.
+    pipe = contextlib.nullcontext() if prepared.remote else conn.pipeline()
+    with pipe as pipeline, conn.transaction():
         conn.execute(
             "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
             # Round up: PostgreSQL reads 0 as "no timeout".
             (f"{max(1, math.ceil(options.statement_timeout_ms))}ms",
              f"{max(1, math.ceil(options.lock_timeout_ms))}ms"),
         )
-        nxt = keyset.probe(conn, cursor, slice_upper, size - 1)
+        nxt = keyset.probe(src, cursor, slice_upper, size - 1)
         if nxt is None:
             hi, done = slice_upper, True
-            row = conn.execute(
+            row = src.execute(
                 keyset.count_query(lower=cursor is not None), keyset.params(cursor, slice_upper)
             ).fetchone()
             scanned = int(row[0]) if row else 0
@@ -77,8 +82,11 @@ def run_batch(
         if prepared.spec.kind == "sql":
             first = keyset.first_key(conn, cursor, hi)
         affected = 0
-        if scanned or first:
-            affected = prepared.write_batch(conn, cursor, hi, first, sync=pipeline.sync)
+        if prepared.remote:
+            affected = scanned = prepared.copy_remote(src, conn, cursor, hi)
+        elif scanned or first:
+            affected = prepared.write_batch(
+                conn, cursor, hi, first, sync=pipeline.sync if pipeline is not None else None)
         duration_ms = (time.perf_counter() - started) * 1000.0
         upcoming = next_size(scanned, duration_ms) if next_size is not None else size
         result = store.checkpoint(

@@ -228,6 +228,13 @@ def enqueue(
     workers: Annotated[bool, typer.Option(
         "--workers", help="Run it on the Celery workers: dispatched at once, or by the "
         "workers' reaper if the broker is down.")] = False,
+    source: Annotated[str | None, typer.Option(
+        "--source", help="copy: read --table from this other database (a DSN without "
+        "password: use ~/.pgpass); the job's state lives here, with the written rows.",
+        show_default=False)] = None,
+    column_map: Annotated[list[str] | None, typer.Option(
+        "--map", help="copy: `dest_column=source_column` for a renamed column (repeatable).",
+        show_default=False)] = None,
     canary: Annotated[str | None, typer.Option(
         "--canary", help="Run this many rows first (5000, or 2%), verify them, then wait in "
         "awaiting_approval for `backfill approve`.", show_default=False)] = None,
@@ -266,6 +273,13 @@ def enqueue(
             spec = _adhoc_spec(table, kind, set_, where, statement, dest, columns, on_conflict,
                                function, key, job_name)
         changes: dict[str, Any] = {}
+        if source is not None:
+            changes["source_dsn"] = source
+        if column_map:
+            pairs = [m.split("=", 1) for m in column_map]
+            if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+                raise InvalidInput("--map takes dest_column=source_column")
+            changes["column_map"] = tuple((d.strip(), s.strip()) for d, s in pairs)
         if undo_log is not None:
             changes["undo_log"] = undo_log
         if canary is not None:

@@ -13,6 +13,7 @@ from typing import Any, LiteralString, cast
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from backfill.catalog import Conn, Table, resolve_key, resolve_table
 from backfill.errors import ColumnNotFound, InvalidInput, InvalidKey, InvalidStatement
@@ -52,6 +53,33 @@ class PreparedJob:
     undo: sql.Identifier | None = None
     #: revert jobs: the kind of the job reverted (delete: rows go back in; else: values).
     reverted_kind: str | None = None
+    #: cross-database copies: the source column read for each of ``copy_columns``.
+    source_columns: tuple[str, ...] = ()
+
+    @property
+    def remote(self) -> bool:
+        """Reads another database (``spec.source_dsn``): keyset probes and reads go to a
+        connection there, writes and checkpoints stay here."""
+        return self.spec.source_dsn is not None
+
+    def copy_remote(self, read: Conn, conn: Conn, lo: Key | None, hi: Key) -> int:
+        """One batch of a cross-database copy: ``COPY (SELECT …) TO STDOUT`` on the source
+        piped into ``COPY dest FROM STDIN`` here, inside the caller's transaction (so the rows
+        commit with the checkpoint). Returns the rows written."""
+        assert self.dest is not None
+        select = sql.SQL("COPY (SELECT {c} FROM {t} WHERE {p}{f} ORDER BY {o}) TO STDOUT").format(
+            c=sql.SQL(", ").join(map(sql.Identifier, self.source_columns)),
+            t=_ident(self.table), p=self.keyset.predicate(lower=lo is not None),
+            f=self.extra_filter(), o=self.keyset.order_by())
+        with psycopg.ClientCursor(read) as cc:   # COPY takes no parameters: bind them here
+            query = cc.mogrify(select, Keyset.params(lo, hi))
+        into = sql.SQL("COPY {d} ({c}) FROM STDIN").format(
+            d=_ident(self.dest), c=sql.SQL(", ").join(map(sql.Identifier, self.copy_columns)))
+        with read.cursor() as rcur, conn.cursor() as wcur:
+            with rcur.copy(query) as out, wcur.copy(into) as inp:
+                for block in out:
+                    inp.write(block)
+            return max(wcur.rowcount, 0)
 
     @property
     def keyset(self) -> Keyset:
@@ -134,8 +162,7 @@ class PreparedJob:
         return sql.Composed([_user_sql(s.statement, placeholders=True)])
 
     def _transform_reads(self) -> tuple[str, ...]:
-        extra = self.spec.write_columns() if self.undo is not None else ()
-        return tuple(dict.fromkeys((*self.key, *self.spec.columns, *extra)))
+        return tuple(dict.fromkeys((*self.key, *self.spec.columns)))
 
     # -- the undo log ----------------------------------------------------------------------
 
@@ -189,7 +216,9 @@ class PreparedJob:
             for k in self.key)
         return sql.SQL(
             "WITH old AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
-            "upd AS (UPDATE {t} SET {a} FROM old WHERE {join} RETURNING {ret}) "
+            # The batch's range again on the table: joined on the key alone, the planner may
+            # walk the table from its first key for every batch.
+            "upd AS (UPDATE {t} SET {a} FROM old WHERE {p}{f} AND {join} RETURNING {ret}) "
             "INSERT INTO {u} ({cols}) SELECT {vals} FROM old JOIN upd ON {match}").format(
                 key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(), a=assignments,
                 join=join, ret=returning, u=self.undo,
@@ -226,7 +255,10 @@ class PreparedJob:
         cols = self.copy_columns
         unchanged: sql.Composable = sql.SQL("")
         if self.spec.on_conflict != "update":
-            unchanged = sql.SQL(" AND ({now}) IS NOT DISTINCT FROM ({new})").format(
+            # *= (on records: hence the sub-selects) compares the stored bytes: types
+            # without = (json, point) work, and a value
+            # the application changed to an "equal" one ('1 mon' vs '30 days') counts.
+            unchanged = sql.SQL(" AND (SELECT ROW({now})) *= (SELECT ROW({new}))").format(
                 now=ids(sql.SQL("{d}.{c}").format(d=d, c=sql.Identifier(c)) for c in cols),
                 new=ids(sql.SQL("u.{}").format(sql.Identifier(f"new:{c}")) for c in cols))
         return sql.SQL("UPDATE {d} SET {s} FROM {u} AS u WHERE {p} AND {j}{unchanged}").format(
@@ -289,12 +321,9 @@ class PreparedJob:
             rows = cur.fetchall()  # first: in a pipeline the description arrives with the rows
             names = [d.name for d in cur.description or ()]
         changes: list[tuple[tuple[str, ...], list[Any]]] = []
-        undo_rows: list[list[Any]] = []
         given = dict.fromkeys((*self.key, *self.spec.columns))
         for values in rows:
             row = dict(zip(names, values, strict=True))
-            # The function sees the key and its columns; the undo log also needs the
-            # written columns' current values, read beside them.
             out = self.fn({c: row[c] for c in given})
             if not out:
                 continue
@@ -308,18 +337,25 @@ class PreparedJob:
             if not changed:
                 continue
             cols = tuple(sorted(changed))
-            changes.append((cols, [*(changed[c] for c in cols), *(row[k] for k in self.key)]))
-            if self.undo is not None:
-                after = {**row, **changed}
-                undo_rows.append([*(row[k] for k in self.key),
-                                  *(row[c] for c in self.spec.write_columns()),
-                                  *(after[c] for c in self.spec.write_columns())])
+            # A dict goes to json/jsonb (psycopg adapts lists to arrays, dicts not at all).
+            changes.append((cols, [*(Jsonb(changed[c]) if isinstance(changed[c], dict)
+                                     else changed[c] for c in cols),
+                                   *(row[k] for k in self.key)]))
+
         by_cols: dict[tuple[str, ...], list[list[Any]]] = {}
         for cols, args in changes:
             by_cols.setdefault(cols, []).append(args)
         where = sql.SQL(" AND ").join(
             sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder()) for k in self.key
         )
+        if self.undo is not None and changes:
+            self._log_transform(conn, params, updates=lambda: self._apply(conn, by_cols, where))
+            return len(changes)
+        self._apply(conn, by_cols, where)
+        return len(changes)
+
+    def _apply(self, conn: Conn, by_cols: dict[tuple[str, ...], list[list[Any]]],
+               where: sql.Composable) -> None:
         for cols, arg_rows in by_cols.items():
             stmt = sql.SQL("UPDATE {t} SET {s} WHERE {w}").format(
                 t=_ident(self.table),
@@ -330,14 +366,37 @@ class PreparedJob:
             )
             with conn.cursor() as cur:
                 cur.executemany(stmt, arg_rows)
-        if undo_rows:
-            assert self.undo is not None
-            cols = self.undo_columns()
-            with conn.cursor() as cur:
-                cur.executemany(sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                    self.undo, sql.SQL(", ").join(map(sql.Identifier, cols)),
-                    sql.SQL(", ").join(sql.Placeholder() * len(cols))), undo_rows)
-        return len(changes)
+
+    def _log_transform(self, conn: Conn, params: dict[str, Any], *,
+                       updates: Callable[[], None]) -> None:
+        """The undo rows of a transform batch, made in the database (exact types, no round
+        trip through Python): every row of the (locked) batch before the updates, its values
+        after, then the rows the transform left as they were are dropped."""
+        assert self.undo is not None
+        t, u = _ident(self.table), self.undo
+        writes = self.spec.write_columns()
+        ids = sql.SQL(", ").join
+        lower = "lo0" in params
+        upred = self.keyset.predicate(lower=lower, alias="u")
+        conn.execute(sql.SQL(
+            "INSERT INTO {u} ({keys}, {olds}, {news}) SELECT {keys}, {vals}, {vals} FROM {t} "
+            "WHERE {p}{f}").format(
+                u=u, keys=ids(map(sql.Identifier, self.key)),
+                olds=ids(sql.Identifier(f"old:{c}") for c in writes),
+                news=ids(sql.Identifier(f"new:{c}") for c in writes),
+                vals=ids(map(sql.Identifier, writes)), t=t,
+                p=self.keyset.predicate(lower=lower), f=self.extra_filter()), params)
+        updates()
+        match = sql.SQL(" AND ").join(sql.SQL("{t}.{k} = u.{k}").format(t=t, k=sql.Identifier(k))
+                                      for k in self.key)
+        conn.execute(sql.SQL("UPDATE {u} AS u SET {sets} FROM {t} WHERE {match} AND {p}").format(
+            u=u, sets=ids(sql.SQL("{n} = {t}.{c}").format(
+                n=sql.Identifier(f"new:{c}"), t=t, c=sql.Identifier(c)) for c in writes),
+            t=t, match=match, p=upred), params)
+        conn.execute(sql.SQL("DELETE FROM {u} AS u WHERE {p} AND (SELECT ROW({o})) *= "
+                             "(SELECT ROW({n}))").format(
+            u=u, p=upred, o=ids(sql.SQL("u.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
+            n=ids(sql.SQL("u.{}").format(sql.Identifier(f"new:{c}")) for c in writes)), params)
 
     def first_batch(self, conn: Conn) -> tuple[Key, Key] | None:
         """(first key, last key) of the first batch, or ``None`` for an empty table."""
@@ -374,6 +433,31 @@ class PreparedJob:
         return "\n".join(str(r[0]) for r in rows)
 
 
+def _remote_columns(spec: JobSpec, table: Table, dest: Table,
+                    key: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(destination columns, source columns) of a cross-database copy: ``column_map`` pairs,
+    then every other destination column the source has under the same name."""
+    mapped = dict(spec.column_map)
+    for d, s in mapped.items():
+        dest.column(d)
+        table.column(s)
+    wanted = spec.columns or tuple(c.name for c in dest.columns if not c.generated)
+    names = {c.name for c in table.columns if not c.generated}
+    pairs = [(d, mapped.get(d, d)) for d in wanted if d in mapped or d in names]
+    for d in spec.columns:
+        if d not in dict(pairs):
+            raise ColumnNotFound(f"column {d!r} of {dest.qualified} has no source column in "
+                                 f"{table.qualified} (map it with --map {d}=<source column>)")
+    if not pairs:
+        raise ColumnNotFound(f"{table.qualified} and {dest.qualified} have no column in common")
+    copied = dict(pairs)
+    for k in key:
+        if copied.get(k) != k:
+            raise InvalidInput(f"the key column {k!r} must be copied under its own name (verify "
+                               "and a later delete find rows by it)")
+    return tuple(d for d, _ in pairs), tuple(s for _, s in pairs)
+
+
 def _explain_error(spec: JobSpec, exc: Exception) -> str:
     what = {
         "update": "the SET expression or WHERE",
@@ -382,18 +466,20 @@ def _explain_error(spec: JobSpec, exc: Exception) -> str:
         "copy": "the copy",
         "move": "the move",
         "transform": "the transform's read",
+        "revert": "the revert",
     }[spec.kind]
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{what} of job {spec.display_name!r} does not check out: {msg}"
 
 
-def prepare_stored(conn: Conn, job: Any, *, explain: bool) -> PreparedJob:
+def prepare_stored(conn: Conn, job: Any, *, explain: bool,
+                   source: Conn | None = None) -> PreparedJob:
     """Prepare a stored job (a :class:`~backfill.store.JobRecord`) on the exact table and key
     it was enqueued on; :class:`InvalidInput` if the table was replaced or the key changed."""
     spec = dataclasses.replace(job.spec, table=f"{job.source_schema}.{job.source_table}",
                                key=tuple(job.key_columns))
     try:
-        prepared = prepare(conn, spec, explain=explain)
+        prepared = prepare(conn, spec, explain=explain, source=source)
     except InvalidKey as exc:
         raise InvalidKey(f"job {job.id}'s key ({', '.join(job.key_columns)}) is no longer "
                          f"usable: {exc}") from exc
@@ -422,10 +508,18 @@ def undo_table(job_id: int) -> sql.Identifier:
     return sql.Identifier("backfill", f"undo_{job_id}")
 
 
-def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
-    """Validate ``spec`` against the database; nothing is written."""
-    table = resolve_table(conn, spec.table)
-    key = resolve_key(conn, table, spec.key or None)
+def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
+            source: Conn | None = None) -> PreparedJob:
+    """Validate ``spec`` against the database (and its source database for a cross-database
+    copy: ``source``, or a short connection opened here); nothing is written."""
+    if spec.source_dsn is not None and source is None:
+        from backfill.db import connect
+
+        with connect(spec.source_dsn, application_name="backfill source") as src:
+            return prepare(conn, spec, explain=explain, source=src)
+    read = source if source is not None else conn
+    table = resolve_table(read, spec.table)
+    key = resolve_key(read, table, spec.key or None)
     key_types = tuple(table.column(k).type for k in key)
     dest: Table | None = None
     copy_columns: tuple[str, ...] = ()
@@ -439,12 +533,21 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
                     f"an update job may not SET key column {col!r}: rows would move within the "  # noqa: S608
                     "range being walked (skipped or processed twice); use a copy job instead"
                 )
+    source_columns: tuple[str, ...] = ()
     if spec.kind in ("copy", "move"):
         assert spec.dest is not None
         dest = resolve_table(conn, spec.dest)
-        if dest.oid == table.oid:
+        if dest.oid == table.oid and source is None:
             raise InvalidInput(f"{spec.kind}: source and destination are the same table")
-        if spec.columns:
+        if spec.source_dsn is not None:
+            assert source is not None
+            same = ("SELECT (SELECT system_identifier FROM pg_control_system())::text, "
+                    "current_database()::text")
+            if (conn.execute(same).fetchone() == source.execute(same).fetchone()
+                    and dest.oid == table.oid):
+                raise InvalidInput("copy: the destination is the source table itself")
+            copy_columns, source_columns = _remote_columns(spec, table, dest, key)
+        elif spec.columns:
             for name in spec.columns:
                 table.column(name)
                 dest.column(name)
@@ -488,8 +591,16 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True) -> PreparedJob:
         assert spec.function is not None
         fn = load_function(spec.function)
     prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn,
-                           reverted_kind=reverted_kind)
-    if explain:
+                           reverted_kind=reverted_kind, source_columns=source_columns)
+    if explain and prepared.remote:
+        try:
+            with read.transaction(force_rollback=True):
+                read.execute(sql.SQL("EXPLAIN SELECT {c} FROM {t} WHERE true{f}").format(
+                    c=sql.SQL(", ").join(map(sql.Identifier, source_columns)),
+                    t=_ident(table), f=prepared.extra_filter()))
+        except (psycopg.ProgrammingError, psycopg.DataError) as exc:
+            raise InvalidStatement(_explain_error(spec, exc)) from exc
+    elif explain:
         try:
             prepared.dry_explain(conn, prepared.first_batch(conn))
         except psycopg.DataError as exc:  # e.g. 'infinity' in a timestamp key

@@ -127,7 +127,16 @@ def run_checks(conn: Conn, job: store.JobRecord, config: PreflightConfig,
 def _size_and_wal(conn: Conn, job: store.JobRecord) -> Check:
     """The table's size, and the WAL the job will write: one batch is run in a transaction
     that is rolled back, measuring the WAL it inserted (the undo log's included)."""
-    row = conn.execute(
+    if job.spec.source_dsn is None:
+        return _measure(conn, conn, job)
+    from backfill.db import connect
+
+    with connect(job.spec.source_dsn, application_name="backfill preflight source") as src:
+        return _measure(conn, src, job)
+
+
+def _measure(conn: Conn, read: Conn, job: store.JobRecord) -> Check:
+    row = read.execute(
         """SELECT pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::bigint
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE n.nspname = %s AND c.relname = %s""",
@@ -145,21 +154,40 @@ def _size_and_wal(conn: Conn, job: store.JobRecord) -> Check:
                      f"row, measured by the rehearsal on {rehearsed.get('clone')})",
                      {"rows_estimate": rows, "table_bytes": size, "wal_bytes_per_row": per_row,
                       "wal_bytes_estimate": estimate, "source": "rehearsal"})
-    prepared = prepare_stored(conn, job, explain=False)
-    bounds = prepared.first_batch(conn)
+    prepared = prepare_stored(conn, job, explain=False,
+                              source=read if read is not conn else None)
+    bounds = prepared.first_batch(read)
     sampled = per_row = 0.0
-    if bounds is not None and job.kind not in ("sql",):
-        with conn.transaction(force_rollback=True):
-            conn.execute("SELECT set_config('statement_timeout', '30s', true), "
-                          "set_config('lock_timeout', %s, true)",
-                          (f"{max(1, int(job.options.lock_timeout_ms))}ms",))
-            before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
-            first, upper = bounds
-            changed = prepared.write_batch(conn, None, upper, first)
-            after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)",
-                                 (before[0] if before else None,)).fetchone()
-            sampled = float(after[0]) if after and after[0] is not None else 0.0
-            per_row = sampled / changed if changed else 0.0
+    if job.started_at is not None:
+        return Check("table and WAL", "pass", f"{rows:,} rows, {size / 2**20:,.1f} MB (the job "
+                     "has started: no sample batch)", {"rows_estimate": rows, "table_bytes": size})
+    if job.kind in ("sql", "transform"):
+        # A sql statement or a transform's Python may have effects a rollback does not undo
+        # (sequences, calls out): no sample; a rehearsal measures them.
+        return Check("table and WAL", "warn", f"{rows:,} rows, {size / 2**20:,.1f} MB; WAL not "
+                     f"sampled for a {job.kind} job (`backfill rehearse` measures it)",
+                     {"rows_estimate": rows, "table_bytes": size})
+    if bounds is not None:
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("SELECT set_config('statement_timeout', '30s', true), "
+                             "set_config('lock_timeout', %s, true)",
+                             (f"{max(1, int(job.options.lock_timeout_ms))}ms",))
+                before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+                first, upper = bounds
+                changed = (prepared.copy_remote(read, conn, None, upper) if prepared.remote
+                           else prepared.write_batch(conn, None, upper, first))
+                after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)",
+                                     (before[0] if before else None,)).fetchone()
+                sampled = float(after[0]) if after and after[0] is not None else 0.0
+                per_row = sampled / changed if changed else 0.0
+        except psycopg.Error as exc:
+            # The job's own first batch will meet this too; that is the job's business (its
+            # retries, its failure with the range), not a reason to refuse the start.
+            msg = (exc.diag.message_primary or str(exc)).strip()
+            return Check("table and WAL", "warn", f"{rows:,} rows, {size / 2**20:,.1f} MB; the "
+                         f"sample batch failed ({msg}): the job's first batch may too",
+                         {"rows_estimate": rows, "table_bytes": size})
     estimate = per_row * rows
     return Check("table and WAL", "pass",
                  f"{rows:,} rows, {size / 2**20:,.1f} MB; about "
@@ -181,7 +209,10 @@ def _disk(conn: Conn, dsn: str, config: PreflightConfig, wal: float | None) -> C
         out = _run(config.disk_free_command, config.command_timeout_s)
         free, how = float(parse_size(out.strip().splitlines()[-1])), "disk_free_command"
     elif _local_host(dsn):
-        row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
+        try:
+            row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            row = None   # not superuser nor pg_read_all_settings: cannot see it
         path = row[0] if row else None
         if path and os.path.isdir(path):
             st = os.statvfs(path)
@@ -202,10 +233,19 @@ def _archiving(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Che
     row = conn.execute(
         """SELECT current_setting('archive_mode'), archived_count, failed_count,
                   extract(epoch FROM now() - last_archived_time)::float8,
-                  last_failed_time > coalesce(last_archived_time, '-infinity')
+                  last_failed_time > coalesce(last_archived_time, '-infinity'),
+                  last_archived_wal,
+                  CASE WHEN pg_is_in_recovery() THEN NULL
+                       ELSE pg_walfile_name(pg_current_wal_lsn()) END,
+                  current_setting('wal_segment_size')
            FROM pg_stat_archiver""").fetchone()
     assert row is not None
-    mode, archived, failed, age, failing = row
+    mode, archived, failed, age, failing, last_wal, current_wal, seg_size = row
+    # A quiet server archives nothing for hours, rightly: what matters is a backlog, the
+    # segments finished since the last one archived.
+    backlog = _segments_between(last_wal, current_wal, str(seg_size)) if last_wal else None
+    if backlog is not None and backlog <= 1:
+        age = None
     if mode == "off":
         return Check("WAL archiving", "warn", "archive_mode is off: no point-in-time recovery "
                      "covers this change (keep the undo log, or take a backup first)")
@@ -213,10 +253,28 @@ def _archiving(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Che
         return Check("WAL archiving", "fail", f"archiving is failing ({failed} failures, the "
                      "last after the last success): WAL piles up on the primary")
     if archived and age is not None and age > config.max_archive_age_s:
-        return Check("WAL archiving", "fail", f"the last WAL segment was archived "
-                     f"{format_duration(age)} ago (limit {format_duration(config.max_archive_age_s)})")
+        return Check("WAL archiving", "fail", f"{backlog} finished WAL segment(s) wait to be "
+                     f"archived; the last was archived {format_duration(age)} ago (limit "
+                     f"{format_duration(config.max_archive_age_s)})")
     return Check("WAL archiving", "pass", f"archive_mode {mode}, {archived} archived, "
-                 + (f"last {format_duration(age)} ago" if age is not None else "none yet"))
+                 + ("up to date" if backlog is not None and backlog <= 1 else
+                    f"last {format_duration(age)} ago" if age is not None else "none yet"))
+
+
+def _segments_between(last: str, current: str | None, seg_size: str) -> int | None:
+    """Finished segments after ``last`` and before ``current`` (WAL file names)."""
+    if not current or len(last) < 24 or len(current) < 24:
+        return None
+    size = int(parse_size(seg_size.replace("MB", "MiB").replace("GB", "GiB")))
+    per_log = 0x100000000 // max(size, 1)
+
+    def number(name: str) -> int:
+        return int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+    try:
+        return number(current) - number(last) - 1
+    except ValueError:
+        return None
 
 
 def _replicas(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
@@ -226,6 +284,9 @@ def _replicas(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Chec
            FROM pg_stat_replication""").fetchall()
     if not rows:
         return Check("replicas", "pass", "no standby streams from this server")
+    if any(r[2] is None for r in rows):
+        return Check("replicas", "warn", "cannot see the standbys' state: the role needs "
+                     "pg_read_all_stats (or pg_monitor)")
     bad = [f"{r[0] or r[1]}: {r[2]}" for r in rows if r[2] != "streaming"]
     slow = [f"{r[0] or r[1]}: replay lag {r[3]:.1f}s" for r in rows
             if r[3] > config.max_replica_lag_s]
@@ -238,6 +299,11 @@ def _replicas(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Chec
 
 
 def _long_transactions(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    sees = conn.execute("SELECT pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') OR "
+                        "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)").fetchone()
+    if not (sees and sees[0]):
+        return Check("long transactions", "warn", "cannot see other roles' transactions: the "
+                     "role needs pg_read_all_stats (or pg_monitor)")
     row = conn.execute(
         """SELECT pid, state, extract(epoch FROM now() - xact_start)::float8,
                   left(regexp_replace(query, '\\s+', ' ', 'g'), 60)
@@ -255,17 +321,19 @@ def _long_transactions(conn: Conn, job: store.JobRecord, config: PreflightConfig
 
 
 def _invalid_indexes(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
+    # The table the job writes: its own, or a copy's destination here.
+    written = job.spec.dest if job.kind in ("copy", "move", "revert") and job.spec.dest \
+        else job.table
     rows = conn.execute(
         """SELECT i.indexrelid::regclass::text FROM pg_index i
-           JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = %s AND c.relname = %s AND NOT i.indisvalid""",
-        (job.source_schema, job.source_table)).fetchall()
+           WHERE i.indrelid = to_regclass(%s) AND NOT i.indisvalid""",
+        (written,)).fetchall()
     if rows:
         names = ", ".join(r[0] for r in rows)
         return Check("invalid indexes", "fail", f"{names}: left by a failed CREATE INDEX "
                      "CONCURRENTLY; every write maintains it and no query uses it (drop it, or "
                      "rebuild it concurrently)")
-    return Check("invalid indexes", "pass", f"no invalid index on {job.table}")
+    return Check("invalid indexes", "pass", f"no invalid index on {written}")
 
 
 def _backup(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:

@@ -78,9 +78,10 @@ def _auto_approve(dsn: str, actor: str) -> None:
 
     conn = connect(dsn)
     try:
-        for job in store.list_jobs(conn):
-            if job.runs_on != "workers" or job.state != JobState.AWAITING_APPROVAL:
-                continue
+        waiting = conn.execute("SELECT id FROM backfill.jobs WHERE state = 'awaiting_approval' "
+                               "AND runs_on = 'workers'").fetchall()
+        for (job_id,) in waiting:
+            job = store.get_job(conn, job_id)
             try:
                 if auto_approval_due(conn, job) is True:
                     approve(conn, job, actor="auto-approve",

@@ -38,6 +38,7 @@ from backfill.db import connect
 from backfill.errors import (
     DatabaseUnavailable,
     IllegalTransition,
+    InvalidInput,
     JobConflict,
     LeaseLost,
     PreflightFailed,
@@ -133,6 +134,7 @@ class Runner:
         self._split_tried = False
         self.log = get_logger(job_id=job_id)
         self._conn: Conn | None = None
+        self._src: Conn | None = None
         self._retry_notes: list[dict[str, Any]] = []
         self._scanned = 0
         self._affected = 0
@@ -159,7 +161,24 @@ class Runner:
             self._conn.execute("SET idle_in_transaction_session_timeout = '5min'")
         return self._conn
 
+    def _read(self, prepared: PreparedJob) -> Conn:
+        """Where keyset probes and reads go: the job's own connection, or for a
+        cross-database copy one to its source (reopened after a drop)."""
+        if not prepared.remote:
+            return self.conn
+        src = self._src
+        if src is None or src.closed or src.broken:
+            if src is not None:
+                src.close()
+            assert prepared.spec.source_dsn is not None
+            src = self._src = connect(prepared.spec.source_dsn,
+                                      application_name=f"backfill job {self.job_id} source")
+        return src
+
     def _drop_conn(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -354,7 +373,13 @@ class Runner:
             job = store.transition(conn, job.id, S.PENDING, actor=self.actor,
                                    reason="resumed by run", expect=frozenset({S.PAUSED}))
         if job.state == S.AWAITING_APPROVAL:
-            return job   # only `approve` (or auto-approval) lets the rest run
+            # Only `approve` (or auto-approval) lets the rest run. A canary whose verifier
+            # died before it wrote its verdict is verified now.
+            report = store.canary_report(conn, job.id)
+            if report is not None and report.get("verified") is None:
+                verify_canary(conn, job.id, actor=self.actor)
+                job = store.get_job(conn, job.id)
+            return job
         if job.state == S.PENDING:
             # Check the job again against today's catalog before the first write.
             self._prepare(job, explain=True)
@@ -401,6 +426,15 @@ class Runner:
         """Bind the job to the table and key it was enqueued on, and refuse if they changed:
         a dropped and recreated table, another search_path, or a new key must not silently
         reuse the cursor."""
+        if job.spec.source_dsn is not None:
+            if self._worker:
+                raise InvalidInput(f"job {job.id} copies from another database: it runs "
+                                   "inline (`backfill run`), not on the workers")
+            src = connect(job.spec.source_dsn, application_name=f"backfill job {job.id} source")
+            try:
+                return prepare_stored(self.conn, job, explain=explain, source=src)
+            finally:
+                src.close()
         return prepare_stored(self.conn, job, explain=explain)
 
     def _heartbeat_age(self, job: store.JobRecord) -> float | None:
@@ -419,7 +453,8 @@ class Runner:
             job = store.get_job(conn, job.id, for_update=True)  # tune may have changed options
             if store.slices(conn, job.id):
                 return job
-            upper = prepared.keyset.max_key(conn)
+            read = self._read(prepared)
+            upper = prepared.keyset.max_key(read)
             estimate = prepared.table.rows_estimate
             if upper is None:
                 estimate = 0
@@ -432,8 +467,8 @@ class Runner:
             else:
                 # Bounded: the count above may have left a 10 s SET LOCAL in this transaction.
                 conn.execute("SET LOCAL statement_timeout = '5min'")
-                cuts = slicing.boundaries(conn, prepared.keyset, upper, job.options.parallelism,
-                                          estimate)
+                cuts = slicing.boundaries(read, prepared.keyset, upper,
+                                          job.options.parallelism, estimate)
                 lowers: list[Key | None] = [None, *cuts]
                 uppers: list[Key] = [*cuts, upper]
                 store.create_slices(
@@ -452,10 +487,11 @@ class Runner:
 
     def _count(self, prepared: PreparedJob) -> int | None:
         """Exact row count for small or never-analyzed tables, bounded by a timeout."""
+        read = self._read(prepared)
         try:
-            with self.conn.transaction():
-                self.conn.execute("SET LOCAL statement_timeout = '10s'")
-                row = self.conn.execute(
+            with read.transaction():
+                read.execute("SET LOCAL statement_timeout = '10s'")
+                row = read.execute(
                     sql.SQL("SELECT count(*) FROM {}").format(prepared.keyset.table)
                 ).fetchone()
         except pgerrors.QueryCanceled:
@@ -739,14 +775,19 @@ class Runner:
                 fresh = store.get_slice(self.conn, job.id, slice_no)
                 if codec.encode(cursor) != fresh.cursor or fresh.done:
                     raise _SliceMoved
+            size = sizer.size
+            if job.canary_rows is not None and job.approved_at is None:
+                # The canary's last batch stops at the canary (the job-wide count is exact
+                # inline; on the workers, other slices' batches can still add to it).
+                size = max(1, min(size, job.canary_rows - self._scanned))
             return run_batch(
                 self.conn, prepared, job_id=job.id, slice_no=slice_no, cursor=cursor,
-                slice_upper=upper, size=sizer.size, options=options, codec=codec,
+                slice_upper=upper, size=size, options=options, codec=codec,
                 attempts=attempts,
                 next_size=lambda rows, ms: sizer.observe(rows, ms, options),
                 lease_token=lease_token,
                 canary=job.canary_rows is not None and job.approved_at is None,
-                actor=self.owner,
+                actor=self.owner, read=self._read(prepared) if prepared.remote else None,
             )
 
         by_attempts = stop_after_attempt(options.max_retries + 1)
@@ -835,23 +876,7 @@ class Runner:
                                     error=error, details=details, clear_owner=True)
 
     def _verify_canary(self, job: store.JobRecord) -> None:
-        """The batch that completed the canary checks every row done so far; a difference
-        fails the job before anyone can approve the rest."""
-        report = verify(self.conn, job.id)
-        if report.ok or report.unverifiable:
-            reason = (f"canary verified: {report.checked_rows:,} rows, no differences"
-                      if report.ok else f"canary not re-checkable: {report.unverifiable}")
-            store.add_event(self.conn, job.id, "canary_verified", actor=self.owner,
-                            reason=reason, details=report.to_json())
-            self.log.info("job.canary_verified", rows=report.checked_rows)
-            return
-        detail = "; ".join(d.detail for d in report.diffs[:3])
-        with self.conn.transaction():
-            store.add_event(self.conn, job.id, "canary_failed", actor=self.owner, reason=detail,
-                            details=report.to_json())
-            store.transition(self.conn, job.id, S.FAILED, actor=self.owner,
-                             reason=f"canary verification failed: {detail}",
-                             expect=frozenset({S.AWAITING_APPROVAL}))
+        verify_canary(self.conn, job.id, actor=self.owner)
 
     def _pause_on_stop(self) -> store.JobRecord:
         def pause() -> store.JobRecord:
@@ -883,6 +908,27 @@ class Runner:
             if span > 0:
                 rate = sum(r for _, r in window[1:]) / span
         self.on_tick(Tick(job, batch, size, self._scanned, self._affected, rate, state, note))
+
+
+def verify_canary(conn: Conn, job_id: int, *, actor: str) -> bool:
+    """Check every row the canary did; a difference fails the job before anyone can approve
+    the rest. Records the verdict (the event approve looks for) and returns it."""
+    report = verify(conn, job_id)
+    if report.ok or report.unverifiable:
+        reason = (f"canary verified: {report.checked_rows:,} rows, no differences"
+                  if report.ok else f"canary not re-checkable: {report.unverifiable}")
+        store.add_event(conn, job_id, "canary_verified", actor=actor, reason=reason,
+                        details=report.to_json())
+        get_logger(job_id=job_id).info("job.canary_verified", job_id=job_id, rows=report.checked_rows)
+        return True
+    detail = "; ".join(d.detail for d in report.diffs[:3])
+    with conn.transaction():
+        store.add_event(conn, job_id, "canary_failed", actor=actor, reason=detail,
+                        details=report.to_json())
+        store.transition(conn, job_id, S.FAILED, actor=actor,
+                         reason=f"canary verification failed: {detail}",
+                         expect=frozenset({S.AWAITING_APPROVAL}))
+    return False
 
 
 def _connection_trouble(exc: BaseException) -> bool:

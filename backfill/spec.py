@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
 from backfill.errors import InvalidInput, InvalidOption
 from backfill.options import JobOptions, build_options
 
@@ -54,6 +56,11 @@ class JobSpec:
     #: awaiting_approval for `backfill approve` (or ``auto_approve_after_ms`` of quiet).
     canary: str | None = None
     auto_approve_after_ms: float | None = None
+    #: copy from another database: ``table`` lives there, ``dest`` here (where the job's
+    #: state lives, committing with the written rows). No password in it: ~/.pgpass.
+    source_dsn: str | None = None
+    #: (destination column, source column) pairs for columns renamed between the two.
+    column_map: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -93,6 +100,24 @@ class JobSpec:
                                f"{', '.join(UNDOABLE)} jobs change rows in place)")
         if self.kind == "revert" and (self.reverts is None or not self.dest):
             raise InvalidInput("a revert job needs the job it reverts (`backfill revert JOB`)")
+        if self.source_dsn is not None:
+            if self.kind != "copy":
+                raise InvalidInput("only copy jobs read from another database (--source); a "
+                                   "cross-database move is a copy, then a delete job there")
+            if self.on_conflict != "error":
+                raise InvalidInput("a cross-database copy writes with COPY: on_conflict must "
+                                   "be error")
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                parts = conninfo_to_dict(self.source_dsn)
+            except psycopg.ProgrammingError as exc:
+                raise InvalidInput(f"malformed source DSN: {exc}") from None
+            if parts.get("password"):
+                raise InvalidInput("the source DSN must not carry a password: the job's spec "
+                                   "is stored in the database; use ~/.pgpass (or PGPASSFILE)")
+        if self.column_map and self.source_dsn is None and self.kind != "copy":
+            raise InvalidInput("a column map is for copy jobs")
         if self.canary is not None:
             canary_size(self.canary, None)   # shape only; the table's size is checked later
         if self.auto_approve_after_ms is not None and self.canary is None:
@@ -129,6 +154,7 @@ class JobSpec:
         data = dataclasses.asdict(self)
         data["options"] = self.options.to_json()
         data["set"] = [list(p) for p in self.set]
+        data["column_map"] = [list(p) for p in self.column_map]
         return data
 
     @classmethod
@@ -136,6 +162,7 @@ class JobSpec:
         d = dict(data)
         d["options"] = JobOptions.from_json(d.get("options") or {})
         d["set"] = tuple(tuple(p) for p in d.get("set") or ())
+        d["column_map"] = tuple(tuple(p) for p in d.get("column_map") or ())
         for name in ("key", "columns", "writes"):
             d[name] = tuple(d.get(name) or ())
         known = {f.name for f in dataclasses.fields(cls)}

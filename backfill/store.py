@@ -794,6 +794,17 @@ def reach_canary(conn: Conn, job_id: int, *, actor: str) -> bool:
     """In a batch's transaction, after its checkpoint: once the job's done rows reach its
     canary, move it to awaiting_approval (other slices' batches then commit nothing, as for a
     pause) with the canary's figures in the event. True for the one batch that did it."""
+    reached = conn.execute(
+        """SELECT j.canary_rows IS NOT NULL AND j.approved_at IS NULL
+                  AND j.state IN ('running', 'throttled')
+                  AND (SELECT sum(rows_scanned) FROM backfill.slices WHERE job_id = j.id)
+                      >= j.canary_rows
+           FROM backfill.jobs j WHERE j.id = %s""", (job_id,)).fetchone()
+    if not (reached and reached[0]):
+        return False
+    # FOR UPDATE waits for the batches of other slices that already passed their checkpoint
+    # (they hold KEY SHARE): they commit before the canary ends, later ones commit nothing.
+    conn.execute("SELECT 1 FROM backfill.jobs WHERE id = %s FOR UPDATE", (job_id,))
     row = conn.execute(
         """WITH total AS (SELECT sum(rows_scanned)::bigint AS n, sum(rows_affected)::bigint AS a
                           FROM backfill.slices WHERE job_id = %(job)s),
@@ -823,15 +834,16 @@ def reach_canary(conn: Conn, job_id: int, *, actor: str) -> bool:
 def canary_report(conn: Conn, job_id: int) -> dict[str, Any] | None:
     """The canary's figures (rows, seconds, rows/s) and its verification, from the events."""
     row = conn.execute(
-        """SELECT details FROM backfill.events WHERE job_id = %s AND kind = 'transition'
+        """SELECT id, details FROM backfill.events WHERE job_id = %s AND kind = 'transition'
              AND to_state = 'awaiting_approval' ORDER BY id DESC LIMIT 1""", (job_id,)).fetchone()
     if row is None:
         return None
-    report = dict(row[0] or {})
+    report = dict(row[1] or {})
+    # Only a verdict on this canary counts (a retried job reaches a new one).
     verified = conn.execute(
-        """SELECT kind, reason FROM backfill.events WHERE job_id = %s
+        """SELECT kind, reason FROM backfill.events WHERE job_id = %s AND id > %s
              AND kind IN ('canary_verified', 'canary_failed') ORDER BY id DESC LIMIT 1""",
-        (job_id,)).fetchone()
+        (job_id, row[0])).fetchone()
     report["verified"] = None if verified is None else verified[0] == "canary_verified"
     report["verify_detail"] = verified[1] if verified else None
     return report

@@ -52,8 +52,9 @@ def _row_hash(columns: tuple[str, ...], alias: str) -> sql.Composable:
 
 
 class _Checker:
-    def __init__(self, conn: Conn, prepared: PreparedJob) -> None:
+    def __init__(self, conn: Conn, prepared: PreparedJob, src: Conn | None = None) -> None:
         self.conn = conn
+        self.src = src if src is not None else conn   # a cross-database copy's source
         self.p = prepared
         self.ks = prepared.keyset
 
@@ -88,9 +89,10 @@ class _Checker:
                     t=t, p=spred, f=self.p.extra_filter())
                 n = self._scalar(q, params)
                 return f"{n} source rows were not moved" if n else None
-            src = self.conn.execute(
+            src = self.src.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} AS s WHERE {p}{f}").format(
-                    h=_row_hash(cols, "s"), t=t, p=spred, f=self.p.extra_filter()), params).fetchone()
+                    h=_row_hash(self.p.source_columns or cols, "s"), t=t, p=spred,
+                    f=self.p.extra_filter()), params).fetchone()
             dst = self.conn.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE {p}").format(
                     h=_row_hash(cols, "d"), d=d, p=dpred), params).fetchone()
@@ -136,10 +138,13 @@ class _Checker:
             return f"{n} deleted rows are still missing" if n else None
         cols = self.p.copy_columns
         now = ids(sql.SQL("{d}.{c}").format(d=d, c=sql.Identifier(c)) for c in cols)
+        # Plain: rows still holding exactly what the job wrote; forced: rows not back at the
+        # old values. Compared as stored bytes (*=, on records), like the revert itself.
         target = "new" if self.p.spec.on_conflict != "update" else "old"
-        cmp = "IS NOT DISTINCT FROM" if target == "new" else "IS DISTINCT FROM"
+        cmp = "" if target == "new" else "NOT "
         q = sql.SQL("SELECT count(*) FROM {u} AS u JOIN {d} ON {j} WHERE {p} "
-                    "AND ({now}) {cmp} ({vals}) AND ({new}) IS DISTINCT FROM ({old})").format(
+                    "AND {cmp}((SELECT ROW({now})) *= (SELECT ROW({vals}))) "
+                    "AND NOT ((SELECT ROW({new})) *= (SELECT ROW({old})))").format(
             u=_ident(self.p.table), d=d, j=join, p=pred, now=now, cmp=sql.SQL(cmp),
             vals=ids(sql.SQL("u.{}").format(sql.Identifier(f"{target}:{c}")) for c in cols),
             new=ids(sql.SQL("u.{}").format(sql.Identifier(f"new:{c}")) for c in cols),
@@ -152,24 +157,65 @@ class _Checker:
         return int(row[0]) if row else 0
 
 
+_CLOCKS = {"now", "statement_timestamp", "transaction_timestamp", "clock_timestamp",
+           "timeofday"}
+_CLOCK_WORDS = ("current_timestamp", "current_date", "current_time", "localtimestamp",
+                "localtime")
+
+
+def _unrecomputable(conn: Conn, expressions: list[str]) -> list[str]:
+    """Functions in ``expressions`` whose value changes between evaluations (volatile ones,
+    and the clock): re-evaluating the SET in verify cannot match what the job wrote."""
+    from backfill.lint import function_names
+
+    names: set[str] = set()
+    for e in expressions:
+        names |= function_names(e)
+        names |= {w for w in _CLOCK_WORDS if w in e.lower()}
+    found = sorted(names & (_CLOCKS | set(_CLOCK_WORDS)))
+    if names:
+        row = conn.execute("SELECT array_agg(DISTINCT proname::text) FROM pg_proc "
+                           "WHERE proname = ANY (%s) AND provolatile = 'v'",
+                           (sorted(names),)).fetchone()
+        found = sorted(set(found) | set(row[0] if row and row[0] else []))
+    return found
+
+
 def verify(conn: Conn, job_id: int, *, chunk: int = DEFAULT_CHUNK) -> VerifyReport:
     """Check every completed range of ``job_id`` in chunks of ``chunk`` keys."""
     job = store.get_job(conn, job_id)
-    report = VerifyReport(job_id, job.kind)
+    if job.spec.source_dsn is not None:
+        from backfill.db import connect
+
+        with connect(job.spec.source_dsn, application_name="backfill verify source") as src:
+            return _verify(conn, job, chunk, src)
+    return _verify(conn, job, chunk, None)
+
+
+def _verify(conn: Conn, job: store.JobRecord, chunk: int, src: Conn | None) -> VerifyReport:
+    report = VerifyReport(job.id, job.kind)
+    job_id = job.id
     if job.kind == "sql":
         report.unverifiable = "sql jobs run arbitrary statements; there is nothing to re-check"
         return report
-    prepared = prepare_stored(conn, job, explain=False)
+    if job.kind == "update":
+        moving = _unrecomputable(conn, [e for _, e in job.spec.set])
+        if moving:
+            report.unverifiable = (f"its SET calls {', '.join(moving)}: values that differ at "
+                                   "every evaluation cannot be re-checked")
+            return report
+    prepared = prepare_stored(conn, job, explain=False, source=src)
     codec = KeyCodec(prepared.key_types)
-    checker = _Checker(conn, prepared)
+    checker = _Checker(conn, prepared, src)
     ks = prepared.keyset
+    read = src if src is not None else conn
     for slc in store.slices(conn, job_id):
         end = codec.decode(slc.upper_bound if slc.done else slc.cursor)
         if end is None:
             continue
         lo = codec.decode(slc.lower_bound)
         while True:
-            nxt = ks.probe(conn, lo, end, chunk - 1)
+            nxt = ks.probe(read, lo, end, chunk - 1)
             hi = nxt if nxt is not None else end
             with conn.transaction():
                 # One snapshot per chunk: a copy's source and destination are read as of the

@@ -152,3 +152,15 @@ def test_a_percent_canary_is_sized_from_the_table(dsn: str) -> None:
 
 def _with_canary(spec: JobSpec, canary: str, auto_ms: float | None = None) -> JobSpec:
     return dataclasses.replace(spec, canary=canary, auto_approve_after_ms=auto_ms)
+
+
+def test_a_canary_with_a_volatile_set_is_not_failed_by_its_recheck(dsn: str) -> None:
+    make_counter_table(dsn, 4_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(_with_canary(update("items", {"note": "md5(random()::text)"},
+                                         batch_size=300), "600"))
+    done = bf.run(job.id)
+    assert done.state == JobState.AWAITING_APPROVAL
+    assert bf.progress(job.id).rows_scanned == 600      # the last batch stops at the canary
+    assert "not re-checkable" in (bf.canary(job.id) or {}).get("verify_detail", "")
+    assert bf.approve(job.id).state == JobState.PENDING

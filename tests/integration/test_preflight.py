@@ -129,3 +129,15 @@ def test_on_the_workers_a_failing_preflight_pauses_the_job(dsn: str, monkeypatch
     paused = bf.get(job.id)
     assert paused.state == JobState.PAUSED
     assert "pre-flight failed: backup" in (paused.state_reason or "")
+
+
+def test_a_job_paused_before_its_first_batch_is_still_checked(dsn: str, tmp_path: Path) -> None:
+    make_counter_table(dsn, 1_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", {"note": "'n'"}))
+    bf.pause(job.id)
+    r = _cli(dsn, "run", str(job.id), "--no-progress",
+             config=_config(tmp_path, 'backup_command = "false"\n'))
+    assert r.returncode == 1
+    assert "did not pass pre-flight" in r.stderr
+    assert [e.kind for e in bf.events(job.id)].count("preflight") == 1

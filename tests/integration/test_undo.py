@@ -3,6 +3,7 @@ table exactly, leaving rows the application changed since alone unless forced.""
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import psycopg
 import pytest
 
 from backfill import Backfill, delete, transform, update
-from backfill.errors import InvalidInput
+from backfill.errors import IllegalTransition, InvalidInput
 from backfill.states import JobState
 from tests.integration.helpers import cli, cli_env, scalar, wait_for
 
@@ -167,3 +168,63 @@ def test_refusals_and_pruning(dsn: str) -> None:
                        "AND job_id = %s", (plain.id,)) == 1
     with pytest.raises(InvalidInput, match="was pruned"):
         bf.revert(plain.id)
+
+
+def test_revert_compares_stored_bytes_and_handles_types_without_equality(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE docs (id int PRIMARY KEY, body json, pos point, iv interval)")
+        c.execute("""INSERT INTO docs SELECT g, json_build_object('g', g), point(g, g),
+                     interval '1 mon' FROM generate_series(1, 300) g""")
+    before = _sum(dsn, "docs")
+    bf = Backfill(dsn)
+    job = bf.run(update("docs", {"body": "json_build_object('new', id)", "pos": "point(0, 0)",
+                                 "iv": "interval '2 mon'"}, batch_size=100))
+    assert job.state == JobState.SUCCEEDED
+    with psycopg.connect(dsn, autocommit=True) as c:
+        # An "equal" value written by the application since: 60 days = 2 mon for =, not *=.
+        c.execute("UPDATE docs SET iv = interval '60 days' WHERE id = 7")
+    revert = bf.run(bf.revert(job.id).id)
+    assert revert.state == JobState.SUCCEEDED
+    prog = bf.progress(revert.id)
+    assert prog.rows_scanned - prog.rows_affected == 1
+    assert scalar(dsn, "SELECT iv::text FROM docs WHERE id = 7") == "60 days"
+    assert bf.verify(revert.id).ok
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE docs SET iv = interval '1 mon', body = json_build_object('g', 7), "
+                  "pos = point(7, 7) WHERE id = 7")
+    assert _sum(dsn, "docs") == before
+
+
+def bump(row: dict[str, object]) -> dict[str, object]:
+    """A transform writing jsonb and interval values (the undo log must keep them exact)."""
+    return {"meta": {"seen": row["id"]}, "iv": dt.timedelta(days=30)}
+
+
+def test_transform_undo_is_exact_for_jsonb_and_interval(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE things (id int PRIMARY KEY, meta jsonb, iv interval)")
+        c.execute("""INSERT INTO things SELECT g, jsonb_build_object('g', g), interval '1 mon'
+                     FROM generate_series(1, 200) g""")
+    before = _sum(dsn, "things")
+    bf = Backfill(dsn)
+    job = bf.run(transform("things", "tests.integration.test_undo:bump",
+                           columns=["id", "meta", "iv"], writes=["meta", "iv"], batch_size=50))
+    assert job.state == JobState.SUCCEEDED, job.last_error
+    assert scalar(dsn, "SELECT count(*) FROM backfill.undo_%s" % job.id) == 200  # noqa: UP031
+    assert scalar(dsn, f"SELECT \"old:iv\"::text FROM backfill.undo_{job.id} WHERE id = 1") \
+        == "1 mon"
+    assert bf.run(bf.revert(job.id).id).state == JobState.SUCCEEDED
+    assert _sum(dsn, "things") == before
+
+
+def test_reverting_a_failed_job_cancels_it(dsn: str) -> None:
+    _accounts(dsn, 2_000)
+    bf = Backfill(dsn)
+    job = bf.run(update("accounts", {"balance": "CASE WHEN id = 1600 THEN 1 / (id - 1600) "
+                                                "ELSE 0 END"},
+                        batch_size=500, max_retries=0))
+    assert job.state == JobState.FAILED
+    bf.run(bf.revert(job.id).id)
+    assert bf.get(job.id).state == JobState.CANCELLED
+    with pytest.raises(IllegalTransition):
+        bf.retry(job.id)

@@ -1,0 +1,123 @@
+"""Copy between two databases: keyset reads on the source, COPY into the destination, the
+checkpoint in the destination's state committing with the rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from backfill import Backfill
+from backfill.spec import JobSpec
+from tests.conftest import _create_db, _db_dsn, _drop_db
+from tests.integration.helpers import cli, cli_env, scalar, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+ROWS = 60_000
+
+
+@pytest.fixture
+def source(admin_dsn: str) -> Iterator[str]:
+    name = _create_db(admin_dsn, "template0")
+    src = _db_dsn(admin_dsn, name)
+    with psycopg.connect(src, autocommit=True) as c:
+        c.execute("""CREATE TABLE events (id bigint PRIMARY KEY, kind text, amount int,
+                     tags text[], at timestamptz, note text)""")
+        c.execute("""INSERT INTO events SELECT g, 'k' || (g %% 5), g, ARRAY['t', g::text],
+                     timestamptz '2024-01-01' + g * interval '1 s',
+                     CASE WHEN g %% 9 = 0 THEN NULL ELSE 'n' || g END
+                     FROM generate_series(1, %s) g""", (ROWS,))
+        c.execute("ANALYZE events")
+    try:
+        yield src
+    finally:
+        _drop_db(admin_dsn, name)
+
+
+def _dest(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        # amount widened to bigint, kind renamed category, no note column.
+        c.execute("""CREATE TABLE archive (id bigint PRIMARY KEY, category text, amount bigint,
+                     tags text[], at timestamptz)""")
+
+
+def _sum(dsn: str, table: str, cols: str) -> str:
+    return str(scalar(dsn, f"SELECT md5(string_agg(ROW({cols})::text, ',' ORDER BY id)) "
+                           f"FROM {table}"))
+
+
+def test_a_copy_between_databases_with_a_column_map_verifies(dsn: str, source: str) -> None:
+    _dest(dsn)
+    r = cli(dsn, "enqueue", "-t", "events", "--dest", "archive", "--source", source,
+            "--map", "category=kind", "--batch-size", "5000", "-q")
+    assert r.returncode == 0, r.stderr
+    job = int(r.stdout.strip())
+    r = cli(dsn, "run", str(job), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM archive") == ROWS
+    assert _sum(dsn, "archive", "id, category, amount, tags, at") == \
+        _sum(source, "events", "id, kind, amount, tags, at")
+    r = cli(dsn, "verify", str(job))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The job's state is in the destination; the source has no backfill schema.
+    assert scalar(source, "SELECT to_regnamespace('backfill')") is None
+    # A difference on either side is found.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE archive SET amount = -1 WHERE id = 777")
+    r = cli(dsn, "verify", str(job))
+    assert r.returncode == 1
+
+
+def test_a_killed_copy_resumes_without_duplicates(dsn: str, source: str) -> None:
+    _dest(dsn)
+    bf = Backfill(dsn)
+    job = bf.enqueue(JobSpec("copy", "events", dest="archive", source_dsn=source,
+                             column_map=(("category", "kind"),)).with_options(
+        batch_size=500, min_batch_size=500, max_batch_size=500))
+    proc = subprocess.Popen([sys.executable, "-m", "backfill.cli", "--dsn", dsn, "run",
+                             str(job.id), "--no-progress"], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: bf.progress(job.id).batches >= 10, timeout=60, what="10 batches")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = cli(dsn, "run", str(job.id), "--no-progress", "--takeover-after", "1")
+    assert r.returncode == 0, r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM archive") == ROWS   # a duplicate would fail COPY
+    assert bf.verify(job.id).ok
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--map", "category=nope"], "column 'nope' does not exist"),
+    (["--map", "nope=kind"], "column 'nope' does not exist"),
+    (["--workers"], "runs inline"),
+    (["--on-conflict", "nothing"], "on_conflict must be error"),
+])
+def test_bad_cross_database_copies_are_refused(dsn: str, source: str, args: list[str],
+                                               message: str) -> None:
+    _dest(dsn)
+    r = cli(dsn, "enqueue", "-t", "events", "--dest", "archive", "--source", source, *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM backfill.jobs") == 0
+
+
+def test_bad_sources_are_refused(dsn: str, source: str) -> None:
+    _dest(dsn)
+    for src, message in ((source + " password=secret", "must not carry a password"),
+                         (source, "table 'missing' does not exist")):
+        table = "missing" if "missing" in message else "events"
+        r = cli(dsn, "enqueue", "-t", table, "--dest", "archive", "--source", src)
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr
+        assert "secret" not in r.stderr
+    r = cli(dsn, "enqueue", "-t", "archive", "--dest", "archive", "--source", dsn)
+    assert r.returncode == 2
+    assert "the destination is the source table itself" in r.stderr
