@@ -463,11 +463,45 @@ class Backfill:
             runner = Runner(self.dsn, job.id, actor=self.actor, stop=stop, on_tick=on_tick,
                             takeover_after_s=takeover_after_s)
             job = runner.run()
+            if (job.state == S.SUCCEEDED and job.kind == "move"
+                    and job.spec.source_dsn is not None):
+                # A cross-database move's second phase: delete what the copy wrote.
+                phase2 = self._move_delete_phase(job)
+                done = self.run(phase2.id, stop=stop, on_tick=on_tick,
+                                takeover_after_s=takeover_after_s, skip_preflight=True)
+                return job if done.state == S.SUCCEEDED else done
             if job.state != S.AWAITING_APPROVAL or job.spec.auto_approve_after_ms is None:
                 return job
             # --auto-approve-after: wait out the quiet period here, then go on by itself.
             if not self._wait_auto_approval(job, stop):
                 return self.get(job.id)
+
+    def _move_delete_phase(self, move: store.JobRecord) -> store.JobRecord:
+        """The delete job of a cross-database move (created once): the source rows of the
+        copied range, each batch deleted only if it matches the destination."""
+        name = f"move job {move.id}: delete from the source"
+        with self._conn() as conn:
+            for existing in store.find_jobs_by_name(conn, name):
+                if existing.state != S.CANCELLED:
+                    return existing
+            slices = store.slices(conn, move.id)
+            codec = KeyCodec(move.key_types)
+            uppers = [codec.decode(s.upper_bound) for s in slices]
+            upper = max(u for u in uppers if u is not None)
+            keys = sql.SQL(", ").join(map(sql.Identifier, move.key_columns))
+            bound = sql.SQL("ROW({}) <= ROW({})").format(
+                keys, sql.SQL(", ").join(map(sql.Literal, upper))).as_string(conn)
+            where = f"({move.spec.where}) AND {bound}" if move.spec.where else bound
+            spec = dataclasses.replace(
+                move.spec, kind="delete", table=f"{move.source_schema}.{move.source_table}",
+                where=where, undo_log=False, name=name, key=tuple(move.key_columns),
+                canary=None, auto_approve_after_ms=None)
+            job = create_job(conn, spec, actor=self.actor, workers=False)
+            store.add_event(conn, move.id, "info", actor=self.actor,
+                            reason=f"copy phase done; job {job.id} deletes the copied rows "
+                                   "from the source, range by range, each checked against "
+                                   "the destination first")
+            return job
 
     def _wait_auto_approval(self, job: store.JobRecord, stop: threading.Event | None) -> bool:
         stop = stop or threading.Event()

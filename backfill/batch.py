@@ -82,7 +82,9 @@ def run_batch(
         if prepared.spec.kind == "sql":
             first = keyset.first_key(conn, cursor, hi)
         affected = 0
-        if prepared.remote:
+        if prepared.remote and prepared.spec.kind == "delete":
+            affected = prepared.delete_remote(src, conn, cursor, hi)
+        elif prepared.remote:
             affected = scanned = prepared.copy_remote(src, conn, cursor, hi)
         elif scanned or first:
             affected = prepared.write_batch(

@@ -62,6 +62,40 @@ class PreparedJob:
         connection there, writes and checkpoints stay here."""
         return self.spec.source_dsn is not None
 
+    def delete_remote(self, read: Conn, conn: Conn, lo: Key | None, hi: Key) -> int:
+        """One batch of a cross-database move's second phase: delete a key range from the
+        source once it is in the destination, unchanged. In a source transaction the rows
+        are locked and their count and checksum compared with the destination's committed
+        rows; any difference (changed since the copy, or never copied) deletes nothing and
+        fails the job. An empty range is an earlier attempt that deleted it (the checkpoint
+        here follows the delete there): done."""
+        assert self.dest is not None
+        params = Keyset.params(lo, hi)
+        pred = self.keyset.predicate(lower=lo is not None)
+        src_cols = self.source_columns or self.copy_columns
+        with read.transaction():
+            read.execute("SET LOCAL lock_timeout = '5s'")
+            here = read.execute(sql.SQL(
+                "SELECT count(*), coalesce(sum({h}), 0) FROM (SELECT {c} FROM {t} WHERE {p}{f} "
+                "FOR UPDATE) AS s").format(
+                    h=_row_hash(src_cols, "s"), c=sql.SQL(", ").join(map(sql.Identifier, src_cols)),
+                    t=_ident(self.table), p=pred, f=self.extra_filter()), params).fetchone()
+            assert here is not None
+            if not here[0]:
+                return 0
+            there = conn.execute(sql.SQL(
+                "SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE {p}").format(
+                    h=_row_hash(self.copy_columns, "d"), d=_ident(self.dest),
+                    p=self.keyset.predicate(lower=lo is not None, alias="d")), params).fetchone()
+            if there is None or tuple(here) != tuple(there):
+                raise InvalidStatement(
+                    f"move: the source rows after {lo} through {hi} ({here[0]}) differ from the "
+                    f"destination's ({there[0] if there else 0}): changed since the copy, or "
+                    "never copied; nothing was deleted (copy them again, then retry)")
+            cur = read.execute(sql.SQL("DELETE FROM {t} WHERE {p}{f}").format(
+                t=_ident(self.table), p=pred, f=self.extra_filter()), params)
+            return max(cur.rowcount, 0)
+
     def copy_remote(self, read: Conn, conn: Conn, lo: Key | None, hi: Key) -> int:
         """One batch of a cross-database copy: ``COPY (SELECT …) TO STDOUT`` on the source
         piped into ``COPY dest FROM STDIN`` here, inside the caller's transaction (so the rows
@@ -94,6 +128,11 @@ class PreparedJob:
 
     def write_targets(self) -> list[tuple[str, frozenset[str] | None]]:
         """Every table this job writes, with the columns (``None``: whole rows)."""
+        if self.remote:   # the source is another database: its tables are not ours to lock
+            if self.spec.kind == "delete":
+                return [(f"remote:{self.table.qualified}", None)]
+            assert self.dest is not None
+            return [(self.dest.qualified, None)]
         if self.dest is not None:
             targets: list[tuple[str, frozenset[str] | None]] = [(self.dest.qualified, None)]
             if self.spec.kind == "move":  # deletes from its source too
@@ -433,6 +472,12 @@ class PreparedJob:
         return "\n".join(str(r[0]) for r in rows)
 
 
+def _row_hash(columns: tuple[str, ...], alias: str) -> sql.Composable:
+    """64 bits of md5 of a row's text form (summed as numeric: no overflow)."""
+    row = sql.SQL(", ").join(sql.Identifier(alias, c) for c in columns)
+    return sql.SQL("('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint::numeric").format(row)
+
+
 def _remote_columns(spec: JobSpec, table: Table, dest: Table,
                     key: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(destination columns, source columns) of a cross-database copy: ``column_map`` pairs,
@@ -566,6 +611,10 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
             raise InvalidInput(
                 f"on_conflict=update needs the key ({', '.join(key)}) among the copied columns"
             )
+    if spec.kind == "delete" and spec.source_dsn is not None:
+        assert spec.dest is not None
+        dest = resolve_table(conn, spec.dest)
+        copy_columns, source_columns = _remote_columns(spec, table, dest, key)
     reverted_kind = None
     if spec.kind == "revert":
         assert spec.dest is not None

@@ -101,9 +101,12 @@ class JobSpec:
         if self.kind == "revert" and (self.reverts is None or not self.dest):
             raise InvalidInput("a revert job needs the job it reverts (`backfill revert JOB`)")
         if self.source_dsn is not None:
-            if self.kind != "copy":
-                raise InvalidInput("only copy jobs read from another database (--source); a "
-                                   "cross-database move is a copy, then a delete job there")
+            if self.kind not in ("copy", "move", "delete"):
+                raise InvalidInput("only copy and move jobs read from another database "
+                                   "(--source)")
+            if self.kind == "delete" and (self.undo_log or not self.dest):
+                raise InvalidInput("a cross-database delete is a move's second phase: it needs "
+                                   "the destination that holds the rows, and keeps no undo log")
             if self.on_conflict != "error":
                 raise InvalidInput("a cross-database copy writes with COPY: on_conflict must "
                                    "be error")
@@ -141,7 +144,8 @@ class JobSpec:
 
     @property
     def undo_enabled(self) -> bool:
-        return self.kind in UNDOABLE and self.undo_log is not False
+        return (self.kind in UNDOABLE and self.undo_log is not False
+                and self.source_dsn is None)
 
     def write_columns(self) -> tuple[str, ...]:
         if self.kind == "update":

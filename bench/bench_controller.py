@@ -135,7 +135,7 @@ def caught_up(dsn: str, rdsn: str, timeout: float = 600) -> None:
 
 def run_scenario(name: str, dsn: str, rdsn: str, args: argparse.Namespace) -> dict[str, Any]:
     bf = Backfill(dsn, actor="bench")
-    job = bf.enqueue(update(TABLE, {"total": EXPR}))
+    job = bf.enqueue(update(TABLE, {"total": EXPR}, undo_log=False))
     sampler = Sampler(dsn, rdsn, args.sample, job_id=job.id)
     threads = [threading.Thread(target=sampler.run, daemon=True)]
     saboteur = Saboteur(rdsn, args.pause_on, args.pause_off) if name.startswith("slow") else None

@@ -54,7 +54,7 @@ from backfill.logs import configure as configure_logs  # noqa: E402
 TABLE = "bench_t"
 BENCH_DB = "backfill_bench"
 EXPR = "qty::bigint * price"
-METHODS = ("single", "naive", "keyset", "backfill", "backfill-adaptive")
+METHODS = ("single", "naive", "keyset", "backfill", "backfill-adaptive", "backfill-undo")
 KEY_KINDS = ("bigint", "uuid", "composite")
 TENANTS = 100
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -222,10 +222,13 @@ def run_backfill(dsn: str, method: str, n: int) -> dict[str, Any]:
     configure_logs(json=True, level="info")  # as a production run would; logs go to stderr
     bf = Backfill(dsn, actor="bench")
     bf.upgrade()
-    if method == "backfill":
-        spec = update(TABLE, {"total": EXPR}, batch_size=n, min_batch_size=n, max_batch_size=n)
+    # "backfill" and "backfill-adaptive" without the undo log (comparable with the hand
+    # loops); "backfill-undo": fixed batches like "backfill", with the undo log (the default).
+    if method in ("backfill", "backfill-undo"):
+        spec = update(TABLE, {"total": EXPR}, batch_size=n, min_batch_size=n, max_batch_size=n,
+                      undo_log=method == "backfill-undo")
     else:
-        spec = update(TABLE, {"total": EXPR})
+        spec = update(TABLE, {"total": EXPR}, undo_log=False)
     rss_before = maxrss_kib()
     started = time.perf_counter()
     job = bf.enqueue(spec)

@@ -117,7 +117,7 @@ def _job_stats(dsn: str, job_id: int) -> tuple[int, float]:
 
 def run_inline(dsn: str, n: int) -> dict[str, Any]:
     bf = Backfill(dsn, actor="bench")
-    job = bf.enqueue(update(TABLE, {"total": EXPR}, batch_size=n, min_batch_size=n,
+    job = bf.enqueue(update(TABLE, {"total": EXPR}, undo_log=False, batch_size=n, min_batch_size=n,
                             max_batch_size=n))
     started = time.perf_counter()
     done = bf.run(job.id)
@@ -154,7 +154,7 @@ def run_workers(dsn: str, broker: str, k: int, n: int, logdir: Path) -> dict[str
 
     app_module.app.conf.broker_url = broker
     bf = Backfill(dsn, actor="bench")
-    job = bf.enqueue(update(TABLE, {"total": EXPR}, batch_size=n, min_batch_size=n,
+    job = bf.enqueue(update(TABLE, {"total": EXPR}, undo_log=False, batch_size=n, min_batch_size=n,
                             max_batch_size=n, parallelism=k))
     procs = start_workers(dsn, broker, k, logdir)
     # One connection, polled every 50 ms: a connection per poll would steal CPU from the

@@ -121,3 +121,47 @@ def test_bad_sources_are_refused(dsn: str, source: str) -> None:
     r = cli(dsn, "enqueue", "-t", "archive", "--dest", "archive", "--source", dsn)
     assert r.returncode == 2
     assert "the destination is the source table itself" in r.stderr
+
+
+def test_a_move_between_databases_deletes_only_what_arrived_unchanged(
+        dsn: str, source: str) -> None:
+    _dest(dsn)
+    with psycopg.connect(source, autocommit=True) as c:
+        c.execute("DELETE FROM events WHERE id > 20000")
+    bf = Backfill(dsn)
+    r = cli(dsn, "enqueue", "--kind", "move", "-t", "events", "--dest", "archive", "--source",
+            source, "--map", "category=kind", "--batch-size", "2000", "-q")
+    assert r.returncode == 0, r.stderr
+    move = int(r.stdout.strip())
+    expected = _sum(source, "events", "id, kind, amount, tags, at")
+    r = cli(dsn, "run", str(move), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM archive") == 20_000
+    assert _sum(dsn, "archive", "id, category, amount, tags, at") == expected
+    assert scalar(source, "SELECT count(*) FROM events") == 0
+    phase2 = [j for j in bf.list(include_finished=True) if j.name.startswith(f"move job {move}")]
+    assert len(phase2) == 1
+    assert phase2[0].state == "succeeded"
+    assert bf.verify(phase2[0].id).ok
+
+
+def test_a_move_refuses_to_delete_rows_changed_since_the_copy(dsn: str, source: str) -> None:
+    _dest(dsn)
+    with psycopg.connect(source, autocommit=True) as c:
+        c.execute("DELETE FROM events WHERE id > 5000")
+    bf = Backfill(dsn)
+    move = bf.enqueue(JobSpec("move", "events", dest="archive", source_dsn=source,
+                              column_map=(("category", "kind"),)).with_options(batch_size=1000))
+    # Phase 1 only (the runner alone), then a change on the source, then phase 2.
+    from backfill.runner import Runner
+    assert Runner(dsn, move.id, actor="tester").run().state == "succeeded"
+    with psycopg.connect(source, autocommit=True) as c:
+        c.execute("UPDATE events SET amount = -5 WHERE id = 3500")
+    phase2 = bf._move_delete_phase(bf.get(move.id))
+    done = bf.run(phase2.id, skip_preflight=True)
+    assert done.state == "failed"
+    assert "differ from the destination" in (done.last_error or "")
+    # The range holding the changed row, and every later one, stay; earlier ones are gone.
+    assert scalar(source, "SELECT amount FROM events WHERE id = 3500") == -5
+    assert scalar(source, "SELECT count(*) FROM events WHERE id > 3500") == 1500
+    assert scalar(source, "SELECT count(*) FROM events") < 5000
