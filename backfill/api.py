@@ -479,7 +479,7 @@ class Backfill:
     def _move_delete_phase(self, move: store.JobRecord) -> store.JobRecord:
         """The delete job of a cross-database move (created once): the source rows of the
         copied range, each batch deleted only if it matches the destination."""
-        name = f"move job {move.id}: delete from the source"
+        name = f"move job {move.id}, phase 2: the source rows go"
         with self._conn() as conn:
             for existing in store.find_jobs_by_name(conn, name):
                 if existing.state != S.CANCELLED:
