@@ -99,6 +99,7 @@ def test_a_killed_copy_resumes_without_duplicates(dsn: str, source: str) -> None
     (["--map", "nope=kind"], "column 'nope' does not exist"),
     (["--workers"], "runs inline"),
     (["--on-conflict", "nothing"], "on_conflict must be error"),
+    (["--columns", "id,colour"], "column 'colour' of public.archive has no source column"),
 ])
 def test_bad_cross_database_copies_are_refused(dsn: str, source: str, args: list[str],
                                                message: str) -> None:
@@ -118,6 +119,9 @@ def test_bad_sources_are_refused(dsn: str, source: str) -> None:
         assert r.returncode == 2, r.stderr
         assert message in r.stderr
         assert "secret" not in r.stderr
+    r = cli(dsn, "enqueue", "-t", "events", "--dest", "nowhere", "--source", source)
+    assert r.returncode == 2
+    assert "table 'nowhere' does not exist" in r.stderr
     r = cli(dsn, "enqueue", "-t", "archive", "--dest", "archive", "--source", dsn)
     assert r.returncode == 2
     assert "the destination is the source table itself" in r.stderr
