@@ -1,8 +1,9 @@
 """The ``backfill`` command line: operators' and scripts' entry point.
 
 Exit codes: 0 success; 1 operational failure (job failed or cancelled, database unreachable,
-verify found differences); 2 bad input (nothing was written); 3 the job is paused or throttled
-(by an operator or the controller); 130 interrupted with Ctrl-C (job paused, checkpoint kept).
+verify found differences, a pre-flight check failed); 2 bad input (nothing was written); 3 the
+job is paused or throttled (by an operator or the controller), or its canary awaits approval;
+130 interrupted with Ctrl-C (job paused, checkpoint kept).
 """
 
 from __future__ import annotations
@@ -368,8 +369,10 @@ def run(
         "--skip-preflight", help="Start without the pre-flight checks (recorded as an "
         "event).")] = False,
 ) -> None:
-    """Run a job in this process (no broker) until it finishes. Ctrl-C pauses it with the
-    checkpoint kept; running it again resumes. Exit: 0 done, 1 failed, 3 paused, 130 Ctrl-C."""
+    """Run a job in this process (no broker) until it finishes. Before its first write the
+    pre-flight checks run (a failure writes nothing; --skip-preflight is recorded). Ctrl-C
+    pauses it with the checkpoint kept; running it again resumes. Exit: 0 done, 1 failed,
+    3 paused, throttled or awaiting approval, 130 Ctrl-C."""
     bf = _client(ctx)
     if dry_run:
         plan = _guard(lambda: bf.plan(job))

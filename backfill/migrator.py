@@ -47,6 +47,7 @@ from backfill.errors import (
     MigrationBusy,
     MigrationError,
     MigrationWaiting,
+    PreflightFailed,
 )
 from backfill.logs import get_logger
 from backfill.migration import (
@@ -601,7 +602,10 @@ class Migrator:
                                            "goes on on the workers")
                 job = bf.get(job.id)
                 continue
-            job = bf.run(job.id, stop=self.stop, on_tick=self.on_tick)
+            try:
+                job = bf.run(job.id, stop=self.stop, on_tick=self.on_tick)
+            except PreflightFailed as exc:
+                raise self._fail(conn, rec, s, str(exc)) from None
             if job.state in (JobState.PAUSED, JobState.PENDING) or self.stop.is_set():
                 raise MigrationWaiting(
                     f"backfill job {job.id} stopped ({job.state}: {job.state_reason}); "
