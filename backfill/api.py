@@ -467,8 +467,10 @@ class Backfill:
                     and job.spec.source_dsn is not None):
                 # A cross-database move's second phase: delete what the copy wrote.
                 phase2 = self._move_delete_phase(job)
+                if phase2 is None:
+                    return job   # the source range was empty: nothing to delete
                 done = self.run(phase2.id, stop=stop, on_tick=on_tick,
-                                takeover_after_s=takeover_after_s, skip_preflight=True)
+                                takeover_after_s=takeover_after_s)
                 return job if done.state == S.SUCCEEDED else done
             if job.state != S.AWAITING_APPROVAL or job.spec.auto_approve_after_ms is None:
                 return job
@@ -476,7 +478,7 @@ class Backfill:
             if not self._wait_auto_approval(job, stop):
                 return self.get(job.id)
 
-    def _move_delete_phase(self, move: store.JobRecord) -> store.JobRecord:
+    def _move_delete_phase(self, move: store.JobRecord) -> store.JobRecord | None:
         """The delete job of a cross-database move (created once): the source rows of the
         copied range, each batch deleted only if it matches the destination."""
         name = f"move job {move.id}, phase 2: the source rows go"
@@ -486,8 +488,10 @@ class Backfill:
                     return existing
             slices = store.slices(conn, move.id)
             codec = KeyCodec(move.key_types)
-            uppers = [codec.decode(s.upper_bound) for s in slices]
-            upper = max(u for u in uppers if u is not None)
+            uppers = [u for u in (codec.decode(s.upper_bound) for s in slices) if u is not None]
+            if not uppers:
+                return None
+            upper = max(uppers)
             keys = sql.SQL(", ").join(map(sql.Identifier, move.key_columns))
             bound = sql.SQL("ROW({}) <= ROW({})").format(
                 keys, sql.SQL(", ").join(map(sql.Literal, upper))).as_string(conn)

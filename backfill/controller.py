@@ -372,7 +372,9 @@ class Controller:
 
 def _tables(conn: Conn, job: store.JobRecord) -> tuple[int, ...]:
     """The oids of the tables a job reads and writes (its source, and a copy's destination)."""
-    oids = [job.source_oid]
+    # A cross-database job's source oid belongs to the other database: only its
+    # destination here can have waiters.
+    oids = [] if job.spec.source_dsn else [job.source_oid]
     dest = job.spec.dest
     if dest:
         row = conn.execute("SELECT to_regclass(%s)::oid", (dest,)).fetchone()

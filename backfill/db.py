@@ -62,6 +62,14 @@ def connect(dsn: str, *, application_name: str = "backfill", connect_timeout: in
     return conn
 
 
+def canonical_text(conn: Conn) -> None:
+    """Settings under which two databases write and read the same text for the same value:
+    a cross-database copy streams COPY's text form, and its checksums hash it."""
+    conn.execute("SET client_encoding = 'UTF8'; SET DateStyle = 'ISO, YMD'; "
+                 "SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; "
+                 "SET TimeZone = 'UTC'; SET bytea_output = 'hex'")
+
+
 def hold_lock_briefly_after_death(conn: Conn) -> None:
     """For a connection holding a session advisory lock (a leader): if this host vanishes,
     the server ends the session, freeing the lock, within about 30 s rather than after the

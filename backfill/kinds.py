@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from backfill.catalog import Conn, Table, resolve_key, resolve_table
 from backfill.errors import ColumnNotFound, InvalidInput, InvalidKey, InvalidStatement
-from backfill.keyset import Key, Keyset
+from backfill.keyset import Key, KeyCodec, Keyset, render_key
 from backfill.spec import JobSpec, TransformFn, load_function
 
 
@@ -62,38 +62,62 @@ class PreparedJob:
         connection there, writes and checkpoints stay here."""
         return self.spec.source_dsn is not None
 
+    def source_hash(self, alias: str) -> sql.Composable:
+        """The checksum term of a source row: each column cast to its destination type, so
+        both sides hash the same text (sessions use :func:`backfill.db.canonical_text`)."""
+        assert self.dest is not None
+        types = {c.name: c.type for c in self.dest.columns}
+        cols = sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(sql.Identifier(alias, s), sql.SQL(types[d]))
+            for d, s in zip(self.copy_columns, self.source_columns or self.copy_columns,
+                            strict=True))
+        return sql.SQL("('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint::numeric").format(
+            cols)
+
     def delete_remote(self, read: Conn, conn: Conn, lo: Key | None, hi: Key) -> int:
         """One batch of a cross-database move's second phase: delete a key range from the
-        source once it is in the destination, unchanged. In a source transaction the rows
-        are locked and their count and checksum compared with the destination's committed
-        rows; any difference (changed since the copy, or never copied) deletes nothing and
-        fails the job. An empty range is an earlier attempt that deleted it (the checkpoint
-        here follows the delete there): done."""
+        source once it is in the destination, unchanged. In a source transaction the range's
+        rows are locked (``FOR UPDATE``), their keys and checksums compared with the
+        destination's rows of exactly those keys, and exactly those rows (by ctid, stable
+        while locked) deleted; any difference deletes nothing and fails the job. Rows that
+        arrive in the range meanwhile are not touched. An empty range is an earlier attempt
+        that deleted it (the checkpoint here follows the delete there): done."""
         assert self.dest is not None
         params = Keyset.params(lo, hi)
-        pred = self.keyset.predicate(lower=lo is not None)
-        src_cols = self.source_columns or self.copy_columns
+        codec = KeyCodec(self.key_types)
         with read.transaction():
-            read.execute("SET LOCAL lock_timeout = '5s'")
-            here = read.execute(sql.SQL(
-                "SELECT count(*), coalesce(sum({h}), 0) FROM (SELECT {c} FROM {t} WHERE {p}{f} "
-                "FOR UPDATE) AS s").format(
-                    h=_row_hash(src_cols, "s"), c=sql.SQL(", ").join(map(sql.Identifier, src_cols)),
-                    t=_ident(self.table), p=pred, f=self.extra_filter()), params).fetchone()
-            assert here is not None
-            if not here[0]:
+            read.execute("SELECT set_config('lock_timeout', %s, true), "
+                         "set_config('statement_timeout', %s, true)",
+                         (f"{max(1, int(self.spec.options.lock_timeout_ms))}ms",
+                          f"{max(1, int(self.spec.options.statement_timeout_ms))}ms"))
+            rows = read.execute(sql.SQL(
+                "SELECT s.ctid, {keys}, {h} FROM {t} AS s WHERE {p}{f} FOR UPDATE").format(
+                    keys=sql.SQL(", ").join(sql.Identifier("s", k) for k in self.key),
+                    h=self.source_hash("s"), t=_ident(self.table),
+                    p=self.keyset.predicate(lower=lo is not None, alias="s"),
+                    f=self.extra_filter()), params).fetchall()
+            if not rows:
                 return 0
+            total = sum(r[-1] for r in rows)
+            keys = [codec.encode(tuple(r[1:-1])) for r in rows]
+            pick = sql.SQL(" AND ").join(
+                sql.SQL("d.{k} = (e ->> {i})::{t}").format(k=sql.Identifier(k), i=sql.Literal(i),
+                                                          t=sql.SQL(typ))
+                for i, (k, typ) in enumerate(zip(self.key, self.key_types, strict=True)))
             there = conn.execute(sql.SQL(
-                "SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE {p}").format(
-                    h=_row_hash(self.copy_columns, "d"), d=_ident(self.dest),
-                    p=self.keyset.predicate(lower=lo is not None, alias="d")), params).fetchone()
-            if there is None or tuple(here) != tuple(there):
+                "SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE EXISTS "
+                "(SELECT 1 FROM jsonb_array_elements(%s) AS e WHERE {pick})").format(
+                    h=_row_hash(self.copy_columns, "d"), d=_ident(self.dest), pick=pick),
+                (Jsonb(keys),)).fetchone()
+            if there is None or (int(there[0]), there[1]) != (len(rows), total):
+                after = render_key(lo) if lo is not None else "the first key"
                 raise InvalidStatement(
-                    f"move: the source rows after {lo} through {hi} ({here[0]}) differ from the "
-                    f"destination's ({there[0] if there else 0}): changed since the copy, or "
-                    "never copied; nothing was deleted (copy them again, then retry)")
-            cur = read.execute(sql.SQL("DELETE FROM {t} WHERE {p}{f}").format(
-                t=_ident(self.table), p=pred, f=self.extra_filter()), params)
+                    f"move: of the {len(rows)} source rows after {after} through "
+                    f"{render_key(hi)}, the destination has {there[0] if there else 0} with "
+                    "those keys, and their contents differ: changed since the copy, or never "
+                    "copied. Nothing was deleted; reconcile the two, then retry")
+            cur = read.execute(sql.SQL("DELETE FROM {t} WHERE ctid = ANY (%s::tid[])").format(
+                t=_ident(self.table)), ([r[0] for r in rows],))
             return max(cur.rowcount, 0)
 
     def copy_remote(self, read: Conn, conn: Conn, lo: Key | None, hi: Key) -> int:
@@ -495,6 +519,17 @@ def _remote_columns(spec: JobSpec, table: Table, dest: Table,
                                  f"{table.qualified} (map it with --map {d}=<source column>)")
     if not pairs:
         raise ColumnNotFound(f"{table.qualified} and {dest.qualified} have no column in common")
+    sources = [s for _, s in pairs]
+    twice = sorted({s for s in sources if sources.count(s) > 1})
+    if twice:
+        raise InvalidInput(f"source column(s) {', '.join(twice)} would be copied twice (once "
+                           "mapped, once by name): map or list each source column once")
+    if spec.kind == "move":
+        lost = [c.name for c in table.columns if not c.generated and c.name not in sources]
+        if lost:
+            raise InvalidInput(f"a move deletes whole source rows, but {', '.join(lost)} of "
+                               f"{table.qualified} would not be copied: add them to "
+                               f"{dest.qualified} (or --map them), or copy instead of move")
     copied = dict(pairs)
     for k in key:
         if copied.get(k) != k:

@@ -34,7 +34,7 @@ from tenacity import (
 from backfill import slicing, store
 from backfill.batch import BatchResult, run_batch
 from backfill.catalog import Conn
-from backfill.db import connect
+from backfill.db import canonical_text, connect
 from backfill.errors import (
     DatabaseUnavailable,
     IllegalTransition,
@@ -135,6 +135,7 @@ class Runner:
         self.log = get_logger(job_id=job_id)
         self._conn: Conn | None = None
         self._src: Conn | None = None
+        self._canonical = False   # cross-database jobs: see db.canonical_text
         self._retry_notes: list[dict[str, Any]] = []
         self._scanned = 0
         self._affected = 0
@@ -159,6 +160,8 @@ class Runner:
             # A runner never waits inside a transaction for long; if it hangs there (a stuck
             # transform, a frozen process), the server ends it instead of holding row locks.
             self._conn.execute("SET idle_in_transaction_session_timeout = '5min'")
+            if self._canonical:
+                canonical_text(self._conn)
         return self._conn
 
     def _read(self, prepared: PreparedJob) -> Conn:
@@ -173,6 +176,12 @@ class Runner:
             assert prepared.spec.source_dsn is not None
             src = self._src = connect(prepared.spec.source_dsn,
                                       application_name=f"backfill job {self.job_id} source")
+            # The source is protected like the job's own database: bounded statements, no
+            # transaction left open; and it writes COPY text the destination reads the same.
+            src.execute("SELECT set_config('idle_in_transaction_session_timeout', '5min', "
+                        "false), set_config('statement_timeout', %s, false)",
+                        (f"{max(1, int(prepared.spec.options.statement_timeout_ms))}ms",))
+            canonical_text(src)
         return src
 
     def _drop_conn(self) -> None:
@@ -427,6 +436,9 @@ class Runner:
         a dropped and recreated table, another search_path, or a new key must not silently
         reuse the cursor."""
         if job.spec.source_dsn is not None:
+            if not self._canonical:
+                self._canonical = True
+                canonical_text(self.conn)
             if self._worker:
                 raise InvalidInput(f"job {job.id} copies from another database: it runs "
                                    "inline (`backfill run`), not on the workers")

@@ -116,11 +116,12 @@ class JobSpec:
                 parts = conninfo_to_dict(self.source_dsn)
             except psycopg.ProgrammingError as exc:
                 raise InvalidInput(f"malformed source DSN: {exc}") from None
-            if parts.get("password"):
+            if parts.get("password") or parts.get("sslpassword"):
                 raise InvalidInput("the source DSN must not carry a password: the job's spec "
                                    "is stored in the database; use ~/.pgpass (or PGPASSFILE)")
-        if self.column_map and self.source_dsn is None and self.kind != "copy":
-            raise InvalidInput("a column map is for copy jobs")
+        if self.column_map and self.source_dsn is None:
+            raise InvalidInput("a column map (--map) is for copies from another database "
+                               "(--source)")
         if self.canary is not None:
             canary_size(self.canary, None)   # shape only; the table's size is checked later
         if self.auto_approve_after_ms is not None and self.canary is None:

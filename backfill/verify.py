@@ -91,7 +91,8 @@ class _Checker:
                 return f"{n} source rows were not moved" if n else None
             src = self.src.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} AS s WHERE {p}{f}").format(
-                    h=_row_hash(self.p.source_columns or cols, "s"), t=t, p=spred,
+                    h=self.p.source_hash("s") if self.p.remote else _row_hash(cols, "s"),
+                    t=t, p=spred,
                     f=self.p.extra_filter()), params).fetchone()
             dst = self.conn.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE {p}").format(
@@ -185,9 +186,11 @@ def verify(conn: Conn, job_id: int, *, chunk: int = DEFAULT_CHUNK) -> VerifyRepo
     """Check every completed range of ``job_id`` in chunks of ``chunk`` keys."""
     job = store.get_job(conn, job_id)
     if job.spec.source_dsn is not None:
-        from backfill.db import connect
+        from backfill.db import canonical_text, connect
 
         with connect(job.spec.source_dsn, application_name="backfill verify source") as src:
+            canonical_text(src)
+            canonical_text(conn)
             return _verify(conn, job, chunk, src)
     return _verify(conn, job, chunk, None)
 

@@ -127,9 +127,15 @@ def test_bad_sources_are_refused(dsn: str, source: str) -> None:
     assert "the destination is the source table itself" in r.stderr
 
 
+def _whole_dest(dsn: str) -> None:
+    _dest(dsn)
+    with psycopg.connect(dsn, autocommit=True) as c:   # a move must keep every column
+        c.execute("ALTER TABLE archive ADD COLUMN note text")
+
+
 def test_a_move_between_databases_deletes_only_what_arrived_unchanged(
         dsn: str, source: str) -> None:
-    _dest(dsn)
+    _whole_dest(dsn)
     with psycopg.connect(source, autocommit=True) as c:
         c.execute("DELETE FROM events WHERE id > 20000")
     bf = Backfill(dsn)
@@ -150,7 +156,7 @@ def test_a_move_between_databases_deletes_only_what_arrived_unchanged(
 
 
 def test_a_move_refuses_to_delete_rows_changed_since_the_copy(dsn: str, source: str) -> None:
-    _dest(dsn)
+    _whole_dest(dsn)
     with psycopg.connect(source, autocommit=True) as c:
         c.execute("DELETE FROM events WHERE id > 5000")
     bf = Backfill(dsn)
@@ -164,8 +170,57 @@ def test_a_move_refuses_to_delete_rows_changed_since_the_copy(dsn: str, source: 
     phase2 = bf._move_delete_phase(bf.get(move.id))
     done = bf.run(phase2.id, skip_preflight=True)
     assert done.state == "failed"
-    assert "differ from the destination" in (done.last_error or "")
+    assert "their contents differ" in (done.last_error or "")
     # The range holding the changed row, and every later one, stay; earlier ones are gone.
     assert scalar(source, "SELECT amount FROM events WHERE id = 3500") == -5
     assert scalar(source, "SELECT count(*) FROM events WHERE id > 3500") == 1500
     assert scalar(source, "SELECT count(*) FROM events") < 5000
+
+
+def test_different_session_settings_on_the_two_sides_change_nothing(
+        dsn: str, source: str) -> None:
+    """COPY text and checksums are made under the same settings on both sides."""
+    dbname = psycopg.conninfo.conninfo_to_dict(source)["dbname"]
+    with psycopg.connect(source, autocommit=True) as c:
+        c.execute(f"ALTER DATABASE {dbname} SET DateStyle = 'SQL, DMY'")
+        c.execute(f"ALTER DATABASE {dbname} SET TimeZone = 'Europe/Paris'")
+        c.execute(f"ALTER DATABASE {dbname} SET extra_float_digits = 0")
+        c.execute("CREATE TABLE readings (id bigint PRIMARY KEY, d date, f float8, "
+                  "iv interval, t timestamp)")
+        c.execute("""INSERT INTO readings SELECT g, date '2024-03-05' + g, 1.0 / 3 + g,
+                     make_interval(days => -g, hours => 2), timestamp '2024-01-01' + g * interval '1 h'
+                     FROM generate_series(1, 3000) g""")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE readings (id bigint PRIMARY KEY, d date, f float8, "
+                  "iv interval, t timestamptz)")    # t retyped on the way
+    r = cli(dsn, "enqueue", "--kind", "move", "-t", "readings", "--dest", "readings",
+            "--source", source, "--batch-size", "500", "-q")
+    assert r.returncode == 0, r.stderr
+    r = cli(dsn, "run", r.stdout.strip(), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert scalar(source, "SELECT count(*) FROM readings") == 0       # phase 2 matched all
+    assert scalar(dsn, "SELECT count(*) FROM readings") == 3000
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'")
+        row = c.execute("SELECT d::text, f, iv::text, t::text FROM readings WHERE id = 1"
+                        ).fetchone()
+    # The date is not day/month swapped, the float keeps every digit, the interval its sign,
+    # and the timestamp taken as UTC (the copy's session zone), not Paris.
+    assert row == ("2024-03-06", 1.0 / 3 + 1, "-1 days +02:00:00", "2024-01-01 01:00:00+00")
+
+
+def test_column_maps_are_checked(dsn: str, source: str) -> None:
+    _dest(dsn)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE archive ADD COLUMN kind text")
+    r = cli(dsn, "enqueue", "-t", "events", "--dest", "archive", "--source", source,
+            "--map", "category=kind")
+    assert r.returncode == 2
+    assert "would be copied twice" in r.stderr
+    r = cli(dsn, "enqueue", "-t", "archive", "--dest", "archive", "--map", "category=kind")
+    assert r.returncode == 2
+    assert "is for copies from another database" in r.stderr
+    r = cli(dsn, "enqueue", "--kind", "move", "-t", "events", "--dest", "archive", "--source",
+            source, "--columns", "id,category,amount,tags,at", "--map", "category=kind")
+    assert r.returncode == 2
+    assert "would not be copied" in r.stderr
