@@ -133,7 +133,9 @@ class PreparedJob:
             query = cc.mogrify(select, Keyset.params(lo, hi))
         into = sql.SQL("COPY {d} ({c}) FROM STDIN").format(
             d=_ident(self.dest), c=sql.SQL(", ").join(map(sql.Identifier, self.copy_columns)))
-        with read.cursor() as rcur, conn.cursor() as wcur:
+        with read.transaction(), read.cursor() as rcur, conn.cursor() as wcur:
+            rcur.execute("SELECT set_config('statement_timeout', %s, true)",
+                         (f"{max(1, int(self.spec.options.statement_timeout_ms))}ms",))
             with rcur.copy(query) as out, wcur.copy(into) as inp:
                 for block in out:
                     inp.write(block)

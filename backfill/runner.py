@@ -176,11 +176,9 @@ class Runner:
             assert prepared.spec.source_dsn is not None
             src = self._src = connect(prepared.spec.source_dsn,
                                       application_name=f"backfill job {self.job_id} source")
-            # The source is protected like the job's own database: bounded statements, no
-            # transaction left open; and it writes COPY text the destination reads the same.
-            src.execute("SELECT set_config('idle_in_transaction_session_timeout', '5min', "
-                        "false), set_config('statement_timeout', %s, false)",
-                        (f"{max(1, int(prepared.spec.options.statement_timeout_ms))}ms",))
+            # No transaction left open there (each batch's read is bounded by the job's
+            # statement timeout, see copy_remote); COPY text the destination reads the same.
+            src.execute("SET idle_in_transaction_session_timeout = '5min'")
             canonical_text(src)
         return src
 
