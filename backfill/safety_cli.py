@@ -1,4 +1,4 @@
-"""Safety commands: `revert`, `undo-log list|prune` (reversible backfills) and `preflight`."""
+"""Safety commands: `revert` and `undo-log list|prune` (reversible backfills), `preflight`, `rehearse`."""
 
 from __future__ import annotations
 
