@@ -105,13 +105,18 @@ def _base_type(t: str) -> str:
 
 
 def primary_key(conn: Conn, table: Table) -> tuple[str, ...] | None:
+    return primary_key_of(conn, table.oid)
+
+
+def primary_key_of(conn: Conn, oid: int) -> tuple[str, ...] | None:
+    """The primary key's columns, in index order, of the relation ``oid``."""
     row = conn.execute(
         """SELECT array_agg(a.attname::text ORDER BY k.ord)
            FROM pg_index i
            CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
            WHERE i.indrelid = %s AND i.indisprimary""",
-        (table.oid,),
+        (oid,),
     ).fetchone()
     return tuple(row[0]) if row and row[0] else None
 

@@ -396,33 +396,42 @@ def run(
             out.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
         return
 
+    view = _ProgressView(progress and out.is_terminal)
+
+    def go(stop: threading.Event) -> store.JobRecord:
+        with view:
+            return _guard(lambda: bf.run(job, stop=stop, on_tick=view.tick,
+                                         takeover_after_s=takeover_after,
+                                         skip_preflight=skip_preflight))
+
+    result, interrupted = interruptible(
+        go, stopping="pausing after the current batch (Ctrl-C again to abort it)",
+        aborted="the batch in flight was rolled back; the job keeps its last checkpoint (it "
+                "may show as running until taken over; `backfill run` again resumes it)")
+    _report_run(bf, result, interrupted)
+
+
+def interruptible(fn: Callable[[threading.Event], T], *, stopping: str,
+                  aborted: str) -> tuple[T, bool]:
+    """Run ``fn(stop)`` with Ctrl-C wired to it: the first sets ``stop`` (``fn`` winds down
+    at its next safe point), the second aborts (exit 130). Returns ``fn``'s result and
+    whether it was interrupted."""
     stop = threading.Event()
-    interrupted = {"n": 0}
 
     def on_sigint(signum: int, frame: Any) -> None:
-        interrupted["n"] += 1
-        if interrupted["n"] > 1:
+        if stop.is_set():
             raise KeyboardInterrupt
-        err.print("\n[yellow]interrupt: pausing after the current batch "
-                  "(Ctrl-C again to abort it)[/]")
+        err.print(f"\n[yellow]interrupt: {stopping}[/]")
         stop.set()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    show_bar = progress and out.is_terminal
-    view = _ProgressView(show_bar)
     try:
-        with view:
-            result = _guard(lambda: bf.run(job, stop=stop, on_tick=view.tick,
-                                           takeover_after_s=takeover_after,
-                                           skip_preflight=skip_preflight))
+        return fn(stop), stop.is_set()
     except KeyboardInterrupt:
-        err.print("[red]aborted: the batch in flight was rolled back; the job keeps its last "
-                  "checkpoint (it may show as running until taken over; `backfill run` again "
-                  "resumes it)[/]")
+        err.print(f"[red]aborted: {aborted}[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         signal.signal(signal.SIGINT, previous)
-    _report_run(bf, result, interrupted["n"] > 0)
 
 
 class _ProgressView:

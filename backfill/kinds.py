@@ -67,12 +67,8 @@ class PreparedJob:
         both sides hash the same text (sessions use :func:`backfill.db.canonical_text`)."""
         assert self.dest is not None
         types = {c.name: c.type for c in self.dest.columns}
-        cols = sql.SQL(", ").join(
-            sql.SQL("{}::{}").format(sql.Identifier(alias, s), sql.SQL(types[d]))
-            for d, s in zip(self.copy_columns, self.source_columns or self.copy_columns,
-                            strict=True))
-        return sql.SQL("('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint::numeric").format(
-            cols)
+        return row_hash(self.source_columns or self.copy_columns, alias,
+                        tuple(types[d] for d in self.copy_columns))
 
     def delete_remote(self, read: Conn, conn: Conn, lo: Key | None, hi: Key) -> int:
         """One batch of a cross-database move's second phase: delete a key range from the
@@ -107,7 +103,7 @@ class PreparedJob:
             there = conn.execute(sql.SQL(
                 "SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE EXISTS "
                 "(SELECT 1 FROM jsonb_array_elements(%s) AS e WHERE {pick})").format(
-                    h=_row_hash(self.copy_columns, "d"), d=_ident(self.dest), pick=pick),
+                    h=row_hash(self.copy_columns, "d"), d=_ident(self.dest), pick=pick),
                 (Jsonb(keys),)).fetchone()
             if there is None or (int(there[0]), there[1]) != (len(rows), total):
                 after = render_key(lo) if lo is not None else "the first key"
@@ -498,10 +494,15 @@ class PreparedJob:
         return "\n".join(str(r[0]) for r in rows)
 
 
-def _row_hash(columns: tuple[str, ...], alias: str) -> sql.Composable:
-    """64 bits of md5 of a row's text form (summed as numeric: no overflow)."""
-    row = sql.SQL(", ").join(sql.Identifier(alias, c) for c in columns)
-    return sql.SQL("('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint::numeric").format(row)
+def row_hash(columns: tuple[str, ...], alias: str,
+             types: tuple[str, ...] | None = None) -> sql.Composable:
+    """64 bits of md5 of a row's text form, as a bigint (sums of it are numeric: no
+    overflow). ``types``: cast each column first (to hash like another table's row)."""
+    row = sql.SQL(", ").join(
+        sql.SQL("{}::{}").format(sql.Identifier(alias, c), sql.SQL(t)) if types
+        else sql.Identifier(alias, c)
+        for c, t in zip(columns, types or columns, strict=True))
+    return sql.SQL("('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint").format(row)
 
 
 def _remote_columns(spec: JobSpec, table: Table, dest: Table,

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from backfill.cli import EXIT_INTERRUPTED, _guard, _ProgressView, _settings, app, err, out
+from backfill.cli import _guard, _ProgressView, _settings, app, err, interruptible, out
 from backfill.durations import format_duration
 from backfill.migration import PHASES, MigrationFile, OpPlan, Step, load_file, ordered_steps
+
+T = TypeVar("T")
 
 migrate_app = typer.Typer(
     help="Zero-downtime schema changes: plan, start (expand + backfill), complete (contract, "
@@ -221,24 +223,10 @@ def _risk_style(risk: str) -> str:
 # -- start / complete / rollback ------------------------------------------------------------------
 
 
-def _interruptible(fn: Any) -> Any:
-    stop = threading.Event()
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        err.print("\n[yellow]interrupt: stopping after the current step or batch (Ctrl-C "
-                  "again to abort)[/]")
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        return fn(stop)
-    except KeyboardInterrupt:
-        err.print("[red]aborted: run the same command again; every step is idempotent[/]")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _interruptible(fn: Callable[[threading.Event], T]) -> T:
+    return interruptible(fn, stopping="stopping after the current step or batch (Ctrl-C "
+                         "again to abort)",
+                         aborted="run the same command again; every step is idempotent")[0]
 
 
 @migrate_app.command("start")

@@ -31,7 +31,7 @@ from typing import Any, cast, overload
 import psycopg
 from psycopg import sql
 
-from backfill.catalog import Conn, split_name
+from backfill.catalog import Conn, primary_key_of, split_name
 from backfill.durations import parse_duration_ms
 from backfill.errors import ColumnNotFound, InvalidInput, InvalidOption, TableNotFound
 from backfill.lint import column_names, function_names
@@ -342,17 +342,12 @@ class Shape:
                LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
                ORDER BY a.attnum""", (oid,)).fetchall()
-        pk = self.conn.execute(
-            """SELECT array_agg(a.attname::text ORDER BY k.ord)
-               FROM pg_index i
-               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-               WHERE i.indrelid = %s AND i.indisprimary""", (oid,)).fetchone()
+        pk = primary_key_of(self.conn, int(oid))
         return TableShape(
             schema, table,
             {str(n): ColumnShape(str(n), str(t), bool(nn), d) for n, t, nn, d in cols},
             rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
-            bytes=int(size), primary_key=tuple(pk[0]) if pk and pk[0] else ())
+            bytes=int(size), primary_key=pk or ())
 
     def volatile(self, expression: str) -> bool:
         """Whether ``expression`` calls a volatile function (its value differs per row)."""

@@ -10,7 +10,7 @@ from psycopg import sql
 from backfill import store
 from backfill.catalog import Conn
 from backfill.keyset import Key, KeyCodec, render_key
-from backfill.kinds import PreparedJob, _ident, _user_sql, prepare_stored
+from backfill.kinds import PreparedJob, _ident, _user_sql, prepare_stored, row_hash
 
 DEFAULT_CHUNK = 50_000
 
@@ -43,12 +43,6 @@ class VerifyReport:
             "diffs": [{"after": render_key(d.lower), "through": render_key(d.upper),
                        "detail": d.detail} for d in self.diffs],
         }
-
-
-def _row_hash(columns: tuple[str, ...], alias: str) -> sql.Composable:
-    # 64 bits of md5 of the row's text form; summed as numeric, so the sum cannot overflow.
-    row = sql.SQL(", ").join(sql.Identifier(alias, c) for c in columns)
-    return sql.SQL("('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint").format(row)
 
 
 class _Checker:
@@ -91,12 +85,12 @@ class _Checker:
                 return f"{n} source rows were not moved" if n else None
             src = self.src.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} AS s WHERE {p}{f}").format(
-                    h=self.p.source_hash("s") if self.p.remote else _row_hash(cols, "s"),
+                    h=self.p.source_hash("s") if self.p.remote else row_hash(cols, "s"),
                     t=t, p=spred,
                     f=self.p.extra_filter()), params).fetchone()
             dst = self.conn.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE {p}").format(
-                    h=_row_hash(cols, "d"), d=d, p=dpred), params).fetchone()
+                    h=row_hash(cols, "d"), d=d, p=dpred), params).fetchone()
             assert src is not None
             assert dst is not None
             if src[0] != dst[0]:

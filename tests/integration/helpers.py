@@ -81,18 +81,38 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(dsn: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(dsn: str, *args: str, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in its own process; ``env``: extra environment variables."""
     return subprocess.run(
         [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
-        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT, check=False,
+        capture_output=True, text=True, timeout=timeout, env=cli_env(**(env or {})), cwd=ROOT,
+        check=False,
     )
 
 
-def cli_popen(dsn: str, *args: str) -> subprocess.Popen[str]:
+def cli_popen(dsn: str, *args: str, output: int = subprocess.PIPE) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
+        stdout=output, stderr=output, text=True, env=cli_env(), cwd=ROOT,
     )
+
+
+def kill_run_after(dsn: str, job_id: int, batches: int) -> None:
+    """Start ``backfill run JOB`` in its own process and SIGKILL it once the job has done
+    ``batches`` batches (as a crash would, between or in the middle of batches)."""
+    from backfill import Backfill
+
+    bf = Backfill(dsn)
+    proc = cli_popen(dsn, "run", str(job_id), "--no-progress", output=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: bf.progress(job_id).batches >= batches, timeout=60,
+                 what=f"{batches} batches")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def sliced_and_running(dsn: str, job_id: int) -> Any:

@@ -3,8 +3,6 @@ checkpoint in the destination's state committing with the rows."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import psycopg
@@ -13,7 +11,7 @@ import pytest
 from backfill import Backfill
 from backfill.spec import JobSpec
 from tests.conftest import _create_db, _db_dsn, _drop_db
-from tests.integration.helpers import cli, cli_env, scalar, wait_for
+from tests.integration.helpers import cli, kill_run_after, scalar
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -78,16 +76,7 @@ def test_a_killed_copy_resumes_without_duplicates(dsn: str, source: str) -> None
     job = bf.enqueue(JobSpec("copy", "events", dest="archive", source_dsn=source,
                              column_map=(("category", "kind"),)).with_options(
         batch_size=500, min_batch_size=500, max_batch_size=500))
-    proc = subprocess.Popen([sys.executable, "-m", "backfill.cli", "--dsn", dsn, "run",
-                             str(job.id), "--no-progress"], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: bf.progress(job.id).batches >= 10, timeout=60, what="10 batches")
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_run_after(dsn, job.id, 10)
     r = cli(dsn, "run", str(job.id), "--no-progress", "--takeover-after", "1")
     assert r.returncode == 0, r.stderr
     assert scalar(dsn, "SELECT count(*) FROM archive") == ROWS   # a duplicate would fail COPY

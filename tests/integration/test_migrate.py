@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 from backfill.errors import GateClosed, MigrationError
 from backfill.migration import parse
 from backfill.migrator import Migrator
-from tests.integration.helpers import cli, cli_env, scalar, wait_for
+from tests.integration.helpers import cli, cli_popen, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -235,19 +234,6 @@ def test_expand_backfill_contract_while_both_application_versions_write(dsn: str
     assert {e[4] for e in _events(dsn, "m-full")} == {"tester"}
 
 
-def _run_cli(dsn: str, *args: str, failpoint: str | None = None,
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = cli_env(**({"BACKFILL_FAILPOINT": failpoint} if failpoint else {}))
-    return subprocess.run(
-        [*_backfill(), "--dsn", dsn, *args], env=env, capture_output=True, text=True,
-        timeout=timeout, check=False)
-
-
-def _backfill() -> list[str]:
-    import sys
-    return [sys.executable, "-m", "backfill.cli"]
-
-
 def test_a_crash_after_any_step_is_repaired_by_running_the_command_again(
         dsn: str, admin_dsn: str, tmp_path: Path) -> None:
     """Kill the process right after each step in turn (the effect applied, nothing else
@@ -264,14 +250,14 @@ def test_a_crash_after_any_step_is_repaired_by_running_the_command_again(
     for phase, count, cmd in (("start", n_start, ["migrate", "start", str(path)]),
                               ("complete", n_complete, ["migrate", "complete", "m-crash"])):
         for k in range(1, count + 1):
-            r = _run_cli(dsn, *cmd, failpoint=f"migrate:{phase}:{k}")
+            r = cli(dsn, *cmd, env={"BACKFILL_FAILPOINT": f"migrate:{phase}:{k}"})
             assert r.returncode == 137, (phase, k, r.stdout, r.stderr)
             done = scalar(dsn, "SELECT count(*) FROM backfill.migration_steps WHERE "
                           "migration_id = 'm-crash' AND phase = %s AND state = 'done'", (phase,))
             # The step the crash followed is either recorded (transactional: it committed
             # with its mark) or not yet (concurrent, backfill): never anything after it.
             assert done in (k - 1, k), (phase, k, done)
-        r = _run_cli(dsn, *cmd)
+        r = cli(dsn, *cmd)
         assert r.returncode == 0, r.stderr
     crashed = _schema(dsn)
     crashed_rows = scalar(dsn, "SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM users u")
@@ -304,9 +290,7 @@ def test_a_killed_concurrent_build_leaves_an_invalid_index_that_start_drops_and_
     old = psycopg.connect(dsn)
     old.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     old.execute("SELECT count(*) FROM teams")
-    proc = subprocess.Popen([*_backfill(), "--dsn", dsn, "migrate", "start", str(path)],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = cli_popen(dsn, "migrate", "start", str(path))
     try:
         wait_for(lambda: scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
                                 "'CREATE UNIQUE INDEX CONCURRENTLY%%' AND wait_event_type = 'Lock'"),
@@ -324,7 +308,7 @@ def test_a_killed_concurrent_build_leaves_an_invalid_index_that_start_drops_and_
         old.close()
     assert scalar(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
                        "'bf_idx_users_email'::regclass") is False
-    r = _run_cli(dsn, "migrate", "start", str(path))
+    r = cli(dsn, "migrate", "start", str(path))
     assert r.returncode == 0, r.stderr
     assert "dropped INVALID index" in r.stderr
     assert scalar(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = "
@@ -377,9 +361,7 @@ type = "boolean"
 def test_a_blocked_ddl_step_times_out_and_retries_instead_of_queueing_readers(
         dsn: str, blocker: psycopg.Connection[Any], tmp_path: Path) -> None:
     path = _write_file(tmp_path, LOCKED.format(retries=200))
-    proc = subprocess.Popen([*_backfill(), "--dsn", dsn, "migrate", "start", str(path)],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = cli_popen(dsn, "migrate", "start", str(path))
     try:
         wait_for(lambda: scalar(dsn, "SELECT count(*) FROM backfill.migration_events "
                                 "WHERE kind = 'retry'") >= 3, timeout=30, what="retries")
@@ -407,17 +389,17 @@ def test_a_blocked_ddl_step_times_out_and_retries_instead_of_queueing_readers(
 def test_when_retries_run_out_the_step_fails_clearly_and_a_rerun_continues(
         dsn: str, blocker: psycopg.Connection[Any], tmp_path: Path) -> None:
     path = _write_file(tmp_path, LOCKED.format(retries=2))
-    r = _run_cli(dsn, "migrate", "start", str(path))
+    r = cli(dsn, "migrate", "start", str(path))
     assert r.returncode == 1
     assert "could not take its lock in 3 attempts" in r.stderr
     assert f"held by pid {blocker.info.backend_pid}" in r.stderr
     assert "Traceback" not in r.stderr
-    status = json.loads(_run_cli(dsn, "migrate", "status", "m-lock", "--json").stdout)
+    status = json.loads(cli(dsn, "migrate", "status", "m-lock", "--json").stdout)
     assert status["steps"][0]["state"] == "failed"
     blocker.rollback()
-    r = _run_cli(dsn, "migrate", "start", str(path))
+    r = cli(dsn, "migrate", "start", str(path))
     assert r.returncode == 0, r.stderr
-    status = json.loads(_run_cli(dsn, "migrate", "status", "m-lock", "--json").stdout)
+    status = json.loads(cli(dsn, "migrate", "status", "m-lock", "--json").stdout)
     assert status["state"] == "started"
     assert status["last_error"] is None
 
@@ -442,9 +424,9 @@ def test_the_gate_refuses_to_contract_until_the_backfill_is_done_and_verifies(
     _users(dsn, 1000)
     path = _write_file(tmp_path, GATED)
     # The backfill goes to the workers (none run here): start stops, waiting.
-    r = _run_cli(dsn, "migrate", "start", str(path), "--workers", "--no-wait")
+    r = cli(dsn, "migrate", "start", str(path), "--workers", "--no-wait")
     assert r.returncode == 3, r.stderr
-    r = _run_cli(dsn, "migrate", "complete", "m-gate")
+    r = cli(dsn, "migrate", "complete", "m-gate")
     assert r.returncode == 1
     assert "start has not finished" in r.stderr
     job = scalar(dsn, "SELECT id FROM backfill.jobs")
@@ -479,9 +461,9 @@ def test_rollback_undoes_whatever_start_did_and_is_refused_after_complete(
     text = FULL.replace('id = "m-full"', 'id = "m-rb"')
     path = _write_file(tmp_path, text)
     # Stop start in the middle (right after the concurrent index build), then roll back.
-    r = _run_cli(dsn, "migrate", "start", str(path), failpoint="migrate:start:10")
+    r = cli(dsn, "migrate", "start", str(path), env={"BACKFILL_FAILPOINT": "migrate:start:10"})
     assert r.returncode == 137
-    r = _run_cli(dsn, "migrate", "rollback", str(path))
+    r = cli(dsn, "migrate", "rollback", str(path))
     assert r.returncode == 0, r.stderr
     assert _schema(dsn) == before
     assert scalar(dsn, "SELECT state FROM backfill.migrations") == "rolled_back"
@@ -493,9 +475,9 @@ def test_rollback_undoes_whatever_start_did_and_is_refused_after_complete(
     # dies after each rollback step in turn.
     n = scalar(dsn, "SELECT count(*) FROM backfill.migration_steps WHERE phase = 'rollback'")
     for k in range(1, n + 1):
-        r = _run_cli(dsn, "migrate", "rollback", "m-rb", failpoint=f"migrate:rollback:{k}")
+        r = cli(dsn, "migrate", "rollback", "m-rb", env={"BACKFILL_FAILPOINT": f"migrate:rollback:{k}"})
         assert r.returncode == 137, (k, r.stderr)
-    assert _run_cli(dsn, "migrate", "rollback", "m-rb").returncode == 0
+    assert cli(dsn, "migrate", "rollback", "m-rb").returncode == 0
     assert _schema(dsn) == before
     m.start(_mig(text))
     m.complete("m-rb")
@@ -588,7 +570,7 @@ def test_bad_migration_files_are_refused_before_anything_is_written(
     _users(dsn, 10)
     path = _write_file(tmp_path, text)
     for cmd in ("plan", "start"):
-        r = _run_cli(dsn, "migrate", cmd, str(path))
+        r = cli(dsn, "migrate", cmd, str(path))
         assert r.returncode == 2, (cmd, r.stdout, r.stderr)
         assert message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
@@ -601,12 +583,12 @@ def test_bad_migration_files_are_refused_before_anything_is_written(
 def test_an_edited_file_and_an_unknown_id_are_refused(dsn: str, tmp_path: Path) -> None:
     _users(dsn, 10)
     path = _write_file(tmp_path, GATED)
-    assert _run_cli(dsn, "migrate", "start", str(path)).returncode == 0
+    assert cli(dsn, "migrate", "start", str(path)).returncode == 0
     path.write_text(GATED.replace('"bigint"', '"numeric"'))
-    r = _run_cli(dsn, "migrate", "start", str(path))
+    r = cli(dsn, "migrate", "start", str(path))
     assert r.returncode == 1
     assert "changed since migration m-gate started" in r.stderr
-    r = _run_cli(dsn, "migrate", "complete", "no-such-migration")
+    r = cli(dsn, "migrate", "complete", "no-such-migration")
     assert r.returncode == 2
     assert "no migration 'no-such-migration'" in r.stderr
 

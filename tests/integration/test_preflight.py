@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -17,15 +16,13 @@ from backfill.errors import PreflightFailed
 from backfill.preflight import PreflightConfig
 from backfill.runner import Runner
 from backfill.states import JobState
-from tests.integration.helpers import cli_env, make_counter_table, scalar, wait_for
+from tests.integration.helpers import cli, make_counter_table, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def _cli(dsn: str, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = cli_env(**({"BACKFILL_PREFLIGHT_CONFIG": str(config)} if config else {}))
-    return subprocess.run([sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return cli(dsn, *args, env={"BACKFILL_PREFLIGHT_CONFIG": str(config)} if config else None)
 
 
 def _config(tmp_path: Path, text: str) -> Path:

@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     cli,
     cli_popen,
     counter_histogram,
+    kill_run_after,
     make_counter_table,
     scalar,
     sliced_and_running,
@@ -265,14 +266,7 @@ def test_sigkill_mid_run_then_run_takes_over_and_finishes_exactly_once(dsn: str)
     make_counter_table(dsn, 50_000)
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, batch_size=200, min_batch_size=200, max_batch_size=200))
-    proc = _start_cli_run(dsn, job.id)
-    try:
-        wait_for(lambda: bf.progress(job.id).batches >= 10, timeout=60, what="10 batches")
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_run_after(dsn, job.id, 10)
     assert bf.get(job.id).state == JobState.RUNNING  # nobody said otherwise: the owner just died
     again = cli(dsn, "run", str(job.id), "--no-progress")
     assert again.returncode == 0, again.stderr

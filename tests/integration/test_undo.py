@@ -4,8 +4,6 @@ table exactly, leaving rows the application changed since alone unless forced.""
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import sys
 
 import psycopg
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from backfill import Backfill, delete, transform, update
 from backfill.errors import IllegalTransition, InvalidInput
 from backfill.states import JobState
-from tests.integration.helpers import cli, cli_env, scalar, wait_for
+from tests.integration.helpers import cli, kill_run_after, scalar
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -108,16 +106,7 @@ def test_a_killed_run_logs_every_batch_exactly_once(dsn: str) -> None:
     bf = Backfill(dsn)
     job = bf.enqueue(update("accounts", {"balance": "balance + 1"}, batch_size=200,
                             min_batch_size=200, max_batch_size=200))
-    proc = subprocess.Popen([sys.executable, "-m", "backfill.cli", "--dsn", dsn, "run",
-                             str(job.id), "--no-progress"], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: bf.progress(job.id).batches >= 20, timeout=60, what="20 batches")
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_run_after(dsn, job.id, 20)
     r = cli(dsn, "run", str(job.id), "--no-progress", "--takeover-after", "1")
     assert r.returncode == 0, r.stderr
     assert scalar(dsn, f"SELECT count(*) FROM backfill.undo_{job.id}") == 40_000
