@@ -42,10 +42,10 @@ log = get_logger(component="reaper")
 
 def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> list[store.Dispatch]:
     """One pass over the jobs on the workers; returns the tasks it sent."""
-    _auto_approve(dsn, actor)
     conn = connect(dsn)
     try:
         require_current(conn)
+        auto_approve(conn, actor)   # first: an approved job is pending, started below
         jobs = store.worker_jobs(conn)
     finally:
         conn.close()
@@ -72,25 +72,21 @@ def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> l
     return sent
 
 
-def _auto_approve(dsn: str, actor: str) -> None:
+def auto_approve(conn: Conn, actor: str) -> None:
     """Jobs on the workers whose canary waited out its --auto-approve-after go on."""
     from backfill.api import approve, auto_approval_due
 
-    conn = connect(dsn)
-    try:
-        waiting = conn.execute("SELECT id FROM backfill.jobs WHERE state = 'awaiting_approval' "
-                               "AND runs_on = 'workers'").fetchall()
-        for (job_id,) in waiting:
-            job = store.get_job(conn, job_id)
-            try:
-                if auto_approval_due(conn, job) is True:
-                    approve(conn, job, actor="auto-approve",
-                            reason="auto-approved after a quiet period")
-            except (BackfillError, psycopg.Error) as exc:
-                log.warning("reaper.auto_approve_failed", job_id=job.id,
-                            error=redact_text(str(exc)))
-    finally:
-        conn.close()
+    waiting = conn.execute("SELECT id FROM backfill.jobs WHERE state = 'awaiting_approval' "
+                           "AND runs_on = 'workers'").fetchall()
+    for (job_id,) in waiting:
+        job = store.get_job(conn, job_id)
+        try:
+            if auto_approval_due(conn, job) is True:
+                approve(conn, job, actor="auto-approve",
+                        reason="auto-approved after a quiet period")
+        except (BackfillError, psycopg.Error) as exc:
+            log.warning("reaper.auto_approve_failed", job_id=job.id,
+                        error=redact_text(str(exc)))
 
 
 def _refuse(dsn: str, job_id: int, actor: str, exc: BackfillError) -> None:

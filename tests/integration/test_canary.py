@@ -11,7 +11,7 @@ import pytest
 
 from backfill import Backfill, update
 from backfill.errors import IllegalTransition, InvalidInput
-from backfill.reaper import _auto_approve
+from backfill.reaper import reap
 from backfill.runner import Runner
 from backfill.spec import JobSpec
 from backfill.states import JobState
@@ -120,9 +120,13 @@ def test_the_workers_reaper_auto_approves(dsn: str) -> None:
     assert Runner(dsn, job.id, actor="tester").run().state == JobState.AWAITING_APPROVAL
     with psycopg.connect(dsn, autocommit=True) as c:   # as if it had run on the workers
         c.execute("UPDATE backfill.jobs SET runs_on = 'workers' WHERE id = %s", (job.id,))
-    wait_for(lambda: (_auto_approve(dsn, "reaper:test"),
-                      bf.get(job.id).state == JobState.PENDING)[1], timeout=20,
+    # A reaper pass approves it first, then starts it on the workers (no broker: nothing sent).
+    wait_for(lambda: (reap(dsn, actor="reaper:test", send=lambda claims: None),
+                      bf.get(job.id).state != JobState.AWAITING_APPROVAL)[1], timeout=20,
              interval=0.2, what="auto-approval by the reaper")
+    approval = [e for e in bf.events(job.id) if e.from_state == "awaiting_approval"]
+    assert approval[0].actor == "auto-approve"
+    assert approval[0].to_state == JobState.PENDING
 
 
 @pytest.mark.parametrize(("args", "message"), [
