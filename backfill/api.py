@@ -50,6 +50,16 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _phase2_name(move_id: int) -> str:
+    return f"move job {move_id}, phase 2: the source rows go"
+
+
+def _phase2(conn: Conn, move_id: int) -> store.JobRecord | None:
+    found = [j for j in store.find_jobs_by_name(conn, _phase2_name(move_id))
+             if j.state != S.CANCELLED]
+    return found[0] if found else None
+
+
 def approve(conn: Conn, job: store.JobRecord, *, actor: str, reason: str) -> store.JobRecord:
     if job.state == S.AWAITING_APPROVAL:
         report = store.canary_report(conn, job.id) or {}
@@ -478,14 +488,18 @@ class Backfill:
             if not self._wait_auto_approval(job, stop):
                 return self.get(job.id)
 
+    def move_phase2(self, move: JobRef) -> store.JobRecord | None:
+        """The second job of a cross-database move, once created (not a cancelled one)."""
+        with self._conn() as conn:
+            return _phase2(conn, self._resolve(conn, move).id)
+
     def _move_delete_phase(self, move: store.JobRecord) -> store.JobRecord | None:
         """The delete job of a cross-database move (created once): the source rows of the
         copied range, each batch deleted only if it matches the destination."""
-        name = f"move job {move.id}, phase 2: the source rows go"
         with self._conn() as conn:
-            for existing in store.find_jobs_by_name(conn, name):
-                if existing.state != S.CANCELLED:
-                    return existing
+            existing = _phase2(conn, move.id)
+            if existing is not None:
+                return existing
             slices = store.slices(conn, move.id)
             codec = KeyCodec(move.key_types)
             uppers = [u for u in (codec.decode(s.upper_bound) for s in slices) if u is not None]
@@ -498,7 +512,7 @@ class Backfill:
             where = f"({move.spec.where}) AND {bound}" if move.spec.where else bound
             spec = dataclasses.replace(
                 move.spec, kind="delete", table=f"{move.source_schema}.{move.source_table}",
-                where=where, undo_log=False, name=name, key=tuple(move.key_columns),
+                where=where, undo_log=False, name=_phase2_name(move.id), key=tuple(move.key_columns),
                 canary=None, auto_approve_after_ms=None)
             job = create_job(conn, spec, actor=self.actor, workers=False)
             store.add_event(conn, move.id, "info", actor=self.actor,

@@ -682,10 +682,9 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         lines.append(f"  undo log  backfill.undo_{rec.id}: `backfill revert {rec.id}` restores "
                      "the old values")
     if rec.kind == "move" and rec.spec.source_dsn:
-        phase2 = [j for j in _guard(lambda: bf.list(include_finished=True))
-                  if j.name.startswith(f"move job {rec.id}, phase 2")]
-        lines.append("  phase 2   " + (f"job {phase2[0].id} ({phase2[0].state}) deletes the "
-                                       "copied rows from the source" if phase2 else
+        phase2 = _guard(lambda: bf.move_phase2(rec.id))
+        lines.append("  phase 2   " + (f"job {phase2.id} ({phase2.state}) deletes the copied "
+                                       "rows from the source" if phase2 else
                                        "not started: `backfill run` starts it after the copy"))
     if rec.kind == "revert":
         left = prog.rows_scanned - prog.rows_affected

@@ -142,6 +142,8 @@ def test_a_move_between_databases_deletes_only_what_arrived_unchanged(
     assert len(phase2) == 1
     assert phase2[0].state == "succeeded"
     assert bf.verify(phase2[0].id).ok
+    assert bf.move_phase2(move) == phase2[0]
+    assert f"phase 2   job {phase2[0].id} (succeeded)" in cli(dsn, "show", str(move)).stdout
 
 
 def test_a_move_refuses_to_delete_rows_changed_since_the_copy(dsn: str, source: str) -> None:
