@@ -185,6 +185,7 @@ def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store
             source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
             rows_estimate=prepared.table.rows_estimate, actor=actor,
             runs_on="workers" if workers else "inline", canary_rows=canary_rows,
+            dest_oid=prepared.dest.oid if prepared.dest is not None else None,
         )
         if spec.undo_enabled:
             prepared.create_undo_table(conn, job.id)

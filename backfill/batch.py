@@ -54,8 +54,10 @@ def run_batch(
     whole transaction rolls back and :class:`LeaseLost` is raised.
 
     Four round trips, as many as a hand-written keyset loop: BEGIN, the timeouts and the probe
-    go together in a pipeline; then the write; then the checkpoint; then COMMIT. The job's
-    state and options version come back with the checkpoint, so no separate read is needed.
+    go together in a pipeline; then the write; then the binding proof and the checkpoint
+    together; then COMMIT. The job's state and options version come back with the checkpoint,
+    so no separate read is needed. A failed proof (:class:`~backfill.errors.TableChanged`: the
+    table was replaced) rolls the whole batch back.
     """
     keyset = prepared.keyset
     src = read if read is not None else conn   # a cross-database copy reads its source there
@@ -89,6 +91,9 @@ def run_batch(
         elif scanned or first:
             affected = prepared.write_batch(
                 conn, cursor, hi, first, sync=pipeline.sync if pipeline is not None else None)
+        # The write (and the probe) hold their locks until COMMIT: prove that what they
+        # locked is what the job is bound to (sent now, answered with the checkpoint).
+        proof = prepared.binding.send(conn) if prepared.binding is not None else None
         duration_ms = (time.perf_counter() - started) * 1000.0
         upcoming = next_size(scanned, duration_ms) if next_size is not None else size
         result = store.checkpoint(
@@ -106,6 +111,9 @@ def run_batch(
             attempts=attempts,
             lease_token=lease_token,
         )
+        if proof is not None:
+            assert prepared.binding is not None
+            prepared.binding.check(proof.fetchone())   # raises: the batch rolls back
         if result is None:
             raise LeaseLost(
                 f"slice {slice_no} of job {job_id} is no longer at this cursor, its lease was "

@@ -71,6 +71,13 @@ class LeaseLost(BackfillError):
     """Raised when a batch's checkpoint compare-and-set fails: someone else advanced the slice."""
 
 
+class TableChanged(BackfillError):
+    """Raised inside a batch's transaction when a table the job is bound to (its source, the
+    destination of a copy or move, its undo log) is no longer the relation, or its key no
+    longer the columns, the job was bound to: dropped and recreated, renamed, or altered.
+    The batch commits nothing and the job fails, naming the change."""
+
+
 class BrokerUnavailable(BackfillError):
     """The task broker (Redis) cannot be reached; nothing was sent, the job is unchanged."""
 

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from backfill.binding import Binding, Relation, bind
 from backfill.catalog import Conn, Table, resolve_key, resolve_table
 from backfill.errors import ColumnNotFound, InvalidInput, InvalidKey, InvalidStatement
 from backfill.keyset import Key, KeyCodec, Keyset, render_key
@@ -55,6 +56,11 @@ class PreparedJob:
     reverted_kind: str | None = None
     #: cross-database copies: the source column read for each of ``copy_columns``.
     source_columns: tuple[str, ...] = ()
+    #: What every batch proves in its transaction before its checkpoint (see
+    #: :mod:`backfill.binding`): the relations it writes here, and (here, or on the source
+    #: connection of a cross-database job: ``source_binding``) the source and its key.
+    binding: Binding | None = None
+    source_binding: Binding | None = None
 
     @property
     def remote(self) -> bool:
@@ -114,6 +120,8 @@ class PreparedJob:
                     "copied. Nothing was deleted; reconcile the two, then retry")
             cur = read.execute(sql.SQL("DELETE FROM {t} WHERE ctid = ANY (%s::tid[])").format(
                 t=_ident(self.table)), ([r[0] for r in rows],))
+            if self.source_binding is not None:
+                self.source_binding.prove(read)   # the rows deleted are the bound table's
             return max(cur.rowcount, 0)
 
     def copy_remote(self, read: Conn, conn: Conn, lo: Key | None, hi: Key) -> int:
@@ -135,6 +143,8 @@ class PreparedJob:
             with rcur.copy(query) as out, wcur.copy(into) as inp:
                 for block in out:
                     inp.write(block)
+            if self.source_binding is not None:
+                self.source_binding.prove(read)   # the rows read are the bound table's
             return max(wcur.rowcount, 0)
 
     @property
@@ -577,13 +587,22 @@ def prepare_stored(conn: Conn, job: Any, *, explain: bool,
             f"the key columns of job {job.id} changed type ({', '.join(job.key_types)} -> "
             f"{', '.join(prepared.key_types)}); cancel the job and enqueue a new one"
         )
+    if prepared.dest is not None and job.dest_oid is not None and prepared.dest.oid != job.dest_oid:
+        raise InvalidInput(
+            f"destination table {prepared.dest.qualified} was dropped and recreated since job "
+            f"{job.id} was enqueued: the rows it already wrote are in the old one; cancel the "
+            "job and enqueue a new one")
     if job.spec.undo_enabled:
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                              (undo_table(job.id).as_string(conn),)).fetchone()
-        if not (exists and exists[0]):
-            raise InvalidInput(f"job {job.id}'s undo log ({undo_table(job.id).as_string(conn)}) "
+        undo = undo_table(job.id)
+        found = conn.execute("SELECT to_regclass(%s)::oid", (undo.as_string(conn),)).fetchone()
+        if not (found and found[0]):
+            raise InvalidInput(f"job {job.id}'s undo log ({undo.as_string(conn)}) "
                                "is gone (pruned?); it cannot run without one")
-        prepared = dataclasses.replace(prepared, undo=undo_table(job.id))
+        assert prepared.binding is not None
+        binding = dataclasses.replace(prepared.binding, relations=(
+            *prepared.binding.relations,
+            Relation("undo log", "backfill", f"undo_{job.id}", int(found[0]))))
+        prepared = dataclasses.replace(prepared, undo=undo, binding=binding)
     return prepared
 
 
@@ -677,8 +696,19 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
                 raise InvalidInput(f"transform may not write key column {name!r}")
         assert spec.function is not None
         fn = load_function(spec.function)
+    origin = Relation("undo log" if spec.kind == "revert" else "source", table.schema,
+                      table.name, table.oid)
+    target = None if dest is None else Relation(
+        "reverted" if spec.kind == "revert" else "destination", dest.schema, dest.name, dest.oid)
+    if spec.source_dsn is not None:   # the source is in another database: proven there
+        binding = bind(conn, [target] if target else [], ())
+        source_binding: Binding | None = bind(read, [origin], key)
+    else:
+        binding = bind(conn, [origin, *([target] if target else [])], key)
+        source_binding = None
     prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn,
-                           reverted_kind=reverted_kind, source_columns=source_columns)
+                           reverted_kind=reverted_kind, source_columns=source_columns,
+                           binding=binding, source_binding=source_binding)
     if explain and prepared.remote:
         try:
             with read.transaction(force_rollback=True):

@@ -283,6 +283,16 @@ CREATE UNIQUE INDEX jobs_one_active_per_target ON backfill.jobs (conflict_key)
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        9,
+        "jobs bind their destination table by oid, like their source",
+        """
+ALTER TABLE backfill.jobs ADD COLUMN dest_oid oid;  -- copy, move, revert: the table written
+""",
+    ),
+)
+
 LATEST = MIGRATIONS[-1].version
 
 

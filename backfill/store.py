@@ -56,6 +56,7 @@ class JobRecord:
     canary_rows: int | None = None
     approved_at: dt.datetime | None = None
     approved_by: str | None = None
+    dest_oid: int | None = None
 
     @property
     def table(self) -> str:
@@ -133,7 +134,7 @@ _JOB_COLUMNS = (
     "options, "
     "options_version, state, state_reason, conflict_key, rows_estimate, created_by, created_at, "
     "updated_at, started_at, finished_at, owner, heartbeat_at, last_error, error_range, runs_on, "
-    "rate_share, batch_rate_share, canary_rows, approved_at, approved_by"
+    "rate_share, batch_rate_share, canary_rows, approved_at, approved_by, dest_oid"
 )
 
 
@@ -162,6 +163,7 @@ def create_job(
     actor: str,
     runs_on: str = "inline",
     canary_rows: int | None = None,
+    dest_oid: int | None = None,
 ) -> JobRecord:
     """Insert a pending job and its ``created`` event; refuse a conflicting active job.
 
@@ -175,12 +177,12 @@ def create_job(
             row = conn.cursor(row_factory=dict_row).execute(
                 f"""INSERT INTO backfill.jobs (name, kind, source_schema, source_table,
                         source_oid, key_columns, key_types, spec, options, conflict_key,
-                        rows_estimate, created_by, runs_on, canary_rows)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                        rows_estimate, created_by, runs_on, canary_rows, dest_oid)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                     RETURNING {_JOB_COLUMNS}""",  # noqa: S608 - constant column list
                 (name, spec.kind, schema, table, source_oid, list(key), list(key_types),
                  Jsonb(spec.to_json()), Jsonb(spec.options.to_json()), conflict_key,
-                 rows_estimate, actor, runs_on, canary_rows),
+                 rows_estimate, actor, runs_on, canary_rows, dest_oid),
             ).fetchone()
         except pgerrors.UniqueViolation as exc:
             raise JobConflict(_conflict_message(conn, conflict_key)) from exc

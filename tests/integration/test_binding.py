@@ -1,0 +1,142 @@
+"""A job writes only the relations it was bound to: a table dropped and recreated (same name,
+same rows) while the job runs gets no write, inline or on the workers, for the source, the
+destination of a copy, and the undo log."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from backfill import Backfill, JobState, copy, update
+from tests.integration.helpers import counter_histogram, make_counter_table, scalar, wait_for
+from tests.integration.servers import RedisServer, Workers
+
+INC = {"counter": "counter + 1"}
+FIXED = {"batch_size": 200, "min_batch_size": 200, "max_batch_size": 200}
+
+
+def _recreate(dsn: str, table: str = "items", rows: int = 5_000) -> None:
+    """DROP and CREATE the same table with the same rows, in one transaction."""
+    with psycopg.connect(dsn, autocommit=True) as c, c.transaction():
+        c.execute(f"DROP TABLE {table}")
+        c.execute(f"""CREATE TABLE {table} (id bigint PRIMARY KEY, val int NOT NULL,
+                      counter int NOT NULL DEFAULT 0, note text)""")
+        c.execute(f"INSERT INTO {table} (id, val) SELECT i, i %% 100 FROM generate_series(1, %s) i",
+                  (rows,))
+
+
+def _run_in_thread(bf: Backfill, job_id: int) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+
+    def target() -> None:
+        try:
+            out.append(bf.run(job_id, skip_preflight=True))
+        except Exception as exc:  # reported by the test's assertions
+            out.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, out
+
+
+def _assert_failed_naming_the_change(bf: Backfill, job_id: int) -> None:
+    job = bf.get(job_id)
+    assert job.state == JobState.FAILED, (job.state, job.state_reason)
+    # The batch's own proof (TableChanged) or, for a task that starts after the change, the
+    # binding check of its preparation: either way before any write.
+    assert "table public.items was dropped and recreated" in (job.state_reason or ""), \
+        job.state_reason
+
+
+def test_source_recreated_mid_run_inline_gets_no_write(dsn: str) -> None:
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, rate=1000, **FIXED))
+    t, out = _run_in_thread(bf, job.id)
+    wait_for(lambda: bf.progress(job.id).batches >= 3, timeout=30, what="three batches")
+    _recreate(dsn)
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert [getattr(r, "state", r) for r in out] == [JobState.FAILED], "run returns the job"
+    _assert_failed_naming_the_change(bf, job.id)
+    assert counter_histogram(dsn) == {0: 5_000}, "the new table got no write"
+    assert bf.progress(job.id).rows_scanned < 5_000
+
+
+def test_copy_destination_recreated_mid_run_gets_no_write(dsn: str) -> None:
+    make_counter_table(dsn, 5_000)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE items_copy (LIKE items INCLUDING ALL)")
+    bf = Backfill(dsn)
+    job = bf.enqueue(copy("items", "items_copy", rate=1000, **FIXED))
+    t, out = _run_in_thread(bf, job.id)
+    wait_for(lambda: bf.progress(job.id).batches >= 3, timeout=30, what="three batches")
+    with psycopg.connect(dsn, autocommit=True) as c, c.transaction():
+        c.execute("DROP TABLE items_copy")
+        c.execute("CREATE TABLE items_copy (LIKE items INCLUDING ALL)")
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert [getattr(r, "state", r) for r in out] == [JobState.FAILED], "run returns the job"
+    job_after = bf.get(job.id)
+    assert job_after.state == JobState.FAILED, job_after.state_reason
+    assert "destination table public.items_copy was dropped and recreated" in (
+        job_after.state_reason or "")
+    assert scalar(dsn, "SELECT count(*) FROM items_copy") == 0
+
+
+def test_undo_log_recreated_mid_run_fails_the_job(dsn: str) -> None:
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, rate=1000, **FIXED))
+    t, out = _run_in_thread(bf, job.id)
+    wait_for(lambda: bf.progress(job.id).batches >= 3, timeout=30, what="three batches")
+    with psycopg.connect(dsn, autocommit=True) as c, c.transaction():
+        c.execute(f"CREATE TABLE backfill.tmp_undo AS TABLE backfill.undo_{job.id}")
+        c.execute(f"DROP TABLE backfill.undo_{job.id}")
+        c.execute(f"ALTER TABLE backfill.tmp_undo RENAME TO undo_{job.id}")
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert [getattr(r, "state", r) for r in out] == [JobState.FAILED], "run returns the job"
+    failed = bf.get(job.id)
+    assert failed.state == JobState.FAILED
+    assert f"undo log table backfill.undo_{job.id}" in (failed.state_reason or "")
+    done = bf.progress(job.id).rows_scanned
+    # Every row the job counts as done has exactly one undo row, in the new log or the old.
+    assert counter_histogram(dsn) == {0: 5_000 - done, 1: done}
+    assert scalar(dsn, f"SELECT count(*) FROM backfill.undo_{job.id}") == done
+
+
+@pytest.fixture
+def workers(dsn: str, tmp_path: Path) -> Iterator[Workers]:
+    from workers import app as app_module
+
+    redis = RedisServer()
+    redis.start()
+    app_module.app.conf.broker_url = redis.url
+    pool = Workers(dsn, redis.url, tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.stop()
+        redis.stop()
+
+
+def test_source_recreated_mid_run_on_the_workers_gets_no_write(dsn: str,
+                                                               workers: Workers) -> None:
+    from workers.tasks import dispatch
+
+    make_counter_table(dsn, 5_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, rate=1000, **FIXED))
+    workers.start(1)
+    dispatch(dsn, job.id, actor="tester")
+    wait_for(lambda: bf.progress(job.id).batches >= 3, timeout=60, what="three batches")
+    _recreate(dsn)
+    wait_for(lambda: bf.get(job.id).state in (JobState.FAILED, JobState.SUCCEEDED),
+             timeout=60, what="the job to end")
+    _assert_failed_naming_the_change(bf, job.id)
+    assert counter_histogram(dsn) == {0: 5_000}
