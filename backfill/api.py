@@ -27,10 +27,11 @@ from backfill import registry as registry_mod
 from backfill import store
 from backfill.catalog import Conn
 from backfill.db import connect
-from backfill.errors import InvalidInput, JobNotFound, PreflightFailed
+from backfill.errors import InvalidInput, JobNotFound
 from backfill.keyset import KeyCodec, render_key
 from backfill.kinds import prepare, prepare_stored, undo_table
 from backfill.preflight import Check, PreflightConfig, blocked, run_checks
+from backfill.preflight import gate as preflight_gate
 from backfill.rehearsal import Rehearsal
 from backfill.runner import Runner, Tick
 from backfill.schema import require_current, upgrade_conn
@@ -438,13 +439,9 @@ class Backfill:
                 store.add_event(conn, job.id, "preflight_skipped", actor=self.actor,
                                 reason=f"pre-flight skipped by {self.actor} (--skip-preflight)")
             return
-        failed = blocked(self.preflight(job.id, config=config))
-        if failed:
-            raise PreflightFailed(
-                f"job {job.id} did not pass pre-flight, nothing was written:\n  "
-                + "\n  ".join(f"{c.name}: {c.reason}" for c in failed)
-                + f"\n  (`backfill preflight {job.id}` shows every check; --skip-preflight "
-                "overrides, and is recorded)")
+        with self._conn() as conn:
+            preflight_gate(conn, store.get_job(conn, job.id), config or PreflightConfig.load(),
+                           self.dsn, actor=self.actor)
 
     def run(
         self,

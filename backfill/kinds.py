@@ -7,6 +7,7 @@ key, and (``dry_explain``) that the batch statement parses and type-checks.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, LiteralString, cast
@@ -152,26 +153,28 @@ class PreparedJob:
         return Keyset(_ident(self.table), self.key)
 
     def conflict_key(self) -> str:
-        """What this job writes, for the one-active-job-per-table-and-columns rule."""
-        return ";".join(
-            f"{table}({','.join(sorted(cols)) if cols else '*'})"
-            for table, cols in self.write_targets()
-        )
+        """What this job writes, for the one-active-job-per-table-and-columns rule: a JSON
+        list of ``[table, columns or null]``, tables by oid (a table dropped and recreated
+        under the same name is another table: a job stuck on the old one does not block it),
+        names as stored (any character), columns sorted."""
+        return json.dumps([[t, sorted(cols) if cols else None]
+                           for t, cols in self.write_targets()], separators=(",", ":"))
 
     def write_targets(self) -> list[tuple[str, frozenset[str] | None]]:
-        """Every table this job writes, with the columns (``None``: whole rows)."""
+        """Every table this job writes (``oid:<n>``; a cross-database source: ``remote:`` and
+        its name there), with the columns (``None``: whole rows)."""
         if self.remote:   # the source is another database: its tables are not ours to lock
             if self.spec.kind == "delete":
                 return [(f"remote:{self.table.qualified}", None)]
             assert self.dest is not None
-            return [(self.dest.qualified, None)]
+            return [(f"oid:{self.dest.oid}", None)]
         if self.dest is not None:
-            targets: list[tuple[str, frozenset[str] | None]] = [(self.dest.qualified, None)]
+            targets: list[tuple[str, frozenset[str] | None]] = [(f"oid:{self.dest.oid}", None)]
             if self.spec.kind == "move":  # deletes from its source too
-                targets.append((self.table.qualified, None))
+                targets.append((f"oid:{self.table.oid}", None))
             return targets
         cols = self.spec.write_columns()
-        return [(self.table.qualified, frozenset(cols) if cols else None)]
+        return [(f"oid:{self.table.oid}", frozenset(cols) if cols else None)]
 
     # -- statements -----------------------------------------------------------------------
 

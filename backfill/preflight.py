@@ -28,8 +28,9 @@ from psycopg.conninfo import conninfo_to_dict
 from backfill import store
 from backfill.catalog import Conn
 from backfill.durations import format_duration, parse_duration_ms, parse_size
-from backfill.errors import BackfillError, InvalidOption
+from backfill.errors import BackfillError, InvalidOption, PreflightFailed
 from backfill.kinds import prepare_stored
+from backfill.states import JobState
 
 CONFIG_ENV = "BACKFILL_PREFLIGHT_CONFIG"
 
@@ -98,6 +99,32 @@ class PreflightConfig:
 
 def blocked(checks: list[Check]) -> list[Check]:
     return [c for c in checks if c.status == "fail"]
+
+
+def gate(conn: Conn, job: store.JobRecord, config: PreflightConfig, dsn: str, *,
+         actor: str) -> list[Check]:
+    """Before a job's first write (pending, or paused before it ever started): the checks,
+    recorded as an event. A failure pauses the job with the reasons (``show`` and ``list``
+    say why; a second job on the same table is refused while it waits; ``resume`` or ``run``
+    checks again) and raises :class:`PreflightFailed`; nothing was written."""
+    checks = run_checks(conn, job, config, dsn)
+    failed = blocked(checks)
+    reason = "; ".join(f"{c.name}: {c.reason}" for c in failed)
+    with conn.transaction():
+        store.add_event(conn, job.id, "preflight", actor=actor,
+                        reason=f"blocked: {reason}" if failed else "all checks passed or warned",
+                        details={"checks": [c.to_json() for c in checks]})
+        if failed and job.state == JobState.PENDING:
+            store.transition(conn, job.id, JobState.PAUSED, actor=actor,
+                             reason=f"pre-flight failed: {reason}",
+                             expect=frozenset({JobState.PENDING}))
+    if failed:
+        raise PreflightFailed(
+            f"job {job.id} did not pass pre-flight (paused, nothing was written):\n  "
+            + "\n  ".join(f"{c.name}: {c.reason}" for c in failed)
+            + f"\n  (`backfill preflight {job.id}` shows every check; `backfill run "
+            f"{job.id}` checks again; --skip-preflight overrides, and is recorded)")
+    return checks
 
 
 def run_checks(conn: Conn, job: store.JobRecord, config: PreflightConfig,

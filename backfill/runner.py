@@ -41,7 +41,6 @@ from backfill.errors import (
     InvalidInput,
     JobConflict,
     LeaseLost,
-    PreflightFailed,
 )
 from backfill.keyset import Key, KeyCodec, render_key
 from backfill.kinds import PreparedJob, prepare_stored
@@ -307,28 +306,13 @@ class Runner:
         """Before the first write on the workers: the pre-flight checks (unless an operator's
         skip is recorded). A failure pauses the job with the reasons, so the reaper does not
         retry it every pass; `resume` runs the checks again."""
-        from backfill.preflight import PreflightConfig, blocked, run_checks
+        from backfill.preflight import PreflightConfig, gate
 
         skipped = self.conn.execute(
             "SELECT 1 FROM backfill.events WHERE job_id = %s AND kind = 'preflight_skipped'",
             (job.id,)).fetchone()
-        if skipped:
-            return
-        checks = run_checks(self.conn, job, PreflightConfig.load(), self.dsn)
-        failed = blocked(checks)
-        reason = "; ".join(f"{c.name}: {c.reason}" for c in failed)
-        with self.conn.transaction():
-            store.add_event(self.conn, job.id, "preflight", actor=self.actor,
-                            reason=f"blocked: {reason}" if failed
-                            else "all checks passed or warned",
-                            details={"checks": [c.to_json() for c in checks]})
-            if failed:
-                store.transition(self.conn, job.id, S.PAUSED, actor=self.actor,
-                                 reason=f"pre-flight failed: {reason}",
-                                 expect=frozenset({S.PENDING}))
-        if failed:
-            raise PreflightFailed(f"job {job.id} did not pass pre-flight (paused, nothing "
-                                  f"written): {reason}")
+        if not skipped:
+            gate(self.conn, job, PreflightConfig.load(), self.dsn, actor=self.actor)
 
     def _hand_off(self, job_id: int) -> None:
         """A slot is free (a slice finished or was split): send tasks for waiting slices."""

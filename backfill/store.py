@@ -7,6 +7,7 @@ put them in the same transaction as a batch's write (that is how checkpoints are
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,7 +205,12 @@ def _lock_conflicts(conn: Conn) -> None:
 
 
 def parse_targets(conflict_key: str) -> list[tuple[str, frozenset[str] | None]]:
-    """``"public.t(a,b);public.u(*)"`` -> ``[("public.t", {a, b}), ("public.u", None)]``."""
+    """``'[["oid:16384",["a","b"]],["oid:16390",null]]'`` -> ``[("oid:16384", {a, b}),
+    ("oid:16390", None)]`` (see :meth:`PreparedJob.conflict_key`). Keys stored before schema
+    version 9 (``public.t(a,b);public.u(*)``) are read too."""
+    if conflict_key.startswith("["):
+        return [(str(t), None if cols is None else frozenset(map(str, cols)))
+                for t, cols in json.loads(conflict_key)]
     out: list[tuple[str, frozenset[str] | None]] = []
     for part in conflict_key.split(";"):
         table, _, inner = part.partition("(")
@@ -221,29 +227,33 @@ def _overlap(mine: str, theirs: str) -> bool:
     return False
 
 
+def _refusal(job_id: int, state: str, name: str, table: str) -> str:
+    return (f"job {job_id} ({name!r}, {state}) already writes {table} (the same table and "
+            f"columns): one active job per table and columns; wait for it, or cancel it with "
+            f"`backfill cancel {job_id}`")
+
+
 def _check_overlap(conn: Conn, conflict_key: str, exclude_id: int | None) -> None:
     rows = conn.execute(
-        """SELECT id, state, conflict_key FROM backfill.jobs
+        """SELECT id, state, conflict_key, name, source_schema || '.' || source_table
+           FROM backfill.jobs
            WHERE state = ANY(%s) AND id IS DISTINCT FROM %s ORDER BY id""",
         ([str(s) for s in ACTIVE], exclude_id),
     ).fetchall()
-    for job_id, state, other_key in rows:
+    for job_id, state, other_key, name, table in rows:
         if _overlap(conflict_key, other_key):
-            raise JobConflict(
-                f"job {job_id} ({state}) already writes {other_key}: one active job per table "
-                f"and columns; wait for it, or cancel it with `backfill cancel {job_id}`"
-            )
+            raise JobConflict(_refusal(job_id, state, name, table))
 
 
 def _conflict_message(conn: Conn, conflict_key: str) -> str:
     row = conn.execute(
-        "SELECT id, state FROM backfill.jobs WHERE conflict_key = %s AND state = ANY(%s)",
+        """SELECT id, state, name, source_schema || '.' || source_table FROM backfill.jobs
+           WHERE conflict_key = %s AND state = ANY(%s)""",
         (conflict_key, [str(s) for s in ACTIVE]),
     ).fetchone()
     if row:
-        return (f"job {row[0]} ({row[1]}) already writes {conflict_key}: one active job per "
-                f"table and columns; wait for it, or cancel it with `backfill cancel {row[0]}`")
-    return f"another active job already writes {conflict_key}"
+        return _refusal(*row)
+    return "another active job already writes the same table and columns"
 
 
 def get_job(conn: Conn, job_id: int, *, for_update: bool = False) -> JobRecord:

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from backfill import Backfill, update
-from backfill.errors import PreflightFailed
+from backfill.errors import InvalidInput, PreflightFailed
 from backfill.preflight import PreflightConfig
 from backfill.runner import Runner
 from backfill.states import JobState
@@ -69,10 +69,17 @@ def test_a_failing_check_blocks_the_first_write_and_a_skip_is_recorded(
         c.execute("CREATE UNIQUE INDEX CONCURRENTLY items_broken ON items (val)")
     r = _cli(dsn, "run", str(job.id), "--no-progress")
     assert r.returncode == 1
-    assert "did not pass pre-flight, nothing was written" in r.stderr
+    assert "did not pass pre-flight (paused, nothing was written)" in r.stderr
     assert "invalid indexes: items_broken" in r.stderr
     assert scalar(dsn, "SELECT count(*) FROM items WHERE note IS NOT NULL") == 0
-    assert bf.get(job.id).state == JobState.PENDING
+    # The job says why it waits, where an operator looks.
+    paused = bf.get(job.id)
+    assert paused.state == JobState.PAUSED
+    assert "pre-flight failed: invalid indexes: items_broken" in (paused.state_reason or "")
+    for command in (("show", str(job.id)), ("list",)):
+        shown = _cli(dsn, *command)
+        assert "paused" in shown.stdout
+        assert "pre-flight failed" in shown.stdout, shown.stdout
     r = _cli(dsn, "run", str(job.id), "--no-progress", "--skip-preflight")
     assert r.returncode == 0, r.stderr
     skipped = [e for e in bf.events(job.id) if e.kind == "preflight_skipped"]
@@ -138,3 +145,30 @@ def test_a_job_paused_before_its_first_batch_is_still_checked(dsn: str, tmp_path
     assert r.returncode == 1
     assert "did not pass pre-flight" in r.stderr
     assert [e.kind for e in bf.events(job.id)].count("preflight") == 1
+
+
+def test_a_job_that_failed_preflight_does_not_block_a_job_on_a_recreated_table(
+        dsn: str, tmp_path: Path) -> None:
+    make_counter_table(dsn, 1_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", {"note": "'n'"}))
+    r = _cli(dsn, "run", str(job.id), "--no-progress",
+             config=_config(tmp_path, 'backup_command = "false"\n'))
+    assert r.returncode == 1
+    assert bf.get(job.id).state == JobState.PAUSED
+    # The same table still has its waiting job: a second one is refused, naming it.
+    r = _cli(dsn, "enqueue", "-t", "items", "--set", "note = 'm'")
+    assert r.returncode == 2
+    assert f"job {job.id}" in r.stderr
+    assert "paused" in r.stderr
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DROP TABLE items")
+    make_counter_table(dsn, 1_000)
+    # A recreated table of the same name is another table: the old job does not block it.
+    r = _cli(dsn, "enqueue", "-t", "items", "--set", "note = 'm'", "--quiet")
+    assert r.returncode == 0, r.stderr
+    new = bf.run(int(r.stdout.strip()), skip_preflight=True)
+    assert new.state == JobState.SUCCEEDED, new.state_reason
+    # The old job cannot run on the new table.
+    with pytest.raises(InvalidInput, match="dropped and recreated"):
+        bf.run(job.id, skip_preflight=True)
