@@ -468,15 +468,18 @@ class Backfill:
             job = self.get(ref)
         self.gate(job, skip=skip_preflight, config=preflight)
         while True:
-            runner = Runner(self.dsn, job.id, actor=self.actor, stop=stop, on_tick=on_tick,
-                            takeover_after_s=takeover_after_s)
-            job = runner.run()
-            if (job.state == S.SUCCEEDED and job.kind == "move"
-                    and job.spec.source_dsn is not None):
-                # A cross-database move's second phase: delete what the copy wrote.
+            cross_move = job.kind == "move" and job.spec.source_dsn is not None
+            if not (cross_move and job.state == S.SUCCEEDED):
+                runner = Runner(self.dsn, job.id, actor=self.actor, stop=stop,
+                                on_tick=on_tick, takeover_after_s=takeover_after_s)
+                job = runner.run()
+            if cross_move and job.state == S.SUCCEEDED:
+                # A cross-database move's second phase: delete what the copy wrote. Created
+                # here once (by this run, or by any later `run` of the move if this process
+                # died or the source was unreachable right after the copy), then resumed.
                 phase2 = self._move_delete_phase(job)
-                if phase2 is None:
-                    return job   # the source range was empty: nothing to delete
+                if phase2 is None or phase2.state == S.SUCCEEDED:
+                    return job   # nothing to delete (an empty range), or deleted already
                 done = self.run(phase2.id, stop=stop, on_tick=on_tick,
                                 takeover_after_s=takeover_after_s)
                 return job if done.state == S.SUCCEEDED else done

@@ -685,7 +685,9 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         phase2 = _guard(lambda: bf.move_phase2(rec.id))
         lines.append("  phase 2   " + (f"job {phase2.id} ({phase2.state}) deletes the copied "
                                        "rows from the source" if phase2 else
-                                       "not started: `backfill run` starts it after the copy"))
+                                       "not started" + (f": `backfill run {rec.id}` starts it"
+                                                        if rec.state == "succeeded" else
+                                                        ": it starts when the copy is done")))
     if rec.kind == "revert":
         left = prog.rows_scanned - prog.rows_affected
         lines.append(f"  reverts   job {rec.spec.reverts}: {prog.rows_affected:,} rows restored"

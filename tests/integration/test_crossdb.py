@@ -146,6 +146,34 @@ def test_a_move_between_databases_deletes_only_what_arrived_unchanged(
     assert f"phase 2   job {phase2[0].id} (succeeded)" in cli(dsn, "show", str(move)).stdout
 
 
+def test_a_move_whose_phase_2_was_not_created_resumes_with_run(dsn: str, source: str) -> None:
+    """The moment between the copy's end and the delete phase's creation fails (the process
+    killed, the source unreachable): `run MOVE` later creates phase 2 and finishes it."""
+    _whole_dest(dsn)
+    with psycopg.connect(source, autocommit=True) as c:
+        c.execute("DELETE FROM events WHERE id > 3000")
+    bf = Backfill(dsn)
+    move = bf.enqueue(JobSpec("move", "events", dest="archive", source_dsn=source,
+                              column_map=(("category", "kind"),)).with_options(batch_size=1000))
+    from backfill.runner import Runner
+    assert Runner(dsn, move.id, actor="tester").run().state == "succeeded"   # copy only
+    assert bf.move_phase2(move.id) is None
+    assert scalar(source, "SELECT count(*) FROM events") == 3000   # in both databases
+    shown = cli(dsn, "show", str(move.id)).stdout
+    assert f"phase 2   not started: `backfill run {move.id}` starts it" in shown
+    r = cli(dsn, "run", str(move.id), "--no-progress", "--skip-preflight")
+    assert r.returncode == 0, r.stderr
+    assert scalar(source, "SELECT count(*) FROM events") == 0
+    assert scalar(dsn, "SELECT count(*) FROM archive") == 3000
+    phase2 = bf.move_phase2(move.id)
+    assert phase2 is not None
+    assert phase2.state == "succeeded"
+    # Run again: both phases are done, nothing to do, no third job.
+    r = cli(dsn, "run", str(move.id), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert bf.move_phase2(move.id) == bf.get(phase2.id)
+
+
 def test_a_move_refuses_to_delete_rows_changed_since_the_copy(dsn: str, source: str) -> None:
     _whole_dest(dsn)
     with psycopg.connect(source, autocommit=True) as c:
