@@ -28,6 +28,9 @@ def revert(
         "--workers", help="Enqueue the revert for the Celery workers instead of running it "
         "here.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    skip_preflight: Annotated[bool, typer.Option(
+        "--skip-preflight", help="Start the revert without the pre-flight checks (recorded "
+        "as an event): a revert is often what the database needs most.")] = False,
 ) -> None:
     """Restore what a job changed from its undo log, as a job of its own (batched, throttled,
     checkpointed; pause, resume and watch it like any job). Rows changed since by the
@@ -36,12 +39,14 @@ def revert(
     rec = _guard(lambda: bf.revert(job, force=force, workers=workers))
     err.print(f"revert job {rec.id} enqueued: it restores job {rec.spec.reverts}'s rows",
               highlight=False)
+    if skip_preflight:
+        _guard(lambda: bf.gate(rec, skip=True))
     if workers:
         _send_to_workers(ctx, rec.id, "enqueued")
         out.print(rec.id)
         return
     run(ctx, str(rec.id), dry_run=False, progress=progress, takeover_after=30.0, as_json=False,
-        skip_preflight=False)
+        skip_preflight=skip_preflight)
 
 
 @undo_app.command("list")

@@ -172,3 +172,22 @@ def test_a_job_that_failed_preflight_does_not_block_a_job_on_a_recreated_table(
     # The old job cannot run on the new table.
     with pytest.raises(InvalidInput, match="dropped and recreated"):
         bf.run(job.id, skip_preflight=True)
+
+
+def test_revert_takes_skip_preflight_as_its_refusal_offers(dsn: str, tmp_path: Path) -> None:
+    make_counter_table(dsn, 1_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", {"note": "'n'"}))
+    assert bf.run(job.id, skip_preflight=True).state == JobState.SUCCEEDED
+    failing = _config(tmp_path, 'backup_command = "false"\n')
+    r = _cli(dsn, "revert", str(job.id), "--no-progress", config=failing)
+    assert r.returncode == 1
+    assert "--skip-preflight overrides" in r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM items WHERE note IS NOT NULL") == 1_000
+    revert_id = max(j.id for j in bf.list(include_finished=True))
+    r = _cli(dsn, "run", str(revert_id), "--no-progress", config=failing)
+    assert r.returncode == 1   # still refused without the skip
+    bf.cancel(revert_id)
+    r = _cli(dsn, "revert", str(job.id), "--no-progress", "--skip-preflight", config=failing)
+    assert r.returncode == 0, r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM items WHERE note IS NOT NULL") == 0
