@@ -821,15 +821,23 @@ def reach_canary(conn: Conn, job_id: int, *, actor: str) -> bool:
         """WITH total AS (SELECT sum(rows_scanned)::bigint AS n, sum(rows_affected)::bigint AS a
                           FROM backfill.slices WHERE job_id = %(job)s),
                 prev AS (SELECT state FROM backfill.jobs WHERE id = %(job)s),
+                -- The time the job spent running: paused, throttled, failed or pending
+                -- stretches (a retry, an operator's pause) are no part of its rows/s.
+                running AS (
+               SELECT coalesce(sum(extract(epoch FROM coalesce(nxt, clock_timestamp()) - at)),
+                               0)::float8 AS secs
+               FROM (SELECT to_state, at, lead(at) OVER (ORDER BY id) AS nxt
+                     FROM backfill.events WHERE job_id = %(job)s AND kind = 'transition'
+                       AND to_state IS NOT NULL) t
+               WHERE to_state = 'running'),
                 upd AS (
                UPDATE backfill.jobs j SET state = 'awaiting_approval', updated_at = now(),
                       state_reason = 'canary of ' || total.n || ' rows done; '
                                      || '`backfill approve` lets the rest run'
-               FROM total WHERE j.id = %(job)s AND j.state IN ('running', 'throttled')
+               FROM total, running WHERE j.id = %(job)s AND j.state IN ('running', 'throttled')
                  AND j.canary_rows IS NOT NULL AND j.approved_at IS NULL
                  AND total.n >= j.canary_rows
-               RETURNING j.id, j.state_reason, total.n, total.a,
-                         extract(epoch FROM now() - j.started_at)::float8 AS secs)
+               RETURNING j.id, j.state_reason, total.n, total.a, running.secs)
            INSERT INTO backfill.events (job_id, kind, from_state, to_state, actor, reason, details)
            SELECT upd.id, 'transition', prev.state, 'awaiting_approval', %(actor)s,
                   upd.state_reason,

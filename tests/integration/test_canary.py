@@ -9,7 +9,7 @@ import threading
 import psycopg
 import pytest
 
-from backfill import Backfill, update
+from backfill import Backfill, store, update
 from backfill.errors import IllegalTransition, InvalidInput
 from backfill.reaper import reap
 from backfill.runner import Runner
@@ -168,3 +168,30 @@ def test_a_canary_with_a_volatile_set_is_not_failed_by_its_recheck(dsn: str) -> 
     assert bf.progress(job.id).rows_scanned == 600      # the last batch stops at the canary
     assert "not re-checkable" in (bf.canary(job.id) or {}).get("verify_detail", "")
     assert bf.approve(job.id).state == JobState.PENDING
+
+
+def test_a_canary_rate_counts_only_the_time_it_ran(dsn: str) -> None:
+    """A pause in the middle of the canary is no part of its rows/s (nor of the projection)."""
+    make_counter_table(dsn, 20_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(dataclasses.replace(
+        update("items", FILL, batch_size=200, min_batch_size=200, max_batch_size=200),
+        canary="2000"))
+    stop = threading.Event()
+    ticks: list[object] = []
+
+    def on_tick(t: object) -> None:
+        ticks.append(t)
+        if len(ticks) == 3:
+            stop.set()
+
+    assert bf.run(job.id, stop=stop, on_tick=on_tick, skip_preflight=True).state == "paused"
+    paused_at = scalar(dsn, "SELECT clock_timestamp()")
+    wait_for(lambda: scalar(dsn, "SELECT clock_timestamp() - %s > interval '3 seconds'",
+                            (paused_at,)), timeout=10, what="a 3 s pause")
+    assert bf.run(job.id).state == JobState.AWAITING_APPROVAL
+    with psycopg.connect(dsn) as c:
+        report = store.canary_report(c, job.id)
+    assert report is not None
+    assert 0 < report["canary_seconds"] < 3.0, report
+    assert report["canary_rows_per_s"] > report["canary_rows"] / 3.0
