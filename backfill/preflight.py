@@ -174,57 +174,71 @@ def _measure(conn: Conn, read: Conn, job: store.JobRecord) -> Check:
     size, rows = (int(row[0]), int(row[1])) if row else (0, 0)
     from backfill.rehearsal import latest
 
+    base = {"rows_estimate": rows, "table_bytes": size}
+    what = f"{rows:,} rows, {size / 2**20:,.1f} MB"
     rehearsed = latest(conn, job.id)
-    if rehearsed and rehearsed.get("wal_bytes_per_row"):
-        per_row = float(rehearsed["wal_bytes_per_row"])
-        estimate = per_row * rows
-        return Check("table and WAL", "pass",
-                     f"{rows:,} rows, {size / 2**20:,.1f} MB; about "
-                     f"{estimate / 2**20:,.1f} MB of WAL ({per_row:,.0f} bytes per changed "
-                     f"row, measured by the rehearsal on {rehearsed.get('clone')})",
-                     {"rows_estimate": rows, "table_bytes": size, "wal_bytes_per_row": per_row,
-                      "wal_bytes_estimate": estimate, "source": "rehearsal"})
-    prepared = prepare_stored(conn, job, explain=False,
-                              source=read if read is not conn else None)
-    bounds = prepared.first_batch(read)
-    sampled = per_row = 0.0
+    rehearsed_per_row = float(rehearsed.get("wal_bytes_per_row") or 0) if rehearsed else 0.0
+    sample = _sample_wal(conn, read, job, what, base)
+    if isinstance(sample, Check) and not rehearsed_per_row:
+        return sample   # no sample (started, sql/transform, or it failed) and no rehearsal
+    sampled = sample if isinstance(sample, float) else None
+    # Both, when both exist: the larger. A rehearsal on a clone may miss the full-page images
+    # production writes (see rehearsal.rehearse); a one-batch sample may miss what later
+    # batches meet. Neither is preferred blindly, and both are shown.
+    measured = {name: value for name, value in (
+        ("a rolled-back sample batch", sampled),
+        (f"the rehearsal on {rehearsed.get('clone') if rehearsed else ''}", rehearsed_per_row))
+        if value}
+    source, per_row = max(measured.items(), key=lambda m: m[1]) if measured else (
+        "a rolled-back sample batch", 0.0)
+    how = (f"the larger of {' and '.join(f'{n} ({v:,.0f})' for n, v in measured.items())}"
+           if len(measured) > 1 else source)
+    estimate = per_row * rows
+    return Check("table and WAL", "pass",
+                 f"{what}; about {estimate / 2**20:,.1f} MB of WAL ({per_row:,.0f} bytes per "
+                 f"changed row: {how})",
+                 {**base, "wal_bytes_per_row": per_row, "wal_bytes_estimate": estimate,
+                  "source": "sample" if source.startswith("a rolled-back") else "rehearsal",
+                  "sampled_wal_bytes_per_row": sampled,
+                  "rehearsed_wal_bytes_per_row": rehearsed_per_row or None})
+
+
+def _sample_wal(conn: Conn, read: Conn, job: store.JobRecord, what: str,
+                base: dict[str, Any]) -> float | Check:
+    """WAL bytes per changed row of the job's first batch, run in a transaction that is
+    rolled back; or the check to report when no sample can be taken."""
     if job.started_at is not None:
-        return Check("table and WAL", "pass", f"{rows:,} rows, {size / 2**20:,.1f} MB (the job "
-                     "has started: no sample batch)", {"rows_estimate": rows, "table_bytes": size})
+        return Check("table and WAL", "pass", f"{what} (the job has started: no sample batch)",
+                     base)
     if job.kind in ("sql", "transform"):
         # A sql statement or a transform's Python may have effects a rollback does not undo
         # (sequences, calls out): no sample; a rehearsal measures them.
-        return Check("table and WAL", "warn", f"{rows:,} rows, {size / 2**20:,.1f} MB; WAL not "
-                     f"sampled for a {job.kind} job (`backfill rehearse` measures it)",
-                     {"rows_estimate": rows, "table_bytes": size})
-    if bounds is not None:
-        try:
-            with conn.transaction(force_rollback=True):
-                conn.execute("SELECT set_config('statement_timeout', '30s', true), "
-                             "set_config('lock_timeout', %s, true)",
-                             (f"{max(1, int(job.options.lock_timeout_ms))}ms",))
-                before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
-                first, upper = bounds
-                changed = (prepared.copy_remote(read, conn, None, upper) if prepared.remote
-                           else prepared.write_batch(conn, None, upper, first))
-                after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)",
-                                     (before[0] if before else None,)).fetchone()
-                sampled = float(after[0]) if after and after[0] is not None else 0.0
-                per_row = sampled / changed if changed else 0.0
-        except psycopg.Error as exc:
-            # The job's own first batch will meet this too; that is the job's business (its
-            # retries, its failure with the range), not a reason to refuse the start.
-            msg = (exc.diag.message_primary or str(exc)).strip()
-            return Check("table and WAL", "warn", f"{rows:,} rows, {size / 2**20:,.1f} MB; the "
-                         f"sample batch failed ({msg}): the job's first batch may too",
-                         {"rows_estimate": rows, "table_bytes": size})
-    estimate = per_row * rows
-    return Check("table and WAL", "pass",
-                 f"{rows:,} rows, {size / 2**20:,.1f} MB; about "
-                 f"{estimate / 2**20:,.1f} MB of WAL ({per_row:,.0f} bytes per changed row, "
-                 "sampled from a rolled-back batch)",
-                 {"rows_estimate": rows, "table_bytes": size, "wal_bytes_per_row": per_row,
-                  "wal_bytes_estimate": estimate})
+        return Check("table and WAL", "warn", f"{what}; WAL not sampled for a {job.kind} job "
+                     "(`backfill rehearse` measures it)", base)
+    prepared = prepare_stored(conn, job, explain=False,
+                              source=read if read is not conn else None)
+    bounds = prepared.first_batch(read)
+    if bounds is None:
+        return 0.0
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("SELECT set_config('statement_timeout', '30s', true), "
+                         "set_config('lock_timeout', %s, true)",
+                         (f"{max(1, int(job.options.lock_timeout_ms))}ms",))
+            before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+            first, upper = bounds
+            changed = (prepared.copy_remote(read, conn, None, upper) if prepared.remote
+                       else prepared.write_batch(conn, None, upper, first))
+            after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)",
+                                 (before[0] if before else None,)).fetchone()
+            sampled = float(after[0]) if after and after[0] is not None else 0.0
+            return sampled / changed if changed else 0.0
+    except psycopg.Error as exc:
+        # The job's own first batch will meet this too; that is the job's business (its
+        # retries, its failure with the range), not a reason to refuse the start.
+        msg = (exc.diag.message_primary or str(exc)).strip()
+        return Check("table and WAL", "warn", f"{what}; the sample batch failed ({msg}): the "
+                     "job's first batch may too", base)
 
 
 def _local_host(dsn: str) -> bool:

@@ -13,10 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg import errors as pgerrors
+
 from backfill import store
 from backfill.catalog import Conn
 from backfill.db import connect, redact_dsn
 from backfill.errors import InvalidInput
+from backfill.kinds import prepare
 from backfill.schema import upgrade_conn
 from backfill.states import ACTIVE, JobState
 
@@ -42,6 +45,9 @@ class Rehearsal:
     lock_timeouts: int
     verified: bool | None
     verify_detail: str | None
+    #: False when the clone refused CHECKPOINT (no pg_checkpoint role): the WAL measured
+    #: may lack the full-page images production writes, so pre-flight trusts it less.
+    checkpointed: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,13 +114,23 @@ def rehearse(primary_dsn: str, clone_dsn: str, job: store.JobRecord, *, actor: s
                                    auto_approve_after_ms=None)
         # A clone taken after the job was enqueued holds the job too: that copy would
         # conflict with the rehearsal's, so it is cancelled there (the clone is disposable).
+        mine = prepare(clone, spec, explain=False).conflict_key()
         for copy in store.list_jobs(clone):
-            if copy.conflict_key == job.conflict_key and copy.state in ACTIVE:
+            if copy.state in ACTIVE and store.overlaps(mine, copy.conflict_key):
                 store.transition(clone, copy.id, JobState.CANCELLED, actor=actor,
                                  reason="superseded on this clone by a rehearsal")
         clone_job = create_job(clone, spec, actor=actor, workers=False)
         store.add_event(clone, clone_job.id, "preflight_skipped", actor=actor,
                         reason="a rehearsal on a clone")
+        # A fresh clone's pages were just written whole to the WAL (or copied): until the
+        # next checkpoint, changing them logs no full-page images, while production's first
+        # change of each page after a checkpoint does. A checkpoint first makes the WAL
+        # measured here the WAL the job will write there.
+        checkpointed = True
+        try:
+            clone.execute("CHECKPOINT")
+        except pgerrors.InsufficientPrivilege:
+            checkpointed = False
         lsn = clone.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
     started = time.monotonic()
     done = run(clone_dsn, clone_job.id)
@@ -136,7 +152,8 @@ def rehearse(primary_dsn: str, clone_dsn: str, job: store.JobRecord, *, actor: s
             state=str(done.state), rows=prog.rows_scanned, rows_changed=prog.rows_affected,
             seconds=seconds, rows_per_s=prog.rows_scanned / seconds if seconds > 0 else 0.0,
             wal_bytes=wal, wal_bytes_per_row=wal / prog.rows_affected if prog.rows_affected
-            else 0.0, verified=verified, verify_detail=detail, **figures)
+            else 0.0, verified=verified, verify_detail=detail, checkpointed=checkpointed,
+            **figures)
         store.add_event(primary, job.id, REHEARSAL_EVENT, actor=actor,
                         reason=f"rehearsed on {result.clone}: {result.rows:,} rows at "
                         f"{result.rows_per_s:,.0f} rows/s, {result.wal_bytes / 2**20:,.1f} MB "

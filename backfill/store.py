@@ -219,7 +219,8 @@ def parse_targets(conflict_key: str) -> list[tuple[str, frozenset[str] | None]]:
     return out
 
 
-def _overlap(mine: str, theirs: str) -> bool:
+def overlaps(mine: str, theirs: str) -> bool:
+    """Whether two conflict keys share a table and a column (or whole rows)."""
     for table, cols in parse_targets(mine):
         for other_table, other_cols in parse_targets(theirs):
             if table == other_table and (cols is None or other_cols is None or cols & other_cols):
@@ -241,7 +242,7 @@ def _check_overlap(conn: Conn, conflict_key: str, exclude_id: int | None) -> Non
         ([str(s) for s in ACTIVE], exclude_id),
     ).fetchall()
     for job_id, state, other_key, name, table in rows:
-        if _overlap(conflict_key, other_key):
+        if overlaps(conflict_key, other_key):
             raise JobConflict(_refusal(job_id, state, name, table))
 
 

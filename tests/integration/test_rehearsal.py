@@ -49,7 +49,17 @@ def test_a_rehearsal_measures_on_the_clone_and_leaves_production_alone(
     assert "projected here" in shown
     checks = json.loads(cli(dsn, "preflight", str(job_id), "--json").stdout)["checks"]
     wal = next(c for c in checks if c["name"] == "table and WAL")
-    assert wal["details"]["source"] == "rehearsal"
+    details = wal["details"]
+    # Both figures are shown and the larger counts; the rehearsal ran after a checkpoint on
+    # the clone, so it wrote the full-page images a real run writes, as the sample did.
+    assert details["rehearsed_wal_bytes_per_row"] == result["wal_bytes_per_row"]
+    assert details["sampled_wal_bytes_per_row"] > 0
+    assert details["wal_bytes_per_row"] == max(details["rehearsed_wal_bytes_per_row"],
+                                               details["sampled_wal_bytes_per_row"])
+    assert "the larger of a rolled-back sample batch" in wal["reason"]
+    assert result["checkpointed"] is True
+    ratio = details["rehearsed_wal_bytes_per_row"] / details["sampled_wal_bytes_per_row"]
+    assert 0.5 < ratio < 2.0, details
     # A migration on the same table takes the rehearsed rate for its estimate.
     mig = tmp_path / "m.toml"
     mig.write_text('id = "m"\n[[operations]]\nop = "backfill"\ntable = "items"\n'
