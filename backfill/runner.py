@@ -562,7 +562,8 @@ class Runner:
         upper = codec.decode(slc.upper_bound)
         assert upper is not None
         cursor = codec.decode(slc.cursor)
-        sizer = BatchSizer(size=slc.batch_size or options.batch_size)
+        sizer = BatchSizer(size=slc.batch_size or options.batch_size,
+                           rate=self._slot_rate(options))
         sizer.clamp(options)
         status: tuple[JobState, int, str | None] | None = None
         while True:
@@ -619,6 +620,7 @@ class Runner:
                 options, options_version = fresh.options, fresh.options_version
                 self._options, self._options_version = options, options_version
                 self._shares = (fresh.rate_share, fresh.batch_rate_share)
+                sizer.rate = self._slot_rate(options)
                 sizer.clamp(options)
                 self.log.info("job.tuned", options=options.to_json())
 
@@ -663,18 +665,27 @@ class Runner:
                 self._pace(job.id, delay)
         return None
 
-    def _delay_after(self, rows: int, seconds: float, options: JobOptions) -> float:
-        """Seconds to wait after a batch: the job's own rate limit and pause, and its share of
-        the controller's global budgets (split among the job's slots on the workers)."""
-        rows_share, batches_share = self._shares
-        slots = max(1, options.parallelism) if self._worker else 1
-        # --rate is the job's, not each slot's: on the workers its slots share it.
+    def _slots(self, options: JobOptions) -> int:
+        return max(1, options.parallelism) if self._worker else 1
+
+    def _slot_rate(self, options: JobOptions) -> float | None:
+        """Rows/s this chain of batches may do: the job's --rate and its share of the
+        controller's rows budget, split among the job's slots on the workers (--rate is the
+        job's, not each slot's)."""
+        rows_share, _ = self._shares
+        slots = self._slots(options)
         rate = options.rate_limit / slots if options.rate_limit else None
         if rows_share:
             rate = min(rate, rows_share / slots) if rate else rows_share / slots
-        delay = rate_delay(rows, seconds, rate)
+        return rate
+
+    def _delay_after(self, rows: int, seconds: float, options: JobOptions) -> float:
+        """Seconds to wait after a batch: the job's own rate limit and pause, and its share of
+        the controller's global budgets (split among the job's slots on the workers)."""
+        _, batches_share = self._shares
+        delay = rate_delay(rows, seconds, self._slot_rate(options))
         if batches_share:
-            delay = max(delay, slots / batches_share - seconds)
+            delay = max(delay, self._slots(options) / batches_share - seconds)
         return delay + options.pause_ms / 1000.0
 
     def _pace(self, job_id: int, delay: float) -> None:

@@ -26,6 +26,11 @@ class BatchSizer:
 
     size: int
     ms_per_row: float | None = None
+    #: Rows/s this batch chain may do (the job's --rate, or its share of a controller budget,
+    #: per slot); None: no cap. Under a cap a batch holds at most ``rate * target duration``
+    #: rows, below ``min_batch_size`` if need be: a low rate gives small, frequent batches
+    #: (locks held briefly, the cap true over any minute), not one huge batch and a long sleep.
+    rate: float | None = None
 
     def observe(self, rows: int, duration_ms: float, options: JobOptions) -> int:
         """Record a finished batch and return the size of the next one."""
@@ -47,13 +52,22 @@ class BatchSizer:
 
     def shrink(self, options: JobOptions) -> int:
         """After a statement timeout: halve the size (and forget the per-row estimate)."""
-        self.size = max(options.min_batch_size, self.size // 2)
+        capped = rate_cap(self.rate, options) < options.min_batch_size
+        self.size = max(1 if capped else options.min_batch_size, self.size // 2)
         self.ms_per_row = None
         return self.size
 
     def clamp(self, options: JobOptions) -> int:
-        self.size = min(max(self.size, options.min_batch_size), options.max_batch_size)
+        self.size = min(max(self.size, options.min_batch_size), options.max_batch_size,
+                        rate_cap(self.rate, options))
         return self.size
+
+
+def rate_cap(rate: float | None, options: JobOptions) -> int:
+    """The largest batch under a rate limit: ``rate * target duration`` rows (at least 1)."""
+    if not rate or rate <= 0:
+        return options.max_batch_size
+    return max(1, int(rate * options.target_duration_ms / 1000.0))
 
 
 def rate_delay(rows: int, batch_seconds: float, rate_limit: float | None) -> float:

@@ -311,6 +311,28 @@ def test_rate_limit_caps_rows_per_second(dsn: str) -> None:
     assert time.monotonic() - started >= 0.4
 
 
+def test_a_low_rate_gives_small_frequent_batches_and_holds(dsn: str) -> None:
+    """--rate 200 on 600 rows with the default sizes: before, one 600-row batch ran at once
+    (the cap counted only from the second batch on); now batches of at most
+    rate * target duration = 100 rows, spread over the 3 s the cap allows."""
+    import time
+
+    make_counter_table(dsn, 600)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, rate=200, min_batch_size=500))
+    started = time.monotonic()
+    assert bf.run(job.id, skip_preflight=True).state == JobState.SUCCEEDED
+    elapsed = time.monotonic() - started
+    sizes = [int(r[0]) for r in psycopg.connect(dsn, autocommit=True).execute(
+        "SELECT rows_scanned FROM backfill.batches WHERE job_id = %s ORDER BY id",
+        (job.id,)).fetchall()]
+    assert max(sizes) <= 100, sizes
+    assert sum(sizes) == 600
+    # Every batch but the last is followed by its wait: 500 rows' worth at 200 rows/s.
+    assert elapsed >= 500 / 200 * 0.95, elapsed
+    assert counter_histogram(dsn) == {1: 600}
+
+
 def test_batch_stats_are_pruned(dsn: str) -> None:
     make_counter_table(dsn, 1_500)
     bf = Backfill(dsn)

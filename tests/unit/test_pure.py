@@ -98,6 +98,29 @@ def test_sizer_ignores_one_slow_batch_and_shrinks_on_timeout() -> None:
     assert BatchSizer(size=10).shrink(JobOptions(batch_size=10)) == 10  # bounded below
 
 
+def test_a_rate_cap_keeps_batches_small_and_frequent() -> None:
+    """--rate 200 with a 500 ms target: batches of at most 100 rows, whatever the database's
+    speed and min_batch_size, so locks are brief and the cap holds over any minute."""
+    opts = JobOptions(batch_size=1000, min_batch_size=500, target_duration_ms=500)
+    sizer = BatchSizer(size=1000, rate=200)
+    assert sizer.clamp(opts) == 100
+    for _ in range(40):   # a fast database: without the cap this grows to max_batch_size
+        assert sizer.observe(sizer.size, 0.0001 * sizer.size, opts) == 100
+    slow = BatchSizer(size=1000, rate=5)
+    assert slow.clamp(opts) == 2          # a low rate: tiny batches, 0.4 s apart
+    assert slow.shrink(opts) == 1         # a timeout still halves it, to at least one row
+    assert BatchSizer(size=50_000, rate=None).clamp(opts) == 50_000
+    # Paced at the cap, the rows done in any 60 s window stay within 5 % of rate * 60.
+    t, done = 0.0, []
+    for _ in range(400):
+        rows = sizer.size
+        done.append((t, rows))
+        t += 0.01 + rate_delay(rows, 0.01, 200)
+    for start, _ in done:
+        window = sum(r for at, r in done if start <= at < start + 60)
+        assert window <= 200 * 60 * 1.05
+
+
 def test_rate_delay_and_eta() -> None:
     assert rate_delay(1000, 0.1, None) == 0
     assert rate_delay(1000, 0.1, 1000) == pytest.approx(0.9)
