@@ -126,3 +126,26 @@ def test_a_plain_install_runs_a_job_on_its_workers(plain_venv: Path, bare_dsn: s
         redis.stop()
     assert counter_histogram(bare_dsn) == {1: 3_000}
     assert "backfill.run_slice" in log_path.read_text()
+
+
+#: What the Docker image holds besides the installed package: the demo and what it reads.
+DEMO_FILES = ("scripts", "examples")
+
+
+def test_the_demo_runs_from_the_images_layout(plain_venv: Path, bare_dsn: str,
+                                              tmp_path: Path) -> None:
+    """The compose ``demo`` service: scripts/demo.sh in /app next to examples/, the package
+    installed in a venv on PATH and BACKFILL_USE_INSTALLED=1, no source tree (Dockerfile)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for name in DEMO_FILES:
+        shutil.copytree(ROOT / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = _clean_env(BACKFILL_DSN=bare_dsn, DEMO_ROWS="5000", BACKFILL_USE_INSTALLED="1",
+                     BACKFILL_LOG_FORMAT="json")
+    env["PATH"] = f"{plain_venv}{os.pathsep}{env['PATH']}"
+    res = subprocess.run(["bash", str(app / "scripts" / "demo.sh")], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "backfill migrate complete examples/migrations/" in res.stderr
+    assert "==> done" in res.stderr
+    assert not (app / ".venv").exists(), "the demo made its own venv instead of using the install"
