@@ -37,7 +37,7 @@ from backfill import logs, store
 from backfill.api import Backfill, default_actor
 from backfill.db import connect, describe, redact_text
 from backfill.durations import format_duration, parse_duration_ms
-from backfill.errors import BackfillError, BrokerUnavailable, InvalidInput
+from backfill.errors import BackfillError, BrokerMisconfigured, BrokerUnavailable, InvalidInput
 from backfill.runner import Tick
 from backfill.schema import LATEST, MIGRATIONS, current_version
 from backfill.settings import Settings, dsn_from_env
@@ -184,7 +184,8 @@ OptParallel = Annotated[str | None, typer.Option(
     "workers, how many run at once (changeable any time).")]
 
 #: Set by the workers plugin (``workers.cli``): send a job to the Celery workers now.
-#: Called as ``DISPATCH_HOOK(dsn, job_id, actor=...)``; raises BrokerUnavailable.
+#: Called as ``DISPATCH_HOOK(dsn, job_id, actor=...)``; raises BrokerUnavailable or
+#: BrokerMisconfigured.
 DISPATCH_HOOK: Callable[..., object] | None = None
 
 
@@ -324,6 +325,8 @@ def _send_to_workers(ctx: typer.Context, job_id: int, what: str) -> None:
     except BrokerUnavailable as exc:
         _fail(f"job {job_id} is {what} and left pending: {exc}; the workers' reaper starts it "
               f"once the broker is back, or `backfill dispatch {job_id}`", 1)
+    except BrokerMisconfigured as exc:
+        _fail(f"job {job_id} is {what} and left pending: {exc}", exc.exit_code)
     except BackfillError as exc:
         _fail(str(exc), exc.exit_code)
 

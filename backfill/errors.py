@@ -82,6 +82,11 @@ class BrokerUnavailable(BackfillError):
     """The task broker (Redis) cannot be reached; nothing was sent, the job is unchanged."""
 
 
+class BrokerMisconfigured(BackfillError):
+    """The broker client cannot be set up here, whatever the network does: a transport module
+    is missing from the install, or the broker URL is malformed. Nothing was sent."""
+
+
 class TasksNotSent(BackfillError):
     """The job was started on the workers but some tasks could not be sent; the reaper
     sends them once the broker is back."""

