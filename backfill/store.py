@@ -1003,3 +1003,11 @@ def controller_status(conn: Conn) -> dict[str, Any] | None:
         """SELECT leader, leader_since, tick_at, extract(epoch FROM now() - tick_at) AS age_s,
                   readings, settings FROM backfill.controller WHERE id = 1""").fetchone()
     return dict(row) if row else None
+
+
+def controller_alive(age_s: float, poll_s: float | None) -> bool:
+    """Whether a controller that last polled ``age_s`` ago (polling every ``poll_s``) is
+    still acting: five missed polls, and at least 10 s, say it is gone. Its readings expire
+    then (the exporter stops serving them) and the jobs it throttled say so."""
+    return age_s <= max(10.0, 5 * (poll_s or 1.0))
+
