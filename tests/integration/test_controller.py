@@ -364,3 +364,45 @@ def test_a_standby_controller_takes_over_when_the_leader_dies(dbs: tuple[str, st
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(timeout=30)
+
+
+def test_every_session_queued_on_the_jobs_rows_is_counted(dsn: str) -> None:
+    """Four sessions queued on one row of the job's table are four waiters. The head of the
+    queue waits on the holder's transactionid lock (relation NULL), the others on the tuple:
+    each is blocked by a session holding locks on the table, and that is what counts."""
+    from backfill.db import connect
+    from backfill.signals import WatchedJob, lock_waiters
+
+    make_counter_table(dsn, 10)
+    holder = psycopg.connect(dsn, application_name="app holder")
+    waiters: list[threading.Thread] = []
+
+    def update_row() -> None:
+        with psycopg.connect(dsn, autocommit=True, application_name="app") as c:
+            c.execute("UPDATE items SET val = val + 1 WHERE id = 1")
+
+    conn = connect(dsn)
+    try:
+        holder.execute("UPDATE items SET val = val + 1 WHERE id = 1")  # holds the row
+        oid = conn.execute("SELECT 'items'::regclass::oid").fetchone()
+        assert oid is not None
+        for _ in range(4):
+            t = threading.Thread(target=update_row, daemon=True)
+            t.start()
+            waiters.append(t)
+        wait_for(lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'app' "
+            "AND wait_event_type = 'Lock'").fetchone() == (4,), timeout=20, what="4 waiters")
+        count, wait = lock_waiters(conn, WatchedJob(99, (int(oid[0]),)))
+        assert count.value == 4, count
+        assert wait.value is not None
+        assert wait.value > 0
+        # A session waiting on another table's rows is not the job's.
+        other = lock_waiters(conn, WatchedJob(98, (int(oid[0]) + 100_000,)))
+        assert other[0].value == 0
+    finally:
+        holder.rollback()
+        holder.close()
+        for t in waiters:
+            t.join(timeout=30)
+        conn.close()
