@@ -55,6 +55,8 @@ class Reading:
             out["error"] = self.error
         if self.detail:
             out["detail"] = self.detail
+        if self.job_id is not None:
+            out["job_id"] = self.job_id
         return out
 
 

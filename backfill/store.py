@@ -985,17 +985,26 @@ def set_shares(conn: Conn, job_id: int, rows_per_s: float | None,
 
 
 def record_controller_tick(conn: Conn, leader: str, readings: list[dict[str, Any]],
-                           settings: dict[str, Any]) -> None:
+                           settings: dict[str, Any], *, took_over: bool = False) -> None:
+    """The acting controller's poll; ``took_over``: its first since it took the lead (a
+    leader that lost its lock and won it back leads anew)."""
     conn.execute(
         """INSERT INTO backfill.controller (id, leader, leader_since, tick_at, readings, settings)
            VALUES (1, %(leader)s, now(), now(), %(readings)s, %(settings)s)
            ON CONFLICT (id) DO UPDATE SET
                leader_since = CASE WHEN backfill.controller.leader = excluded.leader
+                                        AND NOT %(took_over)s
                                    THEN backfill.controller.leader_since ELSE now() END,
                leader = excluded.leader, tick_at = now(), readings = excluded.readings,
                settings = excluded.settings""",
-        {"leader": leader, "readings": Jsonb(readings), "settings": Jsonb(settings)},
+        {"leader": leader, "readings": Jsonb(readings), "settings": Jsonb(settings),
+         "took_over": took_over},
     )
+
+
+def job_names(conn: Conn, job_ids: list[int]) -> dict[int, str]:
+    return dict(conn.execute("SELECT id, name FROM backfill.jobs WHERE id = ANY(%s)",
+                             (job_ids,)).fetchall())
 
 
 def controller_status(conn: Conn) -> dict[str, Any] | None:

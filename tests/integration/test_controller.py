@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -334,31 +335,53 @@ def test_a_global_budget_is_shared_by_running_jobs(dbs: tuple[str, str]) -> None
 
 
 def test_a_standby_controller_takes_over_when_the_leader_dies(dbs: tuple[str, str]) -> None:
+    """Two controllers on one host are told apart (controller:host:pid, whatever --actor
+    says), a failover shows as a new leader since a new time, and `controller status` shows
+    the thresholds in force."""
     dsn, _ = dbs
     env = cli_env()
 
-    def start(name: str) -> subprocess.Popen[str]:
+    def start() -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "--actor", name,
+            [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "--actor", "an operator",
              "controller", "run", "--poll", "0.2s"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
-    def leader() -> str | None:
+    def status() -> dict[str, Any] | None:
         res = cli(dsn, "controller", "status", "--json")
         if res.returncode != 0:
             return None
-        return str(json.loads(res.stdout)["leader"])
+        data: dict[str, Any] = json.loads(res.stdout)
+        return data
 
-    first = start("ctl-a")
+    def leader() -> str | None:
+        st = status()
+        return str(st["leader"]) if st else None
+
+    host = socket.gethostname()
+    first = start()
     second: subprocess.Popen[str] | None = None
     try:
-        wait_for(lambda: leader() == "ctl-a", timeout=30, what="ctl-a to lead")
-        second = start("ctl-b")
-        time.sleep(1.0)  # ctl-b is up and polling: it must stand by
-        assert leader() == "ctl-a"
+        wait_for(lambda: leader() == f"controller:{host}:{first.pid}", timeout=30,
+                 what="the first controller to lead")
+        before = status()
+        assert before is not None
+        second = start()
+        time.sleep(1.0)  # the second is up and polling: it must stand by
+        assert leader() == f"controller:{host}:{first.pid}"
+        shown = cli(dsn, "controller", "status")
+        assert shown.returncode == 0, shown.stderr
+        # long_transaction's default limit: throttle at 10m, resume below 5m.
+        line = next(ln for ln in shown.stdout.splitlines() if "long_transaction" in ln)
+        assert "10m" in line, shown.stdout
+        assert "5m" in line, shown.stdout
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
-        wait_for(lambda: leader() == "ctl-b", timeout=30, what="ctl-b to take over")
+        wait_for(lambda: leader() == f"controller:{host}:{second.pid}", timeout=30,
+                 what="the second controller to take over")
+        after = status()
+        assert after is not None
+        assert after["leader_since"] > before["leader_since"]
     finally:
         for p in (first, second):
             if p is not None and p.poll() is None:
