@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -428,4 +429,50 @@ def test_every_session_queued_on_the_jobs_rows_is_counted(dsn: str) -> None:
         holder.close()
         for t in waiters:
             t.join(timeout=30)
+        conn.close()
+
+
+def test_a_job_throttled_by_a_controller_that_is_gone_says_so(dsn: str) -> None:
+    """Fail closed: the job stays throttled when its controller dies, but show, list and
+    watch say who throttled it, when that controller last polled, and to check on it."""
+    from backfill import store
+    from backfill.db import connect
+
+    make_counter_table(dsn, 10)
+    job = Backfill(dsn).enqueue(update("items", INC, name="held"))
+    conn = connect(dsn)
+    wide = {"COLUMNS": "400"}
+    try:
+        store.transition(conn, job.id, JobState.RUNNING, actor="test", set_owner="x")
+        store.transition(conn, job.id, JobState.THROTTLED, actor="controller:h:7",
+                         reason="replica_lag[r1] 12s >= 10s")
+        # No controller has ever polled (the row is missing): say so.
+        res = cli(dsn, "show", str(job.id), env=wide)
+        assert "throttled by controller:h:7; no controller polls: is one running?" in res.stdout
+        store.record_controller_tick(conn, "controller:h:7", [], {"poll_s": 1.0})
+        # Alive: the throttle's own reason, nothing else.
+        res = cli(dsn, "show", str(job.id), env=wide)
+        assert "(replica_lag[r1] 12s >= 10s)" in res.stdout, res.stdout
+        assert "is it running?" not in res.stdout
+        conn.execute("UPDATE backfill.controller SET tick_at = now() - interval '300 s'")
+        want = re.compile(r"throttled by controller:h:7, last poll 30\d s ago: is it running\?")
+        for args in (("show", str(job.id)), ("watch", "--once"), ("list",)):
+            res = cli(dsn, *args, env=wide)
+            assert res.returncode == 0, res.stderr
+            assert want.search(res.stdout), (args, res.stdout)
+            assert "replica_lag[r1] 12s >= 10s" in res.stdout, (args, res.stdout)
+        listed = json.loads(cli(dsn, "list", "--json").stdout)
+        assert listed[0]["state"] == "throttled"
+        assert want.match(listed[0]["state_reason"])
+        # The operator's way out: an override, recorded with their name and what it lifted.
+        res = cli(dsn, "resume", str(job.id), "-r", "its controller host is gone")
+        assert res.returncode == 0, res.stderr
+        assert "throttle overridden" in res.stdout
+        last = store.events(conn, job.id)[-1]
+        assert (last.from_state, last.to_state, last.actor) == ("throttled", "running", "tester")
+        assert last.reason == ("operator override of the controller's throttle: its "
+                               "controller host is gone")
+        assert last.details is not None
+        assert last.details["throttled_for"] == "replica_lag[r1] 12s >= 10s"
+    finally:
         conn.close()
