@@ -165,15 +165,19 @@ class StateCollector(Collector):
                      if r[4] in (JobState.RUNNING, JobState.THROTTLED)}
             controller = conn.execute(_CONTROLLER_SQL).fetchone()
         except BaseException:
-            conn_, self._conn = self._conn, None
-            if conn_ is not None:
-                conn_.close()
+            # Under the lock: a scrape abandoning this read must not shut down a socket whose
+            # descriptor was closed here and already reused.
+            with self._lock:
+                conn_, self._conn = self._conn, None
+                if conn_ is not None:
+                    conn_.close()
             raise
         return _Snapshot(jobs, rates, controller)
 
     def _abandon(self) -> None:
         """Unblock a read stuck on the network: shut its socket down (the reader then fails
-        with a broken connection and closes it). Called from a scrape thread."""
+        with a broken connection and closes it). Called from a scrape thread, holding the
+        lock."""
         conn = self._conn
         if conn is None or conn.closed:
             return
