@@ -56,6 +56,30 @@ def test_every_alert_is_tested_and_has_a_runbook_entry() -> None:
         assert rule["annotations"]["description"]
 
 
+def test_every_join_keeps_the_instance() -> None:
+    """One Prometheus watches one exporter per database: a join, an aggregation or an
+    absent() that drops `instance` mixes databases up (a job on B judged by A's controller)."""
+    rules = yaml.safe_load((PROM / "rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            expr = " ".join(rule["expr"].split())
+            name = rule.get("alert") or rule.get("record")
+            for labels in re.findall(r"\b(?:on|by)\s*\(([^)]*)\)", expr):
+                assert "instance" in [x.strip() for x in labels.split(",")], (name, expr)
+            # An aggregation keeps labels only with a `by` (written before its argument).
+            assert not re.search(r"\b(?:sum|max|min|count|avg)\s*\(", expr), (name, expr)
+            if name != "BackfillExporterDown":  # absent(up): no target at all, on purpose
+                assert "absent(" not in expr, (name, expr)
+            assert "ignoring" not in expr, (name, expr)
+    tests = yaml.safe_load((PROM / "tests.yml").read_text())
+    for alert in ("BackfillJobStalled", "BackfillControllerDown", "BackfillReplicaLagHigh"):
+        instances = {m for t in tests["tests"]
+                     if any(a["alertname"] == alert for a in t.get("alert_rule_test", []))
+                     for series in t["input_series"]
+                     for m in re.findall(r'instance="([^"]+)"', series["series"])}
+        assert len(instances) >= 2, f"{alert} is not tested with several databases"
+
+
 def _runbook_base() -> str:
     found = re.findall(r"^# runbook base: (\S+)$", (PROM / "rules.yml").read_text(), re.M)
     assert len(found) == 1, "rules.yml declares its runbook base once"
