@@ -8,7 +8,9 @@ acts, while metrics must exist, once, whether a controller runs or not.
 
 Naming follows Prometheus conventions: ``backfill_`` prefix, base units in names
 (``_seconds``, ``_bytes``), ``_total`` for counters. Labels are bounded: job id and name, kind,
-table, state, signal kind and source; never key values, SQL or free text. Jobs are exported
+table, state, signal kind, replica (and how its lag was read), slot, probe; never key values,
+SQL or free text. Prometheus adds ``instance``: one exporter per database, so the rules tell
+databases apart by it. Jobs are exported
 while active, while failed (until retried or cancelled), and for ``finished_for_s`` after they
 succeed or are cancelled, so series do not accumulate forever.
 """
