@@ -316,17 +316,20 @@ class Backfill:
     def overview(
         self, *, include_finished: bool = False
     ) -> builtins.list[tuple[store.JobRecord, store.Progress]]:
-        """Jobs with their progress, read over one connection (for list and watch)."""
+        """Jobs with their progress, read over one connection (for list and watch). A job
+        throttled by a controller that is gone says so in its reason."""
         with self._conn() as conn:
-            return [(j, store.progress(conn, j.id))
-                    for j in store.list_jobs(conn, include_finished=include_finished)]
+            jobs = store.with_unwatched_notes(
+                conn, store.list_jobs(conn, include_finished=include_finished))
+            return [(j, store.progress(conn, j.id)) for j in jobs]
 
     def inspect(self, ref: JobRef) -> tuple[store.JobRecord, store.Progress,
                                             builtins.list[store.Event],
                                             builtins.list[store.SliceRecord]]:
-        """A job with its progress, events and slices, read over one connection (for show)."""
+        """A job with its progress, events and slices, read over one connection (for show).
+        A job throttled by a controller that is gone says so in its reason."""
         with self._conn() as conn:
-            job = self._resolve(conn, ref)
+            [job] = store.with_unwatched_notes(conn, [self._resolve(conn, ref)])
             return (job, store.progress(conn, job.id), store.events(conn, job.id),
                     store.slices(conn, job.id))
 
@@ -358,9 +361,24 @@ class Backfill:
         return self._transition(ref, S.PAUSED, reason or "paused by operator")
 
     def resume(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
-        """paused -> pending: a runner (``backfill run``) or a worker picks it up again."""
-        return self._transition(ref, S.PENDING, reason or "resumed by operator",
-                                expect=frozenset({S.PAUSED}), action="resume")
+        """paused -> pending: a runner (``backfill run``) or a worker picks it up again.
+
+        throttled -> running: the operator overrides the controller's throttle, recorded
+        with their name, the reason and the throttle it lifted. For a job whose controller is
+        gone (fail-closed keeps it throttled, and only a live controller resumes it); a live
+        controller throttles it again at its next poll if a signal still breaches."""
+        with self._conn() as conn:
+            job = self._resolve(conn, ref)
+            if job.state == S.THROTTLED:
+                return store.transition(
+                    conn, job.id, S.RUNNING, actor=self.actor,
+                    reason="operator override of the controller's throttle: "
+                           + (reason or "resumed by operator"),
+                    expect=frozenset({S.THROTTLED}), action="resume",
+                    details={"override": "throttle", "throttled_for": job.state_reason})
+            return store.transition(conn, job.id, S.PENDING, actor=self.actor,
+                                    reason=reason or "resumed by operator",
+                                    expect=frozenset({S.PAUSED}), action="resume")
 
     def cancel(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         return self._transition(ref, S.CANCELLED, reason or "cancelled by operator")

@@ -783,11 +783,15 @@ def pause(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Rea
 
 @app.command()
 def resume(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
-    """Resume a paused job: it becomes pending; `backfill run` (or a worker) continues it."""
+    """Resume a paused job: it becomes pending; `backfill run` (or a worker) continues it.
+    On a throttled job: override the controller's throttle (for one whose controller is gone)."""
     rec = _guard(lambda: _client(ctx).resume(job, reason))
     if rec.runs_on == "workers":
         _send_to_workers(ctx, rec.id, "resumed")
         out.print(f"job {rec.id} resumed on the workers from its checkpoints")
+        return
+    if rec.state == JobState.RUNNING:  # a throttle overridden: its waiting runner goes on
+        out.print(f"job {rec.id} runs again, its throttle overridden (recorded as yours)")
         return
     out.print(f"job {rec.id} is pending again; `backfill run {rec.id}` continues from its checkpoint")
 

@@ -60,6 +60,7 @@ _PARSERS: dict[str, Callable[[Any], float]] = {
 
 
 def default_actor() -> str:
+    """A controller's identity: each process its own, so two on one host are told apart."""
     return f"controller:{socket.gethostname()}:{os.getpid()}"
 
 
@@ -232,6 +233,7 @@ class Controller:
         self.clock = clock
         self._conn: Conn | None = None
         self._leading = False
+        self._took_over = False
         self._clear: dict[int, float] = {}
         self._beats = signals.Heartbeats()
         self._previous: dict[str, tuple[float, float]] = {}
@@ -259,6 +261,7 @@ class Controller:
             hold_lock_briefly_after_death(conn)
             self._conn = conn
             self._leading = True
+            self._took_over = True
             self._clear = {}  # a new leader starts its hold clocks afresh
             self._beats = signals.Heartbeats()  # another leader may have written meanwhile
             log.info("controller.leader", actor=self.actor)
@@ -313,7 +316,8 @@ class Controller:
             self._beats.write(conn)
             self._share_budgets(conn)
             store.record_controller_tick(conn, self.actor, [r.to_json() for r in readings],
-                                         self.config.to_json())
+                                         self.config.to_json(), took_over=self._took_over)
+            self._took_over = False
         return TickResult(readings, decisions, applied)
 
     def _with_trends(self, readings: list[Reading]) -> list[Reading]:

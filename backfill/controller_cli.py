@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,11 +17,11 @@ from rich.table import Table
 from backfill import cli as core_cli
 from backfill import store
 from backfill.cli import _fail, _guard, _settings, app, out
-from backfill.controller import Controller, ControllerConfig
+from backfill.controller import Controller, ControllerConfig, default_actor
 from backfill.db import connect
 from backfill.durations import format_duration
 from backfill.errors import InvalidOption
-from backfill.policy import Reading, kind_of, show
+from backfill.policy import Limit, Reading, kind_of, show
 from backfill.schema import check_schema, require_current
 
 controller_app = typer.Typer(
@@ -88,14 +90,18 @@ def run_(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     hook = core_cli.DISPATCH_HOOK
+    # The controller's own identity, not the operator's (--actor): its transitions, its
+    # leadership and its resumes are recorded as controller:host:pid, so two on one host
+    # are told apart and a failover shows as a new leader.
+    actor = default_actor()
 
     def on_resume(job: store.JobRecord) -> None:
         if job.runs_on == "workers" and hook is not None:
-            hook(s.dsn, job.id, actor=s.actor)
+            hook(s.dsn, job.id, actor=actor)
 
-    out.print(f"controller {s.actor}: polling every {format_duration(cfg.poll_s)}; "
+    out.print(f"controller {actor}: polling every {format_duration(cfg.poll_s)}; "
               "standing by if another one acts")
-    Controller(s.dsn, cfg, actor=s.actor, stop=stop, on_resume=on_resume).run_forever()
+    Controller(s.dsn, cfg, actor=actor, stop=stop, on_resume=on_resume).run_forever()
 
 
 @controller_app.command("check")
@@ -109,7 +115,7 @@ def check_(
     s = _settings(ctx)
     cfg = _guard(lambda: _config(config, replica, None, None, max_replica_lag, max_lock_waiters,
                                  max_long_transaction, max_slot_retained, None, None))
-    result = _guard(lambda: Controller(s.dsn, cfg, actor=s.actor).tick(act=False))
+    result = _guard(lambda: Controller(s.dsn, cfg).tick(act=False))
     assert result is not None
     if as_json:
         out.print_json(json.dumps({
@@ -117,23 +123,52 @@ def check_(
             "decisions": [{"job_id": d.job_id, "action": d.action, "reason": d.reason}
                           for d in result.decisions]}))
         return
-    out.print(_readings_table(result.readings, cfg))
+    names = _guard(lambda: _job_names(s.dsn, result.readings))
+    out.print(_readings_table(result.readings, _limits_in_force(cfg.to_json(), names)))
     for d in result.decisions:
         out.print(escape(f"job {d.job_id}: would {d.action}: {d.reason}"), highlight=False)
     if not result.decisions:
         out.print("no job would change state")
 
 
-def _readings_table(readings: list[Reading], cfg: ControllerConfig | None) -> Table:
+def _readings_table(readings: list[Reading], limits: Callable[[Reading], Limit | None]) -> Table:
     table = Table("signal", "value", "throttle at", "resume below", "detail")
-    limits = cfg.policy.limits if cfg else {}
     for r in readings:
-        lim = limits.get(r.kind)
+        lim = limits(r)
         value = show(r.kind, r.value) if r.value is not None else f"unreadable: {r.error}"
-        table.add_row(escape(r.signal), escape(value),
-                      show(r.kind, lim.throttle_at) if lim else "-",
-                      show(r.kind, lim.resume_below) if lim else "-", escape(r.detail or ""))
+        table.add_row(escape(r.signal), escape(value), _threshold(r.kind, lim, 0),
+                      _threshold(r.kind, lim, 1), escape(r.detail or ""))
     return table
+
+
+def _threshold(kind: str, lim: Limit | None, which: int) -> str:
+    if lim is None:
+        return "-"  # a reading with no limit is shown but never acts
+    value = (lim.throttle_at, lim.resume_below)[which]
+    return show(kind, value) if math.isfinite(value) else "off"
+
+
+def _limits_in_force(settings: Mapping[str, Any] | None,
+                     job_names: Mapping[int, str]) -> Callable[[Reading], Limit | None]:
+    """The limit each reading was compared with, from the settings the acting controller
+    recorded with its last poll: a per-job override by job name, else the global limit."""
+
+    def parse(raw: Mapping[str, Any]) -> dict[str, Limit]:
+        out = {}
+        for kind, pair in raw.items():
+            top, below = (float("inf") if v is None else float(v) for v in pair)
+            out[kind] = Limit(top, min(top, below))
+        return out
+
+    settings = settings or {}
+    limits = parse(settings.get("limits") or {})
+    per_job = {name: parse(v) for name, v in (settings.get("per_job") or {}).items()}
+
+    def find(r: Reading) -> Limit | None:
+        mine = per_job.get(job_names.get(r.job_id, "")) if r.job_id is not None else None
+        return (mine or {}).get(r.kind) or limits.get(r.kind)
+
+    return find
 
 
 @controller_app.command("status")
@@ -156,14 +191,33 @@ def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
         out.print_json(json.dumps(st, default=str))
         return
     age = float(st["age_s"])
-    poll = float((st.get("settings") or {}).get("poll_s") or 1.0)
-    alive = age <= max(10.0, 5 * poll)
+    alive = store.controller_alive(age, (st.get("settings") or {}).get("poll_s"))
     out.print(f"leader {st['leader']} since {st['leader_since']:%Y-%m-%d %H:%M:%S}; last poll "
               f"{format_duration(age)} ago" + ("" if alive else "  [red](stale: is it running?)[/]"))
     readings = [Reading(kind=kind_of(r["signal"]), signal=r["signal"], value=r.get("value"),
-                        error=r.get("error"), detail=r.get("detail"))
+                        error=r.get("error"), detail=r.get("detail"), job_id=_job_of(r))
                 for r in st["readings"]]
-    out.print(_readings_table(readings, None))
+    names = _guard(lambda: _job_names(s.dsn, readings))
+    out.print(_readings_table(readings, _limits_in_force(st.get("settings"), names)))
     if not alive:
         raise typer.Exit(1)
 
+
+def _job_of(reading: Mapping[str, Any]) -> int | None:
+    """The job a recorded reading is about (``lock_waiters[job 3]``), if any."""
+    if reading.get("job_id") is not None:
+        return int(reading["job_id"])
+    source = str(reading.get("signal", "")).partition("[")[2].removesuffix("]")
+    number = source.removeprefix("job ")
+    return int(number) if source.startswith("job ") and number.isdigit() else None
+
+
+def _job_names(dsn: str, readings: list[Reading]) -> dict[int, str]:
+    ids = sorted({r.job_id for r in readings if r.job_id is not None})
+    if not ids:
+        return {}
+    conn = connect(dsn)
+    try:
+        return store.job_names(conn, ids)
+    finally:
+        conn.close()

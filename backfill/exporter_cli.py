@@ -7,9 +7,11 @@ import threading
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from backfill.cli import _fail, _guard, _settings, app, out
 from backfill.durations import format_duration, parse_duration_ms
+from backfill.errors import DatabaseUnavailable
 from backfill.schema import check_schema
 
 
@@ -24,6 +26,9 @@ def exporter(
         "--dispatch-stale-after", envvar="BACKFILL_DISPATCH_STALE_S",
         help="Seconds after which the workers' reaper re-sends a task no worker started: the "
         "workers' BACKFILL_DISPATCH_STALE_S (exported for the queue alerts).")] = 120.0,
+    timeout: Annotated[str, typer.Option(
+        "--timeout", help="Longest a scrape waits for the database (then backfill_up 0); keep "
+        "it below Prometheus's scrape_timeout.")] = "5s",
 ) -> None:
     """Serve Prometheus metrics for every job and the controller, read from the state store
     at each scrape (so they are right whichever process did the work). Runs until SIGTERM."""
@@ -32,15 +37,26 @@ def exporter(
 
     s = _settings(ctx)
     keep_s = _guard(lambda: parse_duration_ms(finished_for, option="--finished-for") / 1000)
+    timeout_s = _guard(lambda: parse_duration_ms(timeout, option="--timeout") / 1000)
     if not 0 < port < 65536:
         _fail(f"--port must be a TCP port, not {port}", 2)
     if not dispatch_stale > 0:
         _fail(f"--dispatch-stale-after must be a positive number of seconds, not {dispatch_stale}", 2)
+    if timeout_s <= 0:
+        _fail("--timeout must be more than 0s", 2)
 
-    _guard(lambda: check_schema(s.dsn))
+    def check() -> None:
+        try:
+            check_schema(s.dsn)
+        except DatabaseUnavailable as exc:
+            # Serve anyway: `backfill_up 0` is what Prometheus must see (an exporter that is
+            # not there only says "exporter down"); every scrape reads the database afresh.
+            out.print(f"[yellow]{escape(str(exc))}: serving backfill_up 0 until it answers[/]")
+
+    _guard(check)  # a database that answers with the wrong schema is still refused
     try:
         server, _ = serve(s.dsn, port=port, addr=addr, finished_for_s=keep_s,
-                          dispatch_stale_s=dispatch_stale)
+                          timeout_s=timeout_s, dispatch_stale_s=dispatch_stale)
     except OSError as exc:
         _fail(f"cannot listen on {addr}:{port}: {exc.strerror or exc}", 1)
     stop = threading.Event()

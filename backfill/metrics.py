@@ -8,15 +8,25 @@ acts, while metrics must exist, once, whether a controller runs or not.
 
 Naming follows Prometheus conventions: ``backfill_`` prefix, base units in names
 (``_seconds``, ``_bytes``), ``_total`` for counters. Labels are bounded: job id and name, kind,
-table, state, signal kind and source; never key values, SQL or free text. Jobs are exported
+table, state, signal kind, replica (and how its lag was read), slot, probe; never key values,
+SQL or free text. Prometheus adds ``instance``: one exporter per database, so the rules tell
+databases apart by it. Jobs are exported
 while active, while failed (until retried or cancelled), and for ``finished_for_s`` after they
 succeed or are cancelled, so series do not accumulate forever.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -27,34 +37,47 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from psycopg import sql
 
 from backfill import store
 from backfill.db import connect, redact_text
 from backfill.logs import get_logger
+from backfill.options import JobOptions
 from backfill.policy import kind_of
 from backfill.states import JobState
 from backfill.store import DURATION_BUCKETS_S
-from backfill.throttle import eta_seconds
+from backfill.throttle import batch_interval_s, eta_seconds
 
 log = get_logger(component="exporter")
 
 JOB_LABELS = ["job_id", "job_name"]  # not "job": Prometheus owns that label
-#: Reading kinds exported as their own gauge, with their unit.
-SIGNAL_METRICS = {
-    "replica_lag": ("backfill_signal_replica_lag_seconds", "Replica lag (heartbeat or replay)."),
-    "replica_lag_bytes": ("backfill_signal_replica_lag_bytes", "WAL bytes not yet replayed."),
-    "lock_waiters": ("backfill_signal_lock_waiters", "Sessions waiting on a job's tables."),
-    "lock_wait": ("backfill_signal_lock_wait_seconds", "Oldest lock wait on a job's tables."),
+#: Reading kinds exported as their own gauge: name, help, labels. Replica lag is per replica,
+#: by method: "heartbeat" (a replica the controller reads, under its configured name) or
+#: "replay_lag" (pg_stat_replication on the primary, application_name@address).
+_REPLICA = ["replica", "method"]
+SIGNAL_METRICS: dict[str, tuple[str, str, list[str]]] = {
+    "replica_lag": ("backfill_signal_replica_lag_seconds", "Replica lag (heartbeat or replay).",
+                    _REPLICA),
+    "replica_lag_bytes": ("backfill_signal_replica_lag_bytes", "WAL bytes not yet replayed.",
+                          _REPLICA),
+    "lock_waiters": ("backfill_signal_lock_waiters", "Sessions waiting on a job's tables.",
+                     ["job_id"]),
+    "lock_wait": ("backfill_signal_lock_wait_seconds", "Oldest lock wait on a job's tables.",
+                  ["job_id"]),
     "slot_retained": ("backfill_signal_slot_retained_bytes",
-                      "WAL retained by a logical replication slot."),
+                      "WAL retained by a logical replication slot.", ["slot"]),
     "long_transaction": ("backfill_signal_long_transaction_seconds",
-                         "Age of the oldest open transaction."),
-    "autovacuum": ("backfill_signal_autovacuum_running", "1 while autovacuum works on a job's table."),
+                         "Age of the oldest open transaction.", []),
+    "autovacuum": ("backfill_signal_autovacuum_running",
+                   "1 while autovacuum works on a job's table.", ["job_id"]),
 }
 
 _JOBS_SQL = """
 SELECT j.id, j.name, j.kind, j.source_schema || '.' || j.source_table AS tbl, j.state,
-       j.rows_estimate, j.runs_on,
+       j.rows_estimate, j.runs_on, j.options, j.rate_share, j.batch_rate_share,
+       extract(epoch FROM (SELECT max(e.at) FROM backfill.events e
+                            WHERE e.job_id = j.id AND e.kind = 'transition'
+                              AND e.to_state = 'running')) AS running_since,
        coalesce(s.rows_scanned, 0) AS rows_scanned, coalesce(s.rows_affected, 0) AS affected,
        coalesce(s.batches, 0) AS batches, s.batch_size, s.sum_ms, s.buckets,
        s.slices, s.slices_done,
@@ -110,60 +133,143 @@ ORDER BY j.id
 """
 
 
-def _signal_base(signal: str | None) -> str | None:
-    return signal.split("[", 1)[0] if signal else None
+_CONTROLLER_SQL = """
+SELECT leader, extract(epoch FROM tick_at), readings, settings,
+       extract(epoch FROM now() - tick_at) AS age_s
+FROM backfill.controller WHERE id = 1
+"""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What one read of the state store found (all the I/O of a scrape)."""
+
+    jobs: list[Any]
+    rates: dict[int, float | None]
+    controller: Any
+    queue: list[Any]
 
 
 class StateCollector(Collector):
-    """Reads the state store on each ``collect`` (one connection, a few queries)."""
+    """Reads the state store on each ``collect``, within ``timeout_s``.
+
+    A hung database (a stopped backend, a dropped network) must not hang the scrape, nor pile
+    up threads: the read runs on one reader thread at a time, which the scrape waits for at
+    most ``timeout_s``. Past that the read's socket is shut down (a server-side timeout cannot
+    help when the backend is stopped; the kernel still acknowledges keepalives) so the reader
+    ends, and the scrape answers ``backfill_up 0``. A scrape that arrives while a read is in
+    flight shares it; one that arrives while an abandoned read is still winding down answers
+    ``backfill_up 0`` at once."""
 
     def __init__(self, dsn: str, *, finished_for_s: float = 3600.0,
-                 dispatch_stale_s: float = 120.0) -> None:
+                 timeout_s: float = 5.0, dispatch_stale_s: float = 120.0) -> None:
         self.dsn = dsn
         self.finished_for_s = finished_for_s
+        self.timeout_s = timeout_s
         self.dispatch_stale_s = dispatch_stale_s
         self._conn: psycopg.Connection[Any] | None = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self.dsn, application_name="backfill exporter",
-                                 connect_timeout=5)
-            self._conn.execute("SET statement_timeout = '10s'")
-        return self._conn
+        self._lock = threading.Lock()
+        self._reader: Future[_Snapshot] | None = None
+        self._abandoned = False
 
     def describe(self) -> list[Metric]:
         return []  # collected fresh at each scrape; nothing to check at registration
 
-    def collect(self) -> Iterator[Metric]:
-        started = time.perf_counter()
-        up = GaugeMetricFamily("backfill_up", "1 if the exporter could read the state store.")
+    # -- the read (on the reader thread) --------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self.dsn, application_name="backfill exporter",
+                                 connect_timeout=max(2, math.ceil(self.timeout_s)))
+            self._conn.execute(sql.SQL("SET statement_timeout = {}").format(
+                sql.Literal(f"{max(1, int(self.timeout_s * 1000))}ms")))
+        return self._conn
+
+    def _read(self) -> _Snapshot:
         try:
             conn = self._connection()
             jobs = conn.execute(_JOBS_SQL, {"finished_for": self.finished_for_s,
                                             "nbuckets": len(DURATION_BUCKETS_S) + 1}).fetchall()
-            controller = conn.execute(
-                """SELECT leader, extract(epoch FROM tick_at), readings, settings
-                   FROM backfill.controller WHERE id = 1""").fetchone()
+            rates = {r[0]: store.recent_rate(conn, r[0], batches=50)[1] for r in jobs
+                     if r[4] in (JobState.RUNNING, JobState.THROTTLED)}
+            controller = conn.execute(_CONTROLLER_SQL).fetchone()
             queue = conn.execute(_QUEUE_SQL, {"finished_for": self.finished_for_s}).fetchall()
+        except BaseException:
+            # Under the lock: a scrape abandoning this read must not shut down a socket whose
+            # descriptor was closed here and already reused.
+            with self._lock:
+                conn_, self._conn = self._conn, None
+                if conn_ is not None:
+                    conn_.close()
+            raise
+        return _Snapshot(jobs, rates, controller, queue)
+
+    def _abandon(self) -> None:
+        """Unblock a read stuck on the network: shut its socket down (the reader then fails
+        with a broken connection and closes it). Called from a scrape thread, holding the
+        lock."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        try:
+            fd = os.dup(conn.pgconn.socket)
+        except (OSError, psycopg.Error):
+            return
+        with socket.socket(fileno=fd) as sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _snapshot(self) -> tuple[_Snapshot | None, str]:
+        """This scrape's reading of the state store, or ``None`` and why not."""
+        with self._lock:
+            reader = self._reader
+            if reader is not None and not reader.done() and self._abandoned:
+                return None, "a previous read of the state store is still stuck"
+            if reader is None or reader.done():
+                reader = self._reader = Future()
+                self._abandoned = False
+                threading.Thread(target=self._run, args=(reader,), daemon=True,
+                                 name="backfill-exporter-read").start()
+        try:
+            return reader.result(timeout=self.timeout_s), ""
+        except FutureTimeout:
+            with self._lock:
+                if self._reader is reader and not reader.done():
+                    self._abandoned = True
+                    self._abandon()
+            return None, f"no answer from the state store within {self.timeout_s:g}s"
         except Exception as exc:  # the database is away: say so, and serve what we can
-            log.warning("exporter.scrape_failed", error=redact_text(str(exc)))
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            return None, redact_text(str(exc))
+
+    def _run(self, reader: Future[_Snapshot]) -> None:
+        try:
+            reader.set_result(self._read())
+        except BaseException as exc:  # handed to the scrape that waits
+            reader.set_exception(exc)
+
+    # -- the scrape ------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        up = GaugeMetricFamily("backfill_up", "1 if the exporter could read the state store.")
+        snap, why = self._snapshot()
+        took = GaugeMetricFamily("backfill_exporter_scrape_duration_seconds",
+                                 "Time to read the state store for this scrape.")
+        if snap is None:
+            log.warning("exporter.scrape_failed", error=why)
             up.add_metric([], 0)
             yield up
+            took.add_metric([], time.perf_counter() - started)
+            yield took
             return
         up.add_metric([], 1)
         yield up
-        yield from self._jobs(jobs)
-        yield from self._controller(controller)
-        yield from self._queue(queue)
-        took = GaugeMetricFamily("backfill_exporter_scrape_duration_seconds",
-                                 "Time to read the state store for this scrape.")
+        yield from self._jobs(snap.jobs, snap.rates)
+        yield from self._controller(snap.controller)
+        yield from self._queue(snap.queue)
         took.add_metric([], time.perf_counter() - started)
         yield took
 
-    def _jobs(self, rows: list[Any]) -> Iterator[Metric]:
+    def _jobs(self, rows: list[Any], rates: dict[int, float | None]) -> Iterator[Metric]:
         info = GaugeMetricFamily("backfill_job_info", "A job: its kind, table and where it runs.",
                                  labels=[*JOB_LABELS, "kind", "table", "runs_on"])
         state = GaugeMetricFamily("backfill_job_state", "1 for the job's current state.",
@@ -189,6 +295,14 @@ class StateCollector(Collector):
         last = GaugeMetricFamily("backfill_job_last_progress_timestamp_seconds",
                                  "When the job last committed a batch, or started (Unix time).",
                                  labels=JOB_LABELS)
+        due = GaugeMetricFamily(
+            "backfill_job_next_batch_due_timestamp_seconds",
+            "When the job's next batch is due (Unix time): its last batch, or its last resume, "
+            "plus the interval its rate limits put between batches.", labels=JOB_LABELS)
+        interval = GaugeMetricFamily(
+            "backfill_job_batch_interval_seconds",
+            "Seconds the job's rate limits put between its batches (0: not paced).",
+            labels=JOB_LABELS)
         eta = GaugeMetricFamily("backfill_job_eta_seconds",
                                 "Seconds left at the recent rate (running jobs only).",
                                 labels=JOB_LABELS)
@@ -197,9 +311,9 @@ class StateCollector(Collector):
         duration = HistogramMetricFamily("backfill_job_batch_duration_seconds",
                                          "Batch duration (probe and write).", labels=JOB_LABELS)
         for r in rows:
-            (job_id, name, kind, table, st, estimate, runs_on, scanned,
-             n_affected, n_batches, batch_size, sum_ms, buckets, n_slices, n_done, last_at,
-             n_retries, n_failures, signal) = r
+            (job_id, name, kind, table, st, estimate, runs_on, options, rows_share,
+             batches_share, running_since, scanned, n_affected, n_batches, batch_size, sum_ms,
+             buckets, n_slices, n_done, last_at, n_retries, n_failures, signal) = r
             lab = [str(job_id), name]
             info.add_metric([*lab, kind, table, runs_on], 1)
             for s in JobState:
@@ -214,9 +328,18 @@ class StateCollector(Collector):
             if batch_size is not None:
                 size.add_metric(lab, float(batch_size))
             if st == JobState.THROTTLED:
-                throttled.add_metric([*lab, _signal_base(signal) or "unknown"], 1)
+                throttled.add_metric([*lab, kind_of(signal) if signal else "unknown"], 1)
             if last_at is not None:
                 last.add_metric(lab, float(last_at))
+            if st in (JobState.RUNNING, JobState.THROTTLED):
+                opts = JobOptions.from_json(options)
+                every = batch_interval_s(batch_size or opts.batch_size, opts.rate_limit,
+                                         opts.pause_ms / 1000.0, rows_share, batches_share)
+                interval.add_metric(lab, every)
+                since = max((float(t) for t in (last_at, running_since) if t is not None),
+                            default=None)
+                if since is not None:
+                    due.add_metric(lab, since + every)
             if n_slices:
                 slices.add_metric([*lab, "false"], float(n_slices - n_done))
                 slices.add_metric([*lab, "true"], float(n_done))
@@ -228,12 +351,11 @@ class StateCollector(Collector):
                     cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
                 duration.add_metric(lab, cumulative, (sum_ms or 0) / 1000.0)
             if st in (JobState.RUNNING, JobState.THROTTLED):
-                _, rate = store.recent_rate(self._connection(), job_id, batches=50)
-                left = eta_seconds(int(scanned), estimate, rate)
+                left = eta_seconds(int(scanned), estimate, rates.get(job_id))
                 if left is not None:
                     eta.add_metric(lab, left)
         yield from (info, state, done, affected, total, batches, retries, failures, size,
-                    throttled, last, eta, slices, duration)
+                    throttled, last, due, interval, eta, slices, duration)
 
     def _controller(self, row: Any) -> Iterator[Metric]:
         last = GaugeMetricFamily("backfill_controller_last_poll_timestamp_seconds",
@@ -245,28 +367,33 @@ class StateCollector(Collector):
         unreadable = GaugeMetricFamily(
             "backfill_signal_unreadable", "1 for a signal the controller could not read (it "
             "throttles: fail closed).", labels=["kind", "source"])
-        gauges = {kind: GaugeMetricFamily(name, help_, labels=["source"])
-                  for kind, (name, help_) in SIGNAL_METRICS.items()}
+        gauges = {kind: GaugeMetricFamily(name, help_, labels=labels)
+                  for kind, (name, help_, labels) in SIGNAL_METRICS.items()}
         probes = GaugeMetricFamily("backfill_signal_probe_value", "An operator probe's value.",
-                                   labels=["source"])
+                                   labels=["probe"])
         if row is not None:
-            name, tick_at, readings, settings = row
+            name, tick_at, readings, settings, age_s = row
+            poll_s = float((settings or {}).get("poll_s") or 1.0)
             last.add_metric([], float(tick_at))
             leader.add_metric([name], 1)
-            poll.add_metric([], float((settings or {}).get("poll_s") or 1.0))
+            poll.add_metric([], poll_s)
+            # Readings are the last poll's: once that controller is gone they say nothing
+            # about the database now, so they expire (BackfillControllerDown says why).
+            if not store.controller_alive(float(age_s), poll_s):
+                readings = []
             for reading in readings or []:
                 signal = str(reading.get("signal", ""))
                 base, _, rest = signal.partition("[")
-                source = rest.rstrip("]") or base
+                source = rest.removesuffix("]") or base
                 kind = kind_of(signal)
                 value = reading.get("value")
                 if value is None:
                     unreadable.add_metric([kind, source], 1)
                     continue
-                if kind == "probe":
+                if kind.startswith("probe:"):
                     probes.add_metric([source], float(value))
                 elif kind in gauges:
-                    gauges[kind].add_metric([source], float(value))
+                    gauges[kind].add_metric(_signal_labels(base, source), float(value))
         yield from (last, leader, poll, unreadable, probes, *gauges.values())
 
     def _queue(self, rows: list[Any]) -> Iterator[Metric]:
@@ -295,12 +422,25 @@ class StateCollector(Collector):
         yield from (stale_after, waited, waiting, stale)
 
 
+def _signal_labels(base: str, source: str) -> list[str]:
+    """The labels of one reading's gauge (see SIGNAL_METRICS) from its signal's name."""
+    if base in ("replica_lag", "standby_replay_lag", "standby_replay_bytes"):
+        return [source, "heartbeat" if base == "replica_lag" else "replay_lag"]
+    if source.startswith("job "):  # per-job readings: lock_waiters[job 3]
+        return [source.removeprefix("job ")]
+    if base == source:  # a global reading with no source: long_transaction
+        return []
+    return [source]
+
+
 def serve(dsn: str, *, port: int, addr: str = "0.0.0.0",
-          finished_for_s: float = 3600.0, dispatch_stale_s: float = 120.0) -> Any:
-    """Start the HTTP exporter in a background thread; returns (server, thread)."""
+          finished_for_s: float = 3600.0, timeout_s: float = 5.0,
+          dispatch_stale_s: float = 120.0) -> Any:
+    """Start the HTTP exporter in a background thread; returns (server, thread). Each scrape
+    reads the state store within ``timeout_s`` (keep it below Prometheus's scrape timeout)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(dsn, finished_for_s=finished_for_s,
+    registry.register(StateCollector(dsn, finished_for_s=finished_for_s, timeout_s=timeout_s,
                                      dispatch_stale_s=dispatch_stale_s))
     return start_http_server(port, addr=addr, registry=registry)

@@ -55,6 +55,8 @@ class Reading:
             out["error"] = self.error
         if self.detail:
             out["detail"] = self.detail
+        if self.job_id is not None:
+            out["job_id"] = self.job_id
         return out
 
 
@@ -113,8 +115,11 @@ _KIND_OF_SIGNAL = {"standby_replay_lag": "replica_lag", "standby_replay_bytes": 
 
 
 def kind_of(signal: str) -> str:
-    """The kind (the limit it is compared with) of a signal named ``base[source]``."""
-    base = signal.split("[", 1)[0]
+    """The kind (the limit it is compared with) of a signal named ``base[source]``; a probe's
+    kind keeps its name (``probe[depth]`` is ``probe:depth``), as its limit does."""
+    base, _, rest = signal.partition("[")
+    if base == "probe" and rest:
+        return f"probe:{rest.removesuffix(']')}"
     return _KIND_OF_SIGNAL.get(base, base)
 
 

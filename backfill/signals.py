@@ -96,23 +96,33 @@ class Heartbeats:
 
 
 def lock_waiters(conn: Conn, job: WatchedJob) -> list[Reading]:
-    """Sessions waiting for a lock on one of the job's tables, or blocked by one of the job's
-    own backends: how many, and the oldest wait. The job's own waits are not counted (its
-    lock_timeout handles them)."""
+    """Sessions queued on the job's tables: how many, and the oldest wait. A session counts
+    when it waits for a lock on one of the tables, or when ``pg_blocking_pids()`` names a
+    session holding a lock on one of them (or one of the job's own backends). The second
+    rule finds the head of a queue on a row: it waits on the row holder's transactionid lock,
+    whose relation is NULL. The job's own waits are not counted (its lock_timeout handles
+    them)."""
     row = conn.execute(
-        """SELECT count(*), coalesce(extract(epoch FROM max(clock_timestamp() - w.since)), 0),
+        """WITH here AS (SELECT oid FROM pg_database WHERE datname = current_database()),
+                holders AS (
+                    -- oids are per database: a lock in another database is not on our tables
+                    SELECT coalesce(array_agg(DISTINCT l.pid), '{}') AS pids FROM pg_locks l
+                    WHERE l.granted AND l.relation = ANY(%(rels)s::oid[])
+                      AND l.database = (SELECT oid FROM here))
+           SELECT count(*), coalesce(extract(epoch FROM max(clock_timestamp() - w.since)), 0),
                   string_agg(DISTINCT coalesce(nullif(a.application_name, ''), a.usename::text)
                              || ' (pid ' || a.pid || ')', ', ')
            FROM pg_stat_activity a
            JOIN LATERAL (
-               SELECT min(l.waitstart) AS since, bool_or(l.relation = ANY(%(rels)s::oid[])) AS on_rel
-               FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted
-                 -- oids are per database: a lock in another database is not on our tables
-                 AND l.database = (SELECT oid FROM pg_database
-                                   WHERE datname = current_database())) w ON true
+               SELECT min(l.waitstart) AS since,
+                      bool_or(l.relation = ANY(%(rels)s::oid[])
+                              AND l.database = (SELECT oid FROM here)) AS on_rel
+               FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted) w ON true
            WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid()
              AND coalesce(a.application_name, '') NOT LIKE 'backfill job %%'
-             AND (w.on_rel OR EXISTS (
+             AND (w.on_rel
+                  OR pg_blocking_pids(a.pid) && (SELECT pids FROM holders)
+                  OR EXISTS (
                    SELECT 1 FROM pg_stat_activity b
                    WHERE b.pid = ANY(pg_blocking_pids(a.pid)) AND b.application_name = %(app)s))""",
         {"rels": list(job.tables), "app": f"backfill job {job.id}"},

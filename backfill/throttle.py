@@ -83,3 +83,20 @@ def eta_seconds(done: int, total: int | None, rows_per_s: float | None) -> float
     if total is None or not rows_per_s or rows_per_s <= 0:
         return None
     return max(0, total - done) / rows_per_s
+
+
+def batch_interval_s(batch_size: int, rate_limit: float | None, pause_s: float = 0.0,
+                     rows_share: float | None = None,
+                     batches_share: float | None = None) -> float:
+    """Seconds a job's pacing puts between the starts of its batches, across all its slots
+    (0 when nothing paces it): what "its next batch is late" is measured against.
+
+    Mirrors the runner's delay after a batch: ``--rate`` and the controller's rows/s share are
+    the job's (its slots share them), so a batch of ``batch_size`` rows comes every
+    ``batch_size / rate`` seconds; a batches/s share allows one batch every ``1 / share``; the
+    job's pause is slept after each batch."""
+    rates = [r for r in (rate_limit, rows_share) if r]
+    interval = batch_size / min(rates) if rates and batch_size > 0 else 0.0
+    if batches_share:
+        interval = max(interval, 1.0 / batches_share)
+    return interval + max(0.0, pause_s)

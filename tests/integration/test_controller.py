@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -334,33 +336,143 @@ def test_a_global_budget_is_shared_by_running_jobs(dbs: tuple[str, str]) -> None
 
 
 def test_a_standby_controller_takes_over_when_the_leader_dies(dbs: tuple[str, str]) -> None:
+    """Two controllers on one host are told apart (controller:host:pid, whatever --actor
+    says), a failover shows as a new leader since a new time, and `controller status` shows
+    the thresholds in force."""
     dsn, _ = dbs
     env = cli_env()
 
-    def start(name: str) -> subprocess.Popen[str]:
+    def start() -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "--actor", name,
+            [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "--actor", "an operator",
              "controller", "run", "--poll", "0.2s"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
-    def leader() -> str | None:
+    def status() -> dict[str, Any] | None:
         res = cli(dsn, "controller", "status", "--json")
         if res.returncode != 0:
             return None
-        return str(json.loads(res.stdout)["leader"])
+        data: dict[str, Any] = json.loads(res.stdout)
+        return data
 
-    first = start("ctl-a")
+    def leader() -> str | None:
+        st = status()
+        return str(st["leader"]) if st else None
+
+    host = socket.gethostname()
+    first = start()
     second: subprocess.Popen[str] | None = None
     try:
-        wait_for(lambda: leader() == "ctl-a", timeout=30, what="ctl-a to lead")
-        second = start("ctl-b")
-        time.sleep(1.0)  # ctl-b is up and polling: it must stand by
-        assert leader() == "ctl-a"
+        wait_for(lambda: leader() == f"controller:{host}:{first.pid}", timeout=30,
+                 what="the first controller to lead")
+        before = status()
+        assert before is not None
+        second = start()
+        time.sleep(1.0)  # the second is up and polling: it must stand by
+        assert leader() == f"controller:{host}:{first.pid}"
+        shown = cli(dsn, "controller", "status")
+        assert shown.returncode == 0, shown.stderr
+        # long_transaction's default limit: throttle at 10m, resume below 5m.
+        line = next(ln for ln in shown.stdout.splitlines() if "long_transaction" in ln)
+        assert "10m" in line, shown.stdout
+        assert "5m" in line, shown.stdout
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
-        wait_for(lambda: leader() == "ctl-b", timeout=30, what="ctl-b to take over")
+        wait_for(lambda: leader() == f"controller:{host}:{second.pid}", timeout=30,
+                 what="the second controller to take over")
+        after = status()
+        assert after is not None
+        assert after["leader_since"] > before["leader_since"]
     finally:
         for p in (first, second):
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(timeout=30)
+
+
+def test_every_session_queued_on_the_jobs_rows_is_counted(dsn: str) -> None:
+    """Four sessions queued on one row of the job's table are four waiters. The head of the
+    queue waits on the holder's transactionid lock (relation NULL), the others on the tuple:
+    each is blocked by a session holding locks on the table, and that is what counts."""
+    from backfill.db import connect
+    from backfill.signals import WatchedJob, lock_waiters
+
+    make_counter_table(dsn, 10)
+    holder = psycopg.connect(dsn, application_name="app holder")
+    waiters: list[threading.Thread] = []
+
+    def update_row() -> None:
+        with psycopg.connect(dsn, autocommit=True, application_name="app") as c:
+            c.execute("UPDATE items SET val = val + 1 WHERE id = 1")
+
+    conn = connect(dsn)
+    try:
+        holder.execute("UPDATE items SET val = val + 1 WHERE id = 1")  # holds the row
+        oid = conn.execute("SELECT 'items'::regclass::oid").fetchone()
+        assert oid is not None
+        for _ in range(4):
+            t = threading.Thread(target=update_row, daemon=True)
+            t.start()
+            waiters.append(t)
+        wait_for(lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'app' "
+            "AND wait_event_type = 'Lock'").fetchone() == (4,), timeout=20, what="4 waiters")
+        count, wait = lock_waiters(conn, WatchedJob(99, (int(oid[0]),)))
+        assert count.value == 4, count
+        assert wait.value is not None
+        assert wait.value > 0
+        # A session waiting on another table's rows is not the job's.
+        other = lock_waiters(conn, WatchedJob(98, (int(oid[0]) + 100_000,)))
+        assert other[0].value == 0
+    finally:
+        holder.rollback()
+        holder.close()
+        for t in waiters:
+            t.join(timeout=30)
+        conn.close()
+
+
+def test_a_job_throttled_by_a_controller_that_is_gone_says_so(dsn: str) -> None:
+    """Fail closed: the job stays throttled when its controller dies, but show, list and
+    watch say who throttled it, when that controller last polled, and to check on it."""
+    from backfill import store
+    from backfill.db import connect
+
+    make_counter_table(dsn, 10)
+    job = Backfill(dsn).enqueue(update("items", INC, name="held"))
+    conn = connect(dsn)
+    wide = {"COLUMNS": "400"}
+    try:
+        store.transition(conn, job.id, JobState.RUNNING, actor="test", set_owner="x")
+        store.transition(conn, job.id, JobState.THROTTLED, actor="controller:h:7",
+                         reason="replica_lag[r1] 12s >= 10s")
+        # No controller has ever polled (the row is missing): say so.
+        res = cli(dsn, "show", str(job.id), env=wide)
+        assert "throttled by controller:h:7; no controller polls: is one running?" in res.stdout
+        store.record_controller_tick(conn, "controller:h:7", [], {"poll_s": 1.0})
+        # Alive: the throttle's own reason, nothing else.
+        res = cli(dsn, "show", str(job.id), env=wide)
+        assert "(replica_lag[r1] 12s >= 10s)" in res.stdout, res.stdout
+        assert "is it running?" not in res.stdout
+        conn.execute("UPDATE backfill.controller SET tick_at = now() - interval '300 s'")
+        want = re.compile(r"throttled by controller:h:7, last poll 30\d s ago: is it running\?")
+        for args in (("show", str(job.id)), ("watch", "--once"), ("list",)):
+            res = cli(dsn, *args, env=wide)
+            assert res.returncode == 0, res.stderr
+            assert want.search(res.stdout), (args, res.stdout)
+            assert "replica_lag[r1] 12s >= 10s" in res.stdout, (args, res.stdout)
+        listed = json.loads(cli(dsn, "list", "--json").stdout)
+        assert listed[0]["state"] == "throttled"
+        assert want.match(listed[0]["state_reason"])
+        # The operator's way out: an override, recorded with their name and what it lifted.
+        res = cli(dsn, "resume", str(job.id), "-r", "its controller host is gone")
+        assert res.returncode == 0, res.stderr
+        assert "throttle overridden" in res.stdout
+        last = store.events(conn, job.id)[-1]
+        assert (last.from_state, last.to_state, last.actor) == ("throttled", "running", "tester")
+        assert last.reason == ("operator override of the controller's throttle: its "
+                               "controller host is gone")
+        assert last.details is not None
+        assert last.details["throttled_for"] == "replica_lag[r1] 12s >= 10s"
+    finally:
+        conn.close()

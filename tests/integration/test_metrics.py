@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -12,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backfill import Backfill, JobState, store, update
 from backfill.db import connect
 from backfill.metrics import serve
-from tests.integration.helpers import ROOT, make_counter_table
+from tests.integration.helpers import ROOT, cli_env, make_counter_table, wait_for
 from tests.integration.servers import free_port
 
 INC = {"counter": "counter + 1"}
@@ -58,9 +65,12 @@ def test_exporter_reports_jobs_and_the_controller(dsn: str) -> None:
         store.record_controller_tick(
             conn, "controller:test",
             [{"signal": "replica_lag[r1]", "value": 12.0},
+             {"signal": "standby_replay_lag[walreceiver@127.0.0.1]", "value": 11.0},
              {"signal": "replica_lag[r2]", "value": None, "error": "connection refused"},
              {"signal": "lock_waiters[job 3]", "value": 4},
-             {"signal": "slot_retained[sub]", "value": 1024.0}],
+             {"signal": "slot_retained[sub]", "value": 1024.0},
+             {"signal": "long_transaction", "value": 7.0},
+             {"signal": "probe[queue_depth]", "value": 42.0}],
             {"poll_s": 1.0})
     finally:
         conn.close()
@@ -89,16 +99,169 @@ def test_exporter_reports_jobs_and_the_controller(dsn: str) -> None:
     assert value(m, "backfill_job_failures_total", **b) == 1
     s = {"job_id": str(slow.id), "job_name": "slow_one"}
     assert value(m, "backfill_job_throttled", signal="replica_lag", **s) == 1
-    assert value(m, "backfill_signal_replica_lag_seconds", source="r1") == 12
+    # One series per replica and method: the heartbeat under the replica's configured name,
+    # pg_stat_replication under the standby's (the alert keeps one of the two).
+    assert value(m, "backfill_signal_replica_lag_seconds", replica="r1", method="heartbeat") == 12
+    assert value(m, "backfill_signal_replica_lag_seconds", replica="walreceiver@127.0.0.1",
+                 method="replay_lag") == 11
     assert value(m, "backfill_signal_unreadable", kind="replica_lag", source="r2") == 1
-    assert value(m, "backfill_signal_lock_waiters", source="job 3") == 4
-    assert value(m, "backfill_signal_slot_retained_bytes", source="sub") == 1024
+    assert value(m, "backfill_signal_lock_waiters", job_id="3") == 4
+    assert value(m, "backfill_signal_slot_retained_bytes", slot="sub") == 1024
+    assert value(m, "backfill_signal_long_transaction_seconds") == 7
+    assert value(m, "backfill_signal_probe_value", probe="queue_depth") == 42
     assert value(m, "backfill_controller_leader_info", leader="controller:test") == 1
     assert value(m, "backfill_controller_last_poll_timestamp_seconds") > 1.7e9
     # Bounded labels: no key values, no SQL, no free text.
     for samples in m.values():
         for labels, _ in samples:
             assert not any("SELECT" in v or ">=" in v for v in labels.values()), labels
+
+
+def test_a_rate_limited_job_is_due_when_its_pace_says(dsn: str) -> None:
+    """--rate 5 --batch-size 5000: a batch every 1,000 s. Its next batch is due 1,000 s after
+    the last one (or after it started), not at once: the stall alert measures against that."""
+    make_counter_table(dsn, 100)
+    bf = Backfill(dsn)
+    slow = bf.enqueue(update("items", INC, batch_size=5000, rate_limit=5, name="slow"))
+    conn = connect(dsn)
+    try:
+        store.transition(conn, slow.id, JobState.RUNNING, actor="test", set_owner="x")
+        started = conn.execute(
+            "SELECT extract(epoch FROM max(at)) FROM backfill.events WHERE job_id = %s",
+            (slow.id,)).fetchone()
+    finally:
+        conn.close()
+    assert started is not None
+    port = free_port()
+    server, _ = serve(dsn, port=port, addr="127.0.0.1")
+    try:
+        m = scrape(port)
+    finally:
+        server.shutdown()
+    j = {"job_id": str(slow.id)}
+    assert value(m, "backfill_job_batch_interval_seconds", **j) == 1000
+    due = value(m, "backfill_job_next_batch_due_timestamp_seconds", **j)
+    assert abs(due - (float(started[0]) + 1000)) < 1
+
+
+def test_readings_expire_with_the_controller_that_made_them(dsn: str) -> None:
+    """A controller that stopped polling left 1,265 s of lag behind: not served as if now."""
+    conn = connect(dsn)
+    try:
+        store.record_controller_tick(conn, "controller:h:1",
+                                     [{"signal": "replica_lag[r1]", "value": 1265.0}],
+                                     {"poll_s": 1.0})
+        port = free_port()
+        server, _ = serve(dsn, port=port, addr="127.0.0.1")
+        try:
+            fresh = scrape(port)
+            conn.execute("UPDATE backfill.controller SET tick_at = now() - interval '5 min'")
+            stale = scrape(port)
+        finally:
+            server.shutdown()
+    finally:
+        conn.close()
+    assert value(fresh, "backfill_signal_replica_lag_seconds", replica="r1") == 1265
+    assert "backfill_signal_replica_lag_seconds" not in stale
+    # What the alert needs to say "controller down" is still there.
+    assert value(stale, "backfill_controller_last_poll_timestamp_seconds") > 1.7e9
+    assert value(stale, "backfill_controller_leader_info", leader="controller:h:1") == 1
+
+
+def test_a_hung_database_gives_backfill_up_0_within_the_timeout(dsn: str) -> None:
+    """The exporter's backend stopped (SIGSTOP): every scrape answers within its timeout with
+    backfill_up 0, and threads do not pile up, concurrent scrapes included."""
+    port = free_port()
+    server, _ = serve(dsn, port=port, addr="127.0.0.1", timeout_s=1.0)
+    pid = None
+    try:
+        assert value(scrape(port), "backfill_up") == 1
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute("SELECT pid FROM pg_stat_activity "
+                            "WHERE application_name = 'backfill exporter'").fetchone()
+        assert row is not None
+        pid = int(row[0])
+        threads = threading.active_count()
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        m = scrape(port)
+        assert time.monotonic() - started < 3
+        assert value(m, "backfill_up") == 0
+        # Later scrapes read on a new connection (the stopped backend is abandoned), and a
+        # burst of them at once shares one read.
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: scrape(port), range(8)))
+        assert time.monotonic() - started < 8
+        assert all(value(r, "backfill_up") in (0, 1) for r in results)
+        assert threading.active_count() <= threads + 2
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        server.shutdown()
+
+
+def test_a_stopped_server_gives_backfill_up_0_and_threads_stay_put(dsn: str) -> None:
+    """The whole server stopped (postmaster and the exporter's backend): new connections hang
+    too. Each scrape answers 0 within its timeout; no thread is left behind per scrape."""
+    port = free_port()
+    server, _ = serve(dsn, port=port, addr="127.0.0.1", timeout_s=1.0)
+    stopped: list[int] = []
+    try:
+        assert value(scrape(port), "backfill_up") == 1
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute("SELECT pid FROM pg_stat_activity "
+                            "WHERE application_name = 'backfill exporter'").fetchone()
+        assert row is not None
+        backend = int(row[0])
+        threads = threading.active_count()
+        try:
+            for p in (_ppid(backend), backend):  # the postmaster first: no new backends
+                os.kill(p, signal.SIGSTOP)
+                stopped.append(p)
+            for _ in range(6):
+                started = time.monotonic()
+                assert value(scrape(port), "backfill_up") == 0
+                assert time.monotonic() - started < 3
+            assert threading.active_count() <= threads + 2
+        finally:
+            for p in stopped:
+                os.kill(p, signal.SIGCONT)
+        wait_for(lambda: value(scrape(port), "backfill_up") == 1, timeout=30, interval=0.5,
+                 what="backfill_up 1 once the server runs again")
+    finally:
+        server.shutdown()
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_the_exporter_starts_and_serves_0_when_the_database_is_down() -> None:
+    port = free_port()
+    dead = f"host=127.0.0.1 port={free_port()} dbname=x user=postgres connect_timeout=1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backfill.cli", "--dsn", dead, "exporter", "--port", str(port),
+         "--addr", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(), cwd=ROOT)
+    try:
+        m = wait_for(lambda: _try_scrape(port, proc), timeout=30, what="the exporter to answer")
+        assert value(m, "backfill_up") == 0
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "serving backfill_up 0" in out, out
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def _try_scrape(port: int, proc: subprocess.Popen[str]) -> Samples | None:
+    assert proc.poll() is None, "the exporter exited"
+    try:
+        return scrape(port)
+    except OSError:
+        return None
 
 
 def test_exporter_says_when_it_cannot_read_the_state_store() -> None:

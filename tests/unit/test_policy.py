@@ -138,3 +138,23 @@ def test_a_rising_lag_throttles_before_it_reaches_the_limit() -> None:
         steady = Reading("replica_lag", "replica_lag[r1]", 1.2, trend=trend)
         assert decide(predictive, [RUNNING], [steady], {}, now=0)[0] == []
     assert decide(CONFIG, [RUNNING], [rising], {}, now=0)[0] == []  # no lookahead: off
+
+
+def test_a_signal_kind_keeps_a_probe_name_and_maps_standby_readings() -> None:
+    from backfill.policy import kind_of
+
+    assert kind_of("probe[queue_depth]") == "probe:queue_depth"  # as its limit is keyed
+    assert kind_of("standby_replay_lag[walreceiver@10.0.0.2]") == "replica_lag"
+    assert kind_of("standby_replay_bytes[r1]") == "replica_lag_bytes"
+    assert kind_of("lock_waiters[job 3]") == "lock_waiters"
+    assert kind_of("long_transaction") == "long_transaction"
+
+
+def test_the_interval_between_batches_follows_the_runners_pacing() -> None:
+    from backfill.throttle import batch_interval_s
+
+    assert batch_interval_s(5000, 5) == 1000  # --rate 5 --batch-size 5000
+    assert batch_interval_s(5000, None) == 0  # not paced: due at once
+    assert batch_interval_s(1000, 100, rows_share=50) == 20  # the smaller of rate and share
+    assert batch_interval_s(1000, None, batches_share=0.1) == 10
+    assert batch_interval_s(1000, 1000, pause_s=2, batches_share=0.5) == 4
