@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,28 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextmanager
+def broker(url: str) -> Iterator[None]:
+    """Point this process's Celery app (which sends tasks too) at ``url``, and back afterwards.
+    The app keeps a producer pool per broker it has used: it is dropped both ways, so a test
+    never sends to a Redis that an earlier test stopped."""
+    from workers import app as app_module
+
+    app = app_module.app
+    before = app.conf.broker_url
+
+    def reset(to: str) -> None:
+        app.conf.broker_url = to
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    reset(url)
+    try:
+        yield
+    finally:
+        reset(before)
 
 
 class RedisServer:

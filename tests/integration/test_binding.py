@@ -13,7 +13,7 @@ import pytest
 
 from backfill import Backfill, JobState, copy, update
 from tests.integration.helpers import counter_histogram, make_counter_table, scalar, wait_for
-from tests.integration.servers import RedisServer, Workers
+from tests.integration.servers import RedisServer, Workers, broker
 
 INC = {"counter": "counter + 1"}
 FIXED = {"batch_size": 200, "min_batch_size": 200, "max_batch_size": 200}
@@ -112,14 +112,12 @@ def test_undo_log_recreated_mid_run_fails_the_job(dsn: str) -> None:
 
 @pytest.fixture
 def workers(dsn: str, tmp_path: Path) -> Iterator[Workers]:
-    from workers import app as app_module
-
     redis = RedisServer()
     redis.start()
-    app_module.app.conf.broker_url = redis.url
     pool = Workers(dsn, redis.url, tmp_path)
     try:
-        yield pool
+        with broker(redis.url):
+            yield pool
     finally:
         pool.stop()
         redis.stop()

@@ -25,7 +25,7 @@ import pytest
 from backfill import Backfill, JobState, update
 from backfill.localpg import LocalPostgres
 from tests.integration.helpers import make_counter_table
-from tests.integration.servers import RedisServer, Workers
+from tests.integration.servers import RedisServer, Workers, broker
 
 T = TypeVar("T")
 SEED = int(os.environ.get("BACKFILL_CHAOS_SEED") or random.SystemRandom().randrange(2**32))
@@ -39,7 +39,8 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
     server.start()
     try:
-        yield server
+        with broker(server.url):   # this process sends tasks too
+            yield server
     finally:
         server.stop()
 
@@ -119,9 +120,6 @@ def test_chaos_kills_restarts_and_a_concurrent_writer(
         pytest.skip("needs the test session's own server to restart it")
     print(REPLAY)
     rng = random.Random(SEED)
-    from workers import app as app_module
-
-    app_module.app.conf.broker_url = redis_server.url
     make_counter_table(dsn, ROWS)
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", {"counter": "counter + 1"}, parallelism=4,

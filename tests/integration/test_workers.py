@@ -12,7 +12,7 @@ import pytest
 
 from backfill import Backfill, JobState, update
 from tests.integration.helpers import ROOT, counter_histogram, make_counter_table, wait_for
-from tests.integration.servers import RedisServer, Workers, free_port
+from tests.integration.servers import RedisServer, Workers, broker, free_port
 
 INC = {"counter": "counter + 1"}
 
@@ -29,12 +29,10 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def workers(dsn: str, redis_url: str, tmp_path: Path) -> Iterator[Workers]:
-    from workers import app as app_module
-
-    app_module.app.conf.broker_url = redis_url  # this process sends tasks too
     pool = Workers(dsn, redis_url, tmp_path)
     try:
-        yield pool
+        with broker(redis_url):  # this process sends tasks too
+            yield pool
     finally:
         pool.stop()
 
