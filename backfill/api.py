@@ -24,7 +24,7 @@ from typing import Any
 from psycopg import sql
 
 from backfill import registry as registry_mod
-from backfill import store
+from backfill import sqltext, store
 from backfill.catalog import Conn
 from backfill.db import connect
 from backfill.errors import InvalidInput, JobNotFound, PreflightFailed
@@ -569,7 +569,7 @@ class Backfill:
                                    "before reverting it")
             undo = undo_table(job.id).as_string(conn)
             spec = JobSpec("revert", f"backfill.undo_{job.id}",
-                           dest=f"{job.source_schema}.{job.source_table}",
+                           dest=sqltext.render_qualified(job.source_schema, job.source_table),
                            reverts=job.id, on_conflict="update" if force else "nothing",
                            name=f"revert job {job.id}" + (" (force)" if force else ""),
                            options=job.options).with_options(**options)
