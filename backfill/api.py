@@ -266,8 +266,9 @@ class Backfill:
             return create_job(conn, spec, actor=self.actor, workers=workers)
 
     def plan(self, spec_or_job: JobSpec | JobRef) -> Plan:
-        """The dry run: table, key, estimated rows, first batch bounds, SQL and its EXPLAIN."""
-        with self._conn() as conn:
+        """The dry run: table, key, estimated rows, first batch bounds, SQL and its EXPLAIN,
+        in a transaction that is rolled back."""
+        with self._conn() as conn, conn.transaction(force_rollback=True):
             if isinstance(spec_or_job, JobSpec):
                 spec = spec_or_job
                 prepared = prepare(conn, spec, explain=False)
