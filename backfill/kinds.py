@@ -686,9 +686,10 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
     if explain and prepared.remote:
         try:
             with read.transaction(force_rollback=True):
-                read.execute(sql.SQL("EXPLAIN SELECT {c} FROM {t} WHERE true{f}").format(
+                # {}: the filter's % is escaped as %%; sent alone, on the extended protocol.
+                sqltext.execute_one(read, sql.SQL("EXPLAIN SELECT {c} FROM {t} WHERE true{f}").format(
                     c=sql.SQL(", ").join(map(sql.Identifier, source_columns)),
-                    t=_ident(table), f=prepared.extra_filter()))
+                    t=_ident(table), f=prepared.extra_filter()), {})
         except (psycopg.ProgrammingError, psycopg.DataError) as exc:
             raise InvalidStatement(_explain_error(spec, exc)) from exc
     elif explain:

@@ -330,7 +330,8 @@ def one_statement(text: str, *, slot: str = "statement") -> str:
 def execute_one(conn: Any, query: Any, params: Any = None) -> Any:
     """``conn.execute`` on the extended protocol, where the server refuses a query string
     that holds more than one statement. (Without parameters psycopg would use the simple
-    protocol, which runs every statement in the string.)"""
+    protocol, which runs every statement in the string.) ``params={}``: no parameters, but
+    ``%%`` in the query still means ``%``."""
     if params:
         return conn.execute(query, params)
-    return conn.execute(query, binary=True)
+    return conn.execute(query, params, binary=True)
