@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import re
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,10 @@ import psycopg
 from backfill import sqltext
 from backfill.errors import InvalidInput, InvalidOption
 from backfill.options import JobOptions, build_options
+
+#: Set while a stored spec is read back: it loads (list, show and cancel work on it) and its
+#: text is checked where it is used, so a job stored before a stricter gate cannot run.
+_STORED: ContextVar[bool] = ContextVar("backfill_spec_stored", default=False)
 
 KINDS = ("update", "sql", "copy", "move", "transform", "delete", "revert")
 #: Kinds that change rows in place and can keep an undo log (on by default for them).
@@ -89,7 +94,8 @@ class JobSpec:
                 "a move job cannot use on_conflict=nothing: a source row whose insert is skipped "
                 "would still be deleted (use error, or update to overwrite the destination row)"
             )
-        self._check_sql_text()
+        if not _STORED.get():
+            self._check_sql_text()
         if self.kind == "sql" and self.statement and not (
             "%(upper" in self.statement and "%(lower" in self.statement
         ):
@@ -188,7 +194,11 @@ class JobSpec:
         for name in ("key", "columns", "writes"):
             d[name] = tuple(d.get(name) or ())
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        token = _STORED.set(True)
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        finally:
+            _STORED.reset(token)
 
     def with_options(self, **changes: Any) -> JobSpec:
         return dataclasses.replace(self, options=self.options.merged(changes))

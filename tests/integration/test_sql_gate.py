@@ -293,3 +293,20 @@ def test_the_api_reads_names_the_same_way(dsn: str, conn: Conn, odd_names: None)
     assert job.key_columns == ("Id",)
     assert bf.run(job.id).state == JobState.SUCCEEDED
     assert bf.enqueue(update("T1", {"Counter": "1"}, key='"Id"')).table == "public.t1"
+
+
+def test_a_stored_job_is_checked_again_where_its_text_is_used(
+    dsn: str, conn: Conn, victim: tuple[int, int]
+) -> None:
+    """A job stored before the gate (or edited in the state schema) still shows and cancels,
+    but does not run."""
+    job = int(assert_ok(cli(dsn, "enqueue", "-t", "items", "--set", "counter = counter + 1",
+                            "-q")).stdout)
+    conn.execute("""UPDATE backfill.jobs SET spec = jsonb_set(spec, '{where}',
+                    '"true) OR (true"') WHERE id = %s""", (job,))
+    assert_ok(cli(dsn, "show", str(job)))
+    assert_refused(cli(dsn, "run", str(job), "--no-progress", "--skip-preflight"), 2,
+                   "true) OR (true")
+    assert_refused(cli(dsn, "run", str(job), "--dry-run"), 2, "true) OR (true")
+    assert_intact(conn, victim)
+    assert_ok(cli(dsn, "cancel", str(job)))

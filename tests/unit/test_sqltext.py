@@ -3,10 +3,13 @@ allows. A catalogue of smuggling attempts is refused; fragments that only look o
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 
 from backfill import sqltext
 from backfill.errors import InvalidFragment, InvalidInput
+from backfill.kinds import _user_sql
 from backfill.spec import JobSpec, copy, delete, parse_set, sql_job, update
 
 # Each would break out of the slot it is put in (`... AND (<where>)`, `SET c = (<expr>)`,
@@ -216,11 +219,15 @@ def test_specs_refuse_smuggled_text_before_any_database() -> None:
         copy("t", "u", where="true --")
     with pytest.raises(InvalidInput):
         update("a.b.c", {"c": "1"})
-    # A stored spec is checked again when it is read back.
-    good = update("t", {"c": "1"}).to_json()
-    good["where"] = "true) OR (true"
+    # A stored spec still loads (list, show, cancel), but its text is checked again where it
+    # is used, and by any change to it.
+    stored = update("t", {"c": "1"}).to_json()
+    stored["where"] = "true) OR (true"
+    spec = JobSpec.from_json(stored)
     with pytest.raises(InvalidFragment):
-        JobSpec.from_json(good)
+        _user_sql(cast(str, spec.where))
+    with pytest.raises(InvalidFragment):
+        spec.with_options(batch_size=10)
 
 
 def test_set_columns_keys_and_columns_are_names_as_sql_writes_them() -> None:
