@@ -310,3 +310,20 @@ def test_a_stored_job_is_checked_again_where_its_text_is_used(
     assert_refused(cli(dsn, "run", str(job), "--dry-run"), 2, "true) OR (true")
     assert_intact(conn, victim)
     assert_ok(cli(dsn, "cancel", str(job)))
+
+
+def test_a_migration_on_a_table_whose_name_needs_quotes(
+    dsn: str, conn: Conn, odd_names: None, tmp_path: Path
+) -> None:
+    conn.execute('ANALYZE "Sales Data"."Order-Items"')
+    path = tmp_path / "m.toml"
+    path.write_text('id = "m-quoted"\n[[operations]]\nop = "add_column"\n'
+                    'table = \'"Sales Data"."Order-Items"\'\ncolumn = "Extra"\ntype = "bigint"\n'
+                    'value = \'"Qty, each" * 2\'\nnot_null = true\n')
+    plan = assert_ok(cli(dsn, "migrate", "plan", str(path))).stdout
+    assert '"Sales Data"."Order-Items"' in plan
+    assert "300 rows" in plan                    # its size, found under its quoted name
+    assert_ok(cli(dsn, "migrate", "start", str(path)))
+    assert_ok(cli(dsn, "migrate", "complete", "m-quoted"))
+    assert conn.execute('SELECT count(*) FROM "Sales Data"."Order-Items" '
+                        'WHERE extra = "Qty, each" * 2').fetchone() == (300,)
