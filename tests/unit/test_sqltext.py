@@ -237,3 +237,11 @@ def test_set_columns_keys_and_columns_are_names_as_sql_writes_them() -> None:
     assert spec.set == (("total", "1"),)
     assert spec.key == ("Id", "b")
     assert copy("t", "u", columns='a, "B,c"').columns == ("a", "B,c")
+
+
+def test_backslashes_are_read_with_standard_conforming_strings() -> None:
+    """The gate reads '\\' as a one-character string, as the server does with
+    standard_conforming_strings on (which every connection sets)."""
+    assert sqltext.expression("note = '\\' OR true OR '\\'") == "note = '\\' OR true OR '\\'"
+    with pytest.raises(InvalidFragment):
+        sqltext.expression("note = '\\' ) OR (true")
