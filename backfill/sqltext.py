@@ -43,6 +43,8 @@ NAME_RULES = ("names are read as SQL writes them: unquoted they fold to lower ca
 
 _UNQUOTED = re.compile(r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*")
 _PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
+#: Unquoted names fold ASCII letters only, as PostgreSQL does in a UTF-8 database.
+_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _SPACE = " \t\n\r\f\v"
 _RESERVED = frozenset(keywords.RESERVED_KEYWORDS)
 #: The statement kinds (pglast node names) each slot allows.
@@ -105,11 +107,11 @@ def _read_names(text: str, slot: str) -> list[tuple[str, ...]]:
             name = word.translate(_FOLD)
             if name in _RESERVED:
                 raise _bad_name(slot, text, f"{word} is a reserved word in SQL; to name something "
-                                        f'so, quote it: "{name}"')
+                                f'so, quote it: "{name}"')
             i = m.end()
         if len(name.encode()) > MAX_NAME_BYTES:
             raise _bad_name(slot, text, f"the name {name!r} is longer than {MAX_NAME_BYTES} bytes "
-                                    "(PostgreSQL would cut it short)")
+                            "(PostgreSQL would cut it short)")
         parts.append(name)
         i = skip(i)
         if i >= n:
@@ -123,9 +125,6 @@ def _read_names(text: str, slot: str) -> list[tuple[str, ...]]:
             i += 1
         else:
             raise _bad_name(slot, text, f"unexpected {text[i:]!r} after a name; {NAME_RULES}")
-
-
-_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def identifier(text: str, *, slot: str = "name") -> str:
@@ -142,7 +141,7 @@ def qualified_name(text: str, *, slot: str = "table") -> tuple[str | None, str]:
     items = _read_names(text, slot)
     if len(items) != 1 or len(items[0]) > 2:
         raise _bad_name(slot, text, "expected name or schema.name (quote a name that holds a dot "
-                                "or a comma)")
+                        "or a comma)")
     parts = items[0]
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
@@ -155,7 +154,7 @@ def identifier_list(text: str | Iterable[str], *, slot: str = "columns") -> tupl
         items = _read_names(text, slot)
         if any(len(parts) != 1 for parts in items):
             raise _bad_name(slot, text, "expected comma-separated names (quote a name that holds "
-                                    "a dot or a comma)")
+                            "a dot or a comma)")
         return tuple(parts[0] for parts in items)
     return tuple(identifier(t, slot=slot) for t in text)
 
