@@ -6,6 +6,7 @@ from backfill.errors import (
     ColumnNotFound,
     DatabaseUnavailable,
     IllegalTransition,
+    InvalidFragment,
     InvalidInput,
     InvalidKey,
     InvalidOption,
@@ -24,7 +25,7 @@ from backfill.store import Event, JobRecord
 
 __all__ = [
     "Backfill", "BackfillError", "ColumnNotFound", "DatabaseUnavailable", "Event",
-    "IllegalTransition", "InvalidInput", "InvalidKey", "InvalidOption", "InvalidStatement",
+    "IllegalTransition", "InvalidFragment", "InvalidInput", "InvalidKey", "InvalidOption", "InvalidStatement",
     "JobConflict", "JobFailed", "JobNotFound", "JobOptions", "JobRecord", "JobSpec", "JobState",
     "Plan", "Registry", "SchemaError", "TableNotFound", "copy", "delete", "move", "sql_job",
     "transform", "update",

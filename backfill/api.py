@@ -24,7 +24,7 @@ from typing import Any
 from psycopg import sql
 
 from backfill import registry as registry_mod
-from backfill import store
+from backfill import sqltext, store
 from backfill.catalog import Conn
 from backfill.db import connect
 from backfill.errors import InvalidInput, JobNotFound
@@ -268,8 +268,9 @@ class Backfill:
             return create_job(conn, spec, actor=self.actor, workers=workers)
 
     def plan(self, spec_or_job: JobSpec | JobRef) -> Plan:
-        """The dry run: table, key, estimated rows, first batch bounds, SQL and its EXPLAIN."""
-        with self._conn() as conn:
+        """The dry run: table, key, estimated rows, first batch bounds, SQL and its EXPLAIN,
+        in a transaction that is rolled back."""
+        with self._conn() as conn, conn.transaction(force_rollback=True):
             if isinstance(spec_or_job, JobSpec):
                 spec = spec_or_job
                 prepared = prepare(conn, spec, explain=False)
@@ -588,7 +589,7 @@ class Backfill:
                                    "before reverting it")
             undo = undo_table(job.id).as_string(conn)
             spec = JobSpec("revert", f"backfill.undo_{job.id}",
-                           dest=f"{job.source_schema}.{job.source_table}",
+                           dest=sqltext.render_qualified(job.source_schema, job.source_table),
                            reverts=job.id, on_conflict="update" if force else "nothing",
                            name=f"revert job {job.id}" + (" (force)" if force else ""),
                            options=job.options).with_options(**options)

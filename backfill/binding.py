@@ -21,6 +21,7 @@ from typing import Any
 
 from backfill.catalog import Conn
 from backfill.errors import TableChanged
+from backfill.sqltext import render_qualified
 
 #: One round trip, pipelined with the checkpoint: the oid each (schema, name) resolves to now
 #: (0: none), and the key columns' attribute numbers and types on the source's oid.
@@ -52,7 +53,7 @@ class Relation:
 
     @property
     def display(self) -> str:
-        return f"{self.schema}.{self.name}"
+        return render_qualified(self.schema, self.name)
 
 
 @dataclass(frozen=True)

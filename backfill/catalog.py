@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 
+from backfill import sqltext
 from backfill.errors import ColumnNotFound, InvalidKey, TableNotFound
 
 Conn = psycopg.Connection[Any]
@@ -44,7 +45,8 @@ class Table:
 
     @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """``schema.name`` as SQL writes it (quoted where needed): it reads back as this table."""
+        return sqltext.render_qualified(self.schema, self.name)
 
     def column(self, name: str) -> Column:
         for c in self.columns:
@@ -57,13 +59,19 @@ class Table:
 
 
 def split_name(name: str) -> tuple[str | None, str]:
-    """``"public.users"`` -> ("public", "users"); ``"users"`` -> (None, "users")."""
-    if name.count(".") > 1 or not name.strip() or name.startswith(".") or name.endswith("."):
-        raise TableNotFound(f"malformed table name {name!r} (use table or schema.table)")
-    if "." in name:
-        schema, table = name.split(".", 1)
-        return schema, table
-    return None, name
+    """``"public.users"`` -> ("public", "users"); ``"users"`` -> (None, "users"); names read as
+    SQL reads them (:func:`backfill.sqltext.qualified_name`): ``T1`` is ``t1``, ``"A.b"`` is
+    one name."""
+    return sqltext.qualified_name(name, slot="table")
+
+
+def table_oid(conn: Conn, name: str) -> int | None:
+    """The oid of the relation ``name`` (a table name as the user wrote it), found as the
+    planner would; looked up by its quoted form, so case, spaces and dots are kept."""
+    schema, table = split_name(name)
+    row = conn.execute("SELECT to_regclass(%s)::oid",
+                       (sqltext.render_qualified(schema, table),)).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def resolve_table(conn: Conn, name: str) -> Table:
@@ -86,7 +94,10 @@ def resolve_table(conn: Conn, name: str) -> Table:
             (table, schema),
         ).fetchone()
     if row is None:
-        raise TableNotFound(f"table {name!r} does not exist (or is not a plain table)")
+        read = sqltext.render_qualified(schema, table)
+        raise TableNotFound(f"table {name!r} does not exist (or is not a plain table)"
+                            + (f"; read as {read} (names fold to lower case unless quoted)"
+                               if read != name.strip() else ""))
     oid, nsp, rel, reltuples = row
     cols = conn.execute(
         """SELECT attname, format_type(atttypid, atttypmod), attnotnull, attgenerated <> ''

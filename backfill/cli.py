@@ -42,6 +42,7 @@ from backfill.runner import Tick
 from backfill.schema import LATEST, MIGRATIONS, current_version
 from backfill.settings import Settings, dsn_from_env
 from backfill.spec import JobSpec, parse_set
+from backfill.sqltext import identifier, identifier_list
 from backfill.states import JobState
 from backfill.throttle import eta_seconds
 
@@ -199,12 +200,16 @@ def enqueue(
     name: Annotated[str | None, typer.Argument(
         help="A defined job (see `backfill list --defined`); or give --table and a kind.",
         show_default=False)] = None,
-    table: Annotated[str | None, typer.Option("--table", "-t", help="Source table.")] = None,
+    table: Annotated[str | None, typer.Option("--table", "-t", help=(
+        "Source table, written as in SQL: orders, app.orders, \"Sales Data\".\"Order-Items\" "
+        "(unquoted names fold to lower case; quotes keep case, spaces and dots). --dest, "
+        "--key and --columns read names the same way."))] = None,
     kind: Annotated[str | None, typer.Option(
         "--kind", help="update, sql, copy, move, transform or delete (inferred when clear).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="`column = expression` (repeatable), for update jobs.")] = None,
-    where: Annotated[str | None, typer.Option("--where", help="Extra predicate per batch.")] = None,
+    where: Annotated[str | None, typer.Option(
+        "--where", help="Extra predicate per batch: one SQL expression.")] = None,
     statement: Annotated[str | None, typer.Option(
         "--sql", help="Per-batch statement; bounds in %(lower)s / %(upper)s (inclusive).")] = None,
     dest: Annotated[str | None, typer.Option("--dest", help="Destination table (copy/move).")] = None,
@@ -281,7 +286,8 @@ def enqueue(
             pairs = [m.split("=", 1) for m in column_map]
             if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
                 raise InvalidInput("--map takes dest_column=source_column")
-            changes["column_map"] = tuple((d.strip(), s.strip()) for d, s in pairs)
+            changes["column_map"] = tuple((identifier(d, slot="--map column"),
+                                           identifier(s, slot="--map column")) for d, s in pairs)
         if undo_log is not None:
             changes["undo_log"] = undo_log
         if canary is not None:
@@ -343,8 +349,9 @@ def _adhoc_spec(table: str | None, kind: str | None, set_: list[str] | None, whe
             raise InvalidInput("say what the job does: --set (update), --sql, --dest (copy; "
                                "--kind move to move), --function (transform) or --kind delete")
         kind = inferred[0]
-    cols = tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else ()
-    keys = tuple(c.strip() for c in key.split(",") if c.strip()) if key else ()
+    # Names as SQL reads them: T1 is t1, "Order-Items" keeps its case, "a,b" is one name.
+    cols = identifier_list(columns, slot="columns") if columns else ()
+    keys = identifier_list(key, slot="key") if key else ()
     return JobSpec(
         kind=kind, table=table, key=keys, set=parse_set(set_ or []) if kind == "update" else (),
         where=where, statement=statement, dest=dest, columns=cols, on_conflict=on_conflict,

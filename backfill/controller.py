@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from backfill import signals, store
-from backfill.catalog import Conn
+from backfill import signals, sqltext, store
+from backfill.catalog import Conn, table_oid
 from backfill.db import connect, hold_lock_briefly_after_death, redact_dsn, redact_text
 from backfill.durations import parse_duration_ms, parse_size
 from backfill.errors import BackfillError, IllegalTransition, InvalidOption
@@ -132,7 +132,12 @@ class ControllerConfig:
                 raise InvalidOption(f"probe {name} needs `sql` and `max`")
             top = _number(p["max"], f"probes.{name}.max")
             below = _number(p.get("resume_below", top * ratio), f"probes.{name}.resume_below")
-            probes.append(signals.Probe(str(name), str(p["sql"]), _limit(top, below, name)))
+            if not isinstance(p["sql"], str):
+                raise InvalidOption(f"probe {name}: `sql` must be a string")
+            # One SELECT, nothing else: checked here, at load, and again before each run.
+            query = sqltext.statement(p["sql"], allowed=sqltext.PROBE_STATEMENTS,
+                                      slot=f"probe {name}")
+            probes.append(signals.Probe(str(name), query, _limit(top, below, name)))
             limits[f"probe:{name}"] = probes[-1].limit
         budget = _table(data.get("budget", {}), "budget")
         rows = overrides.get("rows_per_s") or budget.get("rows_per_s")
@@ -381,7 +386,7 @@ def _tables(conn: Conn, job: store.JobRecord) -> tuple[int, ...]:
     oids = [] if job.spec.source_dsn else [job.source_oid]
     dest = job.spec.dest
     if dest:
-        row = conn.execute("SELECT to_regclass(%s)::oid", (dest,)).fetchone()
-        if row and row[0] is not None:
-            oids.append(int(row[0]))
+        oid = table_oid(conn, dest)   # the name as SQL reads it, quoted: not the raw text
+        if oid is not None:
+            oids.append(oid)
     return tuple(oids)

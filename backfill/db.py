@@ -59,6 +59,9 @@ def connect(dsn: str, *, application_name: str = "backfill", connect_timeout: in
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         first = redact_text(lines[0]) if lines else type(exc).__name__
         raise DatabaseUnavailable(f"cannot connect to {describe(dsn)}: {first}") from None
+    # The SQL gate (backfill.sqltext) reads strings as the parser does with this on (the
+    # default since 9.1): the server must lex user fragments exactly as the gate did.
+    conn.execute("SET standard_conforming_strings = on")
     return conn
 
 

@@ -43,6 +43,12 @@ class InvalidStatement(InvalidInput):
     """Raised when a job's SQL does not parse or type-check (found by a dry EXPLAIN)."""
 
 
+class InvalidFragment(InvalidStatement):
+    """Raised when a piece of user text that becomes SQL (a name, an expression, a type, a
+    statement) is not exactly what its slot accepts: more than one statement, transaction
+    control, a comment, or text that does not parse on its own. Nothing was run."""
+
+
 class JobNotFound(InvalidInput):
     """Raised when no job has the given id and no defined job has the given name."""
 

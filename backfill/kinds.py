@@ -10,12 +10,13 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, LiteralString, cast
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from backfill import sqltext
 from backfill.binding import Binding, Relation, bind
 from backfill.catalog import Conn, Table, resolve_key, resolve_table
 from backfill.errors import ColumnNotFound, InvalidInput, InvalidKey, InvalidStatement
@@ -24,16 +25,18 @@ from backfill.spec import JobSpec, TransformFn, load_function
 
 
 def _user_sql(text: str, *, placeholders: bool = False) -> sql.SQL:
-    """Operator-written SQL: SET expressions, predicates and statements are the job itself.
+    """Operator-written SQL, through the gate (:mod:`backfill.sqltext`) again where it is
+    used, so a spec stored earlier is checked too: a SET value or a predicate must be one
+    expression (put in parentheses), a sql job's statement one statement of a DML kind.
 
-    Identifiers and values are never spliced this way. Fragments run next to our own
-    parameters, so a literal ``%`` (``val % 7``, ``LIKE 'a%'``) is escaped, except in a sql
-    job's statement, whose ``%(lower)s``/``%(upper)s`` placeholders are the point (there a
-    literal percent is written ``%%``).
+    Fragments run next to our own parameters, so a literal ``%`` (``val % 7``, ``LIKE 'a%'``)
+    is escaped, except in a sql job's statement, whose ``%(lower)s``/``%(upper)s``
+    placeholders are the point (there a literal percent is written ``%%``).
     """
-    if not placeholders:
-        text = text.replace("%", "%%")
-    return sql.SQL(cast(LiteralString, text))  # type: ignore[redundant-cast]
+    if placeholders:
+        return sqltext.statement_sql(text, allowed=sqltext.SQL_JOB_STATEMENTS,
+                                     slot="sql statement", placeholders=True)
+    return sqltext.expression_sql(text)
 
 
 def _ident(table: Table) -> sql.Identifier:
@@ -181,7 +184,7 @@ class PreparedJob:
     def extra_filter(self) -> sql.Composable:
         """`` AND (where)`` when the job has an extra predicate, else nothing."""
         if self.spec.where:
-            return sql.SQL(" AND ({})").format(_user_sql(self.spec.where))
+            return sql.SQL(" AND {}").format(_user_sql(self.spec.where))
         return sql.SQL("")
 
     def write_statement(self, *, lower: bool) -> sql.Composed:
@@ -191,7 +194,7 @@ class PreparedJob:
         t = _ident(self.table)
         if s.kind == "update":
             assignments = sql.SQL(", ").join(
-                sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
+                sql.SQL("{} = {}").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
             )
             if self.undo is not None:
                 return self._update_logged(assignments, pred)
@@ -572,7 +575,8 @@ def prepare_stored(conn: Conn, job: Any, *, explain: bool,
                    source: Conn | None = None) -> PreparedJob:
     """Prepare a stored job (a :class:`~backfill.store.JobRecord`) on the exact table and key
     it was enqueued on; :class:`InvalidInput` if the table was replaced or the key changed."""
-    spec = dataclasses.replace(job.spec, table=f"{job.source_schema}.{job.source_table}",
+    spec = dataclasses.replace(job.spec,
+                               table=sqltext.render_qualified(job.source_schema, job.source_table),
                                key=tuple(job.key_columns))
     try:
         prepared = prepare(conn, spec, explain=explain, source=source)
@@ -715,9 +719,10 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
     if explain and prepared.remote:
         try:
             with read.transaction(force_rollback=True):
-                read.execute(sql.SQL("EXPLAIN SELECT {c} FROM {t} WHERE true{f}").format(
+                # {}: the filter's % is escaped as %%; sent alone, on the extended protocol.
+                sqltext.execute_one(read, sql.SQL("EXPLAIN SELECT {c} FROM {t} WHERE true{f}").format(
                     c=sql.SQL(", ").join(map(sql.Identifier, source_columns)),
-                    t=_ident(table), f=prepared.extra_filter()))
+                    t=_ident(table), f=prepared.extra_filter()), {})
         except (psycopg.ProgrammingError, psycopg.DataError) as exc:
             raise InvalidStatement(_explain_error(spec, exc)) from exc
     elif explain:

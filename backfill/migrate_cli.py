@@ -15,6 +15,7 @@ from rich.table import Table
 from backfill.cli import _guard, _ProgressView, _settings, app, err, interruptible, out
 from backfill.durations import format_duration
 from backfill.migration import PHASES, MigrationFile, OpPlan, Step, load_file, ordered_steps
+from backfill.sqltext import qualified_name
 
 T = TypeVar("T")
 
@@ -61,7 +62,7 @@ def _sizes(ctx: typer.Context, steps: list[Step]) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
     with connect(_settings(ctx).dsn) as conn:
         for t in tables:
-            schema, _, name = t.partition(".")
+            schema, name = qualified_name(t)   # the plan writes names as SQL does
             row = conn.execute(
                 """SELECT greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid)
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -134,8 +135,8 @@ def plan(
             for s in steps["start"]:
                 if s.mode != "backfill" or not s.table:
                     continue
-                schema, _, name = s.table.partition(".")
-                rehearsed = latest_for_table(conn, schema, name)
+                schema, name = qualified_name(s.table)
+                rehearsed = latest_for_table(conn, schema or "public", name)
                 if rehearsed and rehearsed.get("rows_per_s"):
                     rates[s.table] = (float(rehearsed["rows_per_s"]),
                                       f"rehearsed on {rehearsed.get('clone')}")

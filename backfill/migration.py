@@ -31,9 +31,16 @@ from typing import Any, cast, overload
 import psycopg
 from psycopg import sql
 
+from backfill import sqltext
 from backfill.catalog import Conn, primary_key_of, split_name
 from backfill.durations import parse_duration_ms
-from backfill.errors import ColumnNotFound, InvalidInput, InvalidOption, TableNotFound
+from backfill.errors import (
+    ColumnNotFound,
+    InvalidFragment,
+    InvalidInput,
+    InvalidOption,
+    TableNotFound,
+)
 from backfill.lint import column_names, function_names
 from backfill.spec import JobSpec
 
@@ -226,7 +233,8 @@ class TableShape:
 
     @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """``schema.name`` as SQL writes it: a job spec reads it back as this table."""
+        return sqltext.render_qualified(self.schema, self.name)
 
     @property
     def regclass(self) -> str:
@@ -409,7 +417,33 @@ class _Op:
             raise InvalidInput(f"{self.where()}: `{name}` must not contain {_DOLLAR}")
         return v
 
-    def names(self, name: str, *, required: bool = True) -> tuple[str, ...]:
+    def ident(self, name: str, default: str | None = None) -> str:
+        """A name field (a column, a constraint, an index), read as SQL reads a name."""
+        v = self.opt(name)
+        if v is None:
+            if default is None:
+                raise InvalidInput(f"{self.where()}: `{name}` is required")
+            return default
+        return sqltext.identifier(v, slot=f"`{name}`")
+
+    def type_field(self, name: str) -> str:
+        """A type field: exactly one type name."""
+        return sqltext.type_name(self.text(name), slot=f"`{name}`")
+
+    @overload
+    def expression(self, name: str) -> str | None: ...
+    @overload
+    def expression(self, name: str, default: str) -> str: ...
+
+    def expression(self, name: str, default: str | None = None) -> str | None:
+        """An expression field (a default, a value, a check, a predicate): exactly one."""
+        v = self.opt(name)
+        if v is None:
+            return default
+        return sqltext.expression(v, slot=f"`{name}`")
+
+    def names(self, name: str, *, required: bool = True,
+              idents: bool = True) -> tuple[str, ...]:
         v = self.get(name, None, required=required)
         if v is None:
             return ()
@@ -419,6 +453,8 @@ class _Op:
                 or not all(isinstance(x, str) and x.strip() for x in v)):
             raise InvalidInput(f"{self.where()}: `{name}` must be a column name or a list of "
                                f"them, got {v!r}")
+        if idents:
+            v = [sqltext.identifier(x, slot=f"`{name}`") for x in v]
         if len(set(v)) != len(v):
             raise InvalidInput(f"{self.where()}: `{name}` names a column twice")
         return tuple(v)
@@ -478,15 +514,15 @@ class _Op:
         cols.update(extra or {})
         row = sql.SQL(", ").join(sql.SQL("NULL::{} AS {}").format(sql.SQL(typ), sql.Identifier(n))
                                  for n, typ in cols.items())
-        e = sql.SQL("({})").format(sql.SQL(text))
+        e: sql.Composable = sqltext.expression_sql(text, slot=f"`{what}`", percent=False)
         if cast_to:
-            e = sql.SQL("{}::{}").format(e, sql.SQL(cast_to))
+            e = sql.SQL("{}::{}").format(e, sqltext.type_sql(cast_to, slot=f"`{what}`"))
         q = (sql.SQL("EXPLAIN SELECT 1 FROM (SELECT {r}) AS {a} WHERE {e}") if boolean
              else sql.SQL("EXPLAIN SELECT {e} FROM (SELECT {r}) AS {a}")).format(
             e=e, r=row, a=sql.Identifier(t.name))
         try:
             with self.conn.transaction(force_rollback=True):
-                self.conn.execute(q)
+                sqltext.execute_one(self.conn, q)   # one statement, extended protocol
         except psycopg.Error as exc:
             msg = (exc.diag.message_primary or str(exc)).strip()
             raise InvalidInput(f"{self.where()}: `{what}` ({text}) does not work on "
@@ -593,7 +629,10 @@ class _Op:
                  lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}")
 
     def plan(self) -> OpPlan:
-        goal = self.build()
+        try:
+            goal = self.build()
+        except InvalidFragment as exc:
+            raise InvalidFragment(f"{self.where()}: {exc}") from None
         self.check_unused()
         irreversible = self.irreversible()
         return OpPlan(self.i, str(self.data["op"]), goal, tuple(self.steps),
@@ -645,16 +684,20 @@ class CreateTable(_Op):
             if unknown or not isinstance(c.get("name"), str) or not isinstance(c.get("type"), str):
                 raise InvalidInput(f"{self.where()}: each column needs `name` and `type` "
                                    f"(and optionally not_null, default, primary_key): {c!r}")
-            d = sql.SQL("{} {}").format(sql.Identifier(c["name"]), sql.SQL(c["type"]))
+            cname = sqltext.identifier(c["name"], slot="column `name`")
+            ctype = sqltext.type_name(c["type"], slot=f"`type` of {cname}")
+            cdefault = (None if c.get("default") is None else
+                        sqltext.expression(str(c["default"]), slot=f"`default` of {cname}"))
+            d = sql.SQL("{} {}").format(sql.Identifier(cname), sqltext.type_sql(ctype))
             if c.get("not_null") or c.get("primary_key"):
                 d = sql.SQL("{} NOT NULL").format(d)
-            if c.get("default") is not None:
-                d = sql.SQL("{} DEFAULT {}").format(d, sql.SQL(str(c["default"])))
+            if cdefault is not None:
+                d = sql.SQL("{} DEFAULT {}").format(
+                    d, sqltext.expression_sql(cdefault, percent=False))
             if c.get("primary_key"):
-                pk.append(c["name"])
+                pk.append(cname)
             defs.append(d)
-            shapes.append(ColumnShape(c["name"], c["type"], bool(c.get("not_null")),
-                                      None if c.get("default") is None else str(c["default"])))
+            shapes.append(ColumnShape(cname, ctype, bool(c.get("not_null")), cdefault))
         if len({c.name for c in shapes}) != len(shapes):
             raise InvalidInput(f"{self.where()}: a column is named twice")
         if not pk:
@@ -699,10 +742,10 @@ class DropTable(_Op):
 class AddColumn(_Op):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
-        col = self.text("column")
-        typ = self.text("type")
-        default = self.opt("default")
-        value = self.opt("value")
+        col = self.ident("column")
+        typ = self.type_field("type")
+        default = self.expression("default")
+        value = self.expression("value")
         not_null = self.flag("not_null")
         if col in t.columns:
             raise InvalidInput(f"{self.where()}: column {col!r} already exists in {t.qualified}")
@@ -715,10 +758,11 @@ class AddColumn(_Op):
         ident, cident = t.ident, sql.Identifier(col)
         volatile = default is not None and self.shape.volatile(default)
         fill = value if value is not None else (default if volatile else None)
-        col_def = sql.SQL("{} {}").format(cident, sql.SQL(typ))
+        col_def = sql.SQL("{} {}").format(cident, sqltext.type_sql(typ))
         goal = f"add column {t.qualified}.{col} {typ}"
         if default is not None and not volatile:
-            col_def = sql.SQL("{} DEFAULT {}").format(col_def, sql.SQL(default))
+            col_def = sql.SQL("{} DEFAULT {}").format(
+                col_def, sqltext.expression_sql(default, percent=False))
         drop = sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ident, cident)
         if not_null and fill is None:
             # A non-volatile default: PostgreSQL 11+ stores it once; no rewrite, no backfill.
@@ -737,7 +781,8 @@ class AddColumn(_Op):
         if volatile:
             self.add("start", f"default {default} for new rows only (no rewrite)", "tx",
                      sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
-                         ident, cident, sql.SQL(cast(str, default))), lock=self.brief(t))
+                         ident, cident, sqltext.expression_sql(cast(str, default), percent=False)),
+                     lock=self.brief(t))
         trig = None
         if fill is not None and t.exists:
             # Rows the application writes before the backfill reaches them get the value too,
@@ -745,7 +790,8 @@ class AddColumn(_Op):
             trig = object_name("fill", t.name, col)
             self.trigger(t, trig, "BEFORE", "INSERT OR UPDATE", sql.SQL(
                 "    IF NEW.{c} IS NULL THEN NEW.{c} := ({v}); END IF;\n    RETURN NEW;").format(
-                    c=cident, v=sql.SQL(fill)), variables=column_names(fill))
+                    c=cident, v=sqltext.expression_sql(fill, percent=False)),
+                variables=column_names(fill))
             self.job(t, f"fill {col}", {"kind": "update", "set": [[col, fill]],
                                         "where": f"{quote(col)} IS NULL"})
         if not_null and t.exists:
@@ -773,7 +819,7 @@ class AddColumn(_Op):
 class DropColumn(_Op):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
-        col = self.text("column")
+        col = self.ident("column")
         t.column(col)
         if col in t.primary_key:
             raise InvalidInput(f"{self.where()}: {col} is part of the primary key of "
@@ -805,14 +851,15 @@ class _Copied(_Op):
         if down:
             self.expr(t, down, "down", cast_to=src.type, extra={new: new_type})
         self.add("start", f"add {new} {new_type} beside {old}", "tx",
-                 sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(t.ident, n,
-                                                                   sql.SQL(new_type)),
+                 sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                     t.ident, n, sqltext.type_sql(new_type)),
                  lock=self.brief(t))
         self.add("rollback", f"drop column {new}", "tx",
                  sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(t.ident, n),
                  lock=self.brief(t))
         t.columns[new] = ColumnShape(new, new_type, False, None)
-        up_sql, down_sql = sql.SQL(up), sql.SQL(down) if down else None
+        up_sql = sqltext.expression_sql(up, slot="`using`", percent=False)
+        down_sql = sqltext.expression_sql(down, slot="`down`", percent=False) if down else None
         # Which application version wrote a row is told by what it changed:
         # - INSERT: a side left NULL is computed from the other. The old column keeps its
         #   default until complete, so an old column equal to its default beside a new column
@@ -898,7 +945,7 @@ class _Copied(_Op):
 class RenameColumn(_Copied):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
-        old, new = self.text("column"), self.text("to")
+        old, new = self.ident("column"), self.ident("to")
         src = t.column(old)
         if new in t.columns:
             raise InvalidInput(f"{self.where()}: column {new!r} already exists in {t.qualified}")
@@ -907,6 +954,7 @@ class RenameColumn(_Copied):
                                "renaming a key column is not supported")
         view_schema = self.opt("view_schema")
         if view_schema is not None:
+            view_schema = sqltext.identifier(view_schema, slot="`view_schema`")
             return self.by_view(t, old, new, view_schema)
         self.sync(t, old, new, src.type, quote(old), quote(new))
         # The default moves with the swap: on the new column before then, it would hide
@@ -965,12 +1013,12 @@ class RenameColumn(_Copied):
 class ChangeType(_Copied):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
-        col, typ = self.text("column"), self.text("type")
+        col, typ = self.ident("column"), self.type_field("type")
         src = t.column(col)
         if col in t.primary_key:
             raise InvalidInput(f"{self.where()}: {col} is part of the primary key; changing "
                                "a key column's type is not supported")
-        up = self.opt("using", f"{quote(col)}::{typ}")
+        up = self.expression("using", f"{quote(col)}::{typ}")
         tmp = object_name("new", col)
         if tmp in t.columns:
             raise InvalidInput(f"{self.where()}: {t.qualified} already has a column {tmp}")
@@ -980,7 +1028,7 @@ class ChangeType(_Copied):
         elif down_v is None:
             down = f"{quote(tmp)}::{src.type}"
         elif isinstance(down_v, str) and down_v.strip() and _DOLLAR not in down_v:
-            down = down_v
+            down = sqltext.expression(down_v, slot="`down`")
         else:
             raise InvalidInput(f"{self.where()}: `down` must be an expression or false")
         self.sync(t, col, tmp, typ, up, down)
@@ -1012,7 +1060,7 @@ class AddForeignKey(_Op):
         if len(cols) != len(ref_cols):
             raise InvalidInput(f"{self.where()}: {len(cols)} columns reference "
                                f"{len(ref_cols)} columns")
-        name = self.claim("constraint", t, self.opt("name", object_name("fk", t.name, *cols)))
+        name = self.claim("constraint", t, self.ident("name", object_name("fk", t.name, *cols)))
         on_delete = self.opt("on_delete", "NO ACTION").upper()
         if on_delete not in ("NO ACTION", "RESTRICT", "CASCADE", "SET NULL", "SET DEFAULT"):
             raise InvalidInput(f"{self.where()}: on_delete must be NO ACTION, RESTRICT, "
@@ -1049,12 +1097,14 @@ class AddForeignKey(_Op):
 class AddCheck(_Op):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
-        name = self.claim("constraint", t, self.text("name"))
+        name = self.claim("constraint", t, self.ident("name"))
         expr = self.text("check")
+        expr = sqltext.expression(expr, slot="`check`")
         self.expr(t, expr, "check", boolean=True)
         self.add("start", f"add {name} NOT VALID (new rows are checked; no scan)", "tx",
                  sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
-                     t.ident, sql.Identifier(name), sql.SQL(expr)), lock=self.brief(t))
+                     t.ident, sql.Identifier(name), sqltext.expression_sql(expr, percent=False)),
+                 lock=self.brief(t))
         self.validate_constraint(t, name)
         self.add("rollback", f"drop {name}", "tx",
                  sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
@@ -1066,7 +1116,7 @@ class CreateIndex(_Op):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         cols = self.names("columns", required=False)
-        expr = self.opt("expression")
+        expr = self.expression("expression")
         if bool(cols) == bool(expr):
             raise InvalidInput(f"{self.where()}: give `columns` or `expression` (one of them)")
         for c in cols:
@@ -1074,19 +1124,21 @@ class CreateIndex(_Op):
         method = self.opt("method", "btree").lower()
         if not re.match(r"^[a-z_]+$", method):
             raise InvalidInput(f"{self.where()}: malformed index method {method!r}")
-        where = self.opt("where")
+        where = self.expression("where")
         unique = self.flag("unique")
-        name = self.opt("name", object_name("idx", t.name, *(cols or ("expr",))))
+        name = self.ident("name", object_name("idx", t.name, *(cols or ("expr",))))
         self.shape.claim("relation", t, name, self.where())
         if expr:
             self.expr(t, expr, "expression")
         if where:
             self.expr(t, where, "where", boolean=True)
         body = (sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Identifier, cols))) if cols
-                else sql.SQL("(({}))").format(sql.SQL(cast(str, expr))))
+                else sql.SQL("({})").format(
+                    sqltext.expression_sql(cast(str, expr), percent=False)))
         definition = sql.SQL("USING {} {}{}").format(
             sql.SQL(method), body,
-            sql.SQL(" WHERE {}").format(sql.SQL(where)) if where else sql.SQL(""))
+            sql.SQL(" WHERE {}").format(sqltext.expression_sql(where, percent=False))
+            if where else sql.SQL(""))
         self.create_index_steps(t, name, definition, unique=unique)
         return (f"{'unique ' if unique else ''}index {name} on {t.qualified} "
                 f"({', '.join(cols) or expr})")
@@ -1132,7 +1184,7 @@ class AddUnique(_Op):
         cols = self.names("columns")
         for c in cols:
             t.column(c)
-        name = self.claim("constraint", t, self.opt("name", object_name("uq", t.name, *cols)))
+        name = self.claim("constraint", t, self.ident("name", object_name("uq", t.name, *cols)))
         self.shape.claim("relation", t, name, self.where())
         self.create_index_steps(t, name, sql.SQL("({})").format(
             sql.SQL(", ").join(map(sql.Identifier, cols))), unique=True)
@@ -1317,9 +1369,11 @@ class Backfill(_Op):
                 isinstance(v, str) and v.strip() for v in raw.values()):
             raise InvalidInput(f"{self.where()}: `set` must be a table of column = "
                                "\"expression\"")
+        raw = {sqltext.identifier(c, slot="`set` column"): sqltext.expression(v, slot=f"set.{c}")
+               for c, v in raw.items()}
         for c, v in raw.items():
             self.expr(t, v, f"set.{c}", cast_to=t.column(c).type)
-        where = self.opt("where")
+        where = self.expression("where")
         if where:
             self.expr(t, where, "where", boolean=True)
         spec: dict[str, Any] = {"kind": "update", "set": [[c, v] for c, v in raw.items()]}
@@ -1336,18 +1390,18 @@ class RawSql(_Op):
     """An escape hatch: statements for each phase, linted; flagged rules must be allowed."""
 
     def build(self) -> str:
-        from pglast import split
-
         from backfill.lint import lint_sql
 
         # The executor sets lock_timeout itself; the linter cannot see that.
-        allow = set(self.names("allow", required=False)) | {"missing-lock-timeout"}
+        allow = set(self.names("allow", required=False, idents=False)) | {"missing-lock-timeout"}
         concurrent = self.flag("concurrent")
         described = self.opt("description", "custom SQL")
         for phase, key in (("start", "up"), ("complete", "complete"), ("rollback", "down")):
             text = self.text(key) if key == "up" else self.opt(key)
             if text is None:
                 continue
+            # One statement per string, sent one at a time; no transaction control.
+            split = sqltext.statements(text, slot=f"`{key}`")
             findings = [f for f in lint_sql(text, f"{self.where()} `{key}`")
                         if f.rule not in allow]
             if findings:
@@ -1355,7 +1409,7 @@ class RawSql(_Op):
                     f"{self.where()}: `{key}` is flagged by the linter:\n  "
                     + "\n  ".join(f.render() for f in findings)
                     + "\nrewrite it, or list the rules in `allow` if you accept the risk")
-            statements = tuple(sql.SQL(st) for st in split(text))
+            statements = tuple(sql.SQL(st) for st in split)
             self.add(phase, f"{described} ({key})", "concurrent" if concurrent else "tx",
                      *statements, lock="as written", risk="medium")
         return described

@@ -35,7 +35,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from backfill import store
+from backfill import sqltext, store
 from backfill.api import Backfill, create_job
 from backfill.catalog import Conn
 from backfill.db import connect, redact_text
@@ -155,8 +155,10 @@ class Migrator:
             conn.close()
 
     def plan(self, mig: MigrationFile) -> tuple[OpPlan, ...]:
-        """The operations' steps, checked against the database; nothing is written."""
-        with self._conn() as conn:
+        """The operations' steps, checked against the database; nothing is written: every
+        fragment passes the gate first, and the whole plan runs in a transaction that is rolled
+        back, whatever its checks send."""
+        with self._conn() as conn, conn.transaction(force_rollback=True):
             return build_plan(conn, mig)
 
     def get(self, ref: str) -> MigrationRecord | None:
@@ -299,7 +301,8 @@ class Migrator:
         if missing:
             raise MigrationError(f"migration {mig.id} depends on migrations that are not "
                                  f"completed: {', '.join(missing)}")
-        plans = build_plan(conn, mig)      # validates every operation before anything is written
+        with conn.transaction(force_rollback=True):   # the plan writes nothing, whatever it runs
+            plans = build_plan(conn, mig)  # validates every operation before anything is written
         steps = ordered_steps(plans)
         with conn.transaction():
             if previous is None:
@@ -454,7 +457,7 @@ class Migrator:
                 with conn.transaction():
                     self._timeouts(conn, rec, s, local=True)
                     for statement in s.step.statements:
-                        conn.execute(statement)
+                        sqltext.execute_one(conn, statement)   # alone, extended protocol
                     self._done(conn, rec, s, f"done: {s.step.description}", attempts=attempt)
             except _LOCK_ERRORS as exc:
                 self._lock_wait(conn, rec, s, attempt, exc)
@@ -480,7 +483,7 @@ class Migrator:
                 try:
                     self._timeouts(conn, rec, s, local=False)
                     for statement in s.step.statements:
-                        conn.execute(statement)
+                        sqltext.execute_one(conn, statement)   # alone, extended protocol
                 except _LOCK_ERRORS as exc:
                     self._drop_invalid(conn, rec, s)
                     self._lock_wait(conn, rec, s, attempt, exc)
@@ -536,7 +539,7 @@ class Migrator:
         try:
             with conn.transaction():
                 conn.execute("SET LOCAL statement_timeout = '5min'")
-                row = conn.execute(s.step.statements[0]).fetchone()
+                row = sqltext.execute_one(conn, s.step.statements[0]).fetchone()
         except psycopg.Error as exc:
             raise self._fail(conn, rec, s, _pg_message(exc)) from None
         if not (row and row[0]):
@@ -639,7 +642,7 @@ class Migrator:
                                    + (report.unverifiable or "; ".join(
                                        d.detail for d in report.diffs[:3])))
             elif s.step.mode == "check":
-                row = conn.execute(s.step.statements[0]).fetchone()
+                row = sqltext.execute_one(conn, s.step.statements[0]).fetchone()
                 if not (row and row[0]):
                     reasons.append(f"no longer true: {s.step.description}")
         if reasons:

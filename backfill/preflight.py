@@ -26,7 +26,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from backfill import store
-from backfill.catalog import Conn
+from backfill.catalog import Conn, table_oid
 from backfill.durations import format_duration, parse_duration_ms, parse_size
 from backfill.errors import BackfillError, InvalidOption, PreflightFailed
 from backfill.kinds import prepare_stored
@@ -366,12 +366,15 @@ def _long_transactions(conn: Conn, job: store.JobRecord, config: PreflightConfig
 
 def _invalid_indexes(conn: Conn, job: store.JobRecord, config: PreflightConfig) -> Check:
     # The table the job writes: its own, or a copy's destination here.
-    written = job.spec.dest if job.kind in ("copy", "move", "revert") and job.spec.dest \
-        else job.table
+    # By oid, or by the name read as SQL reads it and quoted: never the raw text.
+    if job.kind in ("copy", "move", "revert") and job.spec.dest:
+        written, oid = job.spec.dest, table_oid(conn, job.spec.dest)
+    else:
+        written, oid = job.table, job.source_oid
     rows = conn.execute(
         """SELECT i.indexrelid::regclass::text FROM pg_index i
-           WHERE i.indrelid = to_regclass(%s) AND NOT i.indisvalid""",
-        (written,)).fetchall()
+           WHERE i.indrelid = %s AND NOT i.indisvalid""",
+        (oid,)).fetchall()
     if rows:
         names = ", ".join(r[0] for r in rows)
         return Check("invalid indexes", "fail", f"{names}: left by a failed CREATE INDEX "

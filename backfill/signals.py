@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from backfill import sqltext
 from backfill.catalog import Conn
 from backfill.db import connect, redact_dsn, redact_text
+from backfill.errors import InvalidFragment
 from backfill.policy import Limit, Reading
 
 
@@ -197,11 +199,14 @@ def probe(conn: Conn, p: Probe) -> Reading:
         with conn.transaction():
             conn.execute("SET LOCAL statement_timeout = '5s'")
             conn.execute("SET LOCAL transaction_read_only = on")
-            row = conn.execute(sql.SQL(p.query)).fetchone()  # type: ignore[arg-type]  # the operator's own SQL
+            # Checked again (one SELECT), and sent alone on the extended protocol.
+            query = sqltext.statement_sql(p.query, allowed=sqltext.PROBE_STATEMENTS,
+                                          slot=f"probe {p.name}")
+            row = sqltext.execute_one(conn, query).fetchone()
         value = float(row[0]) if row and row[0] is not None else None
         return Reading(kind, f"probe[{p.name}]", value,
                        error=None if value is not None else "returned no number")
-    except (psycopg.DatabaseError, ValueError, TypeError) as exc:
+    except (psycopg.DatabaseError, ValueError, TypeError, InvalidFragment) as exc:
         if isinstance(exc, psycopg.OperationalError) and conn.broken:
             raise
         return Reading(kind, f"probe[{p.name}]", None, error=_error(exc))

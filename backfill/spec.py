@@ -10,13 +10,19 @@ import dataclasses
 import importlib
 import re
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
+from backfill import sqltext
 from backfill.errors import InvalidInput, InvalidOption
 from backfill.options import JobOptions, build_options
+
+#: Set while a stored spec is read back: it loads (list, show and cancel work on it) and its
+#: text is checked where it is used, so a job stored before a stricter gate cannot run.
+_STORED: ContextVar[bool] = ContextVar("backfill_spec_stored", default=False)
 
 KINDS = ("update", "sql", "copy", "move", "transform", "delete", "revert")
 #: Kinds that change rows in place and can keep an undo log (on by default for them).
@@ -26,7 +32,8 @@ CONFLICT_MODES = ("error", "nothing", "update")
 #: A transform gets one row (column -> value) and returns the columns to change, or None.
 TransformFn = Callable[[dict[str, Any]], Mapping[str, Any] | None]
 
-_SET_RE = re.compile(r"^\s*(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*=(?!=)\s*(.+?)\s*$", re.S)
+_SET_RE = re.compile(r"^\s*(\"(?:[^\"]|\"\")+\"|[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)"
+                     r"\s*=(?!=)\s*(.+?)\s*$", re.S)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class JobSpec:
                 "a move job cannot use on_conflict=nothing: a source row whose insert is skipped "
                 "would still be deleted (use error, or update to overwrite the destination row)"
             )
+        if not _STORED.get():
+            self._check_sql_text()
         if self.kind == "sql" and self.statement and not (
             "%(upper" in self.statement and "%(lower" in self.statement
         ):
@@ -131,6 +140,20 @@ class JobSpec:
                 f"on_conflict must be one of {', '.join(CONFLICT_MODES)}, got {self.on_conflict!r}"
             )
 
+    def _check_sql_text(self) -> None:
+        """Every piece of user text this spec turns into SQL, through the one gate: names as
+        SQL reads them, one expression per SET value and WHERE, one statement for ``sql``."""
+        sqltext.qualified_name(self.table, slot="table")
+        if self.dest is not None:
+            sqltext.qualified_name(self.dest, slot="destination table")
+        for col, expr in self.set:
+            sqltext.expression(expr, slot=f"SET {col} =")
+        if self.where is not None and self.where.strip():
+            sqltext.expression(self.where, slot="WHERE")
+        if self.kind == "sql" and self.statement:
+            sqltext.statement(self.statement, allowed=sqltext.SQL_JOB_STATEMENTS,
+                              slot="sql statement", placeholders=True)
+
     @property
     def display_name(self) -> str:
         if self.name:
@@ -171,7 +194,11 @@ class JobSpec:
         for name in ("key", "columns", "writes"):
             d[name] = tuple(d.get(name) or ())
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        token = _STORED.set(True)
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        finally:
+            _STORED.reset(token)
 
     def with_options(self, **changes: Any) -> JobSpec:
         return dataclasses.replace(self, options=self.options.merged(changes))
@@ -201,33 +228,39 @@ def canary_size(text: str, rows_estimate: int | None) -> int:
 
 
 def parse_set(expressions: Iterable[str] | Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """``["total = qty * price"]`` or ``{"total": "qty * price"}`` -> ``(("total", "qty * price"),)``."""
+    """``["total = qty * price"]`` or ``{"total": "qty * price"}`` -> ``(("total", "qty * price"),)``.
+
+    The column is a name as SQL writes it (``Total`` is ``total``, ``"Total"`` keeps its case);
+    the value must be exactly one expression (:mod:`backfill.sqltext`)."""
     if isinstance(expressions, Mapping):
-        pairs = [(str(k), str(v)) for k, v in expressions.items()]
+        raw = [(str(k), str(v)) for k, v in expressions.items()]
     else:
-        pairs = []
+        raw = []
         for text in expressions:
             m = _SET_RE.match(text)
             if not m:
                 raise InvalidInput(f"cannot parse SET expression {text!r}: expected `column = expression`")
-            col = m.group(1)
-            if col.startswith('"'):
-                col = col[1:-1].replace('""', '"')
-            pairs.append((col, m.group(2)))
-    for col, expr in pairs:
-        if not col or not expr.strip():
+            raw.append((m.group(1), m.group(2)))
+    pairs = []
+    for col, expr in raw:
+        if not col.strip() or not expr.strip():
             raise InvalidInput(f"empty column or expression in SET {col!r} = {expr!r}")
+        name = sqltext.identifier(col, slot="SET column")
+        pairs.append((name, sqltext.expression(expr, slot=f"SET {name} =")))
     if len({c for c, _ in pairs}) != len(pairs):
         raise InvalidInput("a column is assigned twice in SET")
     return tuple(pairs)
 
 
 def _key(key: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"a, b"`` or ``["a", "b"]``: names as SQL writes them (see :mod:`backfill.sqltext`)."""
     if key is None:
         return ()
-    if isinstance(key, str):
-        return tuple(k.strip() for k in key.split(",") if k.strip())
-    return tuple(key)
+    return sqltext.identifier_list(key, slot="key")
+
+
+def _names(names: str | Iterable[str] | None, slot: str) -> tuple[str, ...]:
+    return sqltext.identifier_list(names, slot=slot) if names else ()
 
 
 def function_name(fn: TransformFn | str) -> str:
@@ -319,7 +352,7 @@ def copy(
 ) -> JobSpec:
     """``INSERT INTO dest SELECT ... FROM table`` batch by batch (``on_conflict``: error, nothing, update)."""
     return JobSpec(
-        "copy", table, key=_key(key), dest=dest, columns=tuple(columns or ()), where=where,
+        "copy", table, key=_key(key), dest=dest, columns=_names(columns, "columns"), where=where,
         on_conflict=on_conflict, name=name, description=description,
         options=build_options(**options),
     )
@@ -358,8 +391,8 @@ def transform(
 ) -> JobSpec:
     """Apply ``fn`` to each row (``columns`` read, ``writes`` written) and write changes back."""
     return JobSpec(
-        "transform", table, key=_key(key), function=function_name(fn), columns=tuple(columns),
-        writes=tuple(writes or ()), where=where, name=name, description=description,
+        "transform", table, key=_key(key), function=function_name(fn), columns=_names(columns, "columns"),
+        writes=_names(writes, "writes"), where=where, name=name, description=description,
         options=build_options(**options), undo_log=undo_log,
     )
 

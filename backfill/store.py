@@ -16,6 +16,7 @@ from psycopg import errors as pgerrors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from backfill import sqltext
 from backfill.catalog import Conn
 from backfill.errors import IllegalTransition, JobConflict, JobNotFound
 from backfill.logs import get_logger
@@ -62,7 +63,8 @@ class JobRecord:
 
     @property
     def table(self) -> str:
-        return f"{self.source_schema}.{self.source_table}"
+        """The source table as SQL writes it (quoted where needed)."""
+        return sqltext.render_qualified(self.source_schema, self.source_table)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ class _Checker:
         t = _ident(self.p.table)
         if kind == "update":
             ok = sql.SQL(" AND ").join(
-                sql.SQL("{} IS NOT DISTINCT FROM ({})").format(sql.Identifier(c), _user_sql(e))
+                sql.SQL("{} IS NOT DISTINCT FROM {}").format(sql.Identifier(c), _user_sql(e))
                 for c, e in self.p.spec.set
             )
             q = sql.SQL("SELECT count(*) FROM {t} WHERE {p}{f} AND NOT ({ok})").format(

@@ -738,12 +738,15 @@ def test_quoted_names_and_a_check_on_a_column_the_migration_fills(dsn: str) -> N
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute('CREATE TABLE "Orders" (id bigint PRIMARY KEY, "Qty" int NOT NULL)')
         c.execute('INSERT INTO "Orders" SELECT g, g FROM generate_series(1, 500) g')
+    # Names in a migration file are read as SQL reads them: quotes keep the case.
     mig = _mig('id = "m-quoted"\n'
-               '[[operations]]\nop = "add_column"\ntable = "Orders"\ncolumn = "Total"\n'
+               '[[operations]]\nop = "add_column"\ntable = \'"Orders"\'\ncolumn = \'"Total"\'\n'
                'type = "bigint"\nvalue = \'"Qty" * 2\'\n'
-               '[[operations]]\nop = "add_check"\ntable = "Orders"\nname = "Total positive"\n'
+               '[[operations]]\nop = "add_check"\ntable = \'"Orders"\'\n'
+               'name = \'"Total positive"\'\n'
                'check = \'"Total" IS NOT NULL AND "Total" > 0\'\n'
-               '[[operations]]\nop = "create_index"\ntable = "Orders"\ncolumns = ["Total"]\n')
+               '[[operations]]\nop = "create_index"\ntable = \'"Orders"\'\n'
+               'columns = [\'"Total"\']\n')
     m = Migrator(dsn, actor="tester")
     m.start(mig)     # VALIDATE runs after the backfill that makes it true
     m.complete("m-quoted")
