@@ -140,3 +140,13 @@ def conn(dsn: str) -> Iterator[psycopg.Connection[TupleRow]]:
     """An autocommit connection to the test database."""
     with psycopg.connect(dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT) as connection:
         yield connection
+
+
+@pytest.fixture(scope="session")
+def plain_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv holding ``pip install .`` as a user makes it (no extras, not editable),
+    built once per session; returns its bin/. The plain-install tests and the chaos test run
+    from it."""
+    from tests.integration.servers import build_plain_venv
+
+    return build_plain_venv(tmp_path_factory.mktemp("plain-install"))

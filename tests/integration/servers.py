@@ -17,6 +17,44 @@ import pytest
 
 from tests.integration.helpers import ROOT, wait_for
 
+#: What ``pip install .`` needs from the repository (the Dockerfile copies the same).
+PACKAGE_FILES = ("pyproject.toml", "README.md", "backfill", "workers", "jobs")
+INSTALL_TIMEOUT_S = 300
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: no PYTHONPATH, no venv of ours, no BACKFILL_*."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
+           and not k.startswith(("BACKFILL_", "CELERY_"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if not p.startswith(str(Path(sys.prefix))))
+    env.update(extra)
+    return env
+
+
+def build_plain_venv(base: Path) -> Path:
+    """A virtualenv in ``base`` holding ``pip install <copy of the repository>`` as a user
+    makes it: no extras, not editable, pip's own build isolation (and its cache). Returns its
+    bin/."""
+    src = base / "src"
+    src.mkdir()
+    for name in PACKAGE_FILES:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, src / name)
+    venv = base / "venv"
+    env = clean_env()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, cwd=base,
+                   timeout=120)
+    res = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(src)],
+                         capture_output=True, text=True, env=env, cwd=base,
+                         timeout=INSTALL_TIMEOUT_S, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return venv / "bin"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -102,8 +140,15 @@ class RedisServer:
 class Workers:
     """Celery worker processes (solo pool: one process is one worker, killed as a whole)."""
 
-    def __init__(self, dsn: str, broker: str, logdir: Path, **env: str) -> None:
-        self.env = dict(os.environ, BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=broker,
+    def __init__(self, dsn: str, broker: str, logdir: Path, *, installed: Path | None = None,
+                 **env: str) -> None:
+        """``installed``: the bin/ of a plain install (:func:`build_plain_venv`) to run the
+        workers from, outside the repository and with a user's environment; else this
+        interpreter in the source tree."""
+        self.python = str(installed / "python") if installed else sys.executable
+        self.cwd = logdir if installed else ROOT
+        self.env = (clean_env() if installed else dict(os.environ))
+        self.env.update(BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=broker,
                         BACKFILL_SLICE_BUDGET_S="0.5", BACKFILL_LOG_FORMAT="json",
                         BACKFILL_REAP_EVERY_S="1", BACKFILL_DISPATCH_STALE_S="5",
                         BACKFILL_LEASE_TTL_S="10")
@@ -118,10 +163,10 @@ class Workers:
             self.started += 1
             log = open(self.logdir / f"worker{i}.log", "wb")  # noqa: SIM115 - closed with the process
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
+                [self.python, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
                  "-n", f"w{i}@%h", "-Q", "backfill", "--without-gossip", "--without-mingle",
                  "--loglevel", "INFO"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             ))
 
     def live(self) -> list[subprocess.Popen[bytes]]:

@@ -1,7 +1,8 @@
 """The chaos test: a job on real Celery workers survives SIGKILLed workers, a Redis restart that
 loses every task, and a PostgreSQL fast restart during a batch, while a writer keeps inserting,
 updating and deleting rows of the same table. Nobody acts: the reaper and the retries finish the
-job, and every row in the snapshot ends with its counter at exactly 1.
+job, and every row in the snapshot ends with its counter at exactly 1. The workers run from a
+plain ``pip install .`` of the package (no extras, outside the source tree), as users deploy it.
 
 The kill schedule comes from a seed, printed at the start (and in every failure message);
 replay a run with ``BACKFILL_CHAOS_SEED=<seed> pytest tests/integration/test_chaos.py``.
@@ -115,7 +116,7 @@ def _batch_in_flight(dsn: str, job_id: int) -> bool:
 
 def test_chaos_kills_restarts_and_a_concurrent_writer(
         dsn: str, pg_server: LocalPostgres | None, redis_server: RedisServer,
-        tmp_path: Path) -> None:
+        tmp_path: Path, plain_venv: Path) -> None:
     if pg_server is None:
         pytest.skip("needs the test session's own server to restart it")
     print(REPLAY)
@@ -127,8 +128,11 @@ def test_chaos_kills_restarts_and_a_concurrent_writer(
                             pause="25ms", statement_timeout="3s"), workers=True)
     # Slices are given back every 2 s; a killed worker's lease runs out after 16 s (twice the
     # statement timeout plus 10 s); a task that has not started 4 s after it was sent is lost.
-    workers = Workers(dsn, redis_server.url, tmp_path, BACKFILL_SLICE_BUDGET_S="2",
-                      BACKFILL_DISPATCH_STALE_S="4", BACKFILL_LEASE_TTL_S="5")
+    # The workers run from a plain `pip install .` (no extras, outside the source tree): what
+    # users deploy is what survives the chaos.
+    workers = Workers(dsn, redis_server.url, tmp_path, installed=plain_venv,
+                      BACKFILL_SLICE_BUDGET_S="2", BACKFILL_DISPATCH_STALE_S="4",
+                      BACKFILL_LEASE_TTL_S="5")
     writer = Writer(dsn, SEED + 1)
     chaos = ["kill"] * KILLS + ["redis", "postgres"]
     rng.shuffle(chaos)

@@ -9,56 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pytest
-
 from tests.integration.helpers import ROOT, counter_histogram, make_counter_table, scalar, wait_for
-from tests.integration.servers import RedisServer
-
-#: What ``pip install .`` needs from the repository (the Dockerfile copies the same).
-PACKAGE_FILES = ("pyproject.toml", "README.md", "backfill", "workers", "jobs")
-INSTALL_TIMEOUT_S = 300
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a user's shell: no PYTHONPATH, no venv of ours, no BACKFILL_*."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
-           and not k.startswith(("BACKFILL_", "CELERY_"))}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
-                                  if not p.startswith(str(Path(sys.prefix))))
-    env.update(extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def plain_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A virtualenv holding ``pip install <copy of the repository>``; returns its bin/."""
-    base = tmp_path_factory.mktemp("plain-install")
-    src = base / "src"
-    src.mkdir()
-    for name in PACKAGE_FILES:
-        path = ROOT / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(path, src / name)
-    venv = base / "venv"
-    env = _clean_env()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, cwd=base,
-                   timeout=120)
-    started = time.monotonic()
-    # Like a user: no extras, not editable, pip's own build isolation (and its cache).
-    res = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(src)],
-                         capture_output=True, text=True, env=env, cwd=base,
-                         timeout=INSTALL_TIMEOUT_S, check=False)
-    took = time.monotonic() - started
-    assert res.returncode == 0, res.stdout + res.stderr
-    print(f"pip install . took {took:.1f}s")
-    return venv / "bin"
+from tests.integration.servers import RedisServer, clean_env
 
 
 def _run(bin_dir: Path, cwd: Path, *args: str, env: dict[str, str],
@@ -71,7 +25,7 @@ def test_the_installed_package_imports_its_broker_transport(plain_venv: Path,
                                                             tmp_path: Path) -> None:
     res = _run(plain_venv, tmp_path, "python", "-c",
                "import kombu.transport.redis, backfill, workers.app; print(backfill.__file__)",
-               env=_clean_env())
+               env=clean_env())
     assert res.returncode == 0, res.stderr
     installed = Path(res.stdout.strip())
     assert plain_venv.parent in installed.parents, f"imported from {installed}, not the venv"
@@ -79,7 +33,7 @@ def test_the_installed_package_imports_its_broker_transport(plain_venv: Path,
 
 def test_a_plain_install_runs_a_job_on_its_workers(plain_venv: Path, bare_dsn: str,
                                                    tmp_path: Path) -> None:
-    env = _clean_env(BACKFILL_DSN=bare_dsn, BACKFILL_LOG_FORMAT="json")
+    env = clean_env(BACKFILL_DSN=bare_dsn, BACKFILL_LOG_FORMAT="json")
     res = _run(plain_venv, tmp_path, "backfill", "db", "upgrade", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     make_counter_table(bare_dsn, 3_000)
@@ -140,7 +94,7 @@ def test_the_demo_runs_from_the_images_layout(plain_venv: Path, bare_dsn: str,
     app.mkdir()
     for name in DEMO_FILES:
         shutil.copytree(ROOT / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
-    env = _clean_env(BACKFILL_DSN=bare_dsn, DEMO_ROWS="5000", BACKFILL_USE_INSTALLED="1",
+    env = clean_env(BACKFILL_DSN=bare_dsn, DEMO_ROWS="5000", BACKFILL_USE_INSTALLED="1",
                      BACKFILL_LOG_FORMAT="json")
     env["PATH"] = f"{plain_venv}{os.pathsep}{env['PATH']}"
     res = subprocess.run(["bash", str(app / "scripts" / "demo.sh")], capture_output=True,
