@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -32,6 +34,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from backfill import logs, store
 from backfill.api import Backfill, default_actor
@@ -45,8 +48,56 @@ from backfill.spec import JobSpec, parse_set
 from backfill.states import JobState
 from backfill.throttle import eta_seconds
 
+
+def explain_error(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and the one line a user sees for an error we expect to meet (bad input, an
+    unreadable file, an unreachable database), or ``None`` for one we did not expect (a bug).
+
+    2: the input must be fixed (nothing was written); 1: an operational failure."""
+    if isinstance(exc, BackfillError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, psycopg.Error):
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return 1, f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}"
+    if isinstance(exc, UnicodeDecodeError):
+        return 2, f"input is not UTF-8 text (byte {exc.start}: {exc.reason})"
+    if isinstance(exc, ImportError):
+        return 2, f"cannot import {exc.name or ''}: {exc}".replace(" : ", ": ")
+    if isinstance(exc, OSError):
+        if exc.filename is not None:
+            return 2, f"cannot read {exc.filename}: {exc.strerror or exc}"
+        return 1, f"{exc.strerror or exc}"
+    return None
+
+
+class _Commands(TyperGroup):
+    """The root command group: whatever a command raises ends as one line on stderr and an exit
+    code, never a traceback. Expected errors (see :func:`explain_error`) exit 2 or 1; anything
+    else is a bug, reported as ``internal error`` (exit 1) with its traceback under
+    ``--log-level debug``."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the one place errors become exit codes
+            known = explain_error(exc)
+            settings = ctx.obj
+            debug = isinstance(settings, Settings) and settings.log_level.lower() == "debug"
+            if debug or known is None:
+                logs.get_logger().debug("cli.error", exc_info=True)
+            if debug:
+                err.print(traceback.format_exc(), markup=False, highlight=False)
+            if known is None:
+                _fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
+                      "`--log-level debug` shows the traceback)", 1)
+            _fail(known[1], known[0])
+
+
 app = typer.Typer(
     name="backfill",
+    cls=_Commands,
     help="Run large PostgreSQL backfills and data moves safely: keyset batches, checkpoints "
     "in the batch's transaction, live pause/resume/tune.",
     no_args_is_help=True,
@@ -65,6 +116,36 @@ T = TypeVar("T")
 
 EXIT_PAUSED = 3
 EXIT_INTERRUPTED = 130
+
+#: The largest count an option takes (PostgreSQL's int): beyond it a value is a typo.
+MAX_COUNT = 2**31 - 1
+
+
+def seconds_option(minimum: float = 0.0) -> Callable[[str], float]:
+    """A parser for a duration option in seconds (``2``, ``500ms``, ``1m30s``): finite, not
+    negative, at least ``minimum`` and at most a year (a sleep that long is a typo)."""
+
+    def parse(value: str) -> float:
+        try:
+            seconds = parse_duration_ms(str(value), option="value") / 1000.0
+        except InvalidInput as exc:
+            raise typer.BadParameter(str(exc).removeprefix("value: ")) from None
+        if not minimum <= seconds <= 366 * 86400:
+            raise typer.BadParameter(f"{value!r} is not between {minimum:g}s and a year")
+        return seconds
+
+    return parse
+
+
+def positive_number(value: str) -> float:
+    """A parser for a finite number above zero (a rate, a budget)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise typer.BadParameter(f"{value!r} is not a finite number above 0")
+    return number
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -90,11 +171,10 @@ def _fail(message: str, code: int) -> NoReturn:
 def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except BackfillError as exc:
-        _fail(str(exc), exc.exit_code)
-    except psycopg.Error as exc:  # unexpected, but still one line and no traceback
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        _fail(f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}", 1)
+    except (BackfillError, psycopg.Error) as exc:
+        known = explain_error(exc)
+        assert known is not None
+        _fail(known[1], known[0])
 
 
 @app.callback()
@@ -362,8 +442,8 @@ def run(
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="Live progress bar (default: on a terminal).")] = True,
     takeover_after: Annotated[float, typer.Option(
-        "--takeover-after", help="Seconds after which a silent previous runner's job is "
-        "taken over.")] = 30.0,
+        "--takeover-after", parser=seconds_option(),
+        help="Seconds after which a silent previous runner's job is taken over.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
     skip_preflight: Annotated[bool, typer.Option(
         "--skip-preflight", help="Start without the pre-flight checks (recorded as an "
@@ -712,7 +792,8 @@ def show(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument(help="Job id or name.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    events: Annotated[int, typer.Option("--events", help="Show the last N events (0: all).")] = 0,
+    events: Annotated[int, typer.Option("--events", min=0, max=MAX_COUNT,
+                                        help="Show the last N events (0: all).")] = 0,
 ) -> None:
     """Show one job: state, progress, options, slices and its event history."""
     _show(ctx, job, as_json, events)
@@ -723,7 +804,8 @@ def status_(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument(help="Job id or name.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    events: Annotated[int, typer.Option("--events", help="Show the last N events (0: all).")] = 0,
+    events: Annotated[int, typer.Option("--events", min=0, max=MAX_COUNT,
+                                        help="Show the last N events (0: all).")] = 0,
 ) -> None:
     """Same as `show`."""
     _show(ctx, job, as_json, events)
@@ -732,9 +814,12 @@ def status_(
 @app.command()
 def watch(
     ctx: typer.Context,
-    interval: Annotated[float, typer.Option("--interval", "-n", help="Seconds between refreshes.")] = 2.0,
+    interval: Annotated[float, typer.Option(
+        "--interval", "-n", parser=seconds_option(minimum=0.1),
+        help="Time between refreshes (2, 500ms).")] = 2.0,
     include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
-    count: Annotated[int, typer.Option("--count", help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
+    count: Annotated[int, typer.Option("--count", min=0, max=MAX_COUNT,
+                                       help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
     once: Annotated[bool, typer.Option("--once", help="Print the table once and exit (scripts).")] = False,
 ) -> None:
     """A live table of jobs (state, progress, rows/s, ETA, throttle reason), refreshed every
@@ -842,13 +927,12 @@ def tune(
 def verify(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument()],
-    chunk: Annotated[int, typer.Option("--chunk", help="Keys per checked range.")] = 50_000,
+    chunk: Annotated[int, typer.Option("--chunk", min=1, max=MAX_COUNT,
+                                       help="Keys per checked range.")] = 50_000,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Re-check every completed range: update jobs for rows where the SET is not true yet,
     copy jobs by count and checksum per range, move/delete jobs for rows left behind."""
-    if chunk <= 0:
-        _fail("--chunk must be a positive number of keys", 2)
     report = _guard(lambda: _client(ctx).verify(job, chunk=chunk))
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
@@ -882,12 +966,13 @@ def _load_plugins() -> None:
 
 
 def main() -> None:
-    _load_plugins()
     try:
-        app()
-    except BackfillError as exc:  # a path that escaped _guard: still one line, no traceback
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(exc.exit_code)
+        _load_plugins()
+    except Exception as exc:  # a broken plugin: one line, not a traceback
+        known = explain_error(exc) or (1, f"cannot load the commands: {type(exc).__name__}: {exc}")
+        err.print(f"[bold red]error:[/] {escape(known[1])}", highlight=False)
+        sys.exit(known[0])
+    app()  # errors become one line and an exit code in _Commands.invoke
 
 
 if __name__ == "__main__":
