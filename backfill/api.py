@@ -307,17 +307,28 @@ class Backfill:
         with self._conn() as conn:
             return self._resolve(conn, ref)
 
-    def list(self, *, include_finished: bool = False) -> builtins.list[store.JobRecord]:
+    def list(self, *, include_finished: bool = False, limit: int | None = None,
+             offset: int = 0) -> builtins.list[store.JobRecord]:
+        """Jobs, failed and active ones first (see :data:`store.LIST_ORDER`); all of them
+        unless ``limit``."""
         with self._conn() as conn:
-            return store.list_jobs(conn, include_finished=include_finished)
+            return store.list_jobs(conn, include_finished=include_finished, limit=limit,
+                                   offset=offset)
 
     def overview(
-        self, *, include_finished: bool = False
+        self, *, include_finished: bool = False, limit: int | None = None, offset: int = 0,
     ) -> builtins.list[tuple[store.JobRecord, store.Progress]]:
         """Jobs with their progress, read over one connection (for list and watch)."""
+        return self.page(include_finished=include_finished, limit=limit, offset=offset).jobs
+
+    def page(self, *, include_finished: bool = False, limit: int | None = None,
+             offset: int = 0) -> store.JobPage:
+        """One page of jobs with their progress, and how many there are in all and per state."""
+        if (limit is not None and limit < 0) or offset < 0:
+            raise InvalidInput("limit and offset must not be negative")
         with self._conn() as conn:
-            return [(j, store.progress(conn, j.id))
-                    for j in store.list_jobs(conn, include_finished=include_finished)]
+            return store.job_page(conn, include_finished=include_finished, limit=limit,
+                                  offset=offset)
 
     def inspect(self, ref: JobRef) -> tuple[store.JobRecord, store.Progress,
                                             builtins.list[store.Event],
