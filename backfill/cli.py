@@ -62,6 +62,8 @@ def explain_error(exc: BaseException) -> tuple[int, str] | None:
         return 1, f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}"
     if isinstance(exc, UnicodeDecodeError):
         return 2, f"input is not UTF-8 text (byte {exc.start}: {exc.reason})"
+    if isinstance(exc, UnicodeError):  # e.g. an argument with bytes that are not UTF-8
+        return 2, f"input is not valid text: {exc}"
     if isinstance(exc, ImportError):
         return 2, f"cannot import {exc.name or ''}: {exc}".replace(" : ", ": ")
     if isinstance(exc, OSError):
