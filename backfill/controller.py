@@ -91,7 +91,7 @@ class ControllerConfig:
     def from_file(cls, path: Path, **overrides: Any) -> ControllerConfig:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise InvalidOption(f"cannot read the controller config {path}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise InvalidOption(f"{path} is not valid TOML: {exc}") from exc

@@ -182,7 +182,9 @@ def test_the_real_entry_point_exits_2_with_one_line(db: str, tmp_path: Path) -> 
         (["--dsn", db, "exporter", "--finished-for", "nan"], None, "finite"),
         (["--dsn", db, "controller", "run", "--rows-per-s", "nan"], None, "--rows-per-s"),
         (["--dsn", db, "worker", "--concurrency", "-1"], None, "--concurrency"),
-        (["--dsn", db, "migrate", "plan", str(binary)], None, ""),
+        (["--dsn", db, "migrate", "plan", str(binary)], None, f"{binary} is not UTF-8 text"),
+        (["--dsn", db, "preflight", "1", "--config", str(binary)], None, str(binary)),
+        (["--dsn", db, "controller", "check", "--config", str(binary)], None, str(binary)),
     ]
     for args, stdin, says in cases:
         proc = _real(*args, stdin=stdin)
