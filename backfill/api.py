@@ -293,7 +293,8 @@ class Backfill:
     def _resolve(self, conn: Conn, ref: JobRef) -> store.JobRecord:
         if isinstance(ref, store.JobRecord):
             return store.get_job(conn, ref.id)
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isdigit()):
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isascii()
+                                    and ref.strip().isdigit()):  # not '²': a digit, not int
             return store.get_job(conn, int(ref))
         jobs = store.find_jobs_by_name(conn, ref)
         if not jobs:

@@ -51,7 +51,7 @@ def dispatch_(
     up to its parallelism. Sending a running job again replaces tasks that were lost. A job's
     first start runs the pre-flight checks; a failure pauses it with the reasons."""
     s = _settings(ctx)
-    if not job.isdigit():
+    if not (job.isascii() and job.isdigit()):
         _fail("dispatch takes a job id", 2)
     if skip_preflight:
         from backfill.cli import _client

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import typer.main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -71,7 +72,7 @@ def _values(files: dict[str, str]) -> st.SearchStrategy[str]:
     """Empty, NaN, negative, huge, wrong type, a missing file, a binary file, and text."""
     fixed = ["", " ", "nan", "NaN", "inf", "-inf", "-1", "-0", "0", "1", "1.5", "1e400",
              "99999999999999999999999", "-99999999999999999999", "9223372036854775808",
-             "abc", "1m30x", "%s", "%(lower)s", "' OR 1=1 --", "é", "\udcff", "-", "--",
+             "abc", "²", "٣", "1_000", "0x10", "1m30x", "%s", "%(lower)s", "' OR 1=1 --", "é", "\udcff", "-", "--",
              "a=b", "items", "items.missing", "x:y", "os:system", "no.such.module:f",
              MISSING, files["binary"], files["empty"], files["garbage"], files["dir"]]
     text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -114,6 +115,19 @@ def db(dsn: str) -> str:
     return dsn
 
 
+def _invoke(argv: list[str], **kwargs: Any) -> Any:
+    """Run the CLI in this process, then put logging back as it was: the CLI configures it
+    to write to the runner's stream, which is closed afterwards (later tests would fail)."""
+    configured, config = structlog.is_configured(), structlog.get_config()
+    try:
+        return CliRunner().invoke(cli.app, argv, **kwargs)
+    finally:
+        if configured:
+            structlog.configure(**config)
+        else:
+            structlog.reset_defaults()
+
+
 def _check(result: Any, argv: list[str]) -> None:
     output = result.output  # stdout and stderr
     assert "Traceback" not in output, (argv, output)
@@ -127,7 +141,6 @@ def _check(result: Any, argv: list[str]) -> None:
 def test_every_command_with_hostile_arguments(path: tuple[str, ...], cmd: Any, db: str,
                                               hostile_files: dict[str, str]) -> None:
     values = _values(hostile_files)
-    runner = CliRunner()
 
     @settings(max_examples=12, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -135,8 +148,8 @@ def test_every_command_with_hostile_arguments(path: tuple[str, ...], cmd: Any, d
     @given(st.data())
     def once(data: st.DataObject) -> None:
         argv = _argv(data.draw, path, cmd, values)
-        result = runner.invoke(cli.app, ["--dsn", db, *argv], input=b"\xff\xfe\x00binary",
-                               env={"BACKFILL_LOG_FORMAT": "json", "BACKFILL_ACTOR": "tester"})
+        result = _invoke(["--dsn", db, *argv], input=b"\xff\xfe\x00binary",
+                         env={"BACKFILL_LOG_FORMAT": "json", "BACKFILL_ACTOR": "tester"})
         _check(result, argv)
 
     once()
@@ -153,7 +166,7 @@ def test_every_command_with_hostile_arguments(path: tuple[str, ...], cmd: Any, d
 def test_global_options_with_hostile_values(option: str, value: str, command: list[str],
                                             db: str) -> None:
     argv = [*(["--dsn", db] if option != "--dsn" else []), option, value, *command]
-    result = CliRunner().invoke(cli.app, argv, env={"BACKFILL_LOG_FORMAT": "json"})
+    result = _invoke(argv, env={"BACKFILL_LOG_FORMAT": "json"})
     _check(result, argv)
 
 
