@@ -64,8 +64,8 @@ def explain_error(exc: BaseException) -> tuple[int, str] | None:
         return 2, f"input is not UTF-8 text (byte {exc.start}: {exc.reason})"
     if isinstance(exc, UnicodeError):  # e.g. an argument with bytes that are not UTF-8
         return 2, f"input is not valid text: {exc}"
-    if isinstance(exc, ImportError):
-        return 2, f"cannot import {exc.name or ''}: {exc}".replace(" : ", ": ")
+    if isinstance(exc, ImportError):  # modules users name are checked where they are named
+        return 1, f"cannot import {exc.name or 'a module'}: {exc} (is it installed?)"
     if isinstance(exc, OSError):
         if exc.filename is not None:
             return 2, f"cannot read {exc.filename}: {exc.strerror or exc}"
@@ -76,7 +76,7 @@ def explain_error(exc: BaseException) -> tuple[int, str] | None:
 class _Commands(TyperGroup):
     """The root command group: whatever a command raises ends as one line on stderr and an exit
     code, never a traceback. Expected errors (see :func:`explain_error`) exit 2 or 1; anything
-    else is a bug, reported as ``internal error`` (exit 1) with its traceback under
+    else is a bug, reported as ``internal error`` (exit 1), with its traceback under
     ``--log-level debug``."""
 
     def invoke(self, ctx: Any) -> Any:
@@ -88,11 +88,9 @@ class _Commands(TyperGroup):
             known = explain_error(exc)
             settings = ctx.obj
             debug = isinstance(settings, Settings) and settings.log_level.lower() == "debug"
-            if debug or known is None:
-                logs.get_logger().debug("cli.error", exc_info=True)
-            if debug:
-                err.print(traceback.format_exc(), markup=False, highlight=False)
             if known is None:
+                if debug:
+                    err.print(traceback.format_exc(), markup=False, highlight=False)
                 _fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
                       "`--log-level debug` shows the traceback)", 1)
             _fail(known[1], known[0])

@@ -72,7 +72,8 @@ def _values(files: dict[str, str]) -> st.SearchStrategy[str]:
     """Empty, NaN, negative, huge, wrong type, a missing file, a binary file, and text."""
     fixed = ["", " ", "nan", "NaN", "inf", "-inf", "-1", "-0", "0", "1", "1.5", "1e400",
              "99999999999999999999999", "-99999999999999999999", "9223372036854775808",
-             "abc", "²", "٣", "1_000", "0x10", "1m30x", "%s", "%(lower)s", "' OR 1=1 --", "é", "\udcff", "-", "--",
+             "abc", "²", "٣", "1_000", "0x10", "1m30x", "%s", "%(lower)s", "' OR 1=1 --",
+             "é", "\udcff", "-", "--",
              "a=b", "items", "items.missing", "x:y", "os:system", "no.such.module:f",
              MISSING, files["binary"], files["empty"], files["garbage"], files["dir"]]
     text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -210,3 +211,20 @@ def test_the_real_entry_point_exits_2_with_one_line(db: str, tmp_path: Path) -> 
     assert down.returncode == 1
     assert b"Traceback" not in down.stderr
     assert len(down.stderr.decode().strip().splitlines()) == 1
+
+
+def test_a_bug_is_one_line_that_says_so_and_debug_shows_its_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(Backfill, "page", bug)
+    argv = ["--dsn", "postgresql://nobody@127.0.0.1:1/none", "list"]
+    plain = _invoke(argv)
+    assert plain.exit_code == 1
+    assert plain.output.strip() == ("error: internal error: ZeroDivisionError: a bug (a bug; "
+                                    "`--log-level debug` shows the traceback)")
+    debug = _invoke([*argv[:2], "--log-level", "debug", *argv[2:]])
+    assert debug.exit_code == 1
+    assert "Traceback" in debug.output
+    assert "raise ZeroDivisionError" in debug.output
