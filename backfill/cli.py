@@ -730,6 +730,8 @@ def _more_text(page: store.JobPage) -> str:
 
 
 def _page_text(page: store.JobPage, include_all: bool) -> Any:
+    if not page.jobs and page.total:
+        return f"no jobs after the first {page.offset:,} ({page.total:,} in all)"
     if not page.jobs:
         return "no jobs" + ("" if include_all else " (active or failed; --all shows finished)")
     more = _more_text(page)
