@@ -443,7 +443,7 @@ def run(
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="Live progress bar (default: on a terminal).")] = True,
     takeover_after: Annotated[float, typer.Option(
-        "--takeover-after", parser=seconds_option(),
+        "--takeover-after", parser=seconds_option(), metavar="DURATION",
         help="Seconds after which a silent previous runner's job is taken over.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
     skip_preflight: Annotated[bool, typer.Option(
@@ -715,6 +715,9 @@ OptLimit = Annotated[int | None, typer.Option(
     "--limit", min=0, max=MAX_COUNT, show_default=False,
     help=f"Show at most N jobs, failed and active first (default {DEFAULT_LIMIT}; 0: all). "
     "With --json: a page, {jobs, total, by_state, limit, offset, next_offset}.")]
+OptWatchLimit = Annotated[int | None, typer.Option(
+    "--limit", min=0, max=MAX_COUNT, show_default=False,
+    help=f"Show at most N jobs, failed and active first (default {DEFAULT_LIMIT}; 0: all).")]
 OptOffset = Annotated[int, typer.Option(
     "--offset", min=0, max=MAX_COUNT, help="Skip the first N jobs (with --limit: the next page).")]
 
@@ -888,10 +891,10 @@ def status_(
 def watch(
     ctx: typer.Context,
     interval: Annotated[float, typer.Option(
-        "--interval", "-n", parser=seconds_option(minimum=0.1),
+        "--interval", "-n", parser=seconds_option(minimum=0.1), metavar="DURATION",
         help="Time between refreshes (2, 500ms).")] = 2.0,
     include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
-    limit: OptLimit = None,
+    limit: OptWatchLimit = None,
     count: Annotated[int, typer.Option("--count", min=0, max=MAX_COUNT,
                                        help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
     once: Annotated[bool, typer.Option("--once", help="Print the table once and exit (scripts).")] = False,

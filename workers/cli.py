@@ -67,7 +67,8 @@ def dispatch_(
 def reap_(
     ctx: typer.Context,
     every: Annotated[float, typer.Option(
-        "--every", parser=seconds_option(), help="Repeat every N seconds (0: once).")] = 0,
+        "--every", parser=seconds_option(), metavar="DURATION",
+        help="Repeat every N seconds (0: once).")] = 0,
 ) -> None:
     """One reaper pass by hand (every worker runs one on its own): start pending jobs marked
     for the workers, and re-send slices whose lease expired or whose task was lost."""
