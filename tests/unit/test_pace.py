@@ -115,3 +115,23 @@ def test_a_steady_job_over_its_last_minute() -> None:
     assert 55 < pace.eta_s < 65
     assert measure([], now=NOW, running_since=None, running=True, rows_left=5,
                    limits=Limits()).rows_per_s is None
+
+
+def test_the_run_progress_bar_eta_respects_the_rate_limit() -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from backfill.cli import _capped_rate
+    from backfill.options import JobOptions
+
+    job = SimpleNamespace(options=JobOptions(batch_size=1000, rate_limit=5), rate_share=None,
+                          batch_rate_share=None)
+    first: Any = SimpleNamespace(job=job, batch=SimpleNamespace(duration_ms=50.0),
+                                 batch_size=1000, rows_per_s=None)
+    assert _capped_rate(first) == 5  # before a second batch: the limit, not "unknown"
+    measured: Any = SimpleNamespace(**{**vars(first), "rows_per_s": 20_000.0})
+    assert _capped_rate(measured) == 5
+    free: Any = SimpleNamespace(**{**vars(first), "rows_per_s": 20_000.0,
+                                   "job": SimpleNamespace(**{**vars(job),
+                                                             "options": JobOptions()})})
+    assert _capped_rate(free) == 20_000
