@@ -296,7 +296,8 @@ class Backfill:
     def _resolve(self, conn: Conn, ref: JobRef) -> store.JobRecord:
         if isinstance(ref, store.JobRecord):
             return store.get_job(conn, ref.id)
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isdigit()):
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isascii()
+                                    and ref.strip().isdigit()):  # not '²': a digit, not int
             return store.get_job(conn, int(ref))
         jobs = store.find_jobs_by_name(conn, ref)
         if not jobs:
@@ -310,19 +311,29 @@ class Backfill:
         with self._conn() as conn:
             return self._resolve(conn, ref)
 
-    def list(self, *, include_finished: bool = False) -> builtins.list[store.JobRecord]:
+    def list(self, *, include_finished: bool = False, limit: int | None = None,
+             offset: int = 0) -> builtins.list[store.JobRecord]:
+        """Jobs, failed and active ones first (see :data:`store.LIST_ORDER`); all of them
+        unless ``limit``."""
         with self._conn() as conn:
-            return store.list_jobs(conn, include_finished=include_finished)
+            return store.list_jobs(conn, include_finished=include_finished, limit=limit,
+                                   offset=offset)
 
     def overview(
-        self, *, include_finished: bool = False
+        self, *, include_finished: bool = False, limit: int | None = None, offset: int = 0,
     ) -> builtins.list[tuple[store.JobRecord, store.Progress]]:
         """Jobs with their progress, read over one connection (for list and watch). A job
         throttled by a controller that is gone says so in its reason."""
+        return self.page(include_finished=include_finished, limit=limit, offset=offset).jobs
+
+    def page(self, *, include_finished: bool = False, limit: int | None = None,
+             offset: int = 0) -> store.JobPage:
+        """One page of jobs with their progress, and how many there are in all and per state."""
+        if (limit is not None and limit < 0) or offset < 0:
+            raise InvalidInput("limit and offset must not be negative")
         with self._conn() as conn:
-            jobs = store.with_unwatched_notes(
-                conn, store.list_jobs(conn, include_finished=include_finished))
-            return [(j, store.progress(conn, j.id)) for j in jobs]
+            return store.job_page(conn, include_finished=include_finished, limit=limit,
+                                  offset=offset)
 
     def inspect(self, ref: JobRef) -> tuple[store.JobRecord, store.Progress,
                                             builtins.list[store.Event],

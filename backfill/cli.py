@@ -9,13 +9,16 @@ job is paused or throttled (by an operator or the controller), or its canary awa
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import importlib
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -32,8 +35,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
-from backfill import logs, store
+from backfill import logs, pace, store
 from backfill.api import Backfill, default_actor
 from backfill.db import connect, describe, redact_text
 from backfill.durations import format_duration, parse_duration_ms
@@ -46,8 +50,56 @@ from backfill.sqltext import identifier, identifier_list
 from backfill.states import JobState
 from backfill.throttle import eta_seconds
 
+
+def explain_error(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and the one line a user sees for an error we expect to meet (bad input, an
+    unreadable file, an unreachable database), or ``None`` for one we did not expect (a bug).
+
+    2: the input must be fixed (nothing was written); 1: an operational failure."""
+    if isinstance(exc, BackfillError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, psycopg.Error):
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return 1, f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}"
+    if isinstance(exc, UnicodeDecodeError):
+        return 2, f"input is not UTF-8 text (byte {exc.start}: {exc.reason})"
+    if isinstance(exc, UnicodeError):  # e.g. an argument with bytes that are not UTF-8
+        return 2, f"input is not valid text: {exc}"
+    if isinstance(exc, ImportError):  # modules users name are checked where they are named
+        return 1, f"cannot import {exc.name or 'a module'}: {exc} (is it installed?)"
+    if isinstance(exc, OSError):
+        if exc.filename is not None:
+            return 2, f"cannot read {exc.filename}: {exc.strerror or exc}"
+        return 1, f"{exc.strerror or exc}"
+    return None
+
+
+class _Commands(TyperGroup):
+    """The root command group: whatever a command raises ends as one line on stderr and an exit
+    code, never a traceback. Expected errors (see :func:`explain_error`) exit 2 or 1; anything
+    else is a bug, reported as ``internal error`` (exit 1), with its traceback under
+    ``--log-level debug``."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the one place errors become exit codes
+            known = explain_error(exc)
+            settings = ctx.obj
+            debug = isinstance(settings, Settings) and settings.log_level.lower() == "debug"
+            if known is None:
+                if debug:
+                    err.print(traceback.format_exc(), markup=False, highlight=False)
+                _fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
+                      "`--log-level debug` shows the traceback)", 1)
+            _fail(known[1], known[0])
+
+
 app = typer.Typer(
     name="backfill",
+    cls=_Commands,
     help="Run large PostgreSQL backfills and data moves safely: keyset batches, checkpoints "
     "in the batch's transaction, live pause/resume/tune.",
     no_args_is_help=True,
@@ -66,6 +118,36 @@ T = TypeVar("T")
 
 EXIT_PAUSED = 3
 EXIT_INTERRUPTED = 130
+
+#: The largest count an option takes (PostgreSQL's int): beyond it a value is a typo.
+MAX_COUNT = 2**31 - 1
+
+
+def seconds_option(minimum: float = 0.0) -> Callable[[str], float]:
+    """A parser for a duration option in seconds (``2``, ``500ms``, ``1m30s``): finite, not
+    negative, at least ``minimum`` and at most a year (a sleep that long is a typo)."""
+
+    def parse(value: str) -> float:
+        try:
+            seconds = parse_duration_ms(str(value), option="value") / 1000.0
+        except InvalidInput as exc:
+            raise typer.BadParameter(str(exc).removeprefix("value: ")) from None
+        if not minimum <= seconds <= 366 * 86400:
+            raise typer.BadParameter(f"{value!r} is not between {minimum:g}s and a year")
+        return seconds
+
+    return parse
+
+
+def positive_number(value: str) -> float:
+    """A parser for a finite number above zero (a rate, a budget)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise typer.BadParameter(f"{value!r} is not a finite number above 0")
+    return number
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -91,11 +173,10 @@ def _fail(message: str, code: int) -> NoReturn:
 def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except BackfillError as exc:
-        _fail(str(exc), exc.exit_code)
-    except psycopg.Error as exc:  # unexpected, but still one line and no traceback
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        _fail(f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}", 1)
+    except (BackfillError, psycopg.Error) as exc:
+        known = explain_error(exc)
+        assert known is not None
+        _fail(known[1], known[0])
 
 
 @app.callback()
@@ -372,8 +453,8 @@ def run(
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="Live progress bar (default: on a terminal).")] = True,
     takeover_after: Annotated[float, typer.Option(
-        "--takeover-after", help="Seconds after which a silent previous runner's job is "
-        "taken over.")] = 30.0,
+        "--takeover-after", parser=seconds_option(), metavar="DURATION",
+        help="Seconds after which a silent previous runner's job is taken over.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
     skip_preflight: Annotated[bool, typer.Option(
         "--skip-preflight", help="Start without the pre-flight checks (recorded as an "
@@ -479,7 +560,7 @@ class _ProgressView:
         total = t.job.rows_estimate or None
         if total is not None and t.rows_scanned > total:
             total = t.rows_scanned
-        eta = eta_seconds(t.rows_scanned, total, t.rows_per_s)
+        eta = eta_seconds(t.rows_scanned, total, _capped_rate(t))
         fields: dict[str, Any] = {
             "rows": f"{t.rows_scanned:,}/{total:,}" if total else f"{t.rows_scanned:,}",
             "rate": f"{t.rows_per_s:,.0f} rows/s" if t.rows_per_s else "- rows/s",
@@ -501,6 +582,19 @@ class _ProgressView:
                           rows_done=t.rows_scanned, rows_total=total,
                           rows_per_s=round(t.rows_per_s or 0), batch_size=t.batch_size,
                           eta_s=round(eta) if eta is not None else None)
+
+
+def _capped_rate(t: Tick) -> float | None:
+    """The run's measured rows/s, within what the job's limits allow (before the second batch,
+    only the limits say how fast a `--rate 5` job goes)."""
+    opts = t.job.options
+    cap, _ = pace.ceiling(pace.Limits(
+        rate_limit=opts.rate_limit, rows_share=t.job.rate_share,
+        batches_share=t.job.batch_rate_share, pause_s=opts.pause_ms / 1000,
+        batch_size=t.batch_size), None, (t.batch.duration_ms / 1000) if t.batch else 0.0)
+    if t.rows_per_s is None:
+        return cap
+    return min(t.rows_per_s, cap) if cap is not None else t.rows_per_s
 
 
 def _report_run(bf: Backfill, job: store.JobRecord, interrupted: bool) -> None:
@@ -548,13 +642,27 @@ def _job_json(job: store.JobRecord, prog: store.Progress | None = None) -> dict[
         "last_error": job.last_error, "error_range": job.error_range,
     }
     if prog is not None:
-        eta = eta_seconds(prog.rows_scanned, job.rows_estimate, prog.recent_rows_per_s) if (
-            job.state == JobState.RUNNING) else None
         data.update({"rows_done": prog.rows_scanned, "rows_changed": prog.rows_affected,
                      "batches": prog.batches, "rows_per_s": prog.recent_rows_per_s,
-                     "batch_size": prog.current_batch_size, "eta_s": eta,
-                     "last_batch_at": prog.last_batch_at})
+                     "batch_size": prog.current_batch_size, "eta_s": prog.eta_s,
+                     "last_batch_at": prog.last_batch_at, "stalled_since": prog.stalled_since,
+                     "expected_interval_s": prog.expected_interval_s})
     return data
+
+
+def _clock(at: dt.datetime) -> str:
+    """A moment in this machine's local time: HH:MM today, with the date otherwise."""
+    local = at.astimezone()
+    return f"{local:%H:%M}" if local.date() == dt.datetime.now().astimezone().date() \
+        else f"{local:%Y-%m-%d %H:%M}"
+
+
+def _stalled_text(prog: store.Progress) -> str:
+    """``stalled since 12:03`` for a running job with no batch for longer than expected."""
+    if prog.stalled_since is None:
+        return ""
+    quiet = (dt.datetime.now(dt.UTC) - prog.stalled_since).total_seconds()
+    return f"stalled since {_clock(prog.stalled_since)} (no batch for {format_duration(quiet)})"
 
 
 _STATE_STYLE = {
@@ -598,14 +706,49 @@ def _jobs_table(rows: list[tuple[store.JobRecord, store.Progress]]) -> Table:
         if job.state == JobState.SUCCEEDED:
             fraction = 1.0
         pct = f"{100 * fraction:.1f}%" if fraction is not None else "-"
-        rate = prog.recent_rows_per_s if job.state == JobState.RUNNING else None
-        eta = eta_seconds(prog.rows_scanned, total, rate)
+        rate = prog.recent_rows_per_s
+        stalled = _stalled_text(prog)
+        reason = "; ".join(x for x in (stalled, job.state_reason or "") if x)
         t.add_row(str(job.id), job.name, job.table,
                   f"[{_STATE_STYLE.get(str(job.state), '')}]{job.state}[/]",
-                  _bar(fraction), f"{prog.rows_scanned:,} ({pct})", f"{rate:,.0f}" if rate else "-",
+                  _bar(fraction), f"{prog.rows_scanned:,} ({pct})",
+                  f"{rate:,.0f}" if rate is not None else "-",
                   f"{prog.current_batch_size:,}" if prog.current_batch_size else "-",
-                  format_duration(eta), escape(job.state_reason or ""))
+                  format_duration(prog.eta_s),
+                  (f"[bold red]{escape(reason)}[/]" if stalled else escape(reason)))
     return t
+
+
+#: Jobs `list` and `watch` show unless told otherwise.
+DEFAULT_LIMIT = 50
+OptLimit = Annotated[int | None, typer.Option(
+    "--limit", min=0, max=MAX_COUNT, show_default=False,
+    help=f"Show at most N jobs, failed and active first (default {DEFAULT_LIMIT}; 0: all). "
+    "With --json: a page, {jobs, total, by_state, limit, offset, next_offset}.")]
+OptWatchLimit = Annotated[int | None, typer.Option(
+    "--limit", min=0, max=MAX_COUNT, show_default=False,
+    help=f"Show at most N jobs, failed and active first (default {DEFAULT_LIMIT}; 0: all).")]
+OptOffset = Annotated[int, typer.Option(
+    "--offset", min=0, max=MAX_COUNT, help="Skip the first N jobs (with --limit: the next page).")]
+
+
+def _more_text(page: store.JobPage) -> str:
+    """The line under a page that hides jobs: how many, in which states, how to see them."""
+    if not page.more:
+        return ""
+    states = ", ".join(f"{page.by_state[st]:,} {st}" for st in store.LIST_ORDER
+                       if page.by_state.get(st))
+    return (f"... and {page.more:,} more ({page.total:,} jobs: {states}); "
+            "--limit N shows more, --limit 0 all")
+
+
+def _page_text(page: store.JobPage, include_all: bool) -> Any:
+    if not page.jobs and page.total:
+        return f"no jobs after the first {page.offset:,} ({page.total:,} in all)"
+    if not page.jobs:
+        return "no jobs" + ("" if include_all else " (active or failed; --all shows finished)")
+    more = _more_text(page)
+    return Group(_jobs_table(page.jobs), more) if more else _jobs_table(page.jobs)
 
 
 @app.command("list")
@@ -613,9 +756,14 @@ def list_(
     ctx: typer.Context,
     include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
     defined: Annotated[bool, typer.Option("--defined", help="List defined jobs instead.")] = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Every job as a JSON array (a page with --limit or --offset).")] = False,
+    limit: OptLimit = None,
+    offset: OptOffset = 0,
 ) -> None:
-    """List jobs (active and failed by default), or the defined jobs with --defined."""
+    """List jobs (active and failed by default, --all: finished too), failed and active first,
+    at most --limit of them (50) with a line saying how many more; or the defined jobs with
+    --defined."""
     s = ctx.obj if isinstance(ctx.obj, Settings) else None
     if defined:
         from backfill import registry
@@ -633,14 +781,20 @@ def list_(
         out.print(t)
         return
     bf = _client(ctx)
-    rows = _guard(lambda: bf.overview(include_finished=include_all))
-    if as_json:
+    paged = limit is not None or offset > 0
+    if as_json and not paged:  # complete: every job
+        rows = _guard(lambda: bf.overview(include_finished=include_all))
         out.print_json(json.dumps([_job_json(j, p) for j, p in rows], default=str))
         return
-    if not rows:
-        out.print("no jobs" + ("" if include_all else " (active or failed; --all shows finished)"))
+    size = DEFAULT_LIMIT if limit is None else limit or None
+    page = _guard(lambda: bf.page(include_finished=include_all, limit=size, offset=offset))
+    if as_json:  # explicitly paginated
+        out.print_json(json.dumps({
+            "jobs": [_job_json(j, p) for j, p in page.jobs], "total": page.total,
+            "by_state": page.by_state, "limit": page.limit, "offset": page.offset,
+            "next_offset": page.next_offset}, default=str))
         return
-    out.print(_jobs_table(rows))
+    out.print(_page_text(page, include_all))
 
 
 def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
@@ -662,7 +816,8 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         out.print_json(json.dumps(data, default=str))
         return
     d = _job_json(rec, prog)
-    rate_text = f"{d['rows_per_s']:,.0f} rows/s" if d["rows_per_s"] else "-"
+    rate_text = f"{d['rows_per_s']:,.0f} rows/s" if d["rows_per_s"] is not None else "-"
+    stalled = _stalled_text(prog)
     style = _STATE_STYLE.get(str(rec.state), "")
     lines = [
         f"[bold]job {rec.id}[/]  {rec.name}",
@@ -672,7 +827,8 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         f"  progress  {prog.rows_scanned:,} of ~{rec.rows_estimate or 0:,} rows, "
         f"{prog.rows_affected:,} changed, {prog.batches:,} batches",
         f"  rate      {rate_text}"
-        f"  batch {prog.current_batch_size or '-'}  ETA {format_duration(d['eta_s'])}",
+        f"  batch {prog.current_batch_size or '-'}  ETA {format_duration(d['eta_s'])}"
+        + (f"  [bold red]{stalled}[/]" if stalled else ""),
         "  options   " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()),
         f"  created   {rec.created_at:%Y-%m-%d %H:%M:%S} by {rec.created_by}"
         + (f"; owner {rec.owner}" if rec.owner else ""),
@@ -724,7 +880,8 @@ def show(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument(help="Job id or name.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    events: Annotated[int, typer.Option("--events", help="Show the last N events (0: all).")] = 0,
+    events: Annotated[int, typer.Option("--events", min=0, max=MAX_COUNT,
+                                        help="Show the last N events (0: all).")] = 0,
 ) -> None:
     """Show one job: state, progress, options, slices and its event history."""
     _show(ctx, job, as_json, events)
@@ -735,7 +892,8 @@ def status_(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument(help="Job id or name.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    events: Annotated[int, typer.Option("--events", help="Show the last N events (0: all).")] = 0,
+    events: Annotated[int, typer.Option("--events", min=0, max=MAX_COUNT,
+                                        help="Show the last N events (0: all).")] = 0,
 ) -> None:
     """Same as `show`."""
     _show(ctx, job, as_json, events)
@@ -744,23 +902,32 @@ def status_(
 @app.command()
 def watch(
     ctx: typer.Context,
-    interval: Annotated[float, typer.Option("--interval", "-n", help="Seconds between refreshes.")] = 2.0,
+    interval: Annotated[float, typer.Option(
+        "--interval", "-n", parser=seconds_option(minimum=0.1), metavar="DURATION",
+        help="Time between refreshes (2, 500ms).")] = 2.0,
     include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
-    count: Annotated[int, typer.Option("--count", help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
+    limit: OptWatchLimit = None,
+    count: Annotated[int, typer.Option("--count", min=0, max=MAX_COUNT,
+                                       help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
     once: Annotated[bool, typer.Option("--once", help="Print the table once and exit (scripts).")] = False,
 ) -> None:
-    """A live table of jobs (state, progress, rows/s, ETA, throttle reason), refreshed every
+    """A live table of jobs (state, progress, rows/s, ETA, throttle reason or a stall), failed
+    and active first, at most --limit (50) with a line saying how many more, refreshed every
     --interval seconds in place, until Ctrl-C."""
     bf = _client(ctx)
+    size = DEFAULT_LIMIT if limit is None else limit or None
+
+    def page() -> Any:
+        return _page_text(_guard(lambda: bf.page(include_finished=include_all, limit=size)),
+                          include_all)
+
     if once:
-        rows = _guard(lambda: bf.overview(include_finished=include_all))
-        out.print(_jobs_table(rows) if rows else "no jobs")
+        out.print(page())
         return
 
     def render() -> Any:
-        rows = _guard(lambda: bf.overview(include_finished=include_all))
         header = f"backfill jobs on {describe(bf.dsn)}  ({time.strftime('%H:%M:%S')})"
-        return Group(header, _jobs_table(rows) if rows else "no jobs")
+        return Group(header, page())
 
     n = 0
     try:
@@ -858,13 +1025,12 @@ def tune(
 def verify(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument()],
-    chunk: Annotated[int, typer.Option("--chunk", help="Keys per checked range.")] = 50_000,
+    chunk: Annotated[int, typer.Option("--chunk", min=1, max=MAX_COUNT,
+                                       help="Keys per checked range.")] = 50_000,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Re-check every completed range: update jobs for rows where the SET is not true yet,
     copy jobs by count and checksum per range, move/delete jobs for rows left behind."""
-    if chunk <= 0:
-        _fail("--chunk must be a positive number of keys", 2)
     report = _guard(lambda: _client(ctx).verify(job, chunk=chunk))
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
@@ -898,12 +1064,13 @@ def _load_plugins() -> None:
 
 
 def main() -> None:
-    _load_plugins()
     try:
-        app()
-    except BackfillError as exc:  # a path that escaped _guard: still one line, no traceback
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(exc.exit_code)
+        _load_plugins()
+    except Exception as exc:  # a broken plugin: one line, not a traceback
+        known = explain_error(exc) or (1, f"cannot load the commands: {type(exc).__name__}: {exc}")
+        err.print(f"[bold red]error:[/] {escape(known[1])}", highlight=False)
+        sys.exit(known[0])
+    app()  # errors become one line and an exit code in _Commands.invoke
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ DEFAULT_LIMITS: dict[str, Limit] = {
 }
 #: How each limit is written in a config file: a duration, a size, or a plain number.
 _PARSERS: dict[str, Callable[[Any], float]] = {
-    "lock_waiters": float,
+    "lock_waiters": lambda v: _number(v, "lock_waiters"),
     "lock_wait": lambda v: parse_duration_ms(v, option="lock_wait") / 1000,
     "replica_lag": lambda v: parse_duration_ms(v, option="replica_lag") / 1000,
     "replica_lag_bytes": lambda v: parse_size(v, option="replica_lag_bytes"),
@@ -92,7 +92,7 @@ class ControllerConfig:
     def from_file(cls, path: Path, **overrides: Any) -> ControllerConfig:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise InvalidOption(f"cannot read the controller config {path}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise InvalidOption(f"{path} is not valid TOML: {exc}") from exc
@@ -175,8 +175,8 @@ def _number(value: Any, where: str) -> float:
         number = float(value)
     except ValueError:
         raise InvalidOption(f"{where}: expected a number, got {value!r}") from None
-    if number < 0:
-        raise InvalidOption(f"{where}: must not be negative")
+    if not math.isfinite(number) or number < 0:
+        raise InvalidOption(f"{where}: must be a finite number, not negative (got {value!r})")
     return number
 
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from backfill import cli as core_cli
 from backfill import store
-from backfill.cli import _fail, _guard, _settings, app, out
+from backfill.cli import _fail, _guard, _settings, app, out, positive_number
 from backfill.controller import Controller, ControllerConfig, default_actor
 from backfill.db import connect
 from backfill.durations import format_duration
@@ -43,9 +43,11 @@ WaitersOpt = Annotated[str | None, typer.Option("--max-lock-waiters", help="Sess
 XactOpt = Annotated[str | None, typer.Option("--max-long-transaction", help="e.g. 10m.")]
 SlotOpt = Annotated[str | None, typer.Option("--max-slot-retained", help="e.g. 10GB.")]
 RowsOpt = Annotated[float | None, typer.Option(
-    "--rows-per-s", help="Global budget of rows/s, shared by all running jobs.")]
+    "--rows-per-s", parser=positive_number,
+    help="Global budget of rows/s, shared by all running jobs.")]
 BatchesOpt = Annotated[float | None, typer.Option(
-    "--batches-per-s", help="Global budget of batches/s, shared by all running jobs.")]
+    "--batches-per-s", parser=positive_number,
+    help="Global budget of batches/s, shared by all running jobs.")]
 
 
 def _config(config: Path | None, replica: list[str] | None, poll: str | None, hold: str | None,

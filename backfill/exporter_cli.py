@@ -18,7 +18,8 @@ from backfill.schema import check_schema
 @app.command()
 def exporter(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option("--port", "-p", help="HTTP port for /metrics.")] = 9187,
+    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535,
+                                       help="HTTP port for /metrics.")] = 9187,
     addr: Annotated[str, typer.Option("--addr", help="Address to listen on.")] = "0.0.0.0",
     finished_for: Annotated[str, typer.Option(
         "--finished-for", help="Keep exporting succeeded and cancelled jobs this long.")] = "1h",

@@ -28,13 +28,17 @@ def lint(
         _fail(f"--format must be text or json, not {fmt!r}", 2)
     findings: list[Finding] = []
     for path in files:
-        if str(path) == "-":
-            text, name = typer.get_text_stream("stdin").read(), "<stdin>"
-        else:
-            try:
-                text, name = path.read_text(encoding="utf-8"), str(path)
-            except OSError as exc:
-                _fail(f"cannot read {path}: {exc.strerror or exc}", 2)
+        name = "<stdin>" if str(path) == "-" else str(path)
+        try:
+            data = (typer.get_binary_stream("stdin").read() if str(path) == "-"
+                    else path.read_bytes())
+            text = data.decode("utf-8")
+        except OSError as exc:
+            _fail(f"cannot read {name}: {exc.strerror or exc}", 2)
+        except UnicodeDecodeError as exc:
+            _fail(f"{name} is not UTF-8 text (byte {exc.start}: {exc.reason})", 2)
+        if "\x00" in text:
+            _fail(f"{name} is not SQL text (it holds NUL bytes)", 2)
         try:
             findings += lint_sql(text, name)
         except InvalidInput as exc:

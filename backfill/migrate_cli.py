@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from backfill.cli import _guard, _ProgressView, _settings, app, err, interruptible, out
+from backfill.cli import MAX_COUNT, _guard, _ProgressView, _settings, app, err, interruptible, out
 from backfill.durations import format_duration
 from backfill.migration import PHASES, MigrationFile, OpPlan, Step, load_file, ordered_steps
 from backfill.sqltext import qualified_name
@@ -286,7 +286,8 @@ def status(
     ref: Annotated[str | None, typer.Argument(
         help="Migration file or id (default: list every migration).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False,
-    events: Annotated[int, typer.Option("--events", help="How many recent events to show.")] = 10,
+    events: Annotated[int, typer.Option("--events", min=0, max=MAX_COUNT,
+                                        help="How many recent events to show.")] = 10,
 ) -> None:
     """Show a migration's state and each step (pending, running, done, failed) with its job's
     progress and the last error; without an argument, list the migrations."""

@@ -171,6 +171,9 @@ def load_file(path: str | Path) -> MigrationFile:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidInput(f"cannot read migration file {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"migration file {p} is not UTF-8 text (byte {exc.start}: "
+                           f"{exc.reason})") from None
     return parse(text, str(p))
 
 

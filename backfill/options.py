@@ -16,6 +16,12 @@ MAX_BATCH_SIZE = 10_000_000
 #: The most slices a job may be split into.
 MAX_PARALLELISM = 64
 
+#: The longest duration an option takes: PostgreSQL's timeouts are int milliseconds (~24 days).
+MAX_DURATION_MS = 2_147_483_647.0
+
+#: The most retries per batch (a larger value is a typo, and never ends).
+MAX_RETRIES = 10_000
+
 #: Options that ``tune`` may change on a live job (``parallelism`` only before it starts).
 TUNABLE = (
     "parallelism",
@@ -68,8 +74,13 @@ class JobOptions:
         if not 1 <= self.parallelism <= MAX_PARALLELISM:
             raise InvalidOption(
                 f"parallelism must be between 1 and {MAX_PARALLELISM}, got {self.parallelism}")
-        if self.max_retries < 0:
-            raise InvalidOption(f"max_retries must be >= 0, got {self.max_retries}")
+        if not 0 <= self.max_retries <= MAX_RETRIES:
+            raise InvalidOption(
+                f"max_retries must be between 0 and {MAX_RETRIES:,}, got {self.max_retries}")
+        for name in ("target_duration_ms", "pause_ms", "statement_timeout_ms", "lock_timeout_ms"):
+            if getattr(self, name) > MAX_DURATION_MS:
+                raise InvalidOption(f"{name.removesuffix('_ms')} must be at most "
+                                    f"{MAX_DURATION_MS / 86_400_000:.0f} days")
         if self.max_batch_size > MAX_BATCH_SIZE:
             raise InvalidOption(
                 f"max_batch_size ({self.max_batch_size}) is over the limit of {MAX_BATCH_SIZE:,} "

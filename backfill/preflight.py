@@ -66,7 +66,7 @@ class PreflightConfig:
             return cls()
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise InvalidOption(f"cannot read pre-flight config {path}: {exc}") from None
         return cls.from_mapping(data.get("preflight", data))
 

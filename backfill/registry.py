@@ -63,14 +63,23 @@ class Registry:
         return iter(sorted(self._defs.values(), key=lambda d: d.name))
 
 
-def load(module: str = "jobs") -> Registry:
-    """Import ``module`` and return its ``registry`` (an empty one if the module is absent)."""
+#: The module defined jobs are read from unless told otherwise; only its absence is no error.
+DEFAULT_MODULE = "jobs"
+
+
+def load(module: str = DEFAULT_MODULE) -> Registry:
+    """Import ``module`` and return its ``registry`` (an empty one if the default ``jobs`` module
+    is absent); raises :class:`InvalidInput` when another module cannot be imported."""
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return Registry()
-        raise
+        if exc.name == module == DEFAULT_MODULE:
+            return Registry()  # no jobs/ folder here: no defined jobs
+        raise InvalidInput(f"jobs module {module!r} cannot be imported: {exc} (--jobs-module or "
+                           "$BACKFILL_JOBS_MODULE names a module on the Python path)") from None
+    except Exception as exc:  # the user's module failed while importing
+        raise InvalidInput(f"jobs module {module!r} failed to import: "
+                           f"{type(exc).__name__}: {exc}") from None
     reg = getattr(mod, "registry", None)
     if not isinstance(reg, Registry):
         raise InvalidInput(f"module {module!r} has no `registry = Registry()`")

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from backfill.cli import _client, _guard, _send_to_workers, app, err, out, run
+from backfill.cli import _client, _fail, _guard, _send_to_workers, app, err, out, run
 from backfill.durations import format_duration, parse_duration_ms
 
 undo_app = typer.Typer(help="Undo logs: the old values kept by update, transform and delete "
@@ -74,9 +74,12 @@ def prune(
     """Drop old undo logs (default: of jobs that ended more than 7 days ago, the rollback
     window people keep). Logs of active jobs, and of jobs being reverted, are kept."""
     text = older_than.strip().lower()
-    days = text.endswith("d") and text[:-1].replace(".", "", 1).isdigit()
+    days = text.endswith("d") and text[:-1].replace(".", "", 1).isascii() \
+        and text[:-1].replace(".", "", 1).isdigit()
     seconds = float(text[:-1]) * 86400 if days else _guard(
         lambda: parse_duration_ms(older_than, option="--older-than")) / 1000.0
+    if not seconds < 1e12:  # a typo (or an overflow to inf), not an age
+        _fail(f"--older-than: {older_than!r} is too long", 2)
     gone = _guard(lambda: _client(ctx).prune_undo_logs(older_than_s=seconds, dry_run=dry_run))
     verb = "would drop" if dry_run else "dropped"
     for u in gone:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import errors as pgerrors
+from psycopg import pq
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -21,6 +22,7 @@ from backfill.catalog import Conn
 from backfill.errors import IllegalTransition, JobConflict, JobNotFound
 from backfill.logs import get_logger
 from backfill.options import JobOptions
+from backfill.pace import BatchSample, Limits, measure
 from backfill.spec import JobSpec
 from backfill.states import ACTIVE, TERMINAL, JobState, check_transition
 
@@ -123,6 +125,11 @@ class Event:
 
 @dataclass(frozen=True)
 class Progress:
+    """A job's totals, and for a running or throttled job its pace (see :mod:`backfill.pace`):
+    rows/s over a recent window of batches up to now, the ETA at that rate within the job's
+    limits (running jobs only), and since when it is stalled (running, no batch for longer
+    than expected)."""
+
     rows_scanned: int
     rows_affected: int
     batches: int
@@ -131,6 +138,30 @@ class Progress:
     last_batch_at: dt.datetime | None
     recent_rows_per_s: float | None
     current_batch_size: int | None
+    eta_s: float | None = None
+    stalled_since: dt.datetime | None = None
+    expected_interval_s: float | None = None
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of the job list: the jobs that need attention first (see :func:`list_jobs`),
+    with how many there are in all and per state."""
+
+    jobs: list[tuple[JobRecord, Progress]]
+    total: int
+    by_state: dict[str, int]
+    limit: int | None
+    offset: int
+
+    @property
+    def more(self) -> int:
+        """Jobs after this page."""
+        return max(0, self.total - self.offset - len(self.jobs))
+
+    @property
+    def next_offset(self) -> int | None:
+        return self.offset + len(self.jobs) if self.more else None
 
 
 _JOB_COLUMNS = (
@@ -279,13 +310,48 @@ def find_jobs_by_name(conn: Conn, name: str) -> list[JobRecord]:
     return [_job(r) for r in rows]
 
 
-def list_jobs(conn: Conn, *, include_finished: bool = False, limit: int = 200) -> list[JobRecord]:
-    where = "" if include_finished else "WHERE state <> ALL(ARRAY['succeeded', 'cancelled'])"
+#: The order jobs are listed in: those that need an operator, then those at work, then those
+#: waiting, then finished ones; newest first within each.
+LIST_ORDER = ("failed", "awaiting_approval", "running", "throttled", "paused", "pending",
+              "succeeded", "cancelled")
+_FINISHED_FILTER = "WHERE state <> ALL(ARRAY['succeeded', 'cancelled'])"
+
+
+def list_jobs(conn: Conn, *, include_finished: bool = False, limit: int | None = None,
+              offset: int = 0) -> list[JobRecord]:
+    """Jobs in :data:`LIST_ORDER` (failed and active before finished ones), all of them
+    unless ``limit``."""
+    where = "" if include_finished else _FINISHED_FILTER
     rows = conn.cursor(row_factory=dict_row).execute(
-        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs {where} ORDER BY id DESC LIMIT %s",  # noqa: S608
-        (limit,),
+        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs {where} "  # noqa: S608 - constant fragments
+        "ORDER BY array_position(%s::text[], state::text), id DESC LIMIT %s OFFSET %s",
+        (list(LIST_ORDER), limit, offset),
     ).fetchall()
     return [_job(r) for r in rows]
+
+
+def count_jobs(conn: Conn, *, include_finished: bool = False) -> dict[str, int]:
+    """How many jobs are in each state (finished ones only with ``include_finished``)."""
+    where = "" if include_finished else _FINISHED_FILTER
+    rows = conn.execute(
+        f"SELECT state::text, count(*) FROM backfill.jobs {where} GROUP BY state"  # noqa: S608
+    ).fetchall()
+    return {str(state): int(n) for state, n in rows}
+
+
+def job_page(conn: Conn, *, include_finished: bool = False, limit: int | None = None,
+             offset: int = 0) -> JobPage:
+    """One page of jobs with their progress, and the counts of all of them (one snapshot)."""
+    with conn.transaction():
+        if conn.info.transaction_status == pq.TransactionStatus.INTRANS and conn.autocommit:
+            # our own transaction: one snapshot, so the counts match the page
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        jobs = with_unwatched_notes(conn, list_jobs(conn, include_finished=include_finished,
+                                                    limit=limit, offset=offset))
+        counts = count_jobs(conn, include_finished=include_finished)
+        progs = progress_of(conn, jobs)
+    return JobPage(jobs=[(j, progs[j.id]) for j in jobs], total=sum(counts.values()),
+                   by_state=counts, limit=limit, offset=offset)
 
 
 def add_event(
@@ -971,21 +1037,86 @@ def recent_rate(conn: Conn, job_id: int, batches: int = 20) -> tuple[dt.datetime
     return recent[0], None
 
 
+#: Batches read per running job to measure its pace (the rest are pruned anyway).
+_PACE_BATCHES = 200
+
+
 def progress(conn: Conn, job_id: int) -> Progress:
-    row = conn.execute(
-        """SELECT coalesce(sum(rows_scanned), 0), coalesce(sum(rows_affected), 0),
+    """A job's totals and pace (raises :class:`JobNotFound` for an unknown id)."""
+    return progress_of(conn, [get_job(conn, job_id)])[job_id]
+
+
+def progress_of(conn: Conn, jobs: list[JobRecord]) -> dict[int, Progress]:
+    """Totals and pace of several jobs, in three queries whatever their number."""
+    if not jobs:
+        return {}
+    ids = [j.id for j in jobs]
+    totals = {int(r[0]): r for r in conn.execute(
+        """SELECT job_id, coalesce(sum(rows_scanned), 0), coalesce(sum(rows_affected), 0),
                   coalesce(sum(batches), 0), count(*), count(*) FILTER (WHERE done),
                   max(batch_size) FILTER (WHERE NOT done)
-           FROM backfill.slices WHERE job_id = %s""",
-        (job_id,),
-    ).fetchone()
-    assert row is not None
-    last_at, rate = recent_rate(conn, job_id)
-    return Progress(
-        rows_scanned=int(row[0]), rows_affected=int(row[1]), batches=int(row[2]),
-        slices=int(row[3]), slices_done=int(row[4]), last_batch_at=last_at,
-        recent_rows_per_s=rate, current_batch_size=int(row[5]) if row[5] is not None else None,
-    )
+           FROM backfill.slices WHERE job_id = ANY(%s) GROUP BY job_id""", (ids,)).fetchall()}
+    live = [j.id for j in jobs if j.state in (JobState.RUNNING, JobState.THROTTLED)]
+    samples: dict[int, list[BatchSample]] = {i: [] for i in live}
+    last_at: dict[int, dt.datetime] = {}
+    since: dict[int, dt.datetime | None] = {}
+    now_row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert now_row is not None
+    now: dt.datetime = now_row[0]
+    # Running jobs: their recent batches, and when they last started running (a resume or a
+    # retry starts a new window; the controller's throttle and release do not).
+    for job_id, finished_at, duration_ms, rows, started in conn.execute(
+        """SELECT j.id, b.finished_at, b.duration_ms, b.rows_scanned, r.at
+           FROM unnest(%s::bigint[]) AS j(id)
+           LEFT JOIN LATERAL (
+               SELECT max(at) AS at FROM backfill.events e
+               WHERE e.job_id = j.id AND e.to_state = 'running'
+                 AND e.from_state IS DISTINCT FROM 'throttled') r ON true
+           LEFT JOIN LATERAL (
+               SELECT finished_at, duration_ms, rows_scanned FROM backfill.batches b
+               WHERE b.job_id = j.id ORDER BY b.id DESC LIMIT %s) b ON true""",
+        (live, _PACE_BATCHES)).fetchall():
+        since[job_id] = started
+        if finished_at is not None:
+            samples[job_id].append(BatchSample(finished_at, float(duration_ms) / 1000.0,
+                                               int(rows)))
+    for job_id, at in conn.execute(
+        """SELECT j.id, (SELECT finished_at FROM backfill.batches b WHERE b.job_id = j.id
+                         ORDER BY b.id DESC LIMIT 1)
+           FROM unnest(%s::bigint[]) AS j(id)""",
+            ([i for i in ids if i not in samples],)).fetchall():
+        if at is not None:
+            last_at[job_id] = at
+    result: dict[int, Progress] = {}
+    for job in jobs:
+        row = totals.get(job.id)
+        scanned = int(row[1]) if row else 0
+        size = int(row[6]) if row and row[6] is not None else None
+        batches = samples.get(job.id)
+        rate = eta = stalled = expected = None
+        if batches is not None:
+            batches.sort(key=lambda b: b.finished_at, reverse=True)
+            if batches:
+                last_at[job.id] = batches[0].finished_at
+            opts = job.options
+            pace = measure(
+                batches, now=now, running_since=since.get(job.id) or job.started_at,
+                running=job.state == JobState.RUNNING,
+                rows_left=(max(0, job.rows_estimate - scanned)
+                           if job.rows_estimate is not None else None),
+                limits=Limits(rate_limit=opts.rate_limit, rows_share=job.rate_share,
+                              batches_share=job.batch_rate_share, pause_s=opts.pause_ms / 1000,
+                              chains=opts.parallelism if job.runs_on == "workers" else 1,
+                              batch_size=size or opts.batch_size))
+            rate, eta, stalled, expected = (pace.rows_per_s, pace.eta_s, pace.stalled_since,
+                                            pace.expected_interval_s)
+        result[job.id] = Progress(
+            rows_scanned=scanned, rows_affected=int(row[2]) if row else 0,
+            batches=int(row[3]) if row else 0, slices=int(row[4]) if row else 0,
+            slices_done=int(row[5]) if row else 0, last_batch_at=last_at.get(job.id),
+            recent_rows_per_s=rate, current_batch_size=size, eta_s=eta, stalled_since=stalled,
+            expected_interval_s=expected)
+    return result
 
 
 # -- the controller ----------------------------------------------------------------------------

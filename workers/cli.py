@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from backfill import cli as core_cli
-from backfill.cli import _fail, _guard, _settings, app, out
+from backfill.cli import _fail, _guard, _settings, app, out, seconds_option
 from backfill.schema import check_schema
 from workers.app import app as celery_app
 from workers.tasks import check_broker_setup, dispatch, reap_once
@@ -23,7 +23,8 @@ core_cli.DISPATCH_HOOK = dispatch
 @app.command()
 def worker(
     ctx: typer.Context,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Task slots.")] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=1024,
+                                             help="Task slots.")] = 2,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Celery node name.")] = None,
 ) -> None:
     """Start a Celery worker for backfill tasks (checks the state schema first). Each worker
@@ -54,7 +55,7 @@ def dispatch_(
     up to its parallelism. Sending a running job again replaces tasks that were lost. A job's
     first start runs the pre-flight checks; a failure pauses it with the reasons."""
     s = _settings(ctx)
-    if not job.isdigit():
+    if not (job.isascii() and job.isdigit()):
         _fail("dispatch takes a job id", 2)
     if skip_preflight:
         from backfill.cli import _client
@@ -69,7 +70,9 @@ def dispatch_(
 @app.command("reap")
 def reap_(
     ctx: typer.Context,
-    every: Annotated[float, typer.Option("--every", help="Repeat every N seconds (0: once).")] = 0,
+    every: Annotated[float, typer.Option(
+        "--every", parser=seconds_option(), metavar="DURATION",
+        help="Repeat every N seconds (0: once).")] = 0,
 ) -> None:
     """One reaper pass by hand (every worker runs one on its own): start pending jobs marked
     for the workers, and re-send slices whose lease expired or whose task was lost."""
