@@ -46,7 +46,7 @@ from backfill.options import JobOptions
 from backfill.policy import kind_of
 from backfill.states import JobState
 from backfill.store import DURATION_BUCKETS_S
-from backfill.throttle import batch_interval_s, eta_seconds
+from backfill.throttle import batch_interval_s
 
 log = get_logger(component="exporter")
 
@@ -145,7 +145,7 @@ class _Snapshot:
     """What one read of the state store found (all the I/O of a scrape)."""
 
     jobs: list[Any]
-    rates: dict[int, float | None]
+    etas: dict[int, float | None]
     controller: Any
     queue: list[Any]
 
@@ -190,8 +190,11 @@ class StateCollector(Collector):
             conn = self._connection()
             jobs = conn.execute(_JOBS_SQL, {"finished_for": self.finished_for_s,
                                             "nbuckets": len(DURATION_BUCKETS_S) + 1}).fetchall()
-            rates = {r[0]: store.recent_rate(conn, r[0], batches=50)[1] for r in jobs
-                     if r[4] in (JobState.RUNNING, JobState.THROTTLED)}
+            # The ETA as `show` computes it (backfill.pace: a recent window up to now, within
+            # the job's rate limits), so the dashboard and the CLI agree.
+            live = store.get_jobs(conn, [r[0] for r in jobs
+                                         if r[4] in (JobState.RUNNING, JobState.THROTTLED)])
+            etas = {i: p.eta_s for i, p in store.progress_of(conn, live).items()}
             controller = conn.execute(_CONTROLLER_SQL).fetchone()
             queue = conn.execute(_QUEUE_SQL, {"finished_for": self.finished_for_s}).fetchall()
         except BaseException:
@@ -202,7 +205,7 @@ class StateCollector(Collector):
                 if conn_ is not None:
                     conn_.close()
             raise
-        return _Snapshot(jobs, rates, controller, queue)
+        return _Snapshot(jobs, etas, controller, queue)
 
     def _abandon(self) -> None:
         """Unblock a read stuck on the network: shut its socket down (the reader then fails
@@ -263,13 +266,13 @@ class StateCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        yield from self._jobs(snap.jobs, snap.rates)
+        yield from self._jobs(snap.jobs, snap.etas)
         yield from self._controller(snap.controller)
         yield from self._queue(snap.queue)
         took.add_metric([], time.perf_counter() - started)
         yield took
 
-    def _jobs(self, rows: list[Any], rates: dict[int, float | None]) -> Iterator[Metric]:
+    def _jobs(self, rows: list[Any], etas: dict[int, float | None]) -> Iterator[Metric]:
         info = GaugeMetricFamily("backfill_job_info", "A job: its kind, table and where it runs.",
                                  labels=[*JOB_LABELS, "kind", "table", "runs_on"])
         state = GaugeMetricFamily("backfill_job_state", "1 for the job's current state.",
@@ -351,7 +354,7 @@ class StateCollector(Collector):
                     cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
                 duration.add_metric(lab, cumulative, (sum_ms or 0) / 1000.0)
             if st in (JobState.RUNNING, JobState.THROTTLED):
-                left = eta_seconds(int(scanned), estimate, rates.get(job_id))
+                left = etas.get(job_id)
                 if left is not None:
                     eta.add_metric(lab, left)
         yield from (info, state, done, affected, total, batches, retries, failures, size,

@@ -302,6 +302,15 @@ def get_job(conn: Conn, job_id: int, *, for_update: bool = False) -> JobRecord:
     return _job(row)
 
 
+def get_jobs(conn: Conn, job_ids: list[int]) -> list[JobRecord]:
+    """The jobs with these ids (unknown ids left out), in id order, in one query."""
+    rows = conn.cursor(row_factory=dict_row).execute(
+        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE id = ANY(%s) ORDER BY id",  # noqa: S608
+        (job_ids,),
+    ).fetchall()
+    return [_job(r) for r in rows]
+
+
 def find_jobs_by_name(conn: Conn, name: str) -> list[JobRecord]:
     rows = conn.cursor(row_factory=dict_row).execute(
         f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE name = %s ORDER BY id DESC",  # noqa: S608
@@ -1016,25 +1025,6 @@ def prune_batches(conn: Conn, job_id: int, keep: int = 1000) -> int:
         {"job": job_id, "keep": keep},
     )
     return cur.rowcount
-
-
-def recent_rate(conn: Conn, job_id: int, batches: int = 20) -> tuple[dt.datetime | None,
-                                                                       float | None]:
-    """When the job's last batch finished, and its rows/s over its last ``batches`` batches
-    (from the first one's start to the last one's end)."""
-    recent = conn.execute(
-        """SELECT max(finished_at), sum(rows_scanned),
-                  extract(epoch FROM max(finished_at) - min(finished_at - duration_ms
-                          * interval '1 millisecond'))
-           FROM (SELECT finished_at, rows_scanned, duration_ms FROM backfill.batches
-                 WHERE job_id = %s ORDER BY id DESC LIMIT %s) b""",
-        (job_id, batches),
-    ).fetchone()
-    if not recent or recent[0] is None:
-        return None, None
-    if recent[2] and float(recent[2]) > 0:
-        return recent[0], float(recent[1]) / float(recent[2])
-    return recent[0], None
 
 
 #: Batches read per running job to measure its pace (the rest are pruned anyway).
