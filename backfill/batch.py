@@ -84,6 +84,7 @@ def run_batch(
         if prepared.spec.kind == "sql":
             first = keyset.first_key(conn, cursor, hi)
         affected = 0
+        wrote = prepared.remote or bool(scanned or first)
         if prepared.remote and prepared.spec.kind == "delete":
             affected = prepared.delete_remote(src, conn, cursor, hi)
         elif prepared.remote:
@@ -113,7 +114,7 @@ def run_batch(
         )
         if proof is not None:
             assert prepared.binding is not None
-            prepared.binding.check(proof.fetchone())   # raises: the batch rolls back
+            prepared.binding.check(proof.fetchone(), wrote=wrote)   # raises: rolls back
         if result is None:
             raise LeaseLost(
                 f"slice {slice_no} of job {job_id} is no longer at this cursor, its lease was "

@@ -24,7 +24,8 @@ from backfill.errors import TableChanged
 from backfill.sqltext import render_qualified
 
 #: One round trip, pipelined with the checkpoint: the oid each (schema, name) resolves to now
-#: (0: none), and the key columns' attribute numbers and types on the source's oid.
+#: (0: none), the key columns' attribute numbers and types on the source's oid, and which of
+#: the relations the batch must have written this backend holds a row-writing lock on.
 _PROOF = """
 SELECT ARRAY(SELECT coalesce(c.oid, 0)::bigint
              FROM unnest(%(nsp)s::text[], %(rel)s::text[]) WITH ORDINALITY AS b(nsp, rel, i)
@@ -40,7 +41,12 @@ SELECT ARRAY(SELECT coalesce(c.oid, 0)::bigint
              FROM unnest(%(key)s::text[]) WITH ORDINALITY AS k(name, i)
              LEFT JOIN pg_attribute a ON a.attrelid = %(src)s AND a.attname = k.name
                                      AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY k.i)
+             ORDER BY k.i),
+       ARRAY(SELECT DISTINCT l.relation::bigint FROM pg_locks l
+             WHERE l.pid = pg_backend_pid() AND l.granted AND l.locktype = 'relation'
+               AND l.relation = ANY (%(written)s::oid[])
+               AND l.mode IN ('RowShareLock', 'RowExclusiveLock', 'ShareRowExclusiveLock',
+                              'ExclusiveLock', 'AccessExclusiveLock'))
 """
 
 
@@ -50,6 +56,10 @@ class Relation:
     schema: str
     name: str
     oid: int
+    #: The batch's write writes (or row-locks) this relation: a batch that wrote holds a
+    #: row-writing lock on exactly this oid. Names alone cannot prove it: a schema renamed
+    #: and renamed back around a statement takes no lock on the tables inside it.
+    written: bool = False
 
     @property
     def display(self) -> str:
@@ -73,18 +83,20 @@ class Binding:
     def params(self) -> dict[str, Any]:
         return {"nsp": [r.schema for r in self.relations],
                 "rel": [r.name for r in self.relations],
-                "key": list(self.key), "src": self.source.oid}
+                "key": list(self.key), "src": self.source.oid,
+                "written": [r.oid for r in self.relations if r.written]}
 
     def send(self, conn: Conn) -> Any:
         """Send the proof (in a pipeline: queued, answered with what follows); the cursor's
         row goes to :meth:`check`."""
         return conn.execute(_PROOF, self.params())
 
-    def check(self, row: Any) -> None:
-        """Raise :class:`TableChanged` unless ``row`` (the proof's result) matches."""
+    def check(self, row: Any, *, wrote: bool = True) -> None:
+        """Raise :class:`TableChanged` unless ``row`` (the proof's result) matches; ``wrote``:
+        the batch ran its write, so it must hold a row-writing lock on each written relation."""
         if row is None:
             raise TableChanged("the binding proof returned nothing")
-        oids, attnums, typids = row
+        oids, attnums, typids, locked = row
         changes = []
         for rel, now in zip(self.relations, oids, strict=True):
             if int(now) == rel.oid:
@@ -100,15 +112,22 @@ class Binding:
             changes.append(f"the key ({', '.join(self.key)}) of {self.source.display} is no "
                            "longer the same columns of the same types (dropped, renamed or "
                            "altered)")
+        if not changes and wrote:
+            held = set(map(int, locked))
+            changes.extend(
+                f"the batch's write did not go to the {rel.role} table {rel.display} (oid "
+                f"{rel.oid}): its name led the statement to another relation (a schema or "
+                "table renamed meanwhile)"
+                for rel in self.relations if rel.written and rel.oid not in held)
         if changes:
             raise TableChanged(
                 "; ".join(changes) + ": this batch wrote nothing (rolled back); the job's "
                 "checkpoints belong to the table it was bound to. Cancel it and enqueue a "
                 "new job for the new table")
 
-    def prove(self, conn: Conn) -> None:
+    def prove(self, conn: Conn, *, wrote: bool = True) -> None:
         """Run the proof now, on ``conn`` (inside the transaction whose locks it relies on)."""
-        self.check(self.send(conn).fetchone())
+        self.check(self.send(conn).fetchone(), wrote=wrote)
 
 
 def bind(conn: Conn, relations: list[Relation], key: tuple[str, ...]) -> Binding:

@@ -115,6 +115,9 @@ class PreparedJob:
                 "(SELECT 1 FROM jsonb_array_elements(%s) AS e WHERE {pick})").format(
                     h=row_hash(self.copy_columns, "d"), d=_ident(self.dest), pick=pick),
                 (Jsonb(keys),)).fetchone()
+            if self.binding is not None:
+                # Before the source's rows go: the destination checked is the bound one.
+                self.binding.prove(conn, wrote=False)
             if there is None or (int(there[0]), there[1]) != (len(rows), total):
                 after = render_key(lo) if lo is not None else "the first key"
                 raise InvalidStatement(
@@ -608,7 +611,10 @@ def prepare_stored(conn: Conn, job: Any, *, explain: bool,
         assert prepared.binding is not None
         binding = dataclasses.replace(prepared.binding, relations=(
             *prepared.binding.relations,
-            Relation("undo log", "backfill", f"undo_{job.id}", int(found[0]))))
+            # update and delete batches always run the undo INSERT; a transform's only when
+            # a row changed
+            Relation("undo log", "backfill", f"undo_{job.id}", int(found[0]),
+                     written=job.spec.kind in ("update", "delete"))))
         prepared = dataclasses.replace(prepared, undo=undo, binding=binding)
     return prepared
 
@@ -703,10 +709,16 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
                 raise InvalidInput(f"transform may not write key column {name!r}")
         assert spec.function is not None
         fn = load_function(spec.function)
+    # Which relations a batch's write must have written (row-locked): the source of the kinds
+    # that change it in place (a move's too; a cross-database delete on the source side), the
+    # table a copy or revert writes. A sql job's statement may write anywhere: not proven.
     origin = Relation("undo log" if spec.kind == "revert" else "source", table.schema,
-                      table.name, table.oid)
+                      table.name, table.oid,
+                      written=spec.kind == "delete" if spec.source_dsn is not None
+                      else spec.kind in ("update", "delete", "transform", "move"))
     target = None if dest is None else Relation(
-        "reverted" if spec.kind == "revert" else "destination", dest.schema, dest.name, dest.oid)
+        "reverted" if spec.kind == "revert" else "destination", dest.schema, dest.name, dest.oid,
+        written=spec.kind in ("copy", "move", "revert"))
     if spec.source_dsn is not None:   # the source is in another database: proven there
         binding = bind(conn, [target] if target else [], ())
         source_binding: Binding | None = bind(read, [origin], key)

@@ -96,9 +96,7 @@ class JobSpec:
             )
         if not _STORED.get():
             self._check_sql_text()
-        if self.kind == "sql" and self.statement and not (
-            "%(upper" in self.statement and "%(lower" in self.statement
-        ):
+        if self.kind == "sql" and self.statement and not _uses_bounds(self.statement):
             raise InvalidInput(
                 "a sql job's statement must use the batch bounds, %(lower)s and %(upper)s (or "
                 "%(lower_<col>)s / %(upper_<col>)s per key column): without them every batch "
@@ -202,6 +200,17 @@ class JobSpec:
 
     def with_options(self, **changes: Any) -> JobSpec:
         return dataclasses.replace(self, options=self.options.merged(changes))
+
+
+def _uses_bounds(statement: str) -> bool:
+    """Whether a sql job's statement really uses a lower and an upper bound of the batch (as
+    parameters the parser sees: one in a comment or a string literal does not count)."""
+    try:
+        used = sqltext.parameters_used(statement, slot="sql statement")
+    except InvalidInput:
+        return True   # not parseable: the gate says why, with a better message
+    return (any(n == "lower" or n.startswith("lower_") for n in used)
+            and any(n == "upper" or n.startswith("upper_") for n in used))
 
 
 def canary_size(text: str, rows_estimate: int | None) -> int:

@@ -25,7 +25,7 @@ server refuses more than one statement in a query string.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, LiteralString, cast
 
 from pglast import keywords
@@ -254,10 +254,12 @@ def type_sql(text: str, *, slot: str = "type") -> sql.SQL:
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|%")
 
 
-def _placeholders_as_params(text: str, slot: str) -> str:
+def _placeholders_as_params(text: str, slot: str,
+                            names: dict[str, int] | None = None) -> str:
     """psycopg's ``%(name)s`` as ``$n`` (and ``%%`` as ``%``), so the parser reads the
-    statement as the server will; a lone ``%`` is refused (psycopg would reject it)."""
-    names: dict[str, int] = {}
+    statement as the server will; a lone ``%`` is refused (psycopg would reject it).
+    ``names`` collects the parameter number of each name."""
+    names = {} if names is None else names
 
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "%%":
@@ -277,12 +279,33 @@ def statement(text: str, *, allowed: Iterable[str], slot: str = "statement",
     text holds psycopg's ``%(name)s`` parameters."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidFragment(f"{slot}: expected a statement, got {text!r}")
-    parsed = _placeholders_as_params(text, slot) if placeholders else text
+    names: dict[str, int] = {}
+    parsed = _placeholders_as_params(text, slot, names) if placeholders else text
     stmts = _parse(parsed, slot, text)
     if len(stmts) != 1:
         raise _fail(slot, text, f"expected one statement, got {len(stmts)}")
     _statement_kind(stmts[0].stmt, tuple(allowed), slot, text)
     return text.strip()
+
+
+def parameters_used(text: str, *, slot: str = "statement") -> frozenset[str]:
+    """The ``%(name)s`` parameters a statement really uses: those the parser finds as
+    parameters, not those inside a comment or a string literal."""
+    names: dict[str, int] = {}
+    stmts = _parse(_placeholders_as_params(text, slot, names), slot, text)
+    numbers = {int(n.number) for n in _walk(stmts) if type(n).__name__ == "ParamRef"}
+    return frozenset(name for name, number in names.items() if number in numbers)
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    """Every pglast node under ``node`` (tuples and node fields, depth first)."""
+    if isinstance(node, tuple | list):
+        for item in node:
+            yield from _walk(item)
+    elif type(node).__module__ == "pglast.ast":
+        yield node
+        for attr in node.__slots__:
+            yield from _walk(getattr(node, attr, None))
 
 
 def _statement_kind(s: Any, allowed: tuple[str, ...], slot: str, text: str) -> None:

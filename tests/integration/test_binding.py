@@ -138,3 +138,51 @@ def test_source_recreated_mid_run_on_the_workers_gets_no_write(dsn: str,
              timeout=60, what="the job to end")
     _assert_failed_naming_the_change(bf, job.id)
     assert counter_histogram(dsn) == {0: 5_000}
+
+
+def test_a_write_that_went_to_another_table_is_caught_even_if_the_names_swap_back(
+        dsn: str) -> None:
+    """A schema renamed and renamed back around a batch's statement takes no lock on the
+    tables inside it: the name check alone would pass. The batch must hold a row-writing lock
+    on the bound oid itself. Here the renames happen inside the batch (a trigger on the
+    impostor table swaps the schemas back right after the write), deterministically."""
+    from backfill import store
+    from backfill.batch import run_batch
+    from backfill.errors import TableChanged
+    from backfill.keyset import KeyCodec
+    from backfill.kinds import prepare_stored
+    from tests.integration.helpers import sliced_and_running
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE SCHEMA s")
+        c.execute("CREATE TABLE s.t (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0)")
+        c.execute("INSERT INTO s.t (id) SELECT generate_series(1, 100)")
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("s.t", INC, batch_size=10, min_batch_size=10, max_batch_size=10))
+    conn = sliced_and_running(dsn, job.id)
+    prepared = prepare_stored(conn, store.get_job(conn, job.id), explain=False)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        # The impostor: s.t is now another table; after any write to it, the names go back.
+        c.execute("ALTER SCHEMA s RENAME TO s_bound")
+        c.execute("CREATE SCHEMA s")
+        c.execute("CREATE TABLE s.t (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0)")
+        c.execute("INSERT INTO s.t (id) SELECT generate_series(1, 100)")
+        c.execute("""CREATE FUNCTION s.swap_back() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN
+                       ALTER SCHEMA s RENAME TO s_impostor;
+                       ALTER SCHEMA s_bound RENAME TO s;
+                       RETURN NULL;
+                     END $$""")
+        c.execute("CREATE TRIGGER swap AFTER UPDATE ON s.t FOR EACH STATEMENT "
+                  "EXECUTE FUNCTION s.swap_back()")
+    codec = KeyCodec(prepared.key_types)
+    lease = store.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
+    assert lease is not None
+    with pytest.raises(TableChanged, match=r"did not go to the source table s\.t"):
+        run_batch(conn, prepared, job_id=job.id, slice_no=0, cursor=None,
+                  slice_upper=(100,), size=10, options=prepared.spec.options, codec=codec,
+                  lease_token=lease.token)
+    conn.close()
+    # Rolled back whole: the renames too, and neither table counted anything.
+    assert scalar(dsn, "SELECT count(*) FROM s_bound.t WHERE counter > 0") == 0
+    assert scalar(dsn, "SELECT count(*) FROM s.t WHERE counter > 0") == 0

@@ -245,3 +245,16 @@ def test_backslashes_are_read_with_standard_conforming_strings() -> None:
     assert sqltext.expression("note = '\\' OR true OR '\\'") == "note = '\\' OR true OR '\\'"
     with pytest.raises(InvalidFragment):
         sqltext.expression("note = '\\' ) OR (true")
+
+
+def test_a_sql_jobs_bounds_must_be_real_parameters() -> None:
+    """A bound inside a comment or a string literal is no bound: every batch would run over
+    the rest of the table."""
+    with pytest.raises(InvalidInput, match="must use the batch bounds"):
+        sql_job("t", "UPDATE t SET c = 1 WHERE id > %(lower)s -- %(upper)s")
+    with pytest.raises(InvalidInput, match="must use the batch bounds"):
+        sql_job("t", "UPDATE t SET c = '%(upper)s' WHERE id > %(lower)s")
+    assert sql_job("t", "UPDATE t SET c = '%%' WHERE id BETWEEN %(lower)s AND %(upper)s")
+    assert sqltext.parameters_used(
+        "UPDATE t SET c = 1 WHERE (a, b) > (%(lower_a)s, %(lower_b)s) AND a <= %(upper_a)s"
+    ) == {"lower_a", "lower_b", "upper_a"}
