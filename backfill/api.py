@@ -55,9 +55,21 @@ def _phase2_name(move_id: int) -> str:
     return f"move job {move_id}, phase 2: the source rows go"
 
 
-def _phase2(conn: Conn, move_id: int) -> store.JobRecord | None:
-    found = [j for j in store.find_jobs_by_name(conn, _phase2_name(move_id))
-             if j.state != S.CANCELLED]
+def _phase2(conn: Conn, move: store.JobRecord) -> store.JobRecord | None:
+    """The delete phase of a cross-database move, by the ``phase2`` event that recorded it on
+    the move (a job named alike proves nothing); not a cancelled one."""
+    row = conn.execute(
+        """SELECT (details ->> 'job_id')::bigint FROM backfill.events
+           WHERE job_id = %s AND kind = 'phase2' ORDER BY id DESC LIMIT 1""",
+        (move.id,)).fetchone()
+    if row is not None and row[0] is not None:
+        job = store.get_job(conn, int(row[0]))
+        return job if job.state != S.CANCELLED else None
+    # Moves whose delete phase was made before it was recorded: by name, and only a delete
+    # of the same source table from the same source.
+    found = [j for j in store.find_jobs_by_name(conn, _phase2_name(move.id))
+             if j.state != S.CANCELLED and j.kind == "delete"
+             and j.spec.source_dsn == move.spec.source_dsn and j.source_oid == move.source_oid]
     return found[0] if found else None
 
 
@@ -511,7 +523,8 @@ class Backfill:
                 if phase2 is None or phase2.state == S.SUCCEEDED:
                     return job   # nothing to delete (an empty range), or deleted already
                 done = self.run(phase2.id, stop=stop, on_tick=on_tick,
-                                takeover_after_s=takeover_after_s)
+                                takeover_after_s=takeover_after_s,
+                                skip_preflight=skip_preflight, preflight=preflight)
                 return job if done.state == S.SUCCEEDED else done
             if job.state != S.AWAITING_APPROVAL or job.spec.auto_approve_after_ms is None:
                 return job
@@ -522,13 +535,13 @@ class Backfill:
     def move_phase2(self, move: JobRef) -> store.JobRecord | None:
         """The second job of a cross-database move, once created (not a cancelled one)."""
         with self._conn() as conn:
-            return _phase2(conn, self._resolve(conn, move).id)
+            return _phase2(conn, self._resolve(conn, move))
 
     def _move_delete_phase(self, move: store.JobRecord) -> store.JobRecord | None:
         """The delete job of a cross-database move (created once): the source rows of the
         copied range, each batch deleted only if it matches the destination."""
         with self._conn() as conn:
-            existing = _phase2(conn, move.id)
+            existing = _phase2(conn, move)
             if existing is not None:
                 return existing
             slices = store.slices(conn, move.id)
@@ -542,14 +555,21 @@ class Backfill:
                 keys, sql.SQL(", ").join(map(sql.Literal, upper))).as_string(conn)
             where = f"({move.spec.where}) AND {bound}" if move.spec.where else bound
             spec = dataclasses.replace(
-                move.spec, kind="delete", table=f"{move.source_schema}.{move.source_table}",
+                move.spec, kind="delete",
+                table=sqltext.render_qualified(move.source_schema, move.source_table),
                 where=where, undo_log=False, name=_phase2_name(move.id), key=tuple(move.key_columns),
                 canary=None, auto_approve_after_ms=None)
-            job = create_job(conn, spec, actor=self.actor, workers=False)
-            store.add_event(conn, move.id, "info", actor=self.actor,
-                            reason=f"copy phase done; job {job.id} deletes the copied rows "
-                                   "from the source, range by range, each checked against "
-                                   "the destination first")
+            with conn.transaction():
+                job = create_job(conn, spec, actor=self.actor, workers=False)
+                if job.source_oid != move.source_oid:
+                    raise InvalidInput(
+                        f"move job {move.id}: its source table {job.table} was dropped and "
+                        "recreated since the copy; nothing is deleted there. Reconcile the "
+                        "two databases by hand")
+                store.add_event(conn, move.id, "phase2", actor=self.actor,
+                                reason=f"copy phase done; job {job.id} deletes the copied rows "
+                                       "from the source, range by range, each checked against "
+                                       "the destination first", details={"job_id": job.id})
             return job
 
     def _wait_auto_approval(self, job: store.JobRecord, stop: threading.Event | None) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from backfill import Backfill
+from backfill import Backfill, update
 from backfill.spec import JobSpec
 from tests.conftest import _create_db, _db_dsn, _drop_db
 from tests.integration.helpers import cli, kill_run_after, scalar
@@ -172,6 +172,33 @@ def test_a_move_whose_phase_2_was_not_created_resumes_with_run(dsn: str, source:
     r = cli(dsn, "run", str(move.id), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert bf.move_phase2(move.id) == bf.get(phase2.id)
+
+
+def test_a_move_of_a_quoted_table_finishes_and_a_lookalike_job_proves_nothing(
+        dsn: str, source: str) -> None:
+    """Phase 2 names the source as SQL reads it (a quoted name with a space and capitals), and
+    is found by the event that recorded it on the move, not by a job named alike."""
+    with psycopg.connect(source, autocommit=True) as c:
+        c.execute('CREATE TABLE "Sales Data" (id bigint PRIMARY KEY, v int)')
+        c.execute('INSERT INTO "Sales Data" SELECT i, i FROM generate_series(1, 500) i')
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute('CREATE TABLE "Sales Archive" (id bigint PRIMARY KEY, v int)')
+        c.execute("CREATE TABLE decoy (id bigint PRIMARY KEY, note text)")
+        c.execute("INSERT INTO decoy SELECT i FROM generate_series(1, 10) i")
+    bf = Backfill(dsn)
+    move = bf.enqueue(JobSpec("move", '"Sales Data"', dest='"Sales Archive"',
+                              source_dsn=source).with_options(batch_size=200))
+    # A job named like the move's second phase, done: it must not pass for it.
+    decoy = bf.enqueue(update("decoy", {"note": "'x'"},
+                              name=f"move job {move.id}, phase 2: the source rows go"))
+    assert bf.run(decoy.id, skip_preflight=True).state == "succeeded"
+    assert bf.run(move.id, skip_preflight=True).state == "succeeded"
+    assert scalar(source, 'SELECT count(*) FROM "Sales Data"') == 0
+    assert scalar(dsn, 'SELECT count(*) FROM "Sales Archive"') == 500
+    phase2 = bf.move_phase2(move.id)
+    assert phase2 is not None
+    assert phase2.id != decoy.id
+    assert phase2.state == "succeeded"
 
 
 def test_a_move_refuses_to_delete_rows_changed_since_the_copy(dsn: str, source: str) -> None:
