@@ -286,9 +286,46 @@ CREATE UNIQUE INDEX jobs_one_active_per_target ON backfill.jobs (conflict_key)
 MIGRATIONS += (
     Migration(
         9,
-        "jobs bind their destination table by oid, like their source",
+        "jobs bind their destination table by oid, like their source; conflict keys by oid",
         """
 ALTER TABLE backfill.jobs ADD COLUMN dest_oid oid;  -- copy, move, revert: the table written
+-- Conflict keys name tables by oid now (JSON: [["oid:N", [cols] | null], ...]); rewrite the
+-- old ones (schema.table(a,b);schema.u(*)) so jobs enqueued before the upgrade still conflict
+-- with new ones, and give old copies and moves their destination's oid (the first target).
+DO $upgrade$
+DECLARE
+    j record; part text; tbl text; cols text; nsp text; target text; first_oid oid;
+    found_oid oid; targets text[];
+BEGIN
+    FOR j IN SELECT id, kind, conflict_key FROM backfill.jobs
+             WHERE conflict_key NOT LIKE '[%' LOOP
+        targets := '{}';
+        first_oid := NULL;
+        FOREACH part IN ARRAY string_to_array(j.conflict_key, ';') LOOP
+            tbl := split_part(part, '(', 1);
+            cols := rtrim(substr(part, length(tbl) + 2), ')');
+            IF tbl LIKE 'remote:%' THEN
+                target := tbl;
+            ELSE
+                nsp := split_part(tbl, '.', 1);
+                found_oid := NULL;
+                SELECT c.oid INTO found_oid FROM pg_class c
+                    JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = nsp AND c.relname = substr(tbl, length(nsp) + 2);
+                target := coalesce('oid:' || found_oid, 'gone:' || tbl);
+                first_oid := coalesce(first_oid, found_oid);
+            END IF;
+            targets := targets || ('[' || to_json(target)::text || ',' ||
+                CASE WHEN cols = '*' THEN 'null' ELSE
+                    (SELECT '[' || string_agg(to_json(c)::text, ',' ORDER BY c COLLATE "C")
+                            || ']' FROM unnest(string_to_array(cols, ',')) AS c) END || ']');
+        END LOOP;
+        UPDATE backfill.jobs SET conflict_key = '[' || array_to_string(targets, ',') || ']',
+               dest_oid = CASE WHEN j.kind IN ('copy', 'move') THEN first_oid END
+         WHERE id = j.id;
+    END LOOP;
+END
+$upgrade$;
 """,
     ),
 )

@@ -377,6 +377,47 @@ def test_schema_upgrade_is_idempotent_and_safe_concurrently(bare_dsn: str) -> No
     assert scalar(bare_dsn, "SELECT count(*) FROM backfill.schema_version") == len(MIGRATIONS)
 
 
+def test_jobs_enqueued_before_the_upgrade_still_conflict_with_new_ones(bare_dsn: str) -> None:
+    """Schema version 9 names tables by oid in conflict keys: the keys of jobs stored under
+    version 8 (schema.table(cols)) are rewritten, so an old active job still refuses a new
+    one on the same table and columns; an old copy gets its destination's oid."""
+    from backfill.schema import MIGRATIONS
+
+    with psycopg.connect(bare_dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE items (id bigint PRIMARY KEY, val int, counter int)")
+        c.execute("CREATE TABLE items_copy (id bigint PRIMARY KEY, val int, counter int)")
+        c.execute("CREATE SCHEMA backfill")
+        c.execute("CREATE TABLE backfill.schema_version (version integer PRIMARY KEY, "
+                  "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in MIGRATIONS:
+            if m.version <= 8:
+                c.execute(m.sql.encode())
+                c.execute("INSERT INTO backfill.schema_version (version, description) "
+                          "VALUES (%s, %s)", (m.version, m.description))
+        oid = scalar(bare_dsn, "SELECT 'items'::regclass::oid")
+        for name, kind, key in (("old update", "update", "public.items(counter)"),
+                                ("old copy", "copy", "public.items_copy(*)")):
+            c.execute(
+                """INSERT INTO backfill.jobs (name, kind, source_schema, source_table, source_oid,
+                       key_columns, key_types, spec, options, conflict_key, created_by)
+                   VALUES (%s, %s, 'public', 'items', %s, '{id}', '{bigint}', '{}', '{}', %s,
+                           'old version')""", (name, kind, oid, key))
+    bf = Backfill(bare_dsn)
+    bf.upgrade()
+    keys = dict(psycopg.connect(bare_dsn, autocommit=True).execute(
+        "SELECT name, conflict_key FROM backfill.jobs").fetchall())
+    copy_oid = scalar(bare_dsn, "SELECT 'items_copy'::regclass::oid")
+    assert keys == {"old update": f'[["oid:{oid}",["counter"]]]',
+                    "old copy": f'[["oid:{copy_oid}",null]]'}
+    assert scalar(bare_dsn, "SELECT dest_oid FROM backfill.jobs WHERE name = 'old copy'") \
+        == copy_oid
+    with pytest.raises(JobConflict, match="old update"):
+        bf.enqueue(update("items", INC))
+    with pytest.raises(JobConflict, match="old copy"):
+        bf.enqueue(update("items_copy", {"val": "1"}))
+    assert bf.enqueue(update("items", {"val": "val"})).state == JobState.PENDING
+
+
 def test_refusals_found_in_review(dsn: str) -> None:
     from backfill import InvalidInput, move, sql_job
 
