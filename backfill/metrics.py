@@ -168,6 +168,7 @@ class StateCollector(Collector):
         self.timeout_s = timeout_s
         self.dispatch_stale_s = dispatch_stale_s
         self._conn: psycopg.Connection[Any] | None = None
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._reader: Future[_Snapshot] | None = None
         self._abandoned = False
@@ -179,11 +180,28 @@ class StateCollector(Collector):
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self.dsn, application_name="backfill exporter",
-                                 connect_timeout=max(2, math.ceil(self.timeout_s)))
-            self._conn.execute(sql.SQL("SET statement_timeout = {}").format(
+            self._close()
+            conn = connect(self.dsn, application_name="backfill exporter",
+                           connect_timeout=max(2, math.ceil(self.timeout_s)))
+            with self._lock:
+                # Our own duplicate of the connection's socket: a scrape that gives up on a
+                # stuck read shuts this one down, which no one else can close and reuse
+                # meanwhile (libpq may close its own descriptor on an error at any time).
+                self._conn = conn
+                self._sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            conn.execute(sql.SQL("SET statement_timeout = {}").format(
                 sql.Literal(f"{max(1, int(self.timeout_s * 1000))}ms")))
         return self._conn
+
+    def _close(self) -> None:
+        """Close the connection and the socket duplicate, under the lock."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        if conn is not None:
+            conn.close()
 
     def _read(self) -> _Snapshot:
         try:
@@ -198,12 +216,7 @@ class StateCollector(Collector):
             controller = conn.execute(_CONTROLLER_SQL).fetchone()
             queue = conn.execute(_QUEUE_SQL, {"finished_for": self.finished_for_s}).fetchall()
         except BaseException:
-            # Under the lock: a scrape abandoning this read must not shut down a socket whose
-            # descriptor was closed here and already reused.
-            with self._lock:
-                conn_, self._conn = self._conn, None
-                if conn_ is not None:
-                    conn_.close()
+            self._close()
             raise
         return _Snapshot(jobs, etas, controller, queue)
 
@@ -211,15 +224,9 @@ class StateCollector(Collector):
         """Unblock a read stuck on the network: shut its socket down (the reader then fails
         with a broken connection and closes it). Called from a scrape thread, holding the
         lock."""
-        conn = self._conn
-        if conn is None or conn.closed:
-            return
-        try:
-            fd = os.dup(conn.pgconn.socket)
-        except (OSError, psycopg.Error):
-            return
-        with socket.socket(fileno=fd) as sock, contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     def _snapshot(self) -> tuple[_Snapshot | None, str]:
         """This scrape's reading of the state store, or ``None`` and why not."""
