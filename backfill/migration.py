@@ -484,17 +484,28 @@ class _Op:
         """A validation: ``query`` returns one boolean, true when the phase did its work."""
         self.add(phase, description, "check", query, **kw)
 
-    def job(self, table: TableShape, description: str, spec: dict[str, Any]) -> None:
+    def job(self, table: TableShape, description: str, spec: dict[str, Any], *,
+            undo_log: bool = False) -> None:
+        """A backfill job. ``undo_log``: whether it keeps one by default. A fill of a column
+        the migration adds keeps none (the old values are all NULL, and rollback drops the
+        column); ``undo_log`` in the options (``[backfill]`` or the operation's) decides."""
         options = dict(self.mig.backfill)
         extra = self.get("backfill", {}) or {}
         if not isinstance(extra, dict):
             raise InvalidInput(f"{self.where()}: `backfill` must be a table of job options")
         options.update(extra)
+        if "undo_log" in options:
+            undo_log = options.pop("undo_log")
+            if not isinstance(undo_log, bool):
+                raise InvalidInput(f"{self.where()}: undo_log must be true or false, got "
+                                   f"{undo_log!r}")
         if not table.primary_key:
             raise InvalidInput(f"{self.where()}: {table.qualified} has no primary key; a "
                                "backfill walks the table by its key")
         spec = {"table": table.qualified, **spec,
                 "name": f"migration {self.mig.id} op {self.i + 1}: {description}"}
+        if spec.get("kind") in ("update", "transform", "delete"):
+            spec["undo_log"] = undo_log
         try:   # the options and the spec's shape, checked now rather than after the DDL
             JobSpec.from_json(spec).with_options(**options)
         except InvalidInput as exc:
@@ -1379,9 +1390,11 @@ class Backfill(_Op):
         spec: dict[str, Any] = {"kind": "update", "set": [[c, v] for c, v in raw.items()]}
         if where:
             spec["where"] = where
-        self.job(t, f"set {', '.join(raw)}", spec)
+        self.job(t, f"set {', '.join(raw)}", spec, undo_log=True)
         self.warnings.append("a backfill writes rows in place: rollback does not restore "
-                             "the old values")
+                             "the old values; its undo log (kept after complete and "
+                             "rollback, unless undo_log = false) lets `backfill revert JOB` "
+                             "restore them")
         return f"backfill {t.qualified}: set {', '.join(raw)}" + (f" where {where}" if where
                                                                    else "")
 

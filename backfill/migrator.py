@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from backfill import sqltext, store
-from backfill.api import Backfill, create_job
+from backfill.api import Backfill, create_job, undo_log_exists
 from backfill.catalog import Conn
 from backfill.db import connect, redact_text
 from backfill.durations import format_duration
@@ -49,6 +49,7 @@ from backfill.errors import (
     MigrationWaiting,
     PreflightFailed,
 )
+from backfill.kinds import undo_table
 from backfill.logs import get_logger
 from backfill.migration import (
     PHASES,
@@ -235,6 +236,7 @@ class Migrator:
                 rec = self._set_state(conn, rec.id, "completing", "gate passed; contract "
                                       "begins")
             self._run_phase(conn, rec, "complete")
+            self._drop_undo_logs(conn, rec, "complete")
             return self._set_state(conn, rec.id, "completed", "complete finished")
 
     def rollback(self, ref: str) -> MigrationRecord:
@@ -261,9 +263,36 @@ class Migrator:
                     self._event(conn, rec.id, "job", f"cancelled backfill job {job.id}",
                                 phase="rollback")
             self._run_phase(conn, rec, "rollback")
+            self._drop_undo_logs(conn, rec, "rollback")
             return self._set_state(conn, rec.id, "rolled_back", "rollback finished")
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _drop_undo_logs(self, conn: Conn, rec: MigrationRecord, phase: str) -> None:
+        """Drop the undo logs of the jobs that filled what the migration added (a new column,
+        a renamed or retyped copy): after complete or rollback nothing can use them, and they
+        are as large as the column. A ``backfill`` operation's log is kept: its old values are
+        the application's data, and ``backfill revert`` can still restore them."""
+        ops = rec.definition.get("operations") or []
+        for s in _steps(conn, rec.id, "start"):
+            if s.job_id is None or not undo_log_exists(conn, s.job_id):
+                continue
+            if s.step.op < len(ops) and ops[s.step.op].get("op") == "backfill":
+                continue
+            with conn.transaction():
+                # The job's row lock, as revert and prune take it.
+                conn.execute("SELECT 1 FROM backfill.jobs WHERE id = %s FOR UPDATE",
+                             (s.job_id,))
+                size = conn.execute("SELECT pg_total_relation_size(%s::regclass)",
+                                    (undo_table(s.job_id).as_string(conn),)).fetchone()
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(undo_table(s.job_id)))
+                n = int(size[0]) if size and size[0] is not None else 0
+                store.add_event(conn, s.job_id, "undo_pruned", actor=self.actor,
+                                reason=f"migration {rec.id} {phase}: undo log dropped "
+                                       f"({n} bytes)", details={"bytes": n})
+                self._event(conn, rec.id, "cleanup", f"dropped the undo log of backfill job "
+                            f"{s.job_id} ({n / 2**20:,.1f} MB): nothing can use it after "
+                            f"{phase}", phase=phase, details={"job_id": s.job_id, "bytes": n})
 
     @contextmanager
     def _locked(self, ref: str) -> Iterator[Conn]:

@@ -776,3 +776,59 @@ def test_merge_refuses_source_rows_without_a_target_and_pulls_late_inserts(dsn: 
     assert scalar(dsn, "SELECT bio FROM people WHERE id = 500") == "orphan"
     assert scalar(dsn, "SELECT bio FROM people WHERE id = 600") == "early"
     assert scalar(dsn, "SELECT count(*) FROM people WHERE bio = 'b' || id") == 100
+
+
+def _undo_tables(dsn: str) -> list[str]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return [r[0] for r in c.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'backfill'::regnamespace "
+            "AND relkind = 'r' AND relname LIKE 'undo\\_%' ORDER BY 1").fetchall()]
+
+
+UNDO = """
+id = "m-undo"
+[backfill]
+batch_size = 100
+undo_log = UNDO
+[[operations]]
+op = "rename_column"
+table = "users"
+column = "name"
+to = "full_name"
+[[operations]]
+op = "change_type"
+table = "users"
+column = "score"
+type = "bigint"
+[[operations]]
+op = "backfill"
+table = "users"
+set = { bio = "upper(bio)" }
+"""
+
+
+def test_undo_logs_of_a_migrations_fills_are_dropped_at_complete_and_rollback(dsn: str) -> None:
+    _users(dsn, 300)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(UNDO.replace("UNDO", "true")))
+    assert len(_undo_tables(dsn)) == 3
+    m.complete("m-undo")
+    # The fills' logs are gone; the backfill operation's (the application's old bios) stays.
+    assert len(_undo_tables(dsn)) == 1
+    assert sum("dropped the undo log" in e[3] for e in _events(dsn, "m-undo")) == 2
+
+    m.start(_mig(UNDO.replace("UNDO", "true").replace('"m-undo"', '"m-undo2"')
+                 .replace('"name"', '"full_name"').replace('to = "full_name"', 'to = "nm"')))
+    assert len(_undo_tables(dsn)) == 4
+    m.rollback("m-undo2")
+    assert len(_undo_tables(dsn)) == 2
+
+
+def test_undo_log_false_is_accepted_and_fills_keep_no_log_by_default(dsn: str) -> None:
+    _users(dsn, 300)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(UNDO.replace("UNDO", "false")))
+    assert _undo_tables(dsn) == []
+    m.rollback("m-undo")
+    m.start(_mig(UNDO.replace("undo_log = UNDO\n", "").replace('"m-undo"', '"m-undo3"')))
+    assert len(_undo_tables(dsn)) == 1   # only the backfill operation's
