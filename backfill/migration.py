@@ -1072,10 +1072,7 @@ class AddForeignKey(_Op):
             raise InvalidInput(f"{self.where()}: {len(cols)} columns reference "
                                f"{len(ref_cols)} columns")
         name = self.claim("constraint", t, self.ident("name", object_name("fk", t.name, *cols)))
-        on_delete = self.opt("on_delete", "NO ACTION").upper()
-        if on_delete not in ("NO ACTION", "RESTRICT", "CASCADE", "SET NULL", "SET DEFAULT"):
-            raise InvalidInput(f"{self.where()}: on_delete must be NO ACTION, RESTRICT, "
-                               f"CASCADE, SET NULL or SET DEFAULT, got {on_delete!r}")
+        on_delete = self.on_delete(t, ref, cols)
         join = sql.SQL(", ").join
         self.add("start", f"add {name} NOT VALID (new rows are checked; no scan)", "tx",
                  sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) "
@@ -1094,6 +1091,50 @@ class AddForeignKey(_Op):
                                  f"or key update on {ref.qualified} scans {t.qualified}; "
                                  "add a create_index operation")
         return f"foreign key {t.qualified} ({', '.join(cols)}) -> {ref.qualified}"
+
+    #: What a DELETE of a referenced row does, and what the old application version, which
+    #: knows nothing of the foreign key, sees when it deletes one.
+    _ON_DELETE = {
+        "restrict": "fails",
+        "no action": "fails",
+        "cascade": "also deletes the rows of {t} that reference it",
+        "set null": "sets {cols} of the rows of {t} that reference it to NULL",
+        "set default": "sets {cols} of the rows of {t} that reference it to their default",
+    }
+
+    def on_delete(self, t: TableShape, ref: TableShape, cols: tuple[str, ...]) -> str:
+        """``on_delete``, required: from start on, the old application version's ``DELETE``
+        of a referenced row meets the key, and only the author can say what it should do."""
+        raw = self.get("on_delete")
+        choices = ", ".join(f'"{k}"' for k in self._ON_DELETE)
+        if raw is None:
+            raise InvalidInput(
+                f"{self.where()}: `on_delete` is required ({choices}): from start on, a "
+                f"DELETE on {ref.qualified} by the running application meets this key. "
+                '"restrict" or "no action": the delete fails while a row of '
+                f"{t.qualified} references it; \"cascade\": those rows are deleted too; "
+                '"set null": their columns are set to NULL')
+        key = " ".join(str(raw).lower().replace("_", " ").split()) if isinstance(raw, str) \
+            else ""
+        if key not in self._ON_DELETE:
+            raise InvalidInput(f"{self.where()}: on_delete must be one of {choices}, got "
+                               f"{raw!r}")
+        what = self._ON_DELETE[key].format(t=t.qualified, cols=", ".join(cols))
+        if key in ("restrict", "no action"):
+            self.warnings.append(
+                f"on_delete = {key}: from start on, a DELETE on {ref.qualified} (or a "
+                f"change of its key) of a row that {t.qualified} references fails with a "
+                "foreign key violation (SQLSTATE 23503), for the old application version "
+                f"too: before start, the old version must delete (or re-point) the rows of "
+                f"{t.qualified} that reference a row before deleting it, in the same "
+                "transaction; otherwise choose cascade or set null"
+                + ("" if t.exists else f"; {t.qualified} is created by this migration, and "
+                   "the key's check runs before a trigger that mirrors the delete into it, "
+                   "so rows mirrored there block the delete too"))
+        else:
+            self.warnings.append(f"on_delete = {key}: from start on, a DELETE on "
+                                 f"{ref.qualified}, by either application version, {what}")
+        return key.upper()
 
     def _indexed(self, t: TableShape, cols: tuple[str, ...]) -> bool:
         row = self.conn.execute(

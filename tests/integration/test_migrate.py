@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from backfill.errors import GateClosed, MigrationError
+from backfill.errors import GateClosed, InvalidInput, MigrationError
 from backfill.migration import parse
 from backfill.migrator import Migrator
 from tests.integration.helpers import cli, cli_popen, scalar, wait_for
@@ -83,6 +83,7 @@ op = "add_foreign_key"
 table = "users"
 columns = ["team_id"]
 references = "teams"
+on_delete = "set null"
 
 [[operations]]
 op = "add_check"
@@ -832,3 +833,47 @@ def test_undo_log_false_is_accepted_and_fills_keep_no_log_by_default(dsn: str) -
     m.rollback("m-undo")
     m.start(_mig(UNDO.replace("undo_log = UNDO\n", "").replace('"m-undo"', '"m-undo3"')))
     assert len(_undo_tables(dsn)) == 1   # only the backfill operation's
+
+
+PROFILE_FK = """
+id = "m-fk"
+[settings]
+lock_timeout = "LOCK_TIMEOUT"
+[[operations]]
+op = "add_foreign_key"
+table = "user_profiles"
+columns = ["id"]
+references = "users"
+ON_DELETE
+"""
+
+
+def test_a_foreign_key_needs_an_explicit_on_delete_and_the_plan_says_what_the_old_app_must_do(
+        dsn: str) -> None:
+    _users(dsn, 50)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(SPLIT))
+    fk = PROFILE_FK.replace("LOCK_TIMEOUT", "2s")
+    with pytest.raises(InvalidInput, match=r'`on_delete` is required .*"cascade"'):
+        m.plan(_mig(fk.replace("ON_DELETE", "")))
+    with pytest.raises(InvalidInput, match="on_delete must be one of"):
+        m.plan(_mig(fk.replace("ON_DELETE", 'on_delete = "drop"')))
+    plans = m.plan(_mig(fk.replace("ON_DELETE", 'on_delete = "no action"')))
+    warning = " ".join(plans[0].warnings)
+    assert "DELETE on public.users" in warning
+    assert "the old version must delete" in warning
+    plans = m.plan(_mig(fk.replace("ON_DELETE", 'on_delete = "cascade"')))
+    assert "also deletes the rows of public.user_profiles" in " ".join(plans[0].warnings)
+
+    # What the plan warns of: with no action, the old version's delete fails, even though
+    # the split's trigger would mirror it (the key's check comes first)...
+    m.start(_mig(fk.replace("ON_DELETE", 'on_delete = "no action"')))
+    with psycopg.connect(dsn, autocommit=True) as c, pytest.raises(
+            psycopg.errors.ForeignKeyViolation):
+        c.execute("DELETE FROM users WHERE id = 7")
+    # ...and with cascade it goes through.
+    m.rollback("m-fk")
+    m.start(_mig(fk.replace("ON_DELETE", 'on_delete = "cascade"').replace("m-fk", "m-fk2")))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DELETE FROM users WHERE id = 7")
+        assert c.execute("SELECT count(*) FROM user_profiles WHERE id = 7").fetchone() == (0,)
