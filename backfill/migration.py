@@ -74,12 +74,18 @@ class Step:
     index: str | None = None                 # concurrent builds: the index a failure leaves
     job: dict[str, Any] | None = None        # backfill steps: the JobSpec as JSON
     note: str | None = None
+    #: Tables a ``tx`` step locks before its statements, in this order: (schema, table,
+    #: mode). A statement that locks two tables takes them in its own order (a foreign key:
+    #: the child, then the parent); the application's writes through triggers take them
+    #: parent first, so the step does too, or the two deadlock.
+    lock_order: tuple[tuple[str, str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"phase": self.phase, "op": self.op, "description": self.description,
                 "mode": self.mode, "statements": list(self.statements), "lock": self.lock,
                 "duration": self.duration, "risk": self.risk, "table": self.table,
-                "index": self.index, "job": self.job, "note": self.note}
+                "index": self.index, "job": self.job, "note": self.note,
+                "lock_order": [list(x) for x in self.lock_order]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Step:
@@ -87,7 +93,9 @@ class Step:
                    mode=d["mode"], statements=tuple(d.get("statements") or ()),
                    lock=d.get("lock", "none"), duration=d.get("duration", "instant"),
                    risk=d.get("risk", "low"), table=d.get("table"), index=d.get("index"),
-                   job=d.get("job"), note=d.get("note"))
+                   job=d.get("job"), note=d.get("note"),
+                   lock_order=tuple((str(a), str(b), str(c))
+                                    for a, b, c in d.get("lock_order") or ()))
 
 
 @dataclass(frozen=True)
@@ -1074,18 +1082,31 @@ class AddForeignKey(_Op):
         name = self.claim("constraint", t, self.ident("name", object_name("fk", t.name, *cols)))
         on_delete = self.on_delete(t, ref, cols)
         join = sql.SQL(", ").join
+        # ALTER TABLE locks the child, then the parent; an application INSERT into the parent
+        # whose trigger writes the child (a split) locks them the other way round. Taking
+        # the parent first, then the child, before the statement makes the step wait for the
+        # application instead of deadlocking with it.
+        def order(mode: str) -> tuple[tuple[str, str, str], ...]:
+            tables = [ref] + ([t] if (t.schema, t.name) != (ref.schema, ref.name) else [])
+            return tuple((x.schema, x.name, mode) for x in tables)
+
+        both = (f"{ref.qualified}, then {t.qualified} (parent first, as the application's "
+                "writes through triggers take them; brief, under lock_timeout)"
+                if (t.schema, t.name) != (ref.schema, ref.name)
+                else f"{t.qualified} (brief, under lock_timeout)")
         self.add("start", f"add {name} NOT VALID (new rows are checked; no scan)", "tx",
                  sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) "
                          "ON DELETE {} NOT VALID").format(
                      t.ident, sql.Identifier(name), join(map(sql.Identifier, cols)), ref.ident,
                      join(map(sql.Identifier, ref_cols)),
                      sql.SQL(on_delete)),
-                 lock=f"SHARE ROW EXCLUSIVE on {t.qualified} and {ref.qualified} (brief, "
-                      "under lock_timeout)")
+                 lock=f"SHARE ROW EXCLUSIVE on {both}",
+                 lock_order=order("SHARE ROW EXCLUSIVE"))
         self.validate_constraint(t, name)
         self.add("rollback", f"drop {name}", "tx",
                  sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-                     t.ident, sql.Identifier(name)), lock=self.brief(t))
+                     t.ident, sql.Identifier(name)), lock=f"ACCESS EXCLUSIVE on {both}",
+                 lock_order=order("ACCESS EXCLUSIVE"))
         if t.exists and not self._indexed(t, cols):
             self.warnings.append(f"no index on {t.qualified} ({', '.join(cols)}): each delete "
                                  f"or key update on {ref.qualified} scans {t.qualified}; "

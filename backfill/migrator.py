@@ -70,6 +70,8 @@ log = get_logger(component="migrate")
 #: First key of the two-key advisory lock a migration's runner holds ("bfmi").
 _LOCK_CLASS = 0x62666D69 - 2**31
 _LOCK_ERRORS = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected)
+_LOCK_MODES = frozenset({"ACCESS SHARE", "ROW SHARE", "ROW EXCLUSIVE", "SHARE UPDATE EXCLUSIVE",
+                         "SHARE", "SHARE ROW EXCLUSIVE", "EXCLUSIVE", "ACCESS EXCLUSIVE"})
 #: Crash injection for tests: ``BACKFILL_FAILPOINT=migrate:<phase>:<step_no>`` exits the
 #: process right after that step's effect is applied, before anything else is recorded.
 FAILPOINT_ENV = "BACKFILL_FAILPOINT"
@@ -485,6 +487,18 @@ class Migrator:
             try:
                 with conn.transaction():
                     self._timeouts(conn, rec, s, local=True)
+                    for schema, table, mode in s.step.lock_order:
+                        if mode not in _LOCK_MODES:
+                            raise MigrationError(f"unknown lock mode {mode!r} in step "
+                                                 f"{s.step_no}")
+                        # In the step's order, under its lock_timeout; a table already
+                        # gone (a rollback re-run) has nothing left to lock.
+                        name = sql.Identifier(schema, table).as_string(conn)
+                        row = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+                        if row is None or row[0] is None:
+                            continue
+                        conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(
+                            sql.Identifier(schema, table), sql.SQL(mode)))
                     for statement in s.step.statements:
                         sqltext.execute_one(conn, statement)   # alone, extended protocol
                     self._done(conn, rec, s, f"done: {s.step.description}", attempts=attempt)

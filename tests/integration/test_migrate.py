@@ -877,3 +877,52 @@ def test_a_foreign_key_needs_an_explicit_on_delete_and_the_plan_says_what_the_ol
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("DELETE FROM users WHERE id = 7")
         assert c.execute("SELECT count(*) FROM user_profiles WHERE id = 7").fetchone() == (0,)
+
+
+def _waiting(dsn: str, like: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return bool(c.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE %s", (like,)).fetchone() == (1,))
+
+
+def test_a_foreign_key_step_waits_for_the_application_instead_of_deadlocking(dsn: str) -> None:
+    """The interleaving that deadlocked, forced: a session holds the child (user_profiles),
+    so the foreign-key step waits; meanwhile the application inserts into the parent (users),
+    whose split trigger writes the child. Locking the parent first, the step makes the
+    application wait for it instead of the two waiting for each other."""
+    _users(dsn, 50)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(SPLIT))
+    errors: list[BaseException] = []
+
+    def run(fn: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+        th = threading.Thread(target=target, daemon=True)
+        th.start()
+        return th
+
+    def app_insert() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("INSERT INTO users (id, email, name, bio) VALUES (9000, 'a@b', 'a', 'x')")
+
+    fk = PROFILE_FK.replace("LOCK_TIMEOUT", "20s").replace("ON_DELETE", 'on_delete = "cascade"')
+    with psycopg.connect(dsn) as holder:
+        holder.execute("LOCK TABLE user_profiles IN ROW EXCLUSIVE MODE")
+        step = run(lambda: Migrator(dsn, actor="tester").start(_mig(fk)))
+        wait_for(lambda: _waiting(dsn, "%user_profiles%MODE%")
+                 or _waiting(dsn, "ALTER TABLE%user_profiles%"), timeout=20,
+                 what="the foreign-key step waiting for user_profiles")
+        app = run(app_insert)
+        wait_for(lambda: _waiting(dsn, "INSERT INTO users%"), timeout=20,
+                 what="the application's insert waiting")
+    # The holder commits: the step goes on, then the application's insert.
+    step.join(30)
+    app.join(30)
+    assert errors == []
+    assert [e for e in _events(dsn, "m-fk") if e[0] == "retry"] == []
+    assert scalar(dsn, "SELECT count(*) FROM user_profiles WHERE id = 9000") == 1
