@@ -104,6 +104,7 @@ def _plan_json(mig: MigrationFile, plans: tuple[OpPlan, ...], steps: dict[str, l
         "risk": risk,
         "irreversible_on_complete": [p.irreversible for p in plans if p.irreversible],
         "warnings": [w for p in plans for w in p.warnings],
+        "start_refuses": [f"operation {p.op + 1}: {b}" for p in plans for b in p.blockers],
         "dependencies": deps, "settings": mig.settings.to_json(), "phases": phases,
         "rows_per_s": {t: {"rate": r, "basis": b} for t, (r, b) in rates.items()},
     }
@@ -194,6 +195,8 @@ def plan(
     p(f"  highest step risk: {doc['risk']}", highlight=False)
     for w in doc["warnings"]:
         p(f"  [yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    for b in doc["start_refuses"]:
+        p(f"  [red]start refuses:[/] {escape(b)}", highlight=False, soft_wrap=True)
     p("\n[bold]Rollback[/]", highlight=False)
     p(f"  before complete: `backfill migrate rollback {escape(mig.id)}` runs the "
       f"{len(steps['rollback'])} rollback step(s) above, whatever start got to",

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, cast, overload
 
 import psycopg
+from pglast import parse_sql
+from pglast.parser import ParseError
 from psycopg import sql
 
 from backfill import sqltext
@@ -108,6 +110,8 @@ class OpPlan:
     steps: tuple[Step, ...]
     warnings: tuple[str, ...] = ()
     irreversible: str | None = None          # what `complete` destroys, when it does
+    #: What the data says against it: ``plan`` shows these, ``start`` refuses while any holds.
+    blockers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -392,6 +396,7 @@ class _Op:
         self.used = {"op"}
         self.steps: list[Step] = []
         self.warnings: list[str] = []
+        self.blockers: list[str] = []
 
     def where(self) -> str:
         return f"operation {self.i + 1} ({self.data.get('op')})"
@@ -655,7 +660,7 @@ class _Op:
         self.check_unused()
         irreversible = self.irreversible()
         return OpPlan(self.i, str(self.data["op"]), goal, tuple(self.steps),
-                      tuple(self.warnings), irreversible)
+                      tuple(self.warnings), irreversible, tuple(self.blockers))
 
     def build(self) -> str:
         raise NotImplementedError
@@ -1037,7 +1042,15 @@ class ChangeType(_Copied):
         if col in t.primary_key:
             raise InvalidInput(f"{self.where()}: {col} is part of the primary key; changing "
                                "a key column's type is not supported")
-        up = self.expression("using", f"{quote(col)}::{typ}")
+        cast_up = f"{quote(col)}::{typ}"
+        using = self.expression("using")
+        up = using or cast_up
+        narrowing = t.exists and not widening(src.type, typ)
+        if narrowing:
+            self.expr(t, cast_up, "type", cast_to=typ)
+            self.lossy(t, col, src.type, typ, cast_up, using)
+            if using is None:
+                up = self.checked_cast(t, col, src.type, typ)
         tmp = object_name("new", col)
         if tmp in t.columns:
             raise InvalidInput(f"{self.where()}: {t.qualified} already has a column {tmp}")
@@ -1051,6 +1064,15 @@ class ChangeType(_Copied):
         else:
             raise InvalidInput(f"{self.where()}: `down` must be an expression or false")
         self.sync(t, col, tmp, typ, up, down)
+        if narrowing and using is None:
+            # The gate compares the round trip, not the cast with itself: a value the cast
+            # changed reads back different.
+            self.check("start", f"every value of {tmp} reads back as {col} ({typ} to "
+                       f"{src.type})", sql.SQL(
+                           "SELECT NOT EXISTS (SELECT 1 FROM {t} WHERE {n}::{o} IS DISTINCT "
+                           "FROM {c})").format(t=t.ident, n=sql.Identifier(tmp),
+                                               o=sql.SQL(src.type), c=sql.Identifier(col)),
+                       duration="scan", table=t.qualified)
         if src.default is not None:
             self.warnings.append(f"{col} has a default ({src.default}); set it again on the "
                                  "new type after complete")
@@ -1061,6 +1083,57 @@ class ChangeType(_Copied):
 
     def irreversible(self) -> str | None:
         return f"the {self.old} column's old-type values"
+
+    def lossy(self, t: TableShape, col: str, old: str, typ: str, cast_up: str,
+              using: str | None) -> None:
+        """Count the values a plain cast to ``typ`` would change (the round trip reads back
+        different) or cannot convert. ``plan`` shows them; without ``using`` saying what they
+        become, ``start`` refuses (a plain ALTER TABLE would have raised)."""
+        c = sql.Identifier(col)
+        lost = sql.SQL("({up})::{o} IS DISTINCT FROM {c}").format(
+            up=sqltext.expression_sql(cast_up, percent=False), o=sql.SQL(old), c=c)
+        key = sql.SQL(", ").join(map(sql.Identifier, t.primary_key or (col,)))
+        q = sql.SQL("SELECT count(*) FILTER (WHERE {lost}), "
+                    "(array_agg(ROW({key})::text) FILTER (WHERE {lost}))[1:3] FROM {t}").format(
+            lost=lost, key=key, t=t.ident)
+        try:
+            with self.conn.transaction(force_rollback=True):
+                row = sqltext.execute_one(self.conn, q).fetchone()
+        except psycopg.Error as exc:
+            found = ("some values cannot be converted to " + typ + " at all: "
+                     + (exc.diag.message_primary or str(exc)).strip())
+        else:
+            n = int(row[0]) if row else 0
+            if not n:
+                self.warnings.append(
+                    f"{col} {old} to {typ} can lose data: checked against the {t.qualified} of "
+                    f"now, every value survives unchanged; from start on, a write of a value "
+                    f"that does not fit {typ} fails (as it would after complete)")
+                return
+            keys = ", ".join(str(k) for k in (row[1] if row and row[1] else ()))
+            found = (f"{n} value(s) of {t.qualified}.{col} would not survive the change to "
+                     f"{typ} unchanged (cast and read back as {old}, they differ; rows "
+                     f"{keys}{', …' if n > 3 else ''})")
+        if using is None:
+            self.blockers.append(
+                f"{found}. A plain ALTER TABLE would raise; start refuses until `using` says "
+                f"what they become (for instance a left(), round() or CASE over {col}), or "
+                "the data is fixed")
+        else:
+            self.warnings.append(f"{found}; `using` ({using}) decides what they become, and "
+                                 "complete drops the originals")
+
+    def checked_cast(self, t: TableShape, col: str, old: str, typ: str) -> str:
+        """``col::typ`` that raises instead of changing a value: the cast, read back as
+        ``old``, must equal the original (an explicit cast to varchar(200) truncates;
+        this fails the batch, or the write, with the column and the value)."""
+        c = quote(col)
+        message = sql.Literal(f"change_type of {t.qualified}.{col} to {typ} would change "
+                              "the value: ").as_string(self.conn)
+        # The failing branch casts the message to integer: a row-dependent expression (the
+        # value is in it), so it is evaluated only for a value that does not survive.
+        return (f"CASE WHEN ({c})::{typ}::{old} IS NOT DISTINCT FROM {c} THEN ({c})::{typ} "
+                f"WHEN ({message} || left(({c})::text, 40))::integer IS NULL THEN NULL END")
 
 
 class AddForeignKey(_Op):
@@ -1533,6 +1606,43 @@ def ordered_steps(plans: Iterable[OpPlan]) -> dict[str, list[Step]]:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+#: Conversions that keep every value (the round trip reads back equal), by base type.
+_WIDER = {"int2": {"int4", "int8", "numeric", "float8"}, "int4": {"int8", "numeric"},
+          "int8": {"numeric"}, "float4": {"float8"}, "varchar": {"text"}}
+
+
+def _type_parts(text: str) -> tuple[str, tuple[int, ...], bool] | None:
+    """``character varying(50)`` -> ``("varchar", (50,), False)``: base, modifiers, array."""
+    try:
+        stmt: Any = parse_sql(f"SELECT NULL::{text}")[0].stmt
+        tn = stmt.targetList[0].val.typeName
+        mods = tuple(int(m.val.ival) for m in (tn.typmods or ()))
+    except (ParseError, AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return str(tn.names[-1].sval), mods, bool(tn.arrayBounds)
+
+
+def widening(old: str, new: str) -> bool:
+    """Whether every value of type ``old`` survives a cast to ``new`` unchanged, by the types
+    alone; False means "ask the data"."""
+    a, b = _type_parts(old), _type_parts(new)
+    if a is None or b is None or a[2] or b[2]:
+        return a == b and a is not None
+    (base_a, mods_a, _), (base_b, mods_b, _) = a, b
+    if base_a != base_b:
+        return base_b in _WIDER.get(base_a, set()) and (base_b != "numeric" or not mods_b)
+    if not mods_b or mods_a == mods_b:
+        return True
+    if not mods_a:
+        return False
+    if base_a in ("varchar", "bpchar"):
+        return mods_b[0] >= mods_a[0]
+    if base_a == "numeric":
+        scale_a = mods_a[1] if len(mods_a) > 1 else 0
+        scale_b = mods_b[1] if len(mods_b) > 1 else 0
+        return scale_b >= scale_a and mods_b[0] - scale_b >= mods_a[0] - scale_a
+    return False
 
 
 def quote(name: str) -> str:

@@ -334,6 +334,9 @@ class Migrator:
                                  f"completed: {', '.join(missing)}")
         with conn.transaction(force_rollback=True):   # the plan writes nothing, whatever it runs
             plans = build_plan(conn, mig)  # validates every operation before anything is written
+        blockers = [f"operation {p.op + 1} ({p.kind}): {b}" for p in plans for b in p.blockers]
+        if blockers:
+            raise InvalidInput(f"migration {mig.id} cannot start:\n  " + "\n  ".join(blockers))
         steps = ordered_steps(plans)
         with conn.transaction():
             if previous is None:
@@ -679,7 +682,12 @@ class Migrator:
                 if job.state != JobState.SUCCEEDED:
                     reasons.append(f"backfill job {job.id} is {job.state}")
                     continue
-                report = bf.verify(job.id)
+                try:
+                    report = bf.verify(job.id)
+                except psycopg.Error as exc:   # a checked cast raised on a changed value
+                    reasons.append(f"backfill job {job.id} cannot be verified: "
+                                   f"{_pg_message(exc)}")
+                    continue
                 if not report.ok:
                     reasons.append(f"backfill job {job.id} does not verify: "
                                    + (report.unverifiable or "; ".join(

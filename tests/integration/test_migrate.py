@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from backfill.errors import GateClosed, InvalidInput, MigrationError
-from backfill.migration import parse
+from backfill.migration import ordered_steps, parse
 from backfill.migrator import Migrator
 from tests.integration.helpers import cli, cli_popen, scalar, wait_for
 
@@ -926,3 +926,58 @@ def test_a_foreign_key_step_waits_for_the_application_instead_of_deadlocking(dsn
     assert errors == []
     assert [e for e in _events(dsn, "m-fk") if e[0] == "retry"] == []
     assert scalar(dsn, "SELECT count(*) FROM user_profiles WHERE id = 9000") == 1
+
+
+NARROW = """
+id = "m-narrow"
+[[operations]]
+op = "change_type"
+table = "users"
+column = "bio"
+type = "varchar(200)"
+USING
+"""
+
+
+def test_a_narrowing_type_change_is_checked_against_the_data_and_never_truncates(
+        dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 100)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET bio = repeat('x', 415) || id WHERE id <= 20")
+    m = Migrator(dsn, actor="tester")
+    plain = NARROW.replace("USING", "")
+    # plan shows how many values would not survive; start refuses, writing nothing.
+    r = cli(dsn, "migrate", "plan", str(_write_file(tmp_path, plain)))
+    assert r.returncode == 0, r.stderr
+    assert "start refuses" in r.stdout
+    assert "20 value(s) of public.users.bio" in r.stdout
+    with pytest.raises(InvalidInput, match=r"20 value\(s\) .* until `using` says"):
+        m.start(_mig(plain))
+    assert scalar(dsn, "SELECT count(*) FROM backfill.migrations") == 0
+
+    # The fill raises rather than truncates: its expression, over a value that does not fit.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET bio = left(bio, 150) WHERE id <= 20")
+    steps = ordered_steps(m.plan(_mig(plain)))["start"]
+    (fill,) = [s.job for s in steps if s.job]
+    expr = fill["set"][0][1]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        assert c.execute(f"SELECT ({expr}) FROM users WHERE id = 1").fetchone() == ("x" * 150,)
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation, match="would change"):
+            c.execute(f"SELECT ({expr}) FROM (SELECT repeat('y', 300) AS bio) AS users")
+
+    # The gate compares the round trip: a truncated copy (as the old fill wrote) is refused.
+    m.start(_mig(plain))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SET session_replication_role = replica")   # no trigger: a bad copy
+        c.execute("UPDATE users SET bio = repeat('z', 415), bf_new_bio = repeat('z', 200) "
+                  "WHERE id = 5")
+    with pytest.raises(GateClosed, match="reads back as bio"):
+        m.complete("m-narrow")
+    m.rollback("m-narrow")
+
+    # With `using` saying what to do, it goes through.
+    m.start(_mig(NARROW.replace("USING", 'using = "left(bio, 200)"')
+                 .replace("m-narrow", "m-narrow2")))
+    m.complete("m-narrow2")
+    assert scalar(dsn, "SELECT max(length(bio)) FROM users") == 200
