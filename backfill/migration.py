@@ -81,13 +81,17 @@ class Step:
     #: the child, then the parent); the application's writes through triggers take them
     #: parent first, so the step does too, or the two deadlock.
     lock_order: tuple[tuple[str, str, str], ...] = ()
+    #: (rows, bytes) ``table`` is expected to have when the step runs, for a table this
+    #: migration creates and fills (the plan's size of it is 0).
+    expected: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"phase": self.phase, "op": self.op, "description": self.description,
                 "mode": self.mode, "statements": list(self.statements), "lock": self.lock,
                 "duration": self.duration, "risk": self.risk, "table": self.table,
                 "index": self.index, "job": self.job, "note": self.note,
-                "lock_order": [list(x) for x in self.lock_order]}
+                "lock_order": [list(x) for x in self.lock_order],
+                "expected": list(self.expected) if self.expected else None}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Step:
@@ -97,7 +101,9 @@ class Step:
                    risk=d.get("risk", "low"), table=d.get("table"), index=d.get("index"),
                    job=d.get("job"), note=d.get("note"),
                    lock_order=tuple((str(a), str(b), str(c))
-                                    for a, b, c in d.get("lock_order") or ()))
+                                    for a, b, c in d.get("lock_order") or ()),
+                   expected=(int(d["expected"][0]), int(d["expected"][1]))
+                   if d.get("expected") else None)
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,11 @@ class TableShape:
     def qualified(self) -> str:
         """``schema.name`` as SQL writes it: a job spec reads it back as this table."""
         return sqltext.render_qualified(self.schema, self.name)
+
+    @property
+    def expected(self) -> tuple[int, int] | None:
+        """The size a table this migration creates will have once filled, for estimates."""
+        return None if self.exists else (self.rows or 0, self.bytes or 0)
 
     @property
     def regclass(self) -> str:
@@ -567,7 +578,7 @@ class _Op:
                  sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                      t.ident, sql.Identifier(name)),
                  lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}", duration="scan",
-                 table=t.qualified)
+                 table=t.qualified, expected=t.expected)
         self.check(phase, f"{name} is valid", sql.SQL(
             "SELECT coalesce(bool_and(convalidated), false) FROM pg_constraint "
             "WHERE conrelid = {}::regclass AND conname = {}").format(
@@ -641,7 +652,7 @@ class _Op:
                      u=sql.SQL("UNIQUE " if unique else ""), n=sql.Identifier(name),
                      t=t.ident, d=definition),
                  lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}", duration="build",
-                 table=t.qualified, index=qualified,
+                 table=t.qualified, index=qualified, expected=t.expected,
                  note="a failed build leaves an INVALID index; the executor drops it and "
                       "builds again")
         self.check(phase, f"index {name} is valid", sql.SQL(
@@ -920,6 +931,12 @@ class _Copied(_Op):
                      variables=column_names(up) | column_names(down or ""))
         self.chk = self.not_null_check(t, new) if src.not_null else None
         self.job(t, f"copy {old} into {new}", {"kind": "update", "set": [[new, up]]})
+        rows = f"~{t.rows:,} rows" if t.rows is not None else "every row"
+        self.warnings.append(
+            f"the copy rewrites every row of {t.qualified} ({rows}, "
+            f"{(t.bytes or 0) / 2**20:,.1f} MB now): a new version of each row, as much WAL "
+            "(replicas, backups), and dead versions vacuum must clear; the table does not "
+            "shrink by itself")
         if not down:
             self.warnings.append(f"no `down`: rows written through {new} alone do not update "
                                  f"{old}; until complete, write {old} (or give `down`)")
@@ -929,6 +946,11 @@ class _Copied(_Op):
                                  f"{new}; recreate them on {new} (e.g. a create_index "
                                  "operation in this migration) before complete drops "
                                  f"{old}; complete fails while a view depends on {old}")
+
+    def moves_to_end(self, t: TableShape, col: str) -> str:
+        return (f"after complete, {col} is the last column of {t.qualified} (the copy is a new "
+                "column): SELECT * and COPY or INSERT without a column list see the columns "
+                "in a new order")
 
     def swap(self, t: TableShape, old: str, new: str, *, rename_to: str | None,
              default: str | None = None) -> None:
@@ -981,6 +1003,7 @@ class RenameColumn(_Copied):
             view_schema = sqltext.identifier(view_schema, slot="`view_schema`")
             return self.by_view(t, old, new, view_schema)
         self.sync(t, old, new, src.type, quote(old), quote(new))
+        self.warnings.append(self.moves_to_end(t, new))
         # The default moves with the swap: on the new column before then, it would hide
         # which side an INSERT wrote.
         self.swap(t, old, new, rename_to=None, default=src.default)
@@ -1064,6 +1087,7 @@ class ChangeType(_Copied):
         else:
             raise InvalidInput(f"{self.where()}: `down` must be an expression or false")
         self.sync(t, col, tmp, typ, up, down)
+        self.warnings.append(self.moves_to_end(t, col))
         if narrowing and using is None:
             # The gate compares the round trip, not the cast with itself: a value the cast
             # changed reads back different.
@@ -1367,6 +1391,9 @@ class SplitTable(_Op):
                  for c in cols]
         new = self.shape.create(into, [t.column(k) for k in key] + [t.column(c) for c in cols],
                                 key)
+        # Filled by the copy: the source's rows, and its size in proportion to the columns.
+        new.rows = t.rows
+        new.bytes = (t.bytes or 0) * (len(key) + len(cols)) // max(1, len(t.columns))
         ids = sql.SQL(", ").join
         defs.append(sql.SQL("PRIMARY KEY ({})").format(ids(map(sql.Identifier, key))))
         self.add("start", f"create table {new.qualified}", "tx",

@@ -603,7 +603,10 @@ def test_plan_prints_goal_impact_risk_rollback_and_an_estimate(dsn: str, tmp_pat
                     "start (expand + backfill)", "complete (contract"):
         assert heading in r.stdout
     assert "public.users: ~2,000 rows" in r.stdout
-    assert "2,000 rows at 10,000 rows/s (assumed)" in r.stdout
+    # No job has run here yet: the rate is sampled, not assumed.
+    assert "2,000 rows at " in r.stdout
+    assert "rows/s (sampled: a rolled-back update" in r.stdout
+    assert "(assumed)" not in r.stdout
     doc = json.loads(cli(dsn, "migrate", "plan", str(path), "--json").stdout)
     assert doc["risk"] == "high"
     assert any("users.name" in x for x in doc["irreversible_on_complete"])
@@ -981,3 +984,36 @@ def test_a_narrowing_type_change_is_checked_against_the_data_and_never_truncates
                  .replace("m-narrow", "m-narrow2")))
     m.complete("m-narrow2")
     assert scalar(dsn, "SELECT max(length(bio)) FROM users") == 200
+
+
+def test_plan_estimates_from_measured_rates_and_filled_sizes_and_says_what_a_copy_costs(
+        dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 3000)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(SPLIT))
+    # Every step's time is its own: a transactional step's start is not its commit.
+    assert scalar(dsn, "SELECT count(*) FROM backfill.migration_steps WHERE state = 'done' "
+                  "AND NOT finished_at > started_at") == 0
+    m.rollback("m-split")
+    fk = PROFILE_FK.replace("LOCK_TIMEOUT", "2s").replace("ON_DELETE", 'on_delete = "cascade"')
+    text = SPLIT + fk[fk.index("[[operations]]"):] + """
+[[operations]]
+op = "change_type"
+table = "users"
+column = "score"
+type = "bigint"
+"""
+    doc = json.loads(cli(dsn, "migrate", "plan", str(_write_file(tmp_path, text)),
+                         "--json").stdout)
+    steps = doc["phases"]["start"]["steps"]
+    (validate,) = [s for s in steps if s["description"].startswith("validate bf_fk_")]
+    # The foreign key is validated on the table the split fills: its size once filled.
+    assert "once filled" in validate["estimate_basis"]
+    assert "scans 0.0 MB" not in validate["estimate_basis"]
+    assert validate["estimated_s"] >= 0
+    # The jobs of the split this database ran are its measured rate.
+    fills = [s for s in steps if s["mode"] == "backfill"]
+    assert all("measured on this database" in s["estimate_basis"] for s in fills)
+    warnings = " ".join(doc["warnings"])
+    assert "the copy rewrites every row of public.users" in warnings
+    assert "score is the last column of public.users" in warnings
