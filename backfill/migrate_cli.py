@@ -168,7 +168,13 @@ def plan(
     for op in plans:
         p(f"  {op.op + 1}. {escape(op.goal)}", highlight=False)
     p("\n[bold]Impact[/]", highlight=False)
+    filled = {s.table: s.expected for ph in PHASES for s in steps[ph] if s.table and s.expected}
     for t, (rows, size) in sizes.items():
+        if t in filled and not rows and not size:
+            will_rows, will_bytes = filled[t]
+            p(f"  {escape(t)}: created by this migration; ~{will_rows:,} rows, "
+              f"{will_bytes / 2**20:,.1f} MB once filled", highlight=False)
+            continue
         p(f"  {escape(t)}: ~{rows:,} rows, {size / 2**20:,.1f} MB", highlight=False)
     if not sizes:
         p("  no existing table is scanned or filled", highlight=False)
