@@ -97,6 +97,27 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "a 32-bit (serial/int) primary key runs out at 2.1 billion, and widening it later "
          "rewrites the table",
          "bigint GENERATED ALWAYS AS IDENTITY (or bigserial)"),
+    Rule("drop-index-not-concurrent",
+         "DROP INDEX takes an ACCESS EXCLUSIVE lock on the index's table: reads and writes "
+         "wait for it, and everything queued behind it",
+         "DROP INDEX CONCURRENTLY (outside a transaction block)"),
+    Rule("add-column-not-null-no-default",
+         "ADD COLUMN ... NOT NULL without a DEFAULT fails on a table that has rows, and "
+         "breaks every running application instance that inserts without the column",
+         "add it with a constant DEFAULT (stored once, no rewrite), or nullable, backfill it, "
+         "then SET NOT NULL behind a validated CHECK"),
+    Rule("add-column-rewrite",
+         "adding a serial, identity or stored generated column to an existing table rewrites "
+         "the table under an ACCESS EXCLUSIVE lock, computing every row's value",
+         "add a plain nullable column (and a default for new rows), then backfill it in "
+         "batches (`backfill enqueue`)"),
+    Rule("exclusion-constraint",
+         "ADD CONSTRAINT ... EXCLUDE builds its index and checks every row under an ACCESS "
+         "EXCLUSIVE lock, and cannot be NOT VALID",
+         "enforce it in the application, or add it while the table is still small or new"),
+    Rule("drop-database",
+         "dropping a database loses every table in it",
+         "make sure nothing uses it, take a backup, and drop it by hand, not in a migration"),
     Rule("missing-lock-timeout",
          "DDL waiting for its lock queues every later query on the table behind it",
          "SET lock_timeout = '2s' (and retry) before the first DDL statement"),
@@ -106,6 +127,7 @@ _IGNORE = re.compile(r"--\s*backfill-lint:\s*ignore\s+([\w\-, ]+)", re.IGNORECAS
 _VOLATILE = {"random", "clock_timestamp", "gen_random_uuid", "uuid_generate_v4", "nextval",
              "timeofday", "txid_current", "setseed"}
 _SMALL_INTS = {"serial", "serial4", "int4", "int2", "smallserial", "serial2"}
+_SERIALS = {"serial", "serial4", "bigserial", "serial8", "smallserial", "serial2"}
 
 
 @dataclass(frozen=True)
@@ -218,6 +240,12 @@ def _line_of(sql: str, offset: int) -> int:
     return sql.count("\n", 0, min(i, n)) + 1
 
 
+def _dropped_new(st: Any, index_table: dict[str, str], created: set[str]) -> bool:
+    """Whether a DROP INDEX drops only indexes of tables this file created."""
+    return all(index_table.get(".".join(n.sval for n in obj)) in created
+               for obj in st.objects or ())
+
+
 def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
     """Findings for every statement in ``sql`` (a whole migration file)."""
     try:
@@ -231,6 +259,7 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
     lock_timeout_set = False
     timeout_reported = False  # missing-lock-timeout is reported once, at the first DDL
     validated_checks: set[str] = set()
+    index_table: dict[str, str] = {}   # index created in this file -> its table
     previous_end = 0
     for raw in statements:
         start = raw.stmt_location or 0
@@ -268,6 +297,9 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
                     hits.append("int-primary-key")
         elif kind == "IndexStmt":
             table = _relname(st.relation)
+            if st.idxname:
+                schema = st.relation.schemaname
+                index_table[f"{schema}.{st.idxname}" if schema else st.idxname] = table
             if st.concurrent and in_tx:
                 hits.append("concurrently-in-transaction")
             if not st.concurrent and table not in created:
@@ -278,6 +310,14 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
             for cmd in st.cmds or ():
                 sub, d = cmd.subtype, cmd.def_
                 if sub == AT.AT_AddColumn and d is not None:
+                    kinds = {c.contype for c in d.constraints or ()}
+                    serial = bool(set(_names(d.typeName)[-1:]) & _SERIALS)
+                    if not new_table and (
+                            serial or kinds & {CT.CONSTR_IDENTITY, CT.CONSTR_GENERATED}):
+                        hits.append("add-column-rewrite")
+                    elif (not new_table and CT.CONSTR_NOTNULL in kinds
+                          and CT.CONSTR_DEFAULT not in kinds):
+                        hits.append("add-column-not-null-no-default")
                     for c in d.constraints or ():
                         if c.contype == CT.CONSTR_DEFAULT and c.raw_expr is not None and (
                                 _fn_names(c.raw_expr) & _VOLATILE) and not new_table:
@@ -292,6 +332,8 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
                         hits.append("constraint-not-not-valid")
                     if d.contype in (CT.CONSTR_PRIMARY, CT.CONSTR_UNIQUE) and not d.indexname:
                         hits.append("constraint-without-index")
+                    if d.contype == CT.CONSTR_EXCLUSION:
+                        hits.append("exclusion-constraint")
                 elif sub == AT.AT_SetNotNull and not new_table:
                     if f"{table}.{cmd.name}" not in validated_checks:
                         hits.append("set-not-null")
@@ -315,6 +357,9 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
         elif kind == "DropStmt":
             if st.removeType == OT.OBJECT_TABLE:
                 hits.append("drop-table")
+            if st.removeType == OT.OBJECT_INDEX and not st.concurrent and not _dropped_new(
+                    st, index_table, created):
+                hits.append("drop-index-not-concurrent")
             if st.concurrent and in_tx:
                 hits.append("concurrently-in-transaction")
         elif kind == "UpdateStmt" and st.whereClause is None:
@@ -334,10 +379,15 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
             hits.append("lock-table")
         elif kind == "TruncateStmt":
             hits.append("truncate")
+        elif kind == "DropdbStmt":
+            hits.append("drop-database")
 
         is_ddl = kind in ("AlterTableStmt", "IndexStmt", "RenameStmt", "DropStmt")
-        on_new_table = kind in ("AlterTableStmt", "IndexStmt") and _relname(
-            st.relation) in created  # nobody else uses a table this file creates
+        # Nobody else uses a table this file creates.
+        on_new_table = (kind in ("AlterTableStmt", "IndexStmt")
+                        and _relname(st.relation) in created) or (
+            kind == "DropStmt" and st.removeType == OT.OBJECT_INDEX
+            and _dropped_new(st, index_table, created))
         if is_ddl and not lock_timeout_set and not timeout_reported and not on_new_table:
             timeout_reported = True
             if "missing-lock-timeout" not in ignored and "all" not in ignored:

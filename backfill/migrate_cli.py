@@ -73,15 +73,17 @@ def _sizes(ctx: typer.Context, steps: list[Step]) -> dict[str, tuple[int, int]]:
 
 def _estimate(step: Step, sizes: dict[str, tuple[int, int]],
               rates: dict[str, tuple[float, str]]) -> tuple[float, str]:
-    rows, size = sizes.get(step.table or "", (0, 0))
+    rows, size = step.expected or sizes.get(step.table or "", (0, 0))
     mb = size / 2**20
+    filled = " once filled" if step.expected else ""
     if step.duration == "backfill":
         rate, basis = rates.get(step.table or "", (ASSUMED_ROWS_PER_S, "assumed"))
         return rows / rate, f"{rows:,} rows at {rate:,.0f} rows/s ({basis})"
     if step.duration == "scan":
-        return size / ASSUMED_SCAN_BYTES_PER_S, f"scans {mb:,.0f} MB (guess: 200 MB/s)"
+        return size / ASSUMED_SCAN_BYTES_PER_S, f"scans {mb:,.1f} MB{filled} (guess: 200 MB/s)"
     if step.duration == "build":
-        return size / ASSUMED_BUILD_BYTES_PER_S, f"builds over {mb:,.0f} MB (guess: 50 MB/s)"
+        return size / ASSUMED_BUILD_BYTES_PER_S, (f"builds over {mb:,.1f} MB{filled} "
+                                                  "(guess: 50 MB/s)")
     return 0.0, ""
 
 
@@ -104,6 +106,7 @@ def _plan_json(mig: MigrationFile, plans: tuple[OpPlan, ...], steps: dict[str, l
         "risk": risk,
         "irreversible_on_complete": [p.irreversible for p in plans if p.irreversible],
         "warnings": [w for p in plans for w in p.warnings],
+        "start_refuses": [f"operation {p.op + 1}: {b}" for p in plans for b in p.blockers],
         "dependencies": deps, "settings": mig.settings.to_json(), "phases": phases,
         "rows_per_s": {t: {"rate": r, "basis": b} for t, (r, b) in rates.items()},
     }
@@ -119,7 +122,7 @@ def plan(
     lock it takes and its risk, rollback, dependencies and an estimated duration. Checks every
     operation against the database; writes nothing."""
     from backfill.db import connect
-    from backfill.migrator import _get, estimate_rows_per_s
+    from backfill.migrator import _get, estimate_rows_per_s, sample_rows_per_s
     from backfill.rehearsal import latest_for_table
 
     mig = _guard(lambda: load_file(file))
@@ -141,7 +144,12 @@ def plan(
                     rates[s.table] = (float(rehearsed["rows_per_s"]),
                                       f"rehearsed on {rehearsed.get('clone')}")
                 elif general:
-                    rates[s.table] = (general, "measured on this database")
+                    rates[s.table] = (general, "measured on this database's recent jobs")
+                elif s.table not in rates:
+                    sampled = sample_rows_per_s(conn, s.table)
+                    if sampled:
+                        rates[s.table] = (sampled, "sampled: a rolled-back update of 1,000 "
+                                                   "rows, triggers and pacing not counted")
             for d in mig.depends_on:
                 rec = _get(conn, d)
                 deps[d] = rec.state if rec else "never run here"
@@ -160,7 +168,13 @@ def plan(
     for op in plans:
         p(f"  {op.op + 1}. {escape(op.goal)}", highlight=False)
     p("\n[bold]Impact[/]", highlight=False)
+    filled = {s.table: s.expected for ph in PHASES for s in steps[ph] if s.table and s.expected}
     for t, (rows, size) in sizes.items():
+        if t in filled and not rows and not size:
+            will_rows, will_bytes = filled[t]
+            p(f"  {escape(t)}: created by this migration; ~{will_rows:,} rows, "
+              f"{will_bytes / 2**20:,.1f} MB once filled", highlight=False)
+            continue
         p(f"  {escape(t)}: ~{rows:,} rows, {size / 2**20:,.1f} MB", highlight=False)
     if not sizes:
         p("  no existing table is scanned or filled", highlight=False)
@@ -194,6 +208,8 @@ def plan(
     p(f"  highest step risk: {doc['risk']}", highlight=False)
     for w in doc["warnings"]:
         p(f"  [yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    for b in doc["start_refuses"]:
+        p(f"  [red]start refuses:[/] {escape(b)}", highlight=False, soft_wrap=True)
     p("\n[bold]Rollback[/]", highlight=False)
     p(f"  before complete: `backfill migrate rollback {escape(mig.id)}` runs the "
       f"{len(steps['rollback'])} rollback step(s) above, whatever start got to",

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, cast, overload
 
 import psycopg
+from pglast import parse_sql
+from pglast.parser import ParseError
 from psycopg import sql
 
 from backfill import sqltext
@@ -74,12 +76,22 @@ class Step:
     index: str | None = None                 # concurrent builds: the index a failure leaves
     job: dict[str, Any] | None = None        # backfill steps: the JobSpec as JSON
     note: str | None = None
+    #: Tables a ``tx`` step locks before its statements, in this order: (schema, table,
+    #: mode). A statement that locks two tables takes them in its own order (a foreign key:
+    #: the child, then the parent); the application's writes through triggers take them
+    #: parent first, so the step does too, or the two deadlock.
+    lock_order: tuple[tuple[str, str, str], ...] = ()
+    #: (rows, bytes) ``table`` is expected to have when the step runs, for a table this
+    #: migration creates and fills (the plan's size of it is 0).
+    expected: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"phase": self.phase, "op": self.op, "description": self.description,
                 "mode": self.mode, "statements": list(self.statements), "lock": self.lock,
                 "duration": self.duration, "risk": self.risk, "table": self.table,
-                "index": self.index, "job": self.job, "note": self.note}
+                "index": self.index, "job": self.job, "note": self.note,
+                "lock_order": [list(x) for x in self.lock_order],
+                "expected": list(self.expected) if self.expected else None}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Step:
@@ -87,7 +99,11 @@ class Step:
                    mode=d["mode"], statements=tuple(d.get("statements") or ()),
                    lock=d.get("lock", "none"), duration=d.get("duration", "instant"),
                    risk=d.get("risk", "low"), table=d.get("table"), index=d.get("index"),
-                   job=d.get("job"), note=d.get("note"))
+                   job=d.get("job"), note=d.get("note"),
+                   lock_order=tuple((str(a), str(b), str(c))
+                                    for a, b, c in d.get("lock_order") or ()),
+                   expected=(int(d["expected"][0]), int(d["expected"][1]))
+                   if d.get("expected") else None)
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,8 @@ class OpPlan:
     steps: tuple[Step, ...]
     warnings: tuple[str, ...] = ()
     irreversible: str | None = None          # what `complete` destroys, when it does
+    #: What the data says against it: ``plan`` shows these, ``start`` refuses while any holds.
+    blockers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,6 +256,11 @@ class TableShape:
     def qualified(self) -> str:
         """``schema.name`` as SQL writes it: a job spec reads it back as this table."""
         return sqltext.render_qualified(self.schema, self.name)
+
+    @property
+    def expected(self) -> tuple[int, int] | None:
+        """The size a table this migration creates will have once filled, for estimates."""
+        return None if self.exists else (self.rows or 0, self.bytes or 0)
 
     @property
     def regclass(self) -> str:
@@ -387,6 +410,7 @@ class _Op:
         self.used = {"op"}
         self.steps: list[Step] = []
         self.warnings: list[str] = []
+        self.blockers: list[str] = []
 
     def where(self) -> str:
         return f"operation {self.i + 1} ({self.data.get('op')})"
@@ -487,17 +511,28 @@ class _Op:
         """A validation: ``query`` returns one boolean, true when the phase did its work."""
         self.add(phase, description, "check", query, **kw)
 
-    def job(self, table: TableShape, description: str, spec: dict[str, Any]) -> None:
+    def job(self, table: TableShape, description: str, spec: dict[str, Any], *,
+            undo_log: bool = False) -> None:
+        """A backfill job. ``undo_log``: whether it keeps one by default. A fill of a column
+        the migration adds keeps none (the old values are all NULL, and rollback drops the
+        column); ``undo_log`` in the options (``[backfill]`` or the operation's) decides."""
         options = dict(self.mig.backfill)
         extra = self.get("backfill", {}) or {}
         if not isinstance(extra, dict):
             raise InvalidInput(f"{self.where()}: `backfill` must be a table of job options")
         options.update(extra)
+        if "undo_log" in options:
+            undo_log = options.pop("undo_log")
+            if not isinstance(undo_log, bool):
+                raise InvalidInput(f"{self.where()}: undo_log must be true or false, got "
+                                   f"{undo_log!r}")
         if not table.primary_key:
             raise InvalidInput(f"{self.where()}: {table.qualified} has no primary key; a "
                                "backfill walks the table by its key")
         spec = {"table": table.qualified, **spec,
                 "name": f"migration {self.mig.id} op {self.i + 1}: {description}"}
+        if spec.get("kind") in ("update", "transform", "delete"):
+            spec["undo_log"] = undo_log
         try:   # the options and the spec's shape, checked now rather than after the DDL
             JobSpec.from_json(spec).with_options(**options)
         except InvalidInput as exc:
@@ -546,7 +581,7 @@ class _Op:
                  sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                      t.ident, sql.Identifier(name)),
                  lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}", duration="scan",
-                 table=t.qualified)
+                 table=t.qualified, expected=t.expected)
         self.check(phase, f"{name} is valid", sql.SQL(
             "SELECT coalesce(bool_and(convalidated), false) FROM pg_constraint "
             "WHERE conrelid = {}::regclass AND conname = {}").format(
@@ -620,7 +655,7 @@ class _Op:
                      u=sql.SQL("UNIQUE " if unique else ""), n=sql.Identifier(name),
                      t=t.ident, d=definition),
                  lock=f"SHARE UPDATE EXCLUSIVE on {t.qualified}", duration="build",
-                 table=t.qualified, index=qualified,
+                 table=t.qualified, index=qualified, expected=t.expected,
                  note="a failed build leaves an INVALID index; the executor drops it and "
                       "builds again")
         self.check(phase, f"index {name} is valid", sql.SQL(
@@ -639,7 +674,7 @@ class _Op:
         self.check_unused()
         irreversible = self.irreversible()
         return OpPlan(self.i, str(self.data["op"]), goal, tuple(self.steps),
-                      tuple(self.warnings), irreversible)
+                      tuple(self.warnings), irreversible, tuple(self.blockers))
 
     def build(self) -> str:
         raise NotImplementedError
@@ -899,6 +934,12 @@ class _Copied(_Op):
                      variables=column_names(up) | column_names(down or ""))
         self.chk = self.not_null_check(t, new) if src.not_null else None
         self.job(t, f"copy {old} into {new}", {"kind": "update", "set": [[new, up]]})
+        rows = f"~{t.rows:,} rows" if t.rows is not None else "every row"
+        self.warnings.append(
+            f"the copy rewrites every row of {t.qualified} ({rows}, "
+            f"{(t.bytes or 0) / 2**20:,.1f} MB now): a new version of each row, as much WAL "
+            "(replicas, backups), and dead versions vacuum must clear; the table does not "
+            "shrink by itself")
         if not down:
             self.warnings.append(f"no `down`: rows written through {new} alone do not update "
                                  f"{old}; until complete, write {old} (or give `down`)")
@@ -908,6 +949,11 @@ class _Copied(_Op):
                                  f"{new}; recreate them on {new} (e.g. a create_index "
                                  "operation in this migration) before complete drops "
                                  f"{old}; complete fails while a view depends on {old}")
+
+    def moves_to_end(self, t: TableShape, col: str) -> str:
+        return (f"after complete, {col} is the last column of {t.qualified} (the copy is a new "
+                "column): SELECT * and COPY or INSERT without a column list see the columns "
+                "in a new order")
 
     def swap(self, t: TableShape, old: str, new: str, *, rename_to: str | None,
              default: str | None = None) -> None:
@@ -960,6 +1006,7 @@ class RenameColumn(_Copied):
             view_schema = sqltext.identifier(view_schema, slot="`view_schema`")
             return self.by_view(t, old, new, view_schema)
         self.sync(t, old, new, src.type, quote(old), quote(new))
+        self.warnings.append(self.moves_to_end(t, new))
         # The default moves with the swap: on the new column before then, it would hide
         # which side an INSERT wrote.
         self.swap(t, old, new, rename_to=None, default=src.default)
@@ -1021,7 +1068,16 @@ class ChangeType(_Copied):
         if col in t.primary_key:
             raise InvalidInput(f"{self.where()}: {col} is part of the primary key; changing "
                                "a key column's type is not supported")
-        up = self.expression("using", f"{quote(col)}::{typ}")
+        cast_up = f"{quote(col)}::{typ}"
+        using = self.expression("using")
+        up = using or cast_up
+        narrowing = t.exists and not widening(src.type, typ)
+        if narrowing:
+            if using is None:
+                self.expr(t, cast_up, "type", cast_to=typ)
+            self.lossy(t, col, src.type, typ, cast_up, using)
+            if using is None:
+                up = self.checked_cast(t, col, src.type, typ)
         tmp = object_name("new", col)
         if tmp in t.columns:
             raise InvalidInput(f"{self.where()}: {t.qualified} already has a column {tmp}")
@@ -1035,6 +1091,16 @@ class ChangeType(_Copied):
         else:
             raise InvalidInput(f"{self.where()}: `down` must be an expression or false")
         self.sync(t, col, tmp, typ, up, down)
+        self.warnings.append(self.moves_to_end(t, col))
+        if narrowing and using is None:
+            # The gate compares the round trip, not the cast with itself: a value the cast
+            # changed reads back different.
+            self.check("start", f"every value of {tmp} reads back as {col} ({typ} to "
+                       f"{src.type})", sql.SQL(
+                           "SELECT NOT EXISTS (SELECT 1 FROM {t} WHERE {n}::{o} IS DISTINCT "
+                           "FROM {c})").format(t=t.ident, n=sql.Identifier(tmp),
+                                               o=sql.SQL(src.type), c=sql.Identifier(col)),
+                       duration="scan", table=t.qualified)
         if src.default is not None:
             self.warnings.append(f"{col} has a default ({src.default}); set it again on the "
                                  "new type after complete")
@@ -1045,6 +1111,60 @@ class ChangeType(_Copied):
 
     def irreversible(self) -> str | None:
         return f"the {self.old} column's old-type values"
+
+    def lossy(self, t: TableShape, col: str, old: str, typ: str, cast_up: str,
+              using: str | None) -> None:
+        """Count the values a plain cast to ``typ`` would change (the round trip reads back
+        different) or cannot convert. ``plan`` shows them; without ``using`` saying what they
+        become, ``start`` refuses (a plain ALTER TABLE would have raised)."""
+        c = sql.Identifier(col)
+        lost = sql.SQL("({up})::{o} IS DISTINCT FROM {c}").format(
+            up=sqltext.expression_sql(cast_up, percent=False), o=sql.SQL(old), c=c)
+        key = sql.SQL(", ").join(map(sql.Identifier, t.primary_key or (col,)))
+        q = sql.SQL("SELECT count(*) FILTER (WHERE {lost}), "
+                    "(array_agg(ROW({key})::text) FILTER (WHERE {lost}))[1:3] FROM {t}").format(
+            lost=lost, key=key, t=t.ident)
+        try:
+            with self.conn.transaction(force_rollback=True):
+                row = sqltext.execute_one(self.conn, q).fetchone()
+        except psycopg.Error as exc:
+            if using is not None and isinstance(exc, (
+                    psycopg.errors.CannotCoerce, psycopg.errors.UndefinedFunction)):
+                return   # no plain cast to compare with: `using` is the conversion
+            found = ("some values cannot be converted to " + typ + " at all: "
+                     + (exc.diag.message_primary or str(exc)).strip())
+        else:
+            n = int(row[0]) if row else 0
+            if not n:
+                self.warnings.append(
+                    f"{col} {old} to {typ} can lose data: checked against the {t.qualified} of "
+                    f"now, every value survives unchanged; from start on, a write of a value "
+                    f"that does not fit {typ} fails (as it would after complete)")
+                return
+            keys = ", ".join(str(k) for k in (row[1] if row and row[1] else ()))
+            found = (f"{n} value(s) of {t.qualified}.{col} would not survive the change to "
+                     f"{typ} unchanged (cast and read back as {old}, they differ; rows "
+                     f"{keys}{', …' if n > 3 else ''})")
+        if using is None:
+            self.blockers.append(
+                f"{found}. A plain ALTER TABLE would raise; start refuses until `using` says "
+                f"what they become (for instance a left(), round() or CASE over {col}), or "
+                "the data is fixed")
+        else:
+            self.warnings.append(f"{found}; `using` ({using}) decides what they become, and "
+                                 "complete drops the originals")
+
+    def checked_cast(self, t: TableShape, col: str, old: str, typ: str) -> str:
+        """``col::typ`` that raises instead of changing a value: the cast, read back as
+        ``old``, must equal the original (an explicit cast to varchar(200) truncates;
+        this fails the batch, or the write, with the column and the value)."""
+        c = quote(col)
+        message = sql.Literal(f"change_type of {t.qualified}.{col} to {typ} would change "
+                              "the value: ").as_string(self.conn)
+        # The failing branch casts the message to integer: a row-dependent expression (the
+        # value is in it), so it is evaluated only for a value that does not survive.
+        return (f"CASE WHEN ({c})::{typ}::{old} IS NOT DISTINCT FROM {c} THEN ({c})::{typ} "
+                f"WHEN ({message} || left(({c})::text, 40))::integer IS NULL THEN NULL END")
 
 
 class AddForeignKey(_Op):
@@ -1064,28 +1184,82 @@ class AddForeignKey(_Op):
             raise InvalidInput(f"{self.where()}: {len(cols)} columns reference "
                                f"{len(ref_cols)} columns")
         name = self.claim("constraint", t, self.ident("name", object_name("fk", t.name, *cols)))
-        on_delete = self.opt("on_delete", "NO ACTION").upper()
-        if on_delete not in ("NO ACTION", "RESTRICT", "CASCADE", "SET NULL", "SET DEFAULT"):
-            raise InvalidInput(f"{self.where()}: on_delete must be NO ACTION, RESTRICT, "
-                               f"CASCADE, SET NULL or SET DEFAULT, got {on_delete!r}")
+        on_delete = self.on_delete(t, ref, cols)
         join = sql.SQL(", ").join
+        # ALTER TABLE locks the child, then the parent; an application INSERT into the parent
+        # whose trigger writes the child (a split) locks them the other way round. Taking
+        # the parent first, then the child, before the statement makes the step wait for the
+        # application instead of deadlocking with it.
+        def order(mode: str) -> tuple[tuple[str, str, str], ...]:
+            tables = [ref] + ([t] if (t.schema, t.name) != (ref.schema, ref.name) else [])
+            return tuple((x.schema, x.name, mode) for x in tables)
+
+        both = (f"{ref.qualified}, then {t.qualified} (parent first, as the application's "
+                "writes through triggers take them; brief, under lock_timeout)"
+                if (t.schema, t.name) != (ref.schema, ref.name)
+                else f"{t.qualified} (brief, under lock_timeout)")
         self.add("start", f"add {name} NOT VALID (new rows are checked; no scan)", "tx",
                  sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) "
                          "ON DELETE {} NOT VALID").format(
                      t.ident, sql.Identifier(name), join(map(sql.Identifier, cols)), ref.ident,
                      join(map(sql.Identifier, ref_cols)),
                      sql.SQL(on_delete)),
-                 lock=f"SHARE ROW EXCLUSIVE on {t.qualified} and {ref.qualified} (brief, "
-                      "under lock_timeout)")
+                 lock=f"SHARE ROW EXCLUSIVE on {both}",
+                 lock_order=order("SHARE ROW EXCLUSIVE"))
         self.validate_constraint(t, name)
         self.add("rollback", f"drop {name}", "tx",
                  sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-                     t.ident, sql.Identifier(name)), lock=self.brief(t))
+                     t.ident, sql.Identifier(name)), lock=f"ACCESS EXCLUSIVE on {both}",
+                 lock_order=order("ACCESS EXCLUSIVE"))
         if t.exists and not self._indexed(t, cols):
             self.warnings.append(f"no index on {t.qualified} ({', '.join(cols)}): each delete "
                                  f"or key update on {ref.qualified} scans {t.qualified}; "
                                  "add a create_index operation")
         return f"foreign key {t.qualified} ({', '.join(cols)}) -> {ref.qualified}"
+
+    #: What a DELETE of a referenced row does, and what the old application version, which
+    #: knows nothing of the foreign key, sees when it deletes one.
+    _ON_DELETE = {
+        "restrict": "fails",
+        "no action": "fails",
+        "cascade": "also deletes the rows of {t} that reference it",
+        "set null": "sets {cols} of the rows of {t} that reference it to NULL",
+        "set default": "sets {cols} of the rows of {t} that reference it to their default",
+    }
+
+    def on_delete(self, t: TableShape, ref: TableShape, cols: tuple[str, ...]) -> str:
+        """``on_delete``, required: from start on, the old application version's ``DELETE``
+        of a referenced row meets the key, and only the author can say what it should do."""
+        raw = self.get("on_delete")
+        choices = ", ".join(f'"{k}"' for k in self._ON_DELETE)
+        if raw is None:
+            raise InvalidInput(
+                f"{self.where()}: `on_delete` is required ({choices}): from start on, a "
+                f"DELETE on {ref.qualified} by the running application meets this key. "
+                '"restrict" or "no action": the delete fails while a row of '
+                f"{t.qualified} references it; \"cascade\": those rows are deleted too; "
+                '"set null": their columns are set to NULL')
+        key = " ".join(str(raw).lower().replace("_", " ").split()) if isinstance(raw, str) \
+            else ""
+        if key not in self._ON_DELETE:
+            raise InvalidInput(f"{self.where()}: on_delete must be one of {choices}, got "
+                               f"{raw!r}")
+        what = self._ON_DELETE[key].format(t=t.qualified, cols=", ".join(cols))
+        if key in ("restrict", "no action"):
+            self.warnings.append(
+                f"on_delete = {key}: from start on, a DELETE on {ref.qualified} (or a "
+                f"change of its key) of a row that {t.qualified} references fails with a "
+                "foreign key violation (SQLSTATE 23503), for the old application version "
+                f"too: before start, the old version must delete (or re-point) the rows of "
+                f"{t.qualified} that reference a row before deleting it, in the same "
+                "transaction; otherwise choose cascade or set null"
+                + ("" if t.exists else f"; {t.qualified} is created by this migration, and "
+                   "the key's check runs before a trigger that mirrors the delete into it, "
+                   "so rows mirrored there block the delete too"))
+        else:
+            self.warnings.append(f"on_delete = {key}: from start on, a DELETE on "
+                                 f"{ref.qualified}, by either application version, {what}")
+        return key.upper()
 
     def _indexed(self, t: TableShape, cols: tuple[str, ...]) -> bool:
         row = self.conn.execute(
@@ -1224,6 +1398,9 @@ class SplitTable(_Op):
                  for c in cols]
         new = self.shape.create(into, [t.column(k) for k in key] + [t.column(c) for c in cols],
                                 key)
+        # Filled by the copy: the source's rows, and its size in proportion to the columns.
+        new.rows = t.rows
+        new.bytes = (t.bytes or 0) * (len(key) + len(cols)) // max(1, len(t.columns))
         ids = sql.SQL(", ").join
         defs.append(sql.SQL("PRIMARY KEY ({})").format(ids(map(sql.Identifier, key))))
         self.add("start", f"create table {new.qualified}", "tx",
@@ -1382,9 +1559,11 @@ class Backfill(_Op):
         spec: dict[str, Any] = {"kind": "update", "set": [[c, v] for c, v in raw.items()]}
         if where:
             spec["where"] = where
-        self.job(t, f"set {', '.join(raw)}", spec)
+        self.job(t, f"set {', '.join(raw)}", spec, undo_log=True)
         self.warnings.append("a backfill writes rows in place: rollback does not restore "
-                             "the old values")
+                             "the old values; its undo log (kept after complete and "
+                             "rollback, unless undo_log = false) lets `backfill revert JOB` "
+                             "restore them")
         return f"backfill {t.qualified}: set {', '.join(raw)}" + (f" where {where}" if where
                                                                    else "")
 
@@ -1461,6 +1640,43 @@ def ordered_steps(plans: Iterable[OpPlan]) -> dict[str, list[Step]]:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+#: Conversions that keep every value (the round trip reads back equal), by base type.
+_WIDER = {"int2": {"int4", "int8", "numeric", "float8"}, "int4": {"int8", "numeric"},
+          "int8": {"numeric"}, "float4": {"float8"}, "varchar": {"text"}}
+
+
+def _type_parts(text: str) -> tuple[str, tuple[int, ...], bool] | None:
+    """``character varying(50)`` -> ``("varchar", (50,), False)``: base, modifiers, array."""
+    try:
+        stmt: Any = parse_sql(f"SELECT NULL::{text}")[0].stmt
+        tn = stmt.targetList[0].val.typeName
+        mods = tuple(int(m.val.ival) for m in (tn.typmods or ()))
+    except (ParseError, AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return str(tn.names[-1].sval), mods, bool(tn.arrayBounds)
+
+
+def widening(old: str, new: str) -> bool:
+    """Whether every value of type ``old`` survives a cast to ``new`` unchanged, by the types
+    alone; False means "ask the data"."""
+    a, b = _type_parts(old), _type_parts(new)
+    if a is None or b is None or a[2] or b[2]:
+        return a == b and a is not None
+    (base_a, mods_a, _), (base_b, mods_b, _) = a, b
+    if base_a != base_b:
+        return base_b in _WIDER.get(base_a, set()) and (base_b != "numeric" or not mods_b)
+    if not mods_b or mods_a == mods_b:
+        return True
+    if not mods_a:
+        return False
+    if base_a in ("varchar", "bpchar"):
+        return mods_b[0] >= mods_a[0]
+    if base_a == "numeric":
+        scale_a = mods_a[1] if len(mods_a) > 1 else 0
+        scale_b = mods_b[1] if len(mods_b) > 1 else 0
+        return scale_b >= scale_a and mods_b[0] - scale_b >= mods_a[0] - scale_a
+    return False
 
 
 def quote(name: str) -> str:

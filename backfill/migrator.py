@@ -24,6 +24,7 @@ import datetime as dt
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from backfill import sqltext, store
-from backfill.api import Backfill, create_job
-from backfill.catalog import Conn
+from backfill.api import Backfill, create_job, undo_log_exists
+from backfill.catalog import Conn, primary_key_of
 from backfill.db import connect, redact_text
 from backfill.durations import format_duration
 from backfill.errors import (
@@ -49,6 +50,7 @@ from backfill.errors import (
     MigrationWaiting,
     PreflightFailed,
 )
+from backfill.kinds import undo_table
 from backfill.logs import get_logger
 from backfill.migration import (
     PHASES,
@@ -69,6 +71,8 @@ log = get_logger(component="migrate")
 #: First key of the two-key advisory lock a migration's runner holds ("bfmi").
 _LOCK_CLASS = 0x62666D69 - 2**31
 _LOCK_ERRORS = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected)
+_LOCK_MODES = frozenset({"ACCESS SHARE", "ROW SHARE", "ROW EXCLUSIVE", "SHARE UPDATE EXCLUSIVE",
+                         "SHARE", "SHARE ROW EXCLUSIVE", "EXCLUSIVE", "ACCESS EXCLUSIVE"})
 #: Crash injection for tests: ``BACKFILL_FAILPOINT=migrate:<phase>:<step_no>`` exits the
 #: process right after that step's effect is applied, before anything else is recorded.
 FAILPOINT_ENV = "BACKFILL_FAILPOINT"
@@ -235,6 +239,7 @@ class Migrator:
                 rec = self._set_state(conn, rec.id, "completing", "gate passed; contract "
                                       "begins")
             self._run_phase(conn, rec, "complete")
+            self._drop_undo_logs(conn, rec, "complete")
             return self._set_state(conn, rec.id, "completed", "complete finished")
 
     def rollback(self, ref: str) -> MigrationRecord:
@@ -261,9 +266,36 @@ class Migrator:
                     self._event(conn, rec.id, "job", f"cancelled backfill job {job.id}",
                                 phase="rollback")
             self._run_phase(conn, rec, "rollback")
+            self._drop_undo_logs(conn, rec, "rollback")
             return self._set_state(conn, rec.id, "rolled_back", "rollback finished")
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _drop_undo_logs(self, conn: Conn, rec: MigrationRecord, phase: str) -> None:
+        """Drop the undo logs of the jobs that filled what the migration added (a new column,
+        a renamed or retyped copy): after complete or rollback nothing can use them, and they
+        are as large as the column. A ``backfill`` operation's log is kept: its old values are
+        the application's data, and ``backfill revert`` can still restore them."""
+        ops = rec.definition.get("operations") or []
+        for s in _steps(conn, rec.id, "start"):
+            if s.job_id is None or not undo_log_exists(conn, s.job_id):
+                continue
+            if s.step.op < len(ops) and ops[s.step.op].get("op") == "backfill":
+                continue
+            with conn.transaction():
+                # The job's row lock, as revert and prune take it.
+                conn.execute("SELECT 1 FROM backfill.jobs WHERE id = %s FOR UPDATE",
+                             (s.job_id,))
+                size = conn.execute("SELECT pg_total_relation_size(%s::regclass)",
+                                    (undo_table(s.job_id).as_string(conn),)).fetchone()
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(undo_table(s.job_id)))
+                n = int(size[0]) if size and size[0] is not None else 0
+                store.add_event(conn, s.job_id, "undo_pruned", actor=self.actor,
+                                reason=f"migration {rec.id} {phase}: undo log dropped "
+                                       f"({n} bytes)", details={"bytes": n})
+                self._event(conn, rec.id, "cleanup", f"dropped the undo log of backfill job "
+                            f"{s.job_id} ({n / 2**20:,.1f} MB): nothing can use it after "
+                            f"{phase}", phase=phase, details={"job_id": s.job_id, "bytes": n})
 
     @contextmanager
     def _locked(self, ref: str) -> Iterator[Conn]:
@@ -303,6 +335,9 @@ class Migrator:
                                  f"completed: {', '.join(missing)}")
         with conn.transaction(force_rollback=True):   # the plan writes nothing, whatever it runs
             plans = build_plan(conn, mig)  # validates every operation before anything is written
+        blockers = [f"operation {p.op + 1} ({p.kind}): {b}" for p in plans for b in p.blockers]
+        if blockers:
+            raise InvalidInput(f"migration {mig.id} cannot start:\n  " + "\n  ".join(blockers))
         steps = ordered_steps(plans)
         with conn.transaction():
             if previous is None:
@@ -377,12 +412,16 @@ class Migrator:
                         f"({s.step.description}): {message}")
 
     def _done(self, conn: Conn, rec: MigrationRecord, s: StepRecord, message: str,
-              attempts: int = 1) -> None:
+              attempts: int = 1, started: dt.datetime | None = None) -> None:
+        # clock_timestamp, not now(): a transactional step's mark shares the step's
+        # transaction, and now() would be its start. ``started``: when the step began (before
+        # its first lock attempt), for steps whose start was not recorded on its own.
         conn.execute(
             """UPDATE backfill.migration_steps SET state = 'done', attempts = attempts + %s,
-               finished_at = now(), last_error = NULL, started_at = coalesce(started_at, now())
+               finished_at = clock_timestamp(), last_error = NULL,
+               started_at = coalesce(started_at, %s, now())
                WHERE migration_id = %s AND phase = %s AND step_no = %s""",
-            (attempts, rec.id, s.phase, s.step_no))
+            (attempts, started, rec.id, s.phase, s.step_no))
         self._event(conn, rec.id, "step", message, phase=s.phase, step_no=s.step_no)
 
     def _run_phase(self, conn: Conn, rec: MigrationRecord, phase: str, *,
@@ -450,15 +489,29 @@ class Migrator:
                                    "run the command again to continue")
 
     def _run_tx(self, conn: Conn, rec: MigrationRecord, s: StepRecord) -> None:
+        started = _clock(conn)
         attempt = 0
         while True:
             attempt += 1
             try:
                 with conn.transaction():
                     self._timeouts(conn, rec, s, local=True)
+                    for schema, table, mode in s.step.lock_order:
+                        if mode not in _LOCK_MODES:
+                            raise MigrationError(f"unknown lock mode {mode!r} in step "
+                                                 f"{s.step_no}")
+                        # In the step's order, under its lock_timeout; a table already
+                        # gone (a rollback re-run) has nothing left to lock.
+                        name = sql.Identifier(schema, table).as_string(conn)
+                        row = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+                        if row is None or row[0] is None:
+                            continue
+                        conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(
+                            sql.Identifier(schema, table), sql.SQL(mode)))
                     for statement in s.step.statements:
                         sqltext.execute_one(conn, statement)   # alone, extended protocol
-                    self._done(conn, rec, s, f"done: {s.step.description}", attempts=attempt)
+                    self._done(conn, rec, s, f"done: {s.step.description}", attempts=attempt,
+                               started=started)
             except _LOCK_ERRORS as exc:
                 self._lock_wait(conn, rec, s, attempt, exc)
                 continue
@@ -536,6 +589,7 @@ class Migrator:
         return True
 
     def _run_check(self, conn: Conn, rec: MigrationRecord, s: StepRecord) -> None:
+        started = _clock(conn)
         try:
             with conn.transaction():
                 conn.execute("SET LOCAL statement_timeout = '5min'")
@@ -546,7 +600,7 @@ class Migrator:
             raise self._fail(conn, rec, s, "validation failed: it is not true that "
                              f"{s.step.description}")
         with conn.transaction():
-            self._done(conn, rec, s, f"validated: {s.step.description}")
+            self._done(conn, rec, s, f"validated: {s.step.description}", started=started)
         _failpoint(s)
 
     def _job_for(self, conn: Conn, rec: MigrationRecord, s: StepRecord,
@@ -636,7 +690,12 @@ class Migrator:
                 if job.state != JobState.SUCCEEDED:
                     reasons.append(f"backfill job {job.id} is {job.state}")
                     continue
-                report = bf.verify(job.id)
+                try:
+                    report = bf.verify(job.id)
+                except psycopg.Error as exc:   # a checked cast raised on a changed value
+                    reasons.append(f"backfill job {job.id} cannot be verified: "
+                                   f"{_pg_message(exc)}")
+                    continue
                 if not report.ok:
                     reasons.append(f"backfill job {job.id} does not verify: "
                                    + (report.unverifiable or "; ".join(
@@ -713,17 +772,56 @@ def _pg_message(exc: psycopg.Error) -> str:
     return redact_text(text)
 
 
+def _clock(conn: Conn) -> dt.datetime | None:
+    """The server's clock now (not the transaction's start), for a step's started_at."""
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    return row[0] if row else None
+
+
 def _failpoint(s: StepRecord) -> None:
     if os.environ.get(FAILPOINT_ENV) == f"migrate:{s.phase}:{s.step_no}":
         os._exit(137)
 
 
 def estimate_rows_per_s(conn: Conn) -> float | None:
-    """Rows/s of this database's recent successful jobs (the median of the last 20), if any."""
+    """Rows/s of this database's recent successful jobs (the median of the last 20 that
+    scanned at least 1,000 rows), if any. A short job counts too: its start-up makes its rate
+    an underestimate, never an overestimate."""
     row = conn.execute(
         """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY rate) FROM (
                SELECT sum(s.rows_scanned) / extract(epoch FROM j.finished_at - j.started_at) AS rate
                FROM backfill.jobs j JOIN backfill.slices s ON s.job_id = j.id
-               WHERE j.state = 'succeeded' AND j.finished_at > j.started_at + interval '1 second'
-               GROUP BY j.id ORDER BY j.finished_at DESC LIMIT 20) r""").fetchone()
+               WHERE j.state = 'succeeded' AND j.finished_at > j.started_at
+               GROUP BY j.id HAVING sum(s.rows_scanned) >= 1000
+               ORDER BY j.finished_at DESC LIMIT 20) r""").fetchone()
     return float(row[0]) if row and row[0] else None
+
+
+def sample_rows_per_s(conn: Conn, table: str, rows: int = 1000) -> float | None:
+    """Rows/s of a row-by-row update of ``table``, measured: the first ``rows`` rows by key
+    that no one holds (SKIP LOCKED: it never waits for the application) are updated to
+    themselves in a transaction that is rolled back. None when the table is too small or
+    busy to tell."""
+    schema, name = sqltext.qualified_name(table)
+    ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
+    row = conn.execute("SELECT to_regclass(%s)::oid", (ident.as_string(conn),)).fetchone()
+    if not row or row[0] is None:
+        return None
+    key = primary_key_of(conn, int(row[0]))
+    if not key:
+        return None
+    k = sql.SQL(", ").join(map(sql.Identifier, key))
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("SELECT set_config('lock_timeout', '100ms', true), "
+                         "set_config('statement_timeout', '5s', true)")
+            t0 = time.monotonic()
+            cur = conn.execute(sql.SQL(
+                "UPDATE {t} SET {k0} = {k0} WHERE ({k}) IN (SELECT {k} FROM {t} ORDER BY {k} "
+                "LIMIT {n} FOR NO KEY UPDATE SKIP LOCKED)").format(
+                    t=ident, k0=sql.Identifier(key[0]), k=k, n=sql.Literal(rows)))
+            elapsed = time.monotonic() - t0
+            n = cur.rowcount
+    except psycopg.Error:
+        return None
+    return n / elapsed if n >= 100 and elapsed > 0 else None

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from backfill.errors import GateClosed, MigrationError
-from backfill.migration import parse
+from backfill.errors import GateClosed, InvalidInput, MigrationError
+from backfill.migration import ordered_steps, parse
 from backfill.migrator import Migrator
 from tests.integration.helpers import cli, cli_popen, scalar, wait_for
 
@@ -83,6 +83,7 @@ op = "add_foreign_key"
 table = "users"
 columns = ["team_id"]
 references = "teams"
+on_delete = "set null"
 
 [[operations]]
 op = "add_check"
@@ -602,11 +603,17 @@ def test_plan_prints_goal_impact_risk_rollback_and_an_estimate(dsn: str, tmp_pat
                     "start (expand + backfill)", "complete (contract"):
         assert heading in r.stdout
     assert "public.users: ~2,000 rows" in r.stdout
-    assert "2,000 rows at 10,000 rows/s (assumed)" in r.stdout
+    # No job has run here yet: the rate is sampled, not assumed.
+    assert "2,000 rows at " in r.stdout
+    assert "rows/s (sampled: a rolled-back update" in r.stdout
+    assert "(assumed)" not in r.stdout
     doc = json.loads(cli(dsn, "migrate", "plan", str(path), "--json").stdout)
     assert doc["risk"] == "high"
     assert any("users.name" in x for x in doc["irreversible_on_complete"])
-    assert doc["phases"]["start"]["estimated_s"] > 0
+    # 2,000 rows at a sampled rate may round to 0.0 s; every backfill still says its basis.
+    assert doc["phases"]["start"]["estimated_s"] >= 0
+    assert all("rows at" in st["estimate_basis"] for st in doc["phases"]["start"]["steps"]
+               if st["mode"] == "backfill")
     assert scalar(dsn, "SELECT count(*) FROM backfill.migrations") == 0
 
 
@@ -776,3 +783,245 @@ def test_merge_refuses_source_rows_without_a_target_and_pulls_late_inserts(dsn: 
     assert scalar(dsn, "SELECT bio FROM people WHERE id = 500") == "orphan"
     assert scalar(dsn, "SELECT bio FROM people WHERE id = 600") == "early"
     assert scalar(dsn, "SELECT count(*) FROM people WHERE bio = 'b' || id") == 100
+
+
+def _undo_tables(dsn: str) -> list[str]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return [r[0] for r in c.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'backfill'::regnamespace "
+            "AND relkind = 'r' AND relname LIKE 'undo\\_%' ORDER BY 1").fetchall()]
+
+
+UNDO = """
+id = "m-undo"
+[backfill]
+batch_size = 100
+undo_log = UNDO
+[[operations]]
+op = "rename_column"
+table = "users"
+column = "name"
+to = "full_name"
+[[operations]]
+op = "change_type"
+table = "users"
+column = "score"
+type = "bigint"
+[[operations]]
+op = "backfill"
+table = "users"
+set = { bio = "upper(bio)" }
+"""
+
+
+def test_undo_logs_of_a_migrations_fills_are_dropped_at_complete_and_rollback(dsn: str) -> None:
+    _users(dsn, 300)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(UNDO.replace("UNDO", "true")))
+    assert len(_undo_tables(dsn)) == 3
+    m.complete("m-undo")
+    # The fills' logs are gone; the backfill operation's (the application's old bios) stays.
+    assert len(_undo_tables(dsn)) == 1
+    assert sum("dropped the undo log" in e[3] for e in _events(dsn, "m-undo")) == 2
+
+    m.start(_mig(UNDO.replace("UNDO", "true").replace('"m-undo"', '"m-undo2"')
+                 .replace('"name"', '"full_name"').replace('to = "full_name"', 'to = "nm"')))
+    assert len(_undo_tables(dsn)) == 4
+    m.rollback("m-undo2")
+    assert len(_undo_tables(dsn)) == 2
+
+
+def test_undo_log_false_is_accepted_and_fills_keep_no_log_by_default(dsn: str) -> None:
+    _users(dsn, 300)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(UNDO.replace("UNDO", "false")))
+    assert _undo_tables(dsn) == []
+    m.rollback("m-undo")
+    m.start(_mig(UNDO.replace("undo_log = UNDO\n", "").replace('"m-undo"', '"m-undo3"')))
+    assert len(_undo_tables(dsn)) == 1   # only the backfill operation's
+
+
+PROFILE_FK = """
+id = "m-fk"
+[settings]
+lock_timeout = "LOCK_TIMEOUT"
+[[operations]]
+op = "add_foreign_key"
+table = "user_profiles"
+columns = ["id"]
+references = "users"
+ON_DELETE
+"""
+
+
+def test_a_foreign_key_needs_an_explicit_on_delete_and_the_plan_says_what_the_old_app_must_do(
+        dsn: str) -> None:
+    _users(dsn, 50)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(SPLIT))
+    fk = PROFILE_FK.replace("LOCK_TIMEOUT", "2s")
+    with pytest.raises(InvalidInput, match=r'`on_delete` is required .*"cascade"'):
+        m.plan(_mig(fk.replace("ON_DELETE", "")))
+    with pytest.raises(InvalidInput, match="on_delete must be one of"):
+        m.plan(_mig(fk.replace("ON_DELETE", 'on_delete = "drop"')))
+    plans = m.plan(_mig(fk.replace("ON_DELETE", 'on_delete = "no action"')))
+    warning = " ".join(plans[0].warnings)
+    assert "DELETE on public.users" in warning
+    assert "the old version must delete" in warning
+    plans = m.plan(_mig(fk.replace("ON_DELETE", 'on_delete = "cascade"')))
+    assert "also deletes the rows of public.user_profiles" in " ".join(plans[0].warnings)
+
+    # What the plan warns of: with no action, the old version's delete fails, even though
+    # the split's trigger would mirror it (the key's check comes first)...
+    m.start(_mig(fk.replace("ON_DELETE", 'on_delete = "no action"')))
+    with psycopg.connect(dsn, autocommit=True) as c, pytest.raises(
+            psycopg.errors.ForeignKeyViolation):
+        c.execute("DELETE FROM users WHERE id = 7")
+    # ...and with cascade it goes through.
+    m.rollback("m-fk")
+    m.start(_mig(fk.replace("ON_DELETE", 'on_delete = "cascade"').replace("m-fk", "m-fk2")))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DELETE FROM users WHERE id = 7")
+        assert c.execute("SELECT count(*) FROM user_profiles WHERE id = 7").fetchone() == (0,)
+
+
+def _waiting(dsn: str, like: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return bool(c.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE %s", (like,)).fetchone() == (1,))
+
+
+def test_a_foreign_key_step_waits_for_the_application_instead_of_deadlocking(dsn: str) -> None:
+    """The interleaving that deadlocked, forced: a session holds the child (user_profiles),
+    so the foreign-key step waits; meanwhile the application inserts into the parent (users),
+    whose split trigger writes the child. Locking the parent first, the step makes the
+    application wait for it instead of the two waiting for each other."""
+    _users(dsn, 50)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(SPLIT))
+    errors: list[BaseException] = []
+
+    def run(fn: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+        th = threading.Thread(target=target, daemon=True)
+        th.start()
+        return th
+
+    def app_insert() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("INSERT INTO users (id, email, name, bio) VALUES (9000, 'a@b', 'a', 'x')")
+
+    fk = PROFILE_FK.replace("LOCK_TIMEOUT", "20s").replace("ON_DELETE", 'on_delete = "cascade"')
+    with psycopg.connect(dsn) as holder:
+        holder.execute("LOCK TABLE user_profiles IN ROW EXCLUSIVE MODE")
+        step = run(lambda: Migrator(dsn, actor="tester").start(_mig(fk)))
+        wait_for(lambda: _waiting(dsn, "%user_profiles%MODE%")
+                 or _waiting(dsn, "ALTER TABLE%user_profiles%"), timeout=20,
+                 what="the foreign-key step waiting for user_profiles")
+        app = run(app_insert)
+        wait_for(lambda: _waiting(dsn, "INSERT INTO users%"), timeout=20,
+                 what="the application's insert waiting")
+    # The holder commits: the step goes on, then the application's insert.
+    step.join(30)
+    app.join(30)
+    assert errors == []
+    assert [e for e in _events(dsn, "m-fk") if e[0] == "retry"] == []
+    assert scalar(dsn, "SELECT count(*) FROM user_profiles WHERE id = 9000") == 1
+
+
+NARROW = """
+id = "m-narrow"
+[[operations]]
+op = "change_type"
+table = "users"
+column = "bio"
+type = "varchar(200)"
+USING
+"""
+
+
+def test_a_narrowing_type_change_is_checked_against_the_data_and_never_truncates(
+        dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 100)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET bio = repeat('x', 415) || id WHERE id <= 20")
+    m = Migrator(dsn, actor="tester")
+    plain = NARROW.replace("USING", "")
+    # plan shows how many values would not survive; start refuses, writing nothing.
+    r = cli(dsn, "migrate", "plan", str(_write_file(tmp_path, plain)))
+    assert r.returncode == 0, r.stderr
+    assert "start refuses" in r.stdout
+    assert "20 value(s) of public.users.bio" in r.stdout
+    with pytest.raises(InvalidInput, match=r"20 value\(s\) .* until `using` says"):
+        m.start(_mig(plain))
+    assert scalar(dsn, "SELECT count(*) FROM backfill.migrations") == 0
+
+    # The fill raises rather than truncates: its expression, over a value that does not fit.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE users SET bio = left(bio, 150) WHERE id <= 20")
+    steps = ordered_steps(m.plan(_mig(plain)))["start"]
+    (fill,) = [s.job for s in steps if s.job]
+    expr = fill["set"][0][1]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        assert c.execute(f"SELECT ({expr}) FROM users WHERE id = 1").fetchone() == ("x" * 150,)
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation, match="would change"):
+            c.execute(f"SELECT ({expr}) FROM (SELECT repeat('y', 300) AS bio) AS users")
+
+    # The gate compares the round trip: a truncated copy (as the old fill wrote) is refused.
+    m.start(_mig(plain))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SET session_replication_role = replica")   # no trigger: a bad copy
+        c.execute("UPDATE users SET bio = repeat('z', 415), bf_new_bio = repeat('z', 200) "
+                  "WHERE id = 5")
+    with pytest.raises(GateClosed, match="reads back as bio"):
+        m.complete("m-narrow")
+    m.rollback("m-narrow")
+
+    # A conversion with no plain cast at all is `using`'s alone: nothing to compare.
+    assert m.plan(_mig(NARROW.replace('"bio"', '"score"').replace('"varchar(200)"', '"date"')
+                       .replace("USING", "using = \"date '2020-01-01' + score\"\ndown = false")))
+    # With `using` saying what to do, it goes through.
+    m.start(_mig(NARROW.replace("USING", 'using = "left(bio, 200)"')
+                 .replace("m-narrow", "m-narrow2")))
+    m.complete("m-narrow2")
+    assert scalar(dsn, "SELECT max(length(bio)) FROM users") == 200
+
+
+def test_plan_estimates_from_measured_rates_and_filled_sizes_and_says_what_a_copy_costs(
+        dsn: str, tmp_path: Path) -> None:
+    _users(dsn, 3000)
+    m = Migrator(dsn, actor="tester")
+    m.start(_mig(SPLIT))
+    # Every step's time is its own: a transactional step's start is not its commit.
+    assert scalar(dsn, "SELECT count(*) FROM backfill.migration_steps WHERE state = 'done' "
+                  "AND NOT finished_at > started_at") == 0
+    m.rollback("m-split")
+    fk = PROFILE_FK.replace("LOCK_TIMEOUT", "2s").replace("ON_DELETE", 'on_delete = "cascade"')
+    text = SPLIT + fk[fk.index("[[operations]]"):] + """
+[[operations]]
+op = "change_type"
+table = "users"
+column = "score"
+type = "bigint"
+"""
+    doc = json.loads(cli(dsn, "migrate", "plan", str(_write_file(tmp_path, text)),
+                         "--json").stdout)
+    steps = doc["phases"]["start"]["steps"]
+    (validate,) = [s for s in steps if s["description"].startswith("validate bf_fk_")]
+    # The foreign key is validated on the table the split fills: its size once filled.
+    assert "once filled" in validate["estimate_basis"]
+    assert "scans 0.0 MB" not in validate["estimate_basis"]
+    assert validate["estimated_s"] >= 0
+    # The jobs of the split this database ran are its measured rate.
+    fills = [s for s in steps if s["mode"] == "backfill"]
+    assert all("measured on this database" in s["estimate_basis"] for s in fills)
+    warnings = " ".join(doc["warnings"])
+    assert "the copy rewrites every row of public.users" in warnings
+    assert "score is the last column of public.users" in warnings
+    r = cli(dsn, "migrate", "plan", str(_write_file(tmp_path, text)))
+    assert "public.user_profiles: created by this migration; ~3,000 rows" in r.stdout

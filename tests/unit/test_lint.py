@@ -46,6 +46,17 @@ def rules(sql: str) -> list[str]:
     ("CREATE TABLE t (id serial PRIMARY KEY, v text);", "int-primary-key"),
     ("CREATE TABLE t (id int PRIMARY KEY, v text);", "int-primary-key"),
     ("ALTER TABLE orders ADD COLUMN note text;", "missing-lock-timeout"),
+    (T + "DROP INDEX orders_customer_idx;", "drop-index-not-concurrent"),
+    (T + "DROP INDEX IF EXISTS s.i, s.j;", "drop-index-not-concurrent"),
+    (T + "ALTER TABLE orders ADD COLUMN region text NOT NULL;", "add-column-not-null-no-default"),
+    (T + "ALTER TABLE orders ADD COLUMN seq bigserial;", "add-column-rewrite"),
+    (T + "ALTER TABLE orders ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY;",
+     "add-column-rewrite"),
+    (T + "ALTER TABLE orders ADD COLUMN t numeric GENERATED ALWAYS AS (qty * price) STORED;",
+     "add-column-rewrite"),
+    (T + "ALTER TABLE rooms ADD CONSTRAINT x EXCLUDE USING gist (during WITH &&);",
+     "exclusion-constraint"),
+    ("DROP DATABASE app;", "drop-database"),
 ])
 def test_unsafe_statements_are_flagged(sql: str, rule: str) -> None:
     assert rule in rules(sql)
@@ -76,6 +87,15 @@ def test_unsafe_statements_are_flagged(sql: str, rule: str) -> None:
     "CREATE INDEX t_v ON t (v);\nALTER TABLE t ADD CONSTRAINT c CHECK (v <> '');",
     "REINDEX INDEX CONCURRENTLY orders_pkey;",
     "VACUUM orders;",
+    T + "DROP INDEX CONCURRENTLY IF EXISTS orders_customer_idx;",
+    T + "ALTER TABLE orders ADD COLUMN region text NOT NULL DEFAULT 'eu';",
+    T + "ALTER TABLE orders ADD COLUMN seq bigint;",
+    # A table created in the same file: nobody else uses it yet.
+    "CREATE TABLE t (id bigint PRIMARY KEY, v text);\n"
+    "ALTER TABLE t ADD COLUMN w text NOT NULL;\n"
+    "ALTER TABLE t ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY;\n"
+    "ALTER TABLE t ADD CONSTRAINT x EXCLUDE USING gist (v WITH =);\n"
+    "CREATE INDEX t_v ON t (v);\nDROP INDEX t_v;",
 ])
 def test_safe_statements_pass_clean(sql: str) -> None:
     assert rules(sql) == []
