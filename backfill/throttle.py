@@ -13,6 +13,19 @@ DEAD_BAND = 0.15
 #: Largest growth factor per batch; shrinking is faster so an overload is left quickly.
 MAX_GROWTH = 1.5
 MAX_SHRINK = 0.5
+#: Growth of the lock-wait ceiling per batch that kept every blocked session within budget:
+#: a slow probe back up (additive-increase, multiplicative-decrease, as TCP does).
+CEILING_GROWTH = 1.1
+
+
+@dataclass(frozen=True)
+class LockWaits:
+    """Application sessions blocked behind a batch, sampled just before its COMMIT (they
+    all wait until it commits: the sample sees every one still waiting)."""
+
+    sessions: int = 0
+    #: The longest of their waits so far (ms); each waits until COMMIT, a moment later.
+    max_wait_ms: float = 0.0
 
 
 @dataclass
@@ -31,9 +44,22 @@ class BatchSizer:
     #: rows, below ``min_batch_size`` if need be: a low rate gives small, frequent batches
     #: (locks held briefly, the cap true over any minute), not one huge batch and a long sleep.
     rate: float | None = None
+    #: The largest batch that kept blocked application sessions within the lock-wait budget
+    #: (``None``: none blocked beyond it yet). Lowered in proportion to an overrun, raised
+    #: by ``CEILING_GROWTH`` per batch that stayed within budget.
+    ceiling: int | None = None
 
-    def observe(self, rows: int, duration_ms: float, options: JobOptions) -> int:
-        """Record a finished batch and return the size of the next one."""
+    def observe(self, rows: int, duration_ms: float, options: JobOptions,
+                waits: LockWaits | None = None) -> int:
+        """Record a finished batch (and the sessions it blocked) and return the next size.
+
+        Throughput is maximised under a latency bound: the size moves toward the target
+        duration, but never above the ceiling the lock-wait budget sets. A session blocked
+        by a batch waits for its COMMIT, so its wait grows with the batch's duration: when
+        the longest one exceeds ``lock_wait_budget_ms`` the ceiling drops to
+        ``size * budget / wait`` (at most halving), and the next batch with it.
+        """
+        self._observe_waits(rows, waits, options)
         if rows > 0 and duration_ms >= 0:
             sample = max(duration_ms, 0.01) / rows
             if self.ms_per_row is None:
@@ -50,6 +76,20 @@ class BatchSizer:
             self.size = int(self.size * ratio)
         return self.clamp(options)
 
+    def _observe_waits(self, rows: int, waits: LockWaits | None, options: JobOptions) -> None:
+        budget = options.lock_wait_budget_ms
+        if not budget or waits is None or rows <= 0:
+            return
+        if waits.sessions > 0 and waits.max_wait_ms > budget:
+            cut = max(budget / waits.max_wait_ms, MAX_SHRINK)
+            base = min(rows, self.ceiling) if self.ceiling is not None else rows
+            self.ceiling = max(1, int(base * cut))
+        elif self.ceiling is not None and rows >= self.ceiling:
+            # Within budget at the ceiling: probe upwards; far below it there is no news.
+            self.ceiling = int(self.ceiling * CEILING_GROWTH) + 1
+            if self.ceiling >= options.max_batch_size:
+                self.ceiling = None
+
     def shrink(self, options: JobOptions) -> int:
         """After a statement timeout: halve the size (and forget the per-row estimate)."""
         capped = rate_cap(self.rate, options) < options.min_batch_size
@@ -60,6 +100,9 @@ class BatchSizer:
     def clamp(self, options: JobOptions) -> int:
         self.size = min(max(self.size, options.min_batch_size), options.max_batch_size,
                         rate_cap(self.rate, options))
+        if self.ceiling is not None and self.size > self.ceiling:
+            # Below min_batch_size if need be: the budget is about the application.
+            self.size = max(1, self.ceiling)
         return self.size
 
 

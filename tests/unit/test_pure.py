@@ -19,7 +19,7 @@ from backfill.options import JobOptions, build_options
 from backfill.retry import Verdict, classify
 from backfill.spec import JobSpec, parse_set, update
 from backfill.states import TRANSITIONS, JobState, check_transition
-from backfill.throttle import BatchSizer, eta_seconds, rate_delay
+from backfill.throttle import BatchSizer, LockWaits, eta_seconds, rate_delay
 
 
 @pytest.mark.parametrize(
@@ -96,6 +96,38 @@ def test_sizer_ignores_one_slow_batch_and_shrinks_on_timeout() -> None:
     assert after_spike >= steady * 0.5
     assert sizer.shrink(opts) == after_spike // 2
     assert BatchSizer(size=10).shrink(JobOptions(batch_size=10)) == 10  # bounded below
+
+
+def test_blocked_sessions_over_budget_cap_the_batch_size() -> None:
+    """Throughput under a latency bound: an application session blocked longer than the
+    lock-wait budget shrinks the next batch in proportion; waits within budget change
+    nothing; the ceiling then climbs back slowly, and the budget 0 turns it off."""
+    opts = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=100)
+    sizer = BatchSizer(size=40_000)
+    assert sizer.observe(40_000, 500, opts, LockWaits(0, 0.0)) == 40_000  # nobody blocked
+    assert sizer.observe(40_000, 500, opts, LockWaits(2, 80.0)) == 40_000  # within budget
+    assert sizer.observe(40_000, 500, opts, LockWaits(1, 200.0)) == 20_000  # 2x over: half
+    assert sizer.ceiling == 20_000
+    assert sizer.observe(20_000, 250, opts, LockWaits(1, 400.0)) == 10_000  # at most halved
+    # The per-row time says 50k rows fit 500 ms, but the ceiling holds; within budget it
+    # climbs by 10 % a batch, and a new overrun brings it down again.
+    sizes = [sizer.observe(sizer.size, sizer.size * 0.01, opts, LockWaits()) for _ in range(5)]
+    assert sizes == sorted(sizes)
+    assert sizes[0] == 11_001
+    assert sizes[-1] < 16_200
+    before = sizer.size
+    assert sizer.observe(before, before * 0.01, opts, LockWaits(3, 125.0)) == int(before * 0.8)
+    # Far below the ceiling (the last short batch of a slice) says nothing about it.
+    ceiling = sizer.ceiling
+    sizer.observe(10, 0.1, opts, LockWaits())
+    assert sizer.ceiling == ceiling
+    off = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=0)
+    free = BatchSizer(size=40_000)
+    assert free.observe(40_000, 500, off, LockWaits(5, 10_000.0)) == 40_000
+    assert free.ceiling is None
+    assert build_options(lock_wait_budget="50ms").lock_wait_budget_ms == 50.0
+    with pytest.raises(InvalidOption):
+        JobOptions(lock_wait_budget_ms=-1)
 
 
 def test_a_rate_cap_keeps_batches_small_and_frequent() -> None:
