@@ -15,7 +15,7 @@ timed from its process start to its exit:
 - ``backfill-no-undo``: the same with ``--no-undo-log``;
 - ``backfill-10k``: ``--no-undo-log --batch-size 10000`` fixed (min = max = 10k).
 
-Per method: rows/s ÷ the single UPDATE's (median, min–max over repeats), the application's
+Per method: rows/s ÷ the single UPDATE's (median, min-max over repeats), the application's
 p50/p99/max latency over the transactions that finished while the method ran (from pgbench's
 per-transaction log; with ``--rate`` pgbench counts from each transaction's scheduled start,
 as an application's user would), and the replica's max lag (an independent heartbeat every
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         else None
     lines = [f"{human(args.rows)} rows, PostgreSQL {version} + streaming replica, app: "
              f"pgbench {args.clients} clients at {args.tps:g} tx/s (update + read a random "
-             f"row), {args.repeats} repeat(s); median (min–max)", "",
+             f"row), {args.repeats} repeat(s); median (min-max)", "",
              "| method | rows/s ÷ single UPDATE | rows/s | app p99 during the run | app max | "
              "replica max lag |", "|---|---|---|---|---|---|"]
     for m in methods:
@@ -302,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         rps = [r["rows_per_s"] for r in rs]
         ratio = "—"
         if single:
-            ratio = f"{statistics.median(rps) / single:.2f} ({min(rps) / single:.2f}–" \
+            ratio = f"{statistics.median(rps) / single:.2f} ({min(rps) / single:.2f}-" \
                     f"{max(rps) / single:.2f})"
         p99s = [r["app_p99_ms"] for r in rs if r["app_p99_ms"] is not None]
         maxes = [r["app_max_ms"] for r in rs if r["app_max_ms"] is not None]
         lags = [r["lag_max_s"] for r in rs if r["lag_max_s"] is not None]
         lines.append(
             f"| {LABELS[m]} | {ratio} | {statistics.median(rps):,.0f} | "
-            + (f"{statistics.median(p99s):,.0f} ms ({min(p99s):,.0f}–{max(p99s):,.0f})"
+            + (f"{statistics.median(p99s):,.0f} ms ({min(p99s):,.0f}-{max(p99s):,.0f})"
                if p99s else "—")
             + f" | {_fmt(max(maxes) if maxes else None)} ms | "
             + (f"{max(lags):.2f} s" if lags else "—") + " |")
