@@ -870,9 +870,14 @@ def verify(
 def _load_plugins() -> None:
     """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
     Imported by name so the core never imports Celery itself."""
-    for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli",
-                 "backfill.migrate_cli", "backfill.safety_cli"):
-        importlib.import_module(core)
+    # A command of this module's own (run, enqueue, db …) needs none of the core plugins:
+    # skipping them spares each process pglast and the controller (fixed cost, issue 16).
+    own = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    own |= {g.name for g in app.registered_groups if g.name}
+    if _command_of(sys.argv[1:]) not in own:
+        for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli",
+                     "backfill.migrate_cli", "backfill.safety_cli"):
+            importlib.import_module(core)
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():
             continue
@@ -881,6 +886,18 @@ def _load_plugins() -> None:
         except ModuleNotFoundError as exc:  # Celery not installed: the inline CLI still works
             if exc.name not in (name.strip(), "celery", "workers"):
                 raise
+
+
+def _command_of(args: list[str]) -> str | None:
+    """The command word of a command line (after the global options), or None."""
+    valued = {"--dsn", "--actor", "--jobs-module", "--log-format", "--log-level"}
+    it = iter(args)
+    for a in it:
+        if a in valued:
+            next(it, None)
+        elif not a.startswith("-"):
+            return a.replace("_", "-")
+    return None
 
 
 def main() -> None:
