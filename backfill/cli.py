@@ -179,6 +179,9 @@ OptPause = Annotated[str | None, typer.Option("--pause", help="Sleep between bat
 OptStmt = Annotated[str | None, typer.Option("--statement-timeout", help="Per batch (e.g. 30s).")]
 OptLock = Annotated[str | None, typer.Option("--lock-timeout", help="Per batch (e.g. 2s).")]
 OptRetries = Annotated[str | None, typer.Option("--max-retries", help="Per batch.")]
+OptLockWait = Annotated[str | None, typer.Option(
+    "--lock-wait-budget", help="Longest an application session may wait behind a batch's "
+    "locks (e.g. 100ms): batches that make one wait longer get smaller (0: no bound).")]
 OptParallel = Annotated[str | None, typer.Option(
     "--parallelism", help="Slices of about equal row counts, sampled from the table; on the "
     "workers, how many run at once (changeable any time).")]
@@ -226,6 +229,7 @@ def enqueue(
     lock_timeout: OptLock = None,
     max_retries: OptRetries = None,
     parallelism: OptParallel = None,
+    lock_wait_budget: OptLockWait = None,
     workers: Annotated[bool, typer.Option(
         "--workers", help="Run it on the Celery workers: dispatched at once, or by the "
         "workers' reaper if the broker is down.")] = False,
@@ -262,7 +266,7 @@ def enqueue(
         batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
         target_duration=target_duration, rate=rate, pause=pause,
         statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries,
-        parallelism=parallelism)
+        parallelism=parallelism, lock_wait_budget=lock_wait_budget)
 
     def build() -> store.JobRecord:
         spec: JobSpec | str
@@ -829,13 +833,14 @@ def tune(
     lock_timeout: OptLock = None,
     max_retries: OptRetries = None,
     parallelism: OptParallel = None,
+    lock_wait_budget: OptLockWait = None,
 ) -> None:
     """Change a job's options; a running job applies them before its next batch."""
     changes = _option_changes(
         batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
         target_duration=target_duration, rate=rate, pause=pause,
         statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries,
-        parallelism=parallelism)
+        parallelism=parallelism, lock_wait_budget=lock_wait_budget)
     rec = _guard(lambda: _client(ctx).tune(job, **changes))
     out.print(f"job {rec.id} options: " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()))
 

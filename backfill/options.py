@@ -53,7 +53,7 @@ class JobOptions:
     lock_timeout_ms: float = 2_000.0
     max_retries: int = 10
     parallelism: int = 1
-    lock_wait_budget_ms: float = 100.0
+    lock_wait_budget_ms: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "min_batch_size", "max_batch_size", "max_retries",

@@ -13,9 +13,12 @@ DEAD_BAND = 0.15
 #: Largest growth factor per batch; shrinking is faster so an overload is left quickly.
 MAX_GROWTH = 1.5
 MAX_SHRINK = 0.5
-#: Growth of the lock-wait ceiling per batch that kept every blocked session within budget:
-#: a slow probe back up (additive-increase, multiplicative-decrease, as TCP does).
-CEILING_GROWTH = 1.1
+#: Growth of the lock-wait ceiling per batch that blocked nobody: a slow probe back up
+#: (additive-increase, multiplicative-decrease, as TCP does).
+CEILING_GROWTH = 1.05
+#: The deepest cut of the ceiling after one batch: a proportional cut, so a 500 ms batch
+#: under a 30 ms budget comes down in one step, not four halvings (each one blocking the app).
+CEILING_MIN_CUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,12 @@ class BatchSizer:
 
         Throughput is maximised under a latency bound: the size moves toward the target
         duration, but never above the ceiling the lock-wait budget sets. A session blocked
-        by a batch waits for its COMMIT, so its wait grows with the batch's duration: when
-        the longest one exceeds ``lock_wait_budget_ms`` the ceiling drops to
-        ``size * budget / wait`` (at most halving), and the next batch with it.
+        by a batch waits for its COMMIT, at worst the whole batch (its first row is locked
+        from the start): when a batch blocked anyone and took longer than
+        ``lock_wait_budget_ms``, the ceiling becomes the rows that fit the budget
+        (``rows * budget / duration``); batches that block nobody raise it slowly.
         """
-        self._observe_waits(rows, waits, options)
+        self._observe_waits(rows, duration_ms, waits, options)
         if rows > 0 and duration_ms >= 0:
             sample = max(duration_ms, 0.01) / rows
             if self.ms_per_row is None:
@@ -76,16 +80,20 @@ class BatchSizer:
             self.size = int(self.size * ratio)
         return self.clamp(options)
 
-    def _observe_waits(self, rows: int, waits: LockWaits | None, options: JobOptions) -> None:
+    def _observe_waits(self, rows: int, duration_ms: float, waits: LockWaits | None,
+                       options: JobOptions) -> None:
         budget = options.lock_wait_budget_ms
         if not budget or waits is None or rows <= 0:
             return
-        if waits.sessions > 0 and waits.max_wait_ms > budget:
-            cut = max(budget / waits.max_wait_ms, MAX_SHRINK)
-            base = min(rows, self.ceiling) if self.ceiling is not None else rows
-            self.ceiling = max(1, int(base * cut))
+        if waits.sessions > 0:
+            longest = max(duration_ms, waits.max_wait_ms)
+            if longest > budget:
+                cut = max(budget / longest, CEILING_MIN_CUT)
+                base = min(rows, self.ceiling) if self.ceiling is not None else rows
+                self.ceiling = max(1, int(base * cut))
+            # Blocked within budget: the ceiling holds (this is the size the app tolerates).
         elif self.ceiling is not None and rows >= self.ceiling:
-            # Within budget at the ceiling: probe upwards; far below it there is no news.
+            # Nobody blocked at the ceiling: probe upwards; far below it there is no news.
             self.ceiling = int(self.ceiling * CEILING_GROWTH) + 1
             if self.ceiling >= options.max_batch_size:
                 self.ceiling = None

@@ -16,9 +16,9 @@ timed from its process start to its exit:
 - ``backfill-10k``: ``--no-undo-log --batch-size 10000`` fixed (min = max = 10k).
 
 Per method: rows/s ÷ the single UPDATE's (median, min-max over repeats), the application's
-p50/p99/max latency over the transactions that finished while the method ran (from pgbench's
+p50/p99/max latency over the transactions due while the method ran (from pgbench's
 per-transaction log; with ``--rate`` pgbench counts from each transaction's scheduled start,
-as an application's user would), and the replica's max lag (an independent heartbeat every
+as an application's user would: a request held back behind a blocked one counts its wait), and the replica's max lag (an independent heartbeat every
 0.25 s). Every run is checked: every row holds the right total.
 
     .venv/bin/python bench/bench_app_latency.py --rows 1000000 --repeats 2
@@ -88,7 +88,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "backfill.cli", *args]
 
 
-def method_commands(method: str, bindir: Path, batch: int) -> list[list[str]]:
+def method_commands(method: str, bindir: Path, batch: int,
+                    enqueue_args: tuple[str, ...] = ()) -> list[list[str]]:
     """The commands a user types, run one after another (each its own process)."""
     set_ = ["-t", TABLE, "--set", f"total = {EXPR}"]
     if method == "single":
@@ -99,7 +100,7 @@ def method_commands(method: str, bindir: Path, batch: int) -> list[list[str]]:
     extra = {"backfill": [], "backfill-no-undo": ["--no-undo-log"],
              "backfill-10k": ["--no-undo-log", "--batch-size", str(batch), "--min-batch-size",
                               str(batch), "--max-batch-size", str(batch)]}[method]
-    return [_cli("db", "upgrade"), _cli("enqueue", *set_, *extra, "-q"),
+    return [_cli("db", "upgrade"), _cli("enqueue", *set_, *extra, *enqueue_args, "-q"),
             _cli("run", "{job}", "--no-progress")]
 
 
@@ -112,7 +113,8 @@ def _child_env(dsn: str) -> dict[str, str]:
     return env
 
 
-def run_method(method: str, dsn: str, bindir: Path, batch: int) -> tuple[float, list[str]]:
+def run_method(method: str, dsn: str, bindir: Path, batch: int,
+               enqueue_args: tuple[str, ...] = ()) -> tuple[float, list[str]]:
     """Seconds from the first process's start to the last one's exit."""
     env = _child_env(dsn)
     env["PGDATABASE"] = BENCH_DB
@@ -120,7 +122,7 @@ def run_method(method: str, dsn: str, bindir: Path, batch: int) -> tuple[float, 
     outputs = []
     started = time.perf_counter()
     job = ""
-    for template in method_commands(method, bindir, batch):
+    for template in method_commands(method, bindir, batch, enqueue_args):
         cmd = [a.replace("{job}", job) for a in template]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600,
                               check=False)
@@ -158,7 +160,7 @@ class AppLoad:
 
     def stop(self) -> None:
         # pgbench writes its log through stdio buffers: what is lost on the kill is the
-        # last few hundred transactions, finished after the measured window (see main).
+        # last few hundred transactions, finished after the measured window (--drain).
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(10)
@@ -167,16 +169,19 @@ class AppLoad:
             self.proc.wait(10)
 
     def latencies_ms(self, t0: float, t1: float) -> list[float]:
-        """Latency (ms) of every transaction that finished within [t0, t1] (epoch seconds)."""
+        """Latency (ms) of every transaction due within [t0, t1] (epoch seconds): with
+        --rate, pgbench's latency counts from the scheduled start, so a transaction held
+        back behind a blocked client counts with its whole delay."""
         out: list[float] = []
         for path in self.workdir.glob("app.*"):
             for line in path.read_text().splitlines():
                 f = line.split()
                 if len(f) < 6:
                     continue
-                end = int(f[4]) + int(f[5]) / 1e6
-                if t0 <= end <= t1:
-                    out.append(int(f[2]) / 1000.0)
+                latency = int(f[2]) / 1e6
+                due = int(f[4]) + int(f[5]) / 1e6 - latency
+                if t0 <= due <= t1:
+                    out.append(latency * 1000.0)
             path.unlink()
         return out
 
@@ -204,9 +209,12 @@ def one_run(method: str, dsn: str, rdsn: str, bindir: Path, tmp: Path,
     try:
         time.sleep(args.warmup)
         t0 = time.time()
-        elapsed, outputs = run_method(method, dsn, bindir, args.batch_size)
+        elapsed, outputs = run_method(method, dsn, bindir, args.batch_size,
+                                      tuple(args.enqueue_args.split()))
         t1 = time.time()
-        time.sleep(2.0)   # pgbench's unflushed log lines are after the window
+        # pgbench writes its log through an 8 kB stdio buffer per thread and dies on the
+        # kill without flushing it: run on until the window's lines are surely written.
+        time.sleep(args.drain)
     finally:
         sampler.stop.set()
         app.stop()
@@ -215,11 +223,21 @@ def one_run(method: str, dsn: str, rdsn: str, bindir: Path, tmp: Path,
         print(app.proc.stderr.read()[-2000:], file=sys.stderr)
     lat = app.latencies_ms(t0, t1)
     check_table(dsn, args.rows, method)
+    batches: dict[str, Any] = {}
+    if method.startswith("backfill"):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute("SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY "
+                            "batch_size), percentile_cont(0.5) WITHIN GROUP (ORDER BY "
+                            "duration_ms) FROM backfill.batches").fetchone()
+        if row:
+            batches = {"batches": row[0], "batch_size_median": row[1],
+                       "batch_ms_median": row[2]}
     lags = [lag for t, lag, _ in sampler.samples if t >= args.warmup - 0.3]
     return {"method": method, "elapsed_s": elapsed, "rows_per_s": args.rows / elapsed,
             "app_tx": len(lat), "app_p50_ms": percentile(lat, 0.50),
             "app_p99_ms": percentile(lat, 0.99), "app_max_ms": max(lat) if lat else None,
-            "lag_max_s": max(lags) if lags else None, "output_tail": outputs[-1][-300:]}
+            "lag_max_s": max(lags) if lags else None, "output_tail": outputs[-1][-300:],
+            **batches}
 
 
 def keyset_child(batch: int) -> int:
@@ -243,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--tps", type=float, default=200, help="Application transactions/s, in all.")
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--drain", type=float, default=6.0,
+                   help="Seconds the app load runs on after each method (pgbench's log).")
+    p.add_argument("--enqueue-args", default="",
+                   help="More `backfill enqueue` options for the backfill methods, e.g. "
+                   "'--lock-wait-budget 50ms'")
     p.add_argument("--bindir", type=Path, default=None,
                    help="PostgreSQL binaries (default: as backfill.localpg finds them)")
     p.add_argument("--_keyset", type=int, default=None, help=argparse.SUPPRESS)
@@ -281,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 print(f"{method:<18} {r['rows_per_s']:>10,.0f} rows/s  app p99 "
                       f"{_fmt(r['app_p99_ms'], '.1f')} ms ({r['app_tx']} tx)  max lag "
-                      f"{_fmt(r['lag_max_s'], '.2f')} s", file=sys.stderr, flush=True)
+                      f"{_fmt(r['lag_max_s'], '.2f')} s"
+                      + (f"  {r['batches']} batches, median {r['batch_size_median']:,.0f} rows "
+                         f"{r['batch_ms_median']:.0f} ms" if r.get("batches") else ""),
+                      file=sys.stderr, flush=True)
     finally:
         for server in (replica, primary):
             if server is not None:

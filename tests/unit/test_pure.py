@@ -99,33 +99,33 @@ def test_sizer_ignores_one_slow_batch_and_shrinks_on_timeout() -> None:
 
 
 def test_blocked_sessions_over_budget_cap_the_batch_size() -> None:
-    """Throughput under a latency bound: an application session blocked longer than the
-    lock-wait budget shrinks the next batch in proportion; waits within budget change
-    nothing; the ceiling then climbs back slowly, and the budget 0 turns it off."""
+    """Throughput under a latency bound: a batch that blocked an application session and
+    took longer than the lock-wait budget caps the next ones at the rows that fit the budget
+    (a blocked session waits up to the whole batch); blocked within budget, the cap holds;
+    batches that block nobody raise it by 5 %; a budget of 0 turns it off."""
     opts = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=100)
     sizer = BatchSizer(size=40_000)
     assert sizer.observe(40_000, 500, opts, LockWaits(0, 0.0)) == 40_000  # nobody blocked
-    assert sizer.observe(40_000, 500, opts, LockWaits(2, 80.0)) == 40_000  # within budget
-    assert sizer.observe(40_000, 500, opts, LockWaits(1, 200.0)) == 20_000  # 2x over: half
-    assert sizer.ceiling == 20_000
-    assert sizer.observe(20_000, 250, opts, LockWaits(1, 400.0)) == 10_000  # at most halved
-    # The per-row time says 50k rows fit 500 ms, but the ceiling holds; within budget it
-    # climbs by 10 % a batch, and a new overrun brings it down again.
-    sizes = [sizer.observe(sizer.size, sizer.size * 0.01, opts, LockWaits()) for _ in range(5)]
-    assert sizes == sorted(sizes)
-    assert sizes[0] == 11_001
-    assert sizes[-1] < 16_200
-    before = sizer.size
-    assert sizer.observe(before, before * 0.01, opts, LockWaits(3, 125.0)) == int(before * 0.8)
-    # Far below the ceiling (the last short batch of a slice) says nothing about it.
-    ceiling = sizer.ceiling
+    assert sizer.ceiling is None
+    assert sizer.observe(40_000, 500, opts, LockWaits(1, 20.0)) == 8_000  # 500 ms > 100 ms
+    assert sizer.ceiling == 8_000
+    # Blocked, but within budget: the cap holds although 50k rows would fit 500 ms.
+    assert sizer.observe(8_000, 80, opts, LockWaits(2, 60.0)) == 8_000
+    # Nobody blocked at the cap: it climbs slowly; far below it says nothing.
+    sizes = [sizer.observe(sizer.size, sizer.size * 0.01, opts, LockWaits()) for _ in range(3)]
+    assert sizes == [8_401, 8_822, 9_264]
     sizer.observe(10, 0.1, opts, LockWaits())
-    assert sizer.ceiling == ceiling
+    assert sizer.ceiling == 9_264
+    # A long wait (the batch blocked by something else first) counts as it is.
+    assert sizer.observe(9_264, 90, opts, LockWaits(1, 200.0)) == 4_632
+    # At most a tenfold cut in one step.
+    assert sizer.observe(4_632, 50_000, opts, LockWaits(1, 10.0)) == 463
     off = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=0)
     free = BatchSizer(size=40_000)
     assert free.observe(40_000, 500, off, LockWaits(5, 10_000.0)) == 40_000
     assert free.ceiling is None
     assert build_options(lock_wait_budget="50ms").lock_wait_budget_ms == 50.0
+    assert JobOptions().lock_wait_budget_ms == 30.0
     with pytest.raises(InvalidOption):
         JobOptions(lock_wait_budget_ms=-1)
 
