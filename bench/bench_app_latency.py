@@ -18,8 +18,9 @@ timed from its process start to its exit:
 Per method: rows/s ÷ the single UPDATE's (median, min-max over repeats), the application's
 p50/p99/max latency over the transactions due while the method ran (from pgbench's
 per-transaction log; with ``--rate`` pgbench counts from each transaction's scheduled start,
-as an application's user would: a request held back behind a blocked one counts its wait), and the replica's max lag (an independent heartbeat every
-0.25 s). Every run is checked: every row holds the right total.
+as an application's user would: a request held back behind a blocked one counts its wait),
+and the replica's max lag (an independent heartbeat every 0.25 s). Every run is checked:
+every row holds the right total.
 
     .venv/bin/python bench/bench_app_latency.py --rows 1000000 --repeats 2
     .venv/bin/python bench/bench_app_latency.py --rows 100000 --repeats 1      # quick check
