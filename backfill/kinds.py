@@ -196,7 +196,7 @@ class PreparedJob:
                 sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
             )
             if self.undo is not None:
-                return self._update_logged(assignments, pred)
+                return self._update_logged(assignments, pred, optimistic=True)
             return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
                 t=t, a=assignments, p=pred, f=self.extra_filter()
             )
@@ -272,10 +272,24 @@ class PreparedJob:
         # (it cost a third of their throughput); a revert adds the key first.
         return undo
 
-    def _update_logged(self, assignments: sql.Composable, pred: sql.Composable) -> sql.Composed:
-        """One statement: lock the batch's rows (their newest versions), update exactly those,
-        and log each row's values before and after. The CTE's columns are renamed so the
-        user's SET expressions still name the table's columns."""
+    @property
+    def optimistic_log(self) -> bool:
+        """An update with an undo log on PostgreSQL before 18: its batches read the old values
+        without locking the rows first (see :meth:`_update_logged`)."""
+        return (self.spec.kind == "update" and self.undo is not None
+                and self.server_version < 180000)
+
+    def _update_logged(self, assignments: sql.Composable, pred: sql.Composable, *,
+                       optimistic: bool = False) -> sql.Composed:
+        """One statement: update the batch's rows and log each row's values before and after.
+
+        PostgreSQL 18: ``RETURNING OLD``. Before: read the old values, then update exactly
+        those row versions. ``optimistic``: the read does not lock (locking writes every row
+        an extra time); the update is restricted to the row versions read (``ctid``), so a
+        row another session updated in between is skipped, and the statement returns
+        (rows read, rows logged) for :meth:`write_batch` to see that it must redo the batch
+        with ``FOR NO KEY UPDATE``. The CTE's columns are renamed so the user's SET
+        expressions still name the table's columns."""
         t = _ident(self.table)
         writes = self.spec.write_columns()
         ids = sql.SQL(", ").join
@@ -309,6 +323,21 @@ class PreparedJob:
         match = sql.SQL(" AND ").join(
             sql.SQL("upd.{k} = old.{ok}").format(k=sql.Identifier(k), ok=sql.Identifier(f"k:{k}"))
             for k in self.key)
+        cols = ids(map(sql.Identifier, self.undo_columns()))
+        vals = ids([*(sql.SQL("old.{}").format(sql.Identifier(f"k:{k}")) for k in self.key),
+                    *(sql.SQL("old.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
+                    *(sql.SQL("upd.{}").format(sql.Identifier(c)) for c in writes)])
+        if optimistic:
+            return sql.SQL(
+                "WITH old AS (SELECT ctid AS {tid}, {key_as}, {old_as} FROM {t} WHERE {p}{f}), "
+                "upd AS (UPDATE {t} SET {a} FROM old WHERE {p}{f} AND {t}.ctid = old.{tid} "
+                "RETURNING {ret}), "
+                "ins AS (INSERT INTO {u} ({cols}) SELECT {vals} FROM old JOIN upd ON {match} "
+                "RETURNING 1) "
+                "SELECT (SELECT count(*) FROM old), (SELECT count(*) FROM ins)").format(
+                    tid=sql.Identifier("t:ctid"), key_as=key_as, old_as=old_as, t=t, p=pred,
+                    f=self.extra_filter(), a=assignments, ret=returning, u=self.undo,
+                    cols=cols, vals=vals, match=match)
         return sql.SQL(
             "WITH old AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
             # The batch's range again on the table: joined on the key alone, the planner may
@@ -316,12 +345,7 @@ class PreparedJob:
             "upd AS (UPDATE {t} SET {a} FROM old WHERE {p}{f} AND {join} RETURNING {ret}) "
             "INSERT INTO {u} ({cols}) SELECT {vals} FROM old JOIN upd ON {match}").format(
                 key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(), a=assignments,
-                join=join, ret=returning, u=self.undo,
-                cols=ids(map(sql.Identifier, self.undo_columns())),
-                vals=ids([*(sql.SQL("old.{}").format(sql.Identifier(f"k:{k}")) for k in self.key),
-                          *(sql.SQL("old.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
-                          *(sql.SQL("upd.{}").format(sql.Identifier(c)) for c in writes)]),
-                match=match)
+                join=join, ret=returning, u=self.undo, cols=cols, vals=vals, match=match)
 
     def _revert_statement(self, lower: bool) -> sql.Composed:
         """Apply a batch of an undo log (this job's "table") back to its table ("dest").
@@ -401,12 +425,34 @@ class PreparedJob:
         """
         stmt = self.write_statement(lower=lo is not None)
         params = self.statement_params(lo, hi, first)
+        if self.optimistic_log:
+            return self._write_optimistic(conn, stmt, params, lower=lo is not None, sync=sync)
         if self.spec.kind != "transform":
             cur = conn.execute(stmt, params)
             if sync is not None:
                 sync()
             return max(cur.rowcount, 0)
         return self._transform_batch(conn, stmt, params)
+
+    def _write_optimistic(self, conn: Conn, stmt: sql.Composed, params: dict[str, Any], *,
+                          lower: bool, sync: Callable[[], None] | None) -> int:
+        """The logged update without locking its rows first; if another session updated
+        one of them between the read and the write (rows read != rows logged), roll back to
+        before it and run the locking statement instead. Rows logged."""
+        conn.execute("SAVEPOINT backfill_logged")
+        row = conn.execute(stmt, params).fetchone()
+        read, logged = (int(row[0]), int(row[1])) if row else (0, 0)
+        if read == logged:
+            return logged
+        conn.execute("ROLLBACK TO SAVEPOINT backfill_logged")
+        s = self.spec
+        careful = self._update_logged(sql.SQL(", ").join(
+            sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set),
+            self.keyset.predicate(lower=lower))
+        cur = conn.execute(careful, params)
+        if sync is not None:
+            sync()
+        return max(cur.rowcount, 0)
 
     def _transform_batch(self, conn: Conn, select: sql.Composed, params: dict[str, Any]) -> int:
         assert self.fn is not None

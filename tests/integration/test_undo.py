@@ -254,9 +254,9 @@ def test_the_undo_log_is_keyed_when_a_revert_starts_not_while_the_job_writes(dsn
 
 
 def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: str) -> None:
-    """PostgreSQL 18 logs an update in one pass (``RETURNING OLD``); older servers lock and
-    read the rows first. Both write the same undo rows (on 18 both statements are run and
-    compared; on older servers the one-pass one must not be chosen)."""
+    """PostgreSQL 18 logs an update in one pass (``RETURNING OLD``); older servers read the
+    rows first. Both write the same undo rows (on 18 both statements are run and compared;
+    on older servers the one-pass one must not be chosen)."""
     from backfill import store
     from backfill.kinds import prepare_stored
 
@@ -267,8 +267,9 @@ def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: st
     with psycopg.connect(dsn, autocommit=True) as c:
         prepared = prepare_stored(c, store.get_job(c, job.id), explain=False)
         version = c.info.server_version
-        one_pass = "FOR NO KEY UPDATE" not in prepared.write_statement(lower=True).as_string(c)
+        one_pass = 'RETURNING new."id"' in prepared.write_statement(lower=True).as_string(c)
         assert one_pass == (version >= 180000)
+        assert prepared.optimistic_log == (version < 180000)
         if version < 180000:
             return
         old_style = dataclasses.replace(prepared, server_version=0)
@@ -280,3 +281,37 @@ def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: st
                                       "ORDER BY id").fetchall())
     assert len(logs[0]) == 2_000
     assert logs[0] == logs[1]
+
+
+def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_value(
+        dsn: str) -> None:
+    """Before PostgreSQL 18 the logged update reads the old values without locking; a row
+    another session updates in between is caught (its row version changed) and the batch
+    is redone locking its rows: the undo log holds the value the job overwrote, not the one
+    it first read."""
+    import threading
+    import time
+
+    from backfill import store
+    from backfill.kinds import prepare_stored
+
+    _accounts(dsn, 100)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("accounts", {"note": "upper(coalesce(note, '-'))"}))
+    with psycopg.connect(dsn, autocommit=True) as c, \
+            psycopg.connect(dsn, autocommit=True) as app:
+        prepared = prepare_stored(c, store.get_job(c, job.id), explain=False)
+        if c.info.server_version >= 180000:
+            prepared = dataclasses.replace(prepared, server_version=170000)
+        assert prepared.optimistic_log
+        app.execute("BEGIN")
+        app.execute("UPDATE accounts SET note = 'app' WHERE id = 5")
+        threading.Thread(target=lambda: (time.sleep(0.3), app.execute("COMMIT"))).start()
+        with c.transaction():
+            rows = prepared.write_batch(c, None, (10,), None)
+        undo = dict(c.execute(f'SELECT id, ROW("old:note", "new:note")::text '
+                              f"FROM backfill.undo_{job.id}").fetchall())
+    assert rows == 10
+    assert undo[5] == "(app,APP)"
+    assert undo[6] == "(n6,N6)"
+    assert scalar(dsn, "SELECT note FROM accounts WHERE id = 5") == "APP"
