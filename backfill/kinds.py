@@ -310,42 +310,38 @@ class PreparedJob:
                              *(sql.SQL("new.{} AS {}").format(sql.Identifier(c),
                                                              sql.Identifier(f"new:{c}"))
                                for c in writes)]))
-        key_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(k), sql.Identifier(f"k:{k}"))
-                     for k in self.key)
+        # The read's CTE is "prev" (on 18, "old" in RETURNING is the old row); its columns
+        # are renamed so the user's SET expressions still name the table's columns. The
+        # update returns the old values from it: no second join to log them.
         old_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"old:{c}"))
                      for c in writes)
-        join = sql.SQL(" AND ").join(
-            sql.SQL("{t}.{k} = old.{ok}").format(t=t, k=sql.Identifier(k),
-                                                 ok=sql.Identifier(f"k:{k}"))
-            for k in self.key)
-        returning = ids(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c))
-                        for c in (*self.key, *writes))
-        match = sql.SQL(" AND ").join(
-            sql.SQL("upd.{k} = old.{ok}").format(k=sql.Identifier(k), ok=sql.Identifier(f"k:{k}"))
-            for k in self.key)
+        returning = ids([*(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(k)) for k in self.key),
+                         *(sql.SQL("prev.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
+                         *(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c)) for c in writes)])
         cols = ids(map(sql.Identifier, self.undo_columns()))
-        vals = ids([*(sql.SQL("old.{}").format(sql.Identifier(f"k:{k}")) for k in self.key),
-                    *(sql.SQL("old.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
-                    *(sql.SQL("upd.{}").format(sql.Identifier(c)) for c in writes)])
         if optimistic:
             return sql.SQL(
-                "WITH old AS (SELECT ctid AS {tid}, {key_as}, {old_as} FROM {t} WHERE {p}{f}), "
-                "upd AS (UPDATE {t} SET {a} FROM old WHERE {p}{f} AND {t}.ctid = old.{tid} "
+                "WITH prev AS (SELECT ctid AS {tid}, {old_as} FROM {t} WHERE {p}{f}), "
+                "upd AS (UPDATE {t} SET {a} FROM prev WHERE {p}{f} AND {t}.ctid = prev.{tid} "
                 "RETURNING {ret}), "
-                "ins AS (INSERT INTO {u} ({cols}) SELECT {vals} FROM old JOIN upd ON {match} "
-                "RETURNING 1) "
-                "SELECT (SELECT count(*) FROM old), (SELECT count(*) FROM ins)").format(
-                    tid=sql.Identifier("t:ctid"), key_as=key_as, old_as=old_as, t=t, p=pred,
-                    f=self.extra_filter(), a=assignments, ret=returning, u=self.undo,
-                    cols=cols, vals=vals, match=match)
+                "ins AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
+                "SELECT (SELECT count(*) FROM prev), (SELECT count(*) FROM ins)").format(
+                    tid=sql.Identifier("t:ctid"), old_as=old_as, t=t, p=pred,
+                    f=self.extra_filter(), a=assignments, ret=returning, u=self.undo, cols=cols)
+        key_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(k), sql.Identifier(f"k:{k}"))
+                     for k in self.key)
+        join = sql.SQL(" AND ").join(
+            sql.SQL("{t}.{k} = prev.{ok}").format(t=t, k=sql.Identifier(k),
+                                                  ok=sql.Identifier(f"k:{k}"))
+            for k in self.key)
         return sql.SQL(
-            "WITH old AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
+            "WITH prev AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
             # The batch's range again on the table: joined on the key alone, the planner may
             # walk the table from its first key for every batch.
-            "upd AS (UPDATE {t} SET {a} FROM old WHERE {p}{f} AND {join} RETURNING {ret}) "
-            "INSERT INTO {u} ({cols}) SELECT {vals} FROM old JOIN upd ON {match}").format(
+            "upd AS (UPDATE {t} SET {a} FROM prev WHERE {p}{f} AND {join} RETURNING {ret}) "
+            "INSERT INTO {u} ({cols}) SELECT * FROM upd").format(
                 key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(), a=assignments,
-                join=join, ret=returning, u=self.undo, cols=cols, vals=vals, match=match)
+                join=join, ret=returning, u=self.undo, cols=cols)
 
     def _revert_statement(self, lower: bool) -> sql.Composed:
         """Apply a batch of an undo log (this job's "table") back to its table ("dest").
