@@ -47,9 +47,9 @@ class BatchSizer:
     #: rows, below ``min_batch_size`` if need be: a low rate gives small, frequent batches
     #: (locks held briefly, the cap true over any minute), not one huge batch and a long sleep.
     rate: float | None = None
-    #: The largest batch that kept blocked application sessions within the lock-wait budget
-    #: (``None``: none blocked beyond it yet). Lowered in proportion to an overrun, raised
-    #: by ``CEILING_GROWTH`` per batch that stayed within budget.
+    #: The largest batch the lock-wait budget allows (``None``: no session blocked beyond
+    #: it yet). Set to the rows that fit the budget after an overrun, raised by
+    #: ``CEILING_GROWTH`` per batch that blocked nobody.
     ceiling: int | None = None
 
     def observe(self, rows: int, duration_ms: float, options: JobOptions,
