@@ -71,8 +71,9 @@ def run_batch(
     together; then COMMIT. With a lock-wait budget, one more just before the checkpoint:
     the application sessions blocked behind the batch (:data:`LOCK_WAITERS`), which
     ``next_size(rows, ms, waits)`` weighs. The job's state and options version come back
-    with the checkpoint, so no separate read is needed. A failed proof (:class:`~backfill.errors.TableChanged`: the
-    table was replaced) rolls the whole batch back.
+    with the checkpoint, so no separate read is needed. A failed proof
+    (:class:`~backfill.errors.TableChanged`: the table was replaced) rolls the whole batch
+    back.
     """
     keyset = prepared.keyset
     src = read if read is not None else conn   # a cross-database copy reads its source there
