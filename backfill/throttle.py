@@ -83,7 +83,10 @@ class BatchSizer:
     def _observe_waits(self, rows: int, duration_ms: float, waits: LockWaits | None,
                        options: JobOptions) -> None:
         budget = options.lock_wait_budget_ms
-        if not budget or waits is None or rows <= 0:
+        if not budget:
+            self.ceiling = None   # turned off (tuned to 0): no cap left over
+            return
+        if waits is None or rows <= 0:
             return
         if waits.sessions > 0:
             longest = max(duration_ms, waits.max_wait_ms)
@@ -108,7 +111,7 @@ class BatchSizer:
     def clamp(self, options: JobOptions) -> int:
         self.size = min(max(self.size, options.min_batch_size), options.max_batch_size,
                         rate_cap(self.rate, options))
-        if self.ceiling is not None and self.size > self.ceiling:
+        if self.ceiling is not None and options.lock_wait_budget_ms and self.size > self.ceiling:
             # Below min_batch_size if need be: the budget is about the application.
             self.size = max(1, self.ceiling)
         return self.size

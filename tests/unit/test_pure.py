@@ -121,6 +121,12 @@ def test_blocked_sessions_over_budget_cap_the_batch_size() -> None:
     # At most a tenfold cut in one step.
     assert sizer.observe(4_632, 50_000, opts, LockWaits(1, 10.0)) == 463
     off = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=0)
+    capped = BatchSizer(size=40_000, ceiling=5_000)
+    assert capped.clamp(opts) == 5_000
+    capped.size = 40_000
+    assert capped.clamp(off) == 40_000     # tuned to 0: the cap no longer holds
+    assert capped.observe(40_000, 500, off, LockWaits(1, 10.0)) == 40_000
+    assert capped.ceiling is None
     free = BatchSizer(size=40_000)
     assert free.observe(40_000, 500, off, LockWaits(5, 10_000.0)) == 40_000
     assert free.ceiling is None
