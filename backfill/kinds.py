@@ -192,9 +192,7 @@ class PreparedJob:
         pred = self.keyset.predicate(lower=lower)
         t = _ident(self.table)
         if s.kind == "update":
-            assignments = sql.SQL(", ").join(
-                sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
-            )
+            assignments = self._assignments()
             if self.undo is not None:
                 return self._update_logged(assignments, pred, optimistic=True)
             return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
@@ -268,9 +266,13 @@ class PreparedJob:
             u=undo, s=select, t=t))
         if self.spec.kind == "transform":   # its batches read their undo rows back by key
             index_undo_table(conn, job_id, self.key)
-        # Update and delete jobs only append: no index to maintain while the job writes
-        # (it cost a third of their throughput); a revert adds the key first.
+        # Update and delete jobs only append: no index to maintain on every batch for the
+        # sake of a revert that may never come; a revert adds the key when it starts.
         return undo
+
+    def _assignments(self) -> sql.Composed:
+        return sql.SQL(", ").join(
+            sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in self.spec.set)
 
     @property
     def optimistic_log(self) -> bool:
@@ -441,10 +443,7 @@ class PreparedJob:
         if read == logged:
             return logged
         conn.execute("ROLLBACK TO SAVEPOINT backfill_logged")
-        s = self.spec
-        careful = self._update_logged(sql.SQL(", ").join(
-            sql.SQL("{} = ({})").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set),
-            self.keyset.predicate(lower=lower))
+        careful = self._update_logged(self._assignments(), self.keyset.predicate(lower=lower))
         cur = conn.execute(careful, params)
         if sync is not None:
             sync()
