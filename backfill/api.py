@@ -29,7 +29,7 @@ from backfill.catalog import Conn
 from backfill.db import connect
 from backfill.errors import InvalidInput, JobNotFound
 from backfill.keyset import KeyCodec, render_key
-from backfill.kinds import prepare, prepare_stored, undo_table
+from backfill.kinds import index_undo_table, prepare, prepare_stored, undo_table
 from backfill.preflight import Check, PreflightConfig, blocked, run_checks
 from backfill.preflight import gate as preflight_gate
 from backfill.rehearsal import Rehearsal
@@ -630,6 +630,8 @@ class Backfill:
                 if not undo_log_exists(conn, job.id):
                     raise InvalidInput(f"job {job.id}'s undo log {undo} was pruned; it cannot "
                                        "be reverted")
+                # Written without an index (cheaper per batch): keyed now, for the walk.
+                index_undo_table(conn, job.id, tuple(job.key_columns))
                 rec = create_job(conn, spec, actor=self.actor, workers=workers)
                 if job.state == S.FAILED:
                     # A retry after the revert would resume past the reverted range.

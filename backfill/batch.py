@@ -15,6 +15,18 @@ from backfill.keyset import Key, KeyCodec
 from backfill.kinds import PreparedJob
 from backfill.options import JobOptions
 from backfill.states import JobState
+from backfill.throttle import LockWaits
+
+#: Application sessions waiting on a lock this backend holds, and the longest wait so far.
+#: Sent just before COMMIT: every session a batch blocked still waits then (a row lock is
+#: held to the end of the transaction). ``OFFSET 0`` keeps ``pg_blocking_pids`` (which takes
+#: the lock manager's locks) to the few ungranted locks. A session queued behind another
+#: waiter (a tuple lock) is not counted: it is blocked by that waiter, which is.
+LOCK_WAITERS = """
+    SELECT count(DISTINCT w.pid)::int,
+           coalesce(max(extract(epoch FROM clock_timestamp() - w.waitstart)), 0)::float8 * 1000
+    FROM (SELECT pid, waitstart FROM pg_locks WHERE NOT granted OFFSET 0) w
+    WHERE pg_backend_pid() = ANY (pg_blocking_pids(w.pid))"""
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,7 @@ class BatchResult:
     job_state: JobState  # as of the checkpoint: throttled means wait before the next batch
     options_version: int  # a change means someone tuned the job
     canary_reached: bool = False  # this batch completed the canary: verify it
+    waits: LockWaits | None = None  # application sessions blocked behind it, before COMMIT
 
 
 def run_batch(
@@ -55,9 +68,12 @@ def run_batch(
 
     Four round trips, as many as a hand-written keyset loop: BEGIN, the timeouts and the probe
     go together in a pipeline; then the write; then the binding proof and the checkpoint
-    together; then COMMIT. The job's state and options version come back with the checkpoint,
-    so no separate read is needed. A failed proof (:class:`~backfill.errors.TableChanged`: the
-    table was replaced) rolls the whole batch back.
+    together; then COMMIT. With a lock-wait budget, one more just before the checkpoint:
+    the application sessions blocked behind the batch (:data:`LOCK_WAITERS`), which
+    ``next_size(rows, ms, waits)`` weighs. The job's state and options version come back
+    with the checkpoint, so no separate read is needed. A failed proof
+    (:class:`~backfill.errors.TableChanged`: the table was replaced) rolls the whole batch
+    back.
     """
     keyset = prepared.keyset
     src = read if read is not None else conn   # a cross-database copy reads its source there
@@ -95,8 +111,12 @@ def run_batch(
         # The write (and the probe) hold their locks until COMMIT: prove that what they
         # locked is what the job is bound to (sent now, answered with the checkpoint).
         proof = prepared.binding.send(conn) if prepared.binding is not None else None
+        waits = None
+        if options.lock_wait_budget_ms and next_size is not None:
+            sample = conn.execute(LOCK_WAITERS).fetchone()
+            waits = LockWaits(int(sample[0]), float(sample[1])) if sample else None
         duration_ms = (time.perf_counter() - started) * 1000.0
-        upcoming = next_size(scanned, duration_ms) if next_size is not None else size
+        upcoming = next_size(scanned, duration_ms, waits) if next_size is not None else size
         result = store.checkpoint(
             conn,
             job_id=job_id,
@@ -124,4 +144,4 @@ def run_batch(
     batch_id, state, options_version = result
     return BatchResult(cursor, hi, done, scanned, affected, duration_ms, batch_id,
                        JobState.AWAITING_APPROVAL if reached else JobState(state),
-                       options_version, canary_reached=reached)
+                       options_version, canary_reached=reached, waits=waits)

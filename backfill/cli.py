@@ -261,6 +261,9 @@ OptPause = Annotated[str | None, typer.Option("--pause", help="Sleep between bat
 OptStmt = Annotated[str | None, typer.Option("--statement-timeout", help="Per batch (e.g. 30s).")]
 OptLock = Annotated[str | None, typer.Option("--lock-timeout", help="Per batch (e.g. 2s).")]
 OptRetries = Annotated[str | None, typer.Option("--max-retries", help="Per batch.")]
+OptLockWait = Annotated[str | None, typer.Option(
+    "--lock-wait-budget", help="Longest an application session may wait behind a batch's "
+    "locks (e.g. 100ms): batches that make one wait longer get smaller (0: no bound).")]
 OptParallel = Annotated[str | None, typer.Option(
     "--parallelism", help="Slices of about equal row counts, sampled from the table; on the "
     "workers, how many run at once (changeable any time).")]
@@ -313,6 +316,7 @@ def enqueue(
     lock_timeout: OptLock = None,
     max_retries: OptRetries = None,
     parallelism: OptParallel = None,
+    lock_wait_budget: OptLockWait = None,
     workers: Annotated[bool, typer.Option(
         "--workers", help="Run it on the Celery workers: dispatched at once, or by the "
         "workers' reaper if the broker is down.")] = False,
@@ -349,7 +353,7 @@ def enqueue(
         batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
         target_duration=target_duration, rate=rate, pause=pause,
         statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries,
-        parallelism=parallelism)
+        parallelism=parallelism, lock_wait_budget=lock_wait_budget)
 
     def build() -> store.JobRecord:
         spec: JobSpec | str
@@ -1010,13 +1014,14 @@ def tune(
     lock_timeout: OptLock = None,
     max_retries: OptRetries = None,
     parallelism: OptParallel = None,
+    lock_wait_budget: OptLockWait = None,
 ) -> None:
     """Change a job's options; a running job applies them before its next batch."""
     changes = _option_changes(
         batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
         target_duration=target_duration, rate=rate, pause=pause,
         statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries,
-        parallelism=parallelism)
+        parallelism=parallelism, lock_wait_budget=lock_wait_budget)
     rec = _guard(lambda: _client(ctx).tune(job, **changes))
     out.print(f"job {rec.id} options: " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()))
 
@@ -1050,9 +1055,14 @@ def verify(
 def _load_plugins() -> None:
     """Commands of the layers above the core (``workers.cli`` adds worker, dispatch, reap).
     Imported by name so the core never imports Celery itself."""
-    for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli",
-                 "backfill.migrate_cli", "backfill.safety_cli"):
-        importlib.import_module(core)
+    # A command of this module's own (run, enqueue, db …) needs none of the core plugins:
+    # skipping them spares each process pglast and the controller (fixed cost, issue 16).
+    own = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    own |= {g.name for g in app.registered_groups if g.name}
+    if _command_of(sys.argv[1:]) not in own:
+        for core in ("backfill.controller_cli", "backfill.exporter_cli", "backfill.lint_cli",
+                     "backfill.migrate_cli", "backfill.safety_cli"):
+            importlib.import_module(core)
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():
             continue
@@ -1061,6 +1071,18 @@ def _load_plugins() -> None:
         except ModuleNotFoundError as exc:  # Celery not installed: the inline CLI still works
             if exc.name not in (name.strip(), "celery", "workers"):
                 raise
+
+
+def _command_of(args: list[str]) -> str | None:
+    """The command word of a command line (after the global options), or None."""
+    valued = {"--dsn", "--actor", "--jobs-module", "--log-format", "--log-level"}
+    it = iter(args)
+    for a in it:
+        if a in valued:
+            next(it, None)
+        elif not a.startswith("-"):
+            return a.replace("_", "-")
+    return None
 
 
 def main() -> None:

@@ -65,6 +65,8 @@ class PreparedJob:
     #: connection of a cross-database job: ``source_binding``) the source and its key.
     binding: Binding | None = None
     source_binding: Binding | None = None
+    #: ``server_version_num`` of the database written (18+: undo rows by ``RETURNING OLD``).
+    server_version: int = 0
 
     @property
     def remote(self) -> bool:
@@ -196,11 +198,9 @@ class PreparedJob:
         pred = self.keyset.predicate(lower=lower)
         t = _ident(self.table)
         if s.kind == "update":
-            assignments = sql.SQL(", ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(c), _user_sql(e)) for c, e in s.set
-            )
+            assignments = self._assignments()
             if self.undo is not None:
-                return self._update_logged(assignments, pred)
+                return self._update_logged(assignments, pred, optimistic=True)
             return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
                 t=t, a=assignments, p=pred, f=self.extra_filter()
             )
@@ -270,43 +270,86 @@ class PreparedJob:
                   for c in writes)])
         conn.execute(sql.SQL("CREATE TABLE {u} AS SELECT {s} FROM {t} WITH NO DATA").format(
             u=undo, s=select, t=t))
-        conn.execute(sql.SQL("ALTER TABLE {u} ADD PRIMARY KEY ({k})").format(
-            u=undo, k=sql.SQL(", ").join(map(sql.Identifier, self.key))))
+        if self.spec.kind == "transform":   # its batches read their undo rows back by key
+            index_undo_table(conn, job_id, self.key)
+        # Update and delete jobs only append: no index to maintain on every batch for the
+        # sake of a revert that may never come; a revert adds the key when it starts.
         return undo
 
-    def _update_logged(self, assignments: sql.Composable, pred: sql.Composable) -> sql.Composed:
-        """One statement: lock the batch's rows (their newest versions), update exactly those,
-        and log each row's values before and after. The CTE's columns are renamed so the
-        user's SET expressions still name the table's columns."""
+    def _assignments(self) -> sql.Composed:
+        return sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(c), _user_sql(e)) for c, e in self.spec.set)
+
+    @property
+    def optimistic_log(self) -> bool:
+        """An update with an undo log on PostgreSQL before 18: its batches read the old values
+        without locking the rows first (see :meth:`_update_logged`)."""
+        return (self.spec.kind == "update" and self.undo is not None
+                and self.server_version < 180000)
+
+    def _update_logged(self, assignments: sql.Composable, pred: sql.Composable, *,
+                       optimistic: bool = False) -> sql.Composed:
+        """One statement: update the batch's rows and log each row's values before and after.
+
+        PostgreSQL 18: ``RETURNING OLD``. Before: read the old values, then update exactly
+        those row versions. ``optimistic``: the read does not lock (locking writes every row
+        an extra time); the update is restricted to the row versions read (``ctid``), so a
+        row another session updated in between is skipped, and the statement returns
+        (rows read, rows logged) for :meth:`write_batch` to see that it must redo the batch
+        with ``FOR NO KEY UPDATE``. The CTE's columns are renamed so the user's SET
+        expressions still name the table's columns."""
         t = _ident(self.table)
         writes = self.spec.write_columns()
         ids = sql.SQL(", ").join
-        key_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(k), sql.Identifier(f"k:{k}"))
-                     for k in self.key)
+        if self.server_version >= 180000:
+            # One pass: the old values of the very row versions updated (after a concurrent
+            # update, the newest: what the FOR NO KEY UPDATE read below achieves on older
+            # servers), with no second scan of the range and no join.
+            return sql.SQL(
+                "WITH upd AS (UPDATE {t} SET {a} WHERE {p}{f} RETURNING {ret}) "
+                "INSERT INTO {u} ({cols}) SELECT * FROM upd").format(
+                    t=t, a=assignments, p=pred, f=self.extra_filter(), u=self.undo,
+                    cols=ids(map(sql.Identifier, self.undo_columns())),
+                    ret=ids([*(sql.SQL("new.{} AS {}").format(sql.Identifier(k), sql.Identifier(k))
+                               for k in self.key),
+                             *(sql.SQL("old.{} AS {}").format(sql.Identifier(c),
+                                                             sql.Identifier(f"old:{c}"))
+                               for c in writes),
+                             *(sql.SQL("new.{} AS {}").format(sql.Identifier(c),
+                                                             sql.Identifier(f"new:{c}"))
+                               for c in writes)]))
+        # The read's CTE is "prev" (on 18, "old" in RETURNING is the old row); its columns
+        # are renamed so the user's SET expressions still name the table's columns. The
+        # update returns the old values from it: no second join to log them.
         old_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"old:{c}"))
                      for c in writes)
+        returning = ids([*(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(k)) for k in self.key),
+                         *(sql.SQL("prev.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
+                         *(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c)) for c in writes)])
+        cols = ids(map(sql.Identifier, self.undo_columns()))
+        if optimistic:
+            return sql.SQL(
+                "WITH prev AS (SELECT ctid AS {tid}, {old_as} FROM {t} WHERE {p}{f}), "
+                "upd AS (UPDATE {t} SET {a} FROM prev WHERE {p}{f} AND {t}.ctid = prev.{tid} "
+                "RETURNING {ret}), "
+                "ins AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
+                "SELECT (SELECT count(*) FROM prev), (SELECT count(*) FROM ins)").format(
+                    tid=sql.Identifier("t:ctid"), old_as=old_as, t=t, p=pred,
+                    f=self.extra_filter(), a=assignments, ret=returning, u=self.undo, cols=cols)
+        key_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(k), sql.Identifier(f"k:{k}"))
+                     for k in self.key)
         join = sql.SQL(" AND ").join(
-            sql.SQL("{t}.{k} = old.{ok}").format(t=t, k=sql.Identifier(k),
-                                                 ok=sql.Identifier(f"k:{k}"))
-            for k in self.key)
-        returning = ids(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c))
-                        for c in (*self.key, *writes))
-        match = sql.SQL(" AND ").join(
-            sql.SQL("upd.{k} = old.{ok}").format(k=sql.Identifier(k), ok=sql.Identifier(f"k:{k}"))
+            sql.SQL("{t}.{k} = prev.{ok}").format(t=t, k=sql.Identifier(k),
+                                                  ok=sql.Identifier(f"k:{k}"))
             for k in self.key)
         return sql.SQL(
-            "WITH old AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
+            "WITH prev AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
             # The batch's range again on the table: joined on the key alone, the planner may
             # walk the table from its first key for every batch.
-            "upd AS (UPDATE {t} SET {a} FROM old WHERE {p}{f} AND {join} RETURNING {ret}) "
-            "INSERT INTO {u} ({cols}) SELECT {vals} FROM old JOIN upd ON {match}").format(
+            "upd AS (UPDATE {t} SET {a} FROM prev WHERE {p}{f} AND {join} RETURNING {ret}) "
+            "INSERT INTO {u} ({cols}) SELECT * FROM upd").format(
                 key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(), a=assignments,
-                join=join, ret=returning, u=self.undo,
-                cols=ids(map(sql.Identifier, self.undo_columns())),
-                vals=ids([*(sql.SQL("old.{}").format(sql.Identifier(f"k:{k}")) for k in self.key),
-                          *(sql.SQL("old.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
-                          *(sql.SQL("upd.{}").format(sql.Identifier(c)) for c in writes)]),
-                match=match)
+                join=join, ret=returning, u=self.undo, cols=cols)
 
     def _revert_statement(self, lower: bool) -> sql.Composed:
         """Apply a batch of an undo log (this job's "table") back to its table ("dest").
@@ -386,12 +429,31 @@ class PreparedJob:
         """
         stmt = self.write_statement(lower=lo is not None)
         params = self.statement_params(lo, hi, first)
+        if self.optimistic_log:
+            return self._write_optimistic(conn, stmt, params, lower=lo is not None, sync=sync)
         if self.spec.kind != "transform":
             cur = conn.execute(stmt, params)
             if sync is not None:
                 sync()
             return max(cur.rowcount, 0)
         return self._transform_batch(conn, stmt, params)
+
+    def _write_optimistic(self, conn: Conn, stmt: sql.Composed, params: dict[str, Any], *,
+                          lower: bool, sync: Callable[[], None] | None) -> int:
+        """The logged update without locking its rows first; if another session updated
+        one of them between the read and the write (rows read != rows logged), roll back to
+        before it and run the locking statement instead. Rows logged."""
+        conn.execute("SAVEPOINT backfill_logged")
+        row = conn.execute(stmt, params).fetchone()
+        read, logged = (int(row[0]), int(row[1])) if row else (0, 0)
+        if read == logged:
+            return logged
+        conn.execute("ROLLBACK TO SAVEPOINT backfill_logged")
+        careful = self._update_logged(self._assignments(), self.keyset.predicate(lower=lower))
+        cur = conn.execute(careful, params)
+        if sync is not None:
+            sync()
+        return max(cur.rowcount, 0)
 
     def _transform_batch(self, conn: Conn, select: sql.Composed, params: dict[str, Any]) -> int:
         assert self.fn is not None
@@ -623,6 +685,20 @@ def undo_table(job_id: int) -> sql.Identifier:
     return sql.Identifier("backfill", f"undo_{job_id}")
 
 
+def index_undo_table(conn: Conn, job_id: int, key: tuple[str, ...]) -> bool:
+    """Give an undo log its primary key (the job's key) unless it has one: a revert walks it
+    in key order. Logs written before this change, and transforms', have it already.
+    Returns whether it was added. Run it while no job writes the log (its revert's start)."""
+    undo = undo_table(job_id)
+    has = conn.execute("SELECT EXISTS (SELECT FROM pg_index WHERE indrelid = to_regclass(%s) "
+                       "AND indisprimary)", (undo.as_string(conn),)).fetchone()
+    if has and has[0]:
+        return False
+    conn.execute(sql.SQL("ALTER TABLE {u} ADD PRIMARY KEY ({k})").format(
+        u=undo, k=sql.SQL(", ").join(map(sql.Identifier, key))))
+    return True
+
+
 def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
             source: Conn | None = None) -> PreparedJob:
     """Validate ``spec`` against the database (and its source database for a cross-database
@@ -727,7 +803,8 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
         source_binding = None
     prepared = PreparedJob(spec, table, key, key_types, dest, copy_columns, fn,
                            reverted_kind=reverted_kind, source_columns=source_columns,
-                           binding=binding, source_binding=source_binding)
+                           binding=binding, source_binding=source_binding,
+                           server_version=conn.info.server_version)
     if explain and prepared.remote:
         try:
             with read.transaction(force_rollback=True):

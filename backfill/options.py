@@ -34,6 +34,7 @@ TUNABLE = (
     "statement_timeout_ms",
     "lock_timeout_ms",
     "max_retries",
+    "lock_wait_budget_ms",
 )
 
 
@@ -44,6 +45,8 @@ class JobOptions:
     ``batch_size`` is the starting size; the optimizer moves it between ``min_batch_size`` and
     ``max_batch_size`` so a batch takes about ``target_duration_ms``. ``rate_limit`` caps rows
     per second (``None``: no cap). ``pause_ms`` is slept between batches.
+    ``lock_wait_budget_ms`` bounds how long an application session may wait behind a batch's
+    row locks: batches that make one wait longer get smaller (0: no bound).
     """
 
     batch_size: int = 1000
@@ -56,6 +59,7 @@ class JobOptions:
     lock_timeout_ms: float = 2_000.0
     max_retries: int = 10
     parallelism: int = 1
+    lock_wait_budget_ms: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "min_batch_size", "max_batch_size", "max_retries",
@@ -64,7 +68,7 @@ class JobOptions:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidOption(f"{name}: expected an integer, got {value!r}")
         for name in ("target_duration_ms", "pause_ms", "statement_timeout_ms", "lock_timeout_ms",
-                     "rate_limit"):
+                     "rate_limit", "lock_wait_budget_ms"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
                 raise InvalidOption(f"{name}: expected a finite number, got {value!r}")
@@ -104,6 +108,8 @@ class JobOptions:
             raise InvalidOption(f"rate_limit must be positive rows/s, got {self.rate_limit}")
         if self.pause_ms < 0:
             raise InvalidOption("pause must not be negative")
+        if self.lock_wait_budget_ms < 0:
+            raise InvalidOption("lock_wait_budget must not be negative (0: no bound)")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,6 +166,7 @@ def parse_changes(changes: dict[str, Any]) -> dict[str, Any]:
         "pause": "pause_ms",
         "statement_timeout": "statement_timeout_ms",
         "lock_timeout": "lock_timeout_ms",
+        "lock_wait_budget": "lock_wait_budget_ms",
     }
     out: dict[str, Any] = {}
     for raw_name, value in changes.items():

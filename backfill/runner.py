@@ -656,7 +656,8 @@ class Runner:
             self.log.debug("batch.done", batch_id=outcome.batch_id, slice=slc.slice_no,
                            lower=render_key(outcome.lower), upper=render_key(outcome.upper),
                            rows=outcome.rows_scanned, affected=outcome.rows_affected,
-                           ms=round(outcome.duration_ms, 1), next_size=sizer.size)
+                           ms=round(outcome.duration_ms, 1), next_size=sizer.size,
+                           app_waiters=outcome.waits.sessions if outcome.waits else None)
             if outcome.done:
                 return None
             delay = self._delay_after(outcome.rows_scanned, outcome.duration_ms / 1000.0,
@@ -789,7 +790,7 @@ class Runner:
                 self.conn, prepared, job_id=job.id, slice_no=slice_no, cursor=cursor,
                 slice_upper=upper, size=size, options=options, codec=codec,
                 attempts=attempts,
-                next_size=lambda rows, ms: sizer.observe(rows, ms, options),
+                next_size=lambda rows, ms, waits: sizer.observe(rows, ms, options, waits),
                 lease_token=lease_token,
                 canary=job.canary_rows is not None and job.approved_at is None,
                 actor=self.owner, read=self._read(prepared) if prepared.remote else None,

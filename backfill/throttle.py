@@ -13,6 +13,22 @@ DEAD_BAND = 0.15
 #: Largest growth factor per batch; shrinking is faster so an overload is left quickly.
 MAX_GROWTH = 1.5
 MAX_SHRINK = 0.5
+#: Growth of the lock-wait ceiling per batch that blocked nobody: a slow probe back up
+#: (additive-increase, multiplicative-decrease, as TCP does).
+CEILING_GROWTH = 1.05
+#: The deepest cut of the ceiling after one batch: a proportional cut, so a 500 ms batch
+#: under a 30 ms budget comes down in one step, not four halvings (each one blocking the app).
+CEILING_MIN_CUT = 0.1
+
+
+@dataclass(frozen=True)
+class LockWaits:
+    """Application sessions blocked behind a batch, sampled just before its COMMIT (they
+    all wait until it commits: the sample sees every one still waiting)."""
+
+    sessions: int = 0
+    #: The longest of their waits so far (ms); each waits until COMMIT, a moment later.
+    max_wait_ms: float = 0.0
 
 
 @dataclass
@@ -31,9 +47,23 @@ class BatchSizer:
     #: rows, below ``min_batch_size`` if need be: a low rate gives small, frequent batches
     #: (locks held briefly, the cap true over any minute), not one huge batch and a long sleep.
     rate: float | None = None
+    #: The largest batch the lock-wait budget allows (``None``: no session blocked beyond
+    #: it yet). Set to the rows that fit the budget after an overrun, raised by
+    #: ``CEILING_GROWTH`` per batch that blocked nobody.
+    ceiling: int | None = None
 
-    def observe(self, rows: int, duration_ms: float, options: JobOptions) -> int:
-        """Record a finished batch and return the size of the next one."""
+    def observe(self, rows: int, duration_ms: float, options: JobOptions,
+                waits: LockWaits | None = None) -> int:
+        """Record a finished batch (and the sessions it blocked) and return the next size.
+
+        Throughput is maximised under a latency bound: the size moves toward the target
+        duration, but never above the ceiling the lock-wait budget sets. A session blocked
+        by a batch waits for its COMMIT, at worst the whole batch (its first row is locked
+        from the start): when a batch blocked anyone and took longer than
+        ``lock_wait_budget_ms``, the ceiling becomes the rows that fit the budget
+        (``rows * budget / duration``); batches that block nobody raise it slowly.
+        """
+        self._observe_waits(rows, duration_ms, waits, options)
         if rows > 0 and duration_ms >= 0:
             sample = max(duration_ms, 0.01) / rows
             if self.ms_per_row is None:
@@ -50,6 +80,27 @@ class BatchSizer:
             self.size = int(self.size * ratio)
         return self.clamp(options)
 
+    def _observe_waits(self, rows: int, duration_ms: float, waits: LockWaits | None,
+                       options: JobOptions) -> None:
+        budget = options.lock_wait_budget_ms
+        if not budget:
+            self.ceiling = None   # turned off (tuned to 0): no cap left over
+            return
+        if waits is None or rows <= 0:
+            return
+        if waits.sessions > 0:
+            longest = max(duration_ms, waits.max_wait_ms)
+            if longest > budget:
+                cut = max(budget / longest, CEILING_MIN_CUT)
+                base = min(rows, self.ceiling) if self.ceiling is not None else rows
+                self.ceiling = max(1, int(base * cut))
+            # Blocked within budget: the ceiling holds (this is the size the app tolerates).
+        elif self.ceiling is not None and rows >= self.ceiling:
+            # Nobody blocked at the ceiling: probe upwards; far below it there is no news.
+            self.ceiling = int(self.ceiling * CEILING_GROWTH) + 1
+            if self.ceiling >= options.max_batch_size:
+                self.ceiling = None
+
     def shrink(self, options: JobOptions) -> int:
         """After a statement timeout: halve the size (and forget the per-row estimate)."""
         capped = rate_cap(self.rate, options) < options.min_batch_size
@@ -60,6 +111,9 @@ class BatchSizer:
     def clamp(self, options: JobOptions) -> int:
         self.size = min(max(self.size, options.min_batch_size), options.max_batch_size,
                         rate_cap(self.rate, options))
+        if self.ceiling is not None and options.lock_wait_budget_ms and self.size > self.ceiling:
+            # Below min_batch_size if need be: the budget is about the application.
+            self.size = max(1, self.ceiling)
         return self.size
 
 

@@ -4,18 +4,35 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from backfill import cli as core_cli
 from backfill.cli import _fail, _guard, _settings, app, out, seconds_option
 from backfill.schema import check_schema
-from workers.app import app as celery_app
-from workers.tasks import check_broker_setup, dispatch, reap_once
+
+if importlib.util.find_spec("celery") is None:   # the inline CLI works without these commands
+    raise ModuleNotFoundError("No module named 'celery'", name="celery")
+
+
+# Celery (~0.1-0.3 s to import) only when a command sends or reaps: `backfill run` and the
+# other inline commands do not pay for it.
+def dispatch(dsn: str, job_id: int, **kwargs: Any) -> Any:
+    from workers.tasks import dispatch as send
+
+    return send(dsn, job_id, **kwargs)
+
+
+def reap_once(dsn: str, **kwargs: Any) -> Any:
+    from workers.tasks import reap_once as reap
+
+    return reap(dsn, **kwargs)
+
 
 core_cli.DISPATCH_HOOK = dispatch
 
@@ -29,6 +46,9 @@ def worker(
 ) -> None:
     """Start a Celery worker for backfill tasks (checks the state schema first). Each worker
     also runs the reaper, which starts and re-sends work without an operator."""
+    from workers.app import app as celery_app
+    from workers.tasks import check_broker_setup
+
     s = _settings(ctx)
 
     _guard(lambda: check_schema(s.dsn))

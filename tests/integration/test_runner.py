@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -17,6 +18,7 @@ from backfill.errors import IllegalTransition, InvalidInput, JobConflict, LeaseL
 from backfill.keyset import KeyCodec
 from backfill.kinds import prepare
 from backfill.runner import Runner, Tick
+from backfill.throttle import BatchSizer, LockWaits
 from tests.integration.helpers import (
     cli,
     cli_popen,
@@ -511,3 +513,54 @@ def test_ctrl_c_while_retrying_pauses_instead_of_failing(dsn: str) -> None:
     assert not t.is_alive()
     assert result["job"].state == JobState.PAUSED
     assert counter_histogram(dsn) == {0: 300, 1: 100}
+
+
+def test_an_application_session_blocked_by_a_batch_shrinks_the_next_one(dsn: str) -> None:
+    """The lock-wait budget, collected for real: an application UPDATE of a row the batch
+    has locked waits for its COMMIT; the batch sees it (pg_blocking_pids, just before
+    COMMIT) and the sizer makes the next batch smaller. Without a blocked session, no cut."""
+    make_counter_table(dsn, 400)
+    with psycopg.connect(dsn, autocommit=True) as c:   # 3 ms a row: a 100-row batch ~300 ms
+        c.execute("CREATE FUNCTION slow_plus(int) RETURNS int VOLATILE LANGUAGE sql AS "
+                  "'SELECT $1 + 1 FROM pg_sleep(0.003)'")
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", {"counter": "slow_plus(counter)"}, batch_size=100,
+                            max_batch_size=100, target_duration="10s",
+                            lock_wait_budget="50ms", undo_log=False))
+    conn = sliced_and_running(dsn, job.id)
+    prepared = prepare(conn, store.get_job(conn, job.id).spec, explain=False)
+    options = prepared.spec.options
+    codec = KeyCodec(prepared.key_types)
+    upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)
+    assert upper is not None
+    lease = store.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
+    assert lease is not None
+    sizer = BatchSizer(size=100)
+    seen: list[LockWaits | None] = []
+
+    def next_size(rows: int, ms: float, waits: LockWaits | None) -> int:
+        seen.append(waits)
+        return sizer.observe(rows, ms, options, waits)
+
+    def batch(cursor: Any) -> Any:
+        return run_batch(conn, prepared, job_id=job.id, slice_no=0, cursor=cursor,
+                         slice_upper=upper, size=sizer.size, options=options, codec=codec,
+                         next_size=next_size, lease_token=lease.token)
+
+    first = batch(None)   # nobody waits: the size stays
+    assert seen[-1] == LockWaits(0, 0.0)
+    assert sizer.size == 100
+    app = psycopg.connect(dsn, autocommit=True)
+    blocked = threading.Thread(target=lambda: (time.sleep(0.1), app.execute(
+        "UPDATE items SET note = 'app' WHERE id = 101")))   # the first row of the 2nd batch
+    blocked.start()
+    batch(first.upper)
+    blocked.join(10)
+    app.close()
+    waits = seen[-1]
+    assert waits is not None
+    assert waits.sessions == 1
+    assert 100 <= waits.max_wait_ms <= 1000, waits   # ~200 ms: from 0.1 s to the COMMIT
+    assert sizer.size < 100
+    assert scalar(dsn, "SELECT note FROM items WHERE id = 101") == "app"
+    conn.close()

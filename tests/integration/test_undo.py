@@ -3,6 +3,7 @@ table exactly, leaving rows the application changed since alone unless forced.""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import psycopg
@@ -217,3 +218,100 @@ def test_reverting_a_failed_job_cancels_it(dsn: str) -> None:
     assert bf.get(job.id).state == JobState.CANCELLED
     with pytest.raises(IllegalTransition):
         bf.retry(job.id)
+
+
+def _has_primary_key(dsn: str, job_id: int) -> bool:
+    return bool(scalar(dsn, "SELECT EXISTS (SELECT FROM pg_index WHERE indrelid = "
+                            "to_regclass(%s) AND indisprimary)", (f"backfill.undo_{job_id}",)))
+
+
+def test_the_undo_log_is_keyed_when_a_revert_starts_not_while_the_job_writes(dsn: str) -> None:
+    """Update and delete jobs append to an unindexed log (cheaper batches); the revert adds
+    the primary key in its own start and restores exactly. A log that already has one (written
+    before this change) reverts too."""
+    _accounts(dsn, 6_000)
+    before = _sum(dsn)
+    bf = Backfill(dsn)
+    job = bf.run(update("accounts", {"balance": "balance * 3", "note": "upper(note)"},
+                        batch_size=700))
+    assert job.state == JobState.SUCCEEDED
+    assert not _has_primary_key(dsn, job.id)
+    revert = bf.revert(job.id)
+    assert _has_primary_key(dsn, job.id)
+    assert bf.run(revert.id).state == JobState.SUCCEEDED
+    assert _sum(dsn) == before
+    assert bf.verify(revert.id).ok
+    # An old-style log, keyed from the start: the revert leaves its key alone.
+    again = bf.run(update("accounts", {"note": "'x'"}, batch_size=1000))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"ALTER TABLE backfill.undo_{again.id} ADD PRIMARY KEY (id)")
+    assert bf.run(bf.revert(again.id).id).state == JobState.SUCCEEDED
+    assert _sum(dsn) == before
+    gone = bf.run(delete("accounts", where="id % 3 = 0", batch_size=1000))
+    assert not _has_primary_key(dsn, gone.id)
+    assert bf.run(bf.revert(gone.id).id).state == JobState.SUCCEEDED
+    assert _sum(dsn) == before
+
+
+def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: str) -> None:
+    """PostgreSQL 18 logs an update in one pass (``RETURNING OLD``); older servers read the
+    rows first. Both write the same undo rows (on 18 both statements are run and compared;
+    on older servers the one-pass one must not be chosen)."""
+    from backfill import store
+    from backfill.kinds import prepare_stored
+
+    _accounts(dsn, 3_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("accounts", {"balance": "balance * 3", "note": "upper(note)",
+                                         "tags": "tags || 'z'::text"}, where="id % 5 <> 0"))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        prepared = prepare_stored(c, store.get_job(c, job.id), explain=False)
+        version = c.info.server_version
+        one_pass = 'RETURNING new."id"' in prepared.write_statement(lower=True).as_string(c)
+        assert one_pass == (version >= 180000)
+        assert prepared.optimistic_log == (version < 180000)
+        if version < 180000:
+            return
+        old_style = dataclasses.replace(prepared, server_version=0)
+        logs = []
+        for p in (prepared, old_style):
+            with c.transaction(force_rollback=True):
+                c.execute(p.write_statement(lower=True), {"lo0": 100, "hi0": 2_600})
+                logs.append(c.execute(f"SELECT u::text FROM backfill.undo_{job.id} u "
+                                      "ORDER BY id").fetchall())
+    assert len(logs[0]) == 2_000
+    assert logs[0] == logs[1]
+
+
+def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_value(
+        dsn: str) -> None:
+    """Before PostgreSQL 18 the logged update reads the old values without locking; a row
+    another session updates in between is caught (its row version changed) and the batch
+    is redone locking its rows: the undo log holds the value the job overwrote, not the one
+    it first read."""
+    import threading
+    import time
+
+    from backfill import store
+    from backfill.kinds import prepare_stored
+
+    _accounts(dsn, 100)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("accounts", {"note": "upper(coalesce(note, '-'))"}))
+    with psycopg.connect(dsn, autocommit=True) as c, \
+            psycopg.connect(dsn, autocommit=True) as app:
+        prepared = prepare_stored(c, store.get_job(c, job.id), explain=False)
+        if c.info.server_version >= 180000:
+            prepared = dataclasses.replace(prepared, server_version=170000)
+        assert prepared.optimistic_log
+        app.execute("BEGIN")
+        app.execute("UPDATE accounts SET note = 'app' WHERE id = 5")
+        threading.Thread(target=lambda: (time.sleep(0.3), app.execute("COMMIT"))).start()
+        with c.transaction():
+            rows = prepared.write_batch(c, None, (10,), None)
+        undo = dict(c.execute(f'SELECT id, ROW("old:note", "new:note")::text '
+                              f"FROM backfill.undo_{job.id}").fetchall())
+    assert rows == 10
+    assert undo[5] == "(app,APP)"
+    assert undo[6] == "(n6,N6)"
+    assert scalar(dsn, "SELECT note FROM accounts WHERE id = 5") == "APP"

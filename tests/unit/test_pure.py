@@ -19,7 +19,7 @@ from backfill.options import JobOptions, build_options
 from backfill.retry import Verdict, classify
 from backfill.spec import JobSpec, parse_set, update
 from backfill.states import TRANSITIONS, JobState, check_transition
-from backfill.throttle import BatchSizer, eta_seconds, rate_delay
+from backfill.throttle import BatchSizer, LockWaits, eta_seconds, rate_delay
 
 
 @pytest.mark.parametrize(
@@ -96,6 +96,44 @@ def test_sizer_ignores_one_slow_batch_and_shrinks_on_timeout() -> None:
     assert after_spike >= steady * 0.5
     assert sizer.shrink(opts) == after_spike // 2
     assert BatchSizer(size=10).shrink(JobOptions(batch_size=10)) == 10  # bounded below
+
+
+def test_blocked_sessions_over_budget_cap_the_batch_size() -> None:
+    """Throughput under a latency bound: a batch that blocked an application session and
+    took longer than the lock-wait budget caps the next ones at the rows that fit the budget
+    (a blocked session waits up to the whole batch); blocked within budget, the cap holds;
+    batches that block nobody raise it by 5 %; a budget of 0 turns it off."""
+    opts = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=100)
+    sizer = BatchSizer(size=40_000)
+    assert sizer.observe(40_000, 500, opts, LockWaits(0, 0.0)) == 40_000  # nobody blocked
+    assert sizer.ceiling is None
+    assert sizer.observe(40_000, 500, opts, LockWaits(1, 20.0)) == 8_000  # 500 ms > 100 ms
+    assert sizer.ceiling == 8_000
+    # Blocked, but within budget: the cap holds although 50k rows would fit 500 ms.
+    assert sizer.observe(8_000, 80, opts, LockWaits(2, 60.0)) == 8_000
+    # Nobody blocked at the cap: it climbs slowly; far below it says nothing.
+    sizes = [sizer.observe(sizer.size, sizer.size * 0.01, opts, LockWaits()) for _ in range(3)]
+    assert sizes == [8_401, 8_822, 9_264]
+    sizer.observe(10, 0.1, opts, LockWaits())
+    assert sizer.ceiling == 9_264
+    # A long wait (the batch blocked by something else first) counts as it is.
+    assert sizer.observe(9_264, 90, opts, LockWaits(1, 200.0)) == 4_632
+    # At most a tenfold cut in one step.
+    assert sizer.observe(4_632, 50_000, opts, LockWaits(1, 10.0)) == 463
+    off = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=0)
+    capped = BatchSizer(size=40_000, ceiling=5_000)
+    assert capped.clamp(opts) == 5_000
+    capped.size = 40_000
+    assert capped.clamp(off) == 40_000     # tuned to 0: the cap no longer holds
+    assert capped.observe(40_000, 500, off, LockWaits(1, 10.0)) == 40_000
+    assert capped.ceiling is None
+    free = BatchSizer(size=40_000)
+    assert free.observe(40_000, 500, off, LockWaits(5, 10_000.0)) == 40_000
+    assert free.ceiling is None
+    assert build_options(lock_wait_budget="50ms").lock_wait_budget_ms == 50.0
+    assert JobOptions().lock_wait_budget_ms == 30.0
+    with pytest.raises(InvalidOption):
+        JobOptions(lock_wait_budget_ms=-1)
 
 
 def test_a_rate_cap_keeps_batches_small_and_frequent() -> None:

@@ -1,0 +1,50 @@
+"""Fixed costs: a command of the core CLI does not import what it never uses (issue 16)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from backfill.cli import _command_of
+
+PROBE = """
+import sys
+sys.argv = ["backfill", *{args!r}]
+import backfill.cli as cli
+cli._load_plugins()
+print(sorted(m for m in ("celery", "pglast", "backfill.migration", "backfill.controller")
+             if m in sys.modules))
+print(cli.DISPATCH_HOOK is not None)
+"""
+
+
+def _loaded(*args: str) -> tuple[list[str], bool]:
+    out = subprocess.run([sys.executable, "-c", PROBE.format(args=list(args))],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split("\n")
+    return ast.literal_eval(out[0]), out[1] == "True"
+
+
+def test_the_command_word_skips_the_global_options() -> None:
+    assert _command_of(["--dsn", "host=x", "--log-level", "debug", "run", "3"]) == "run"
+    assert _command_of(["--actor", "me", "db", "upgrade"]) == "db"
+    assert _command_of(["--help"]) is None
+    assert _command_of(["undo_log", "list"]) == "undo-log"
+
+
+@pytest.mark.parametrize("args", [("run", "1"), ("enqueue", "-t", "t"), ("db", "upgrade"),
+                                  ("--dsn", "x", "show", "1")])
+def test_core_commands_import_neither_celery_nor_pglast(args: tuple[str, ...]) -> None:
+    modules, hook = _loaded(*args)
+    assert modules == []
+    assert hook, "enqueue --workers and resume still reach the workers (Celery on demand)"
+
+
+def test_other_commands_and_help_still_load_every_plugin() -> None:
+    modules, _ = _loaded("lint", "x.sql")
+    assert "pglast" in modules
+    assert "backfill.migration" in modules
+    modules, _ = _loaded("--help")
+    assert "backfill.controller" in modules
