@@ -212,7 +212,8 @@ def _dockerfile() -> list[tuple[str, str]]:
 
 
 def test_the_image_installs_like_a_user_and_holds_what_the_demo_reads() -> None:
-    from tests.integration.test_plain_install import DEMO_FILES, PACKAGE_FILES
+    from tests.integration.servers import PACKAGE_FILES
+    from tests.integration.test_plain_install import DEMO_FILES
 
     steps = _dockerfile()
     [install] = [i for i, (op, args) in enumerate(steps) if op == "RUN" and "pip install" in args]
