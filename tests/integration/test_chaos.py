@@ -107,8 +107,9 @@ def _batch_in_flight(dsn: str, job_id: int) -> bool:
         row = c.execute(
             """SELECT count(*) FROM pg_stat_activity
                WHERE application_name = %s AND state = 'active'
-                 -- the batch's write: a plain UPDATE, or the undo-logging WITH ... UPDATE
-                 AND (query ILIKE 'UPDATE%%' OR query ILIKE 'WITH old AS%%')""",
+                 -- the batch's write to the table, whatever its shape (plain, or logging
+                 -- the undo rows around it; not the checkpoint's UPDATE of the state)
+                 AND query LIKE '%%UPDATE "public"."items"%%'""",
             (f"backfill job {job_id}",),
         ).fetchone()
         return bool(row and row[0])
