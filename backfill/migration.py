@@ -278,6 +278,10 @@ class Shape:
         """Show ``t`` in the version schema, as it will be after complete."""
         self.versioned.setdefault((t.schema, t.name), t)
 
+    def to_version(self) -> list[TableShape]:
+        """The tables the version schema shows: those a later operation did not drop."""
+        return [t for k, t in self.versioned.items() if self._tables.get(k) is t]
+
     _TAKEN = {
         "constraint": "SELECT 1 FROM pg_constraint WHERE conname = %(n)s "
                       "AND conrelid = to_regclass(%(t)s)",
@@ -300,7 +304,8 @@ class Shape:
         self._claimed[key] = where
         if self.conn.execute(self._TAKEN[kind],
                              {"n": name, "t": t.regclass, "s": schema}).fetchone():
-            place = f"on {t.qualified}" if kind in ("constraint", "trigger") else f"in {schema}"
+            place = (f"on {t.qualified}" if kind in ("constraint", "trigger")
+                     else "on this database" if kind == "schema" else f"in {schema}")
             raise InvalidInput(f"{where}: a {'relation' if kind == 'relation' else kind} named "
                                f"{name} already exists {place}; give another name (rollback "
                                "drops what the migration created, so it must not be taken)")
@@ -1616,7 +1621,7 @@ def build_plan(conn: Conn, mig: MigrationFile) -> tuple[OpPlan, ...]:
     plans = []
     for i, data in enumerate(mig.operations):
         plans.append(OPERATIONS[data["op"]](i, data, shape, conn, mig).plan())
-    if shape.versioned:
+    if shape.to_version():
         plans.append(_version_plan(conn, shape, mig, len(plans)))
     return tuple(plans)
 
@@ -1643,9 +1648,9 @@ def _version_plan(conn: Conn, shape: Shape, mig: MigrationFile, index: int) -> O
     op = _Op(index, {"op": "version_schema"}, shape, conn, mig)
     schema = shape.version_schema
     where = "the version schema"
-    shape.claim("schema", next(iter(shape.versioned.values())), schema, where)
+    shape.claim("schema", shape.to_version()[0], schema, where)
     names: dict[str, TableShape] = {}
-    for t in shape.versioned.values():
+    for t in shape.to_version():
         if t.name in names:
             raise InvalidInput(f"{where}: {names[t.name].qualified} and {t.qualified} would "
                                f"both be {schema}.{t.name}; change them in two migrations")
