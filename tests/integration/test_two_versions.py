@@ -61,9 +61,9 @@ INSERT INTO users SELECT g, 'u' || g || '@x', 'name ' || g, g FROM generate_seri
 INSERT INTO user_profiles SELECT g, 'bio ' || g, 'a' || g, 'loc ' || g, 'w' || g
     FROM generate_series(1, {ROWS}) g;
 """
-SETUP_LOG = """
+SETUP_LOG = f"""
 CREATE SEQUENCE tags;
-CREATE SEQUENCE uids START 1000000;
+CREATE SEQUENCE uids START {10 * ROWS};
 CREATE TABLE app_writes (seq bigserial PRIMARY KEY, ver text NOT NULL, id bigint NOT NULL,
                          col text NOT NULL, val text);
 ANALYZE;
