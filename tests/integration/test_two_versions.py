@@ -412,3 +412,92 @@ def test_both_versions_write_through_start_and_complete(
     for query, expected in case.after:
         with psycopg.connect(dsn, autocommit=True) as c:
             assert c.execute(query).fetchone() == (expected,), query
+
+
+# -- the same rules, one write at a time ------------------------------------------------------
+
+
+def _sessions(dsn: str, schema: str) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
+    old = psycopg.connect(dsn, autocommit=True)
+    new = psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema},public")
+    return old, new
+
+
+def test_split_each_version_writes_its_own_shape_and_reads_the_others(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP_USERS.replace(str(ROWS), "200"))
+    mid = "one-split"
+    schema = version_schema(mid)
+    m = Migrator(dsn, actor="tester")
+    m.start(parse(f'id = "{mid}"\n{SETTINGS}\n{CASES[0].operations}'))
+    old, new = _sessions(dsn, schema)
+    with old, new:
+        # The new version inserts a user, then its profile: no row made for it collides.
+        new.execute("INSERT INTO users (id, email, name) VALUES (1000, 'n@x', 'n')")
+        new.execute("INSERT INTO user_profiles (id, bio) VALUES (1000, 'new bio')")
+        assert old.execute("SELECT bio FROM users WHERE id = 1000").fetchone() == ("new bio",)
+        # A new-version write is not undone by the old version's next update of the row...
+        new.execute("UPDATE user_profiles SET location = 'new loc' WHERE id = 5")
+        old.execute("UPDATE users SET bio = 'old bio', name = 'old name' WHERE id = 5")
+        assert new.execute("SELECT bio, location FROM user_profiles WHERE id = 5").fetchone() \
+            == ("old bio", "new loc")
+        assert old.execute("SELECT bio, location, name FROM users WHERE id = 5").fetchone() \
+            == ("old bio", "new loc", "old name")
+        # ...and the new version reads the source through its view, without the moved columns.
+        assert [d.name for d in new.execute("SELECT * FROM users LIMIT 0").description] \
+            == ["id", "email", "name", "score"]
+        # An old-version insert and delete reach the new table.
+        old.execute("INSERT INTO users (id, email, name, website) VALUES (1001, 'o', 'o', 'w')")
+        assert new.execute("SELECT website FROM user_profiles WHERE id = 1001").fetchone() \
+            == ("w",)
+        old.execute("DELETE FROM users WHERE id = 1001")   # the foreign key does not refuse it
+        assert new.execute("SELECT count(*) FROM user_profiles WHERE id = 1001").fetchone() \
+            == (0,)
+    m.complete(mid)
+
+
+def test_a_type_change_is_the_new_versions_from_start_and_its_prepared_queries_survive_complete(
+        dsn: str) -> None:
+    """Issue 14, item 5: a prepared SELECT of the retyped column, in a new-version session
+    that stays connected from start to after complete, never changes its result type."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP_USERS.replace(str(ROWS), "200"))
+    mid = "one-type"
+    schema = version_schema(mid)
+    m = Migrator(dsn, actor="tester")
+    m.start(parse(f'id = "{mid}"\n{SETTINGS}\n{CASES[3].operations}'))
+    old, new = _sessions(dsn, schema)
+    with old, new:
+        q = "SELECT score, pg_typeof(score)::text FROM users WHERE id = %s"
+        assert new.execute(q, (7,), prepare=True).fetchone() == (7, "bigint")
+        assert old.execute(q, (7,), prepare=True).fetchone() == (7, "integer")
+        new.execute("UPDATE users SET score = 70 WHERE id = 7")
+        assert old.execute(q, (7,), prepare=True).fetchone() == (70, "integer")
+        old.close()   # the old version is gone before complete
+        m.complete(mid)
+        for _ in range(3):   # prepared by now (psycopg prepares after a few runs, or at once)
+            assert new.execute(q, (7,), prepare=True).fetchone() == (70, "bigint")
+        assert new.execute("SELECT * FROM users WHERE id = 7", prepare=True).fetchone() \
+            is not None
+
+
+def test_a_computed_column_follows_the_old_versions_writes_and_keeps_the_new_versions(
+        dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP_USERS.replace(str(ROWS), "200"))
+    mid = "one-add"
+    m = Migrator(dsn, actor="tester")
+    m.start(parse(f'id = "{mid}"\n{SETTINGS}\n[[operations]]\nop = "add_column"\n'
+                  'table = "users"\ncolumn = "email_lower"\ntype = "text"\n'
+                  'value = "lower(email)"\nnot_null = true\n'))
+    old, new = _sessions(dsn, version_schema(mid))
+    with old, new:
+        old.execute("UPDATE users SET email = 'Changed@X' WHERE id = 3")
+        assert new.execute("SELECT email_lower FROM users WHERE id = 3").fetchone() \
+            == ("changed@x",)
+        new.execute("UPDATE users SET email = 'Mixed@X', email_lower = 'own' WHERE id = 4")
+        assert new.execute("SELECT email_lower FROM users WHERE id = 4").fetchone() == ("own",)
+        new.execute("INSERT INTO users (id, email, name) VALUES (1000, 'A@B', 'n')")
+        assert old.execute("SELECT email_lower FROM users WHERE id = 1000").fetchone() \
+            == ("a@b",)
+    m.complete(mid)
