@@ -1637,6 +1637,23 @@ def version_schema(migration_id: str) -> str:
     return name
 
 
+def _grants(conn: Conn, t: TableShape) -> dict[str | None, list[str]]:
+    """The table's privileges a view can carry, per role other than its owner (None: PUBLIC)."""
+    if not t.exists:
+        return {}
+    rows = conn.execute(
+        """SELECT r.rolname, a.privilege_type
+           FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+           LEFT JOIN pg_roles r ON r.oid = a.grantee
+           WHERE c.oid = %s::regclass AND a.grantee <> c.relowner
+             AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
+           ORDER BY 1, 2""", (t.regclass,)).fetchall()
+    out: dict[str | None, list[str]] = {}
+    for role, privilege in rows:
+        out.setdefault(None if role is None else str(role), []).append(str(privilege))
+    return out
+
+
 def _version_plan(conn: Conn, shape: Shape, mig: MigrationFile, index: int) -> OpPlan:
     """pgroll's versioned schema: one simple (so updatable) view per table the migration
     changes, showing it as it will be after complete: the new columns under their final
@@ -1657,6 +1674,7 @@ def _version_plan(conn: Conn, shape: Shape, mig: MigrationFile, index: int) -> O
         names[t.name] = t
     ident = sql.Identifier(schema)
     creates: list[sql.Composable] = [sql.SQL("CREATE SCHEMA {}").format(ident)]
+    users: set[str | None] = set()
     drops: list[sql.Composable] = []
     for t in names.values():
         view = sql.Identifier(schema, t.name)
@@ -1665,6 +1683,16 @@ def _version_plan(conn: Conn, shape: Shape, mig: MigrationFile, index: int) -> O
             if c.physical else sql.Identifier(c.name) for c in t.columns.values())
         creates.append(sql.SQL("CREATE VIEW {} AS SELECT {} FROM {}").format(view, cols, t.ident))
         drops.append(sql.SQL("DROP VIEW IF EXISTS {}").format(view))
+        for grantee, privileges in _grants(conn, t).items():
+            # Whoever may read or write the table may do the same through its view (the view
+            # reaches the table with its owner's rights, like any view).
+            who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+            users.add(grantee)
+            creates.append(sql.SQL("GRANT {} ON {} TO {}").format(
+                sql.SQL(", ").join(sql.SQL(p) for p in privileges), view, who))
+    creates += [sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+        ident, sql.SQL("PUBLIC") if g is None else sql.Identifier(g))
+        for g in sorted(users, key=lambda g: (g is not None, g or ""))]
     drops.append(sql.SQL("DROP SCHEMA IF EXISTS {}").format(ident))
     tables = ", ".join(t.qualified for t in names.values())
     op.add("start", f"version schema {schema}: the new shape of {tables} as views (the new "

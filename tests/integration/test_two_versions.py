@@ -501,3 +501,31 @@ def test_a_computed_column_follows_the_old_versions_writes_and_keeps_the_new_ver
         assert old.execute("SELECT email_lower FROM users WHERE id = 1000").fetchone() \
             == ("a@b",)
     m.complete(mid)
+
+
+def test_the_version_schema_carries_the_tables_grants_to_other_roles(dsn: str) -> None:
+    import uuid
+
+    role = f"bf_app_{uuid.uuid4().hex[:8]}"   # roles are the server's: a unique one, dropped
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP_USERS.replace(str(ROWS), "20"))
+        c.execute(f"CREATE ROLE {role}")
+        c.execute(f"GRANT SELECT, UPDATE ON users TO {role}")
+    mid = "one-grant"
+    schema = version_schema(mid)
+    m = Migrator(dsn, actor="tester")
+    try:
+        m.start(parse(f'id = "{mid}"\n{SETTINGS}\n{CASES[2].operations}'))
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"SET ROLE {role}")
+            c.execute(f"SET search_path = {schema}, public")
+            c.execute("UPDATE users SET full_name = 'as the app' WHERE id = 1")
+            assert c.execute("SELECT full_name FROM users WHERE id = 1").fetchone() \
+                == ("as the app",)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("INSERT INTO users (id, email, full_name) VALUES (99, 'x', 'y')")
+        m.rollback(mid)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"DROP OWNED BY {role}")
+            c.execute(f"DROP ROLE {role}")
