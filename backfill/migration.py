@@ -933,9 +933,13 @@ class _Copied(_Op):
                     o=o, n=n, d=sql.SQL(src.default), up=up_sql, down=down_sql)
         # The new version's writes: the view shows only the new column, so every value of
         # the old one follows from it (an INSERT), or only when the write changed it.
+        # An INSERT that leaves the new column out (the view has no default for it before
+        # complete) takes the old column's default through `using`.
         new_version = sql.SQL(
             "    IF {new_app} THEN\n"
-            "        IF TG_OP = 'INSERT' OR NEW.{n} IS DISTINCT FROM OLD.{n} THEN\n"
+            "        IF TG_OP = 'INSERT' AND NEW.{n} IS NULL THEN\n"
+            "            NEW.{n} := ({up});\n"
+            "        ELSIF TG_OP = 'INSERT' OR NEW.{n} IS DISTINCT FROM OLD.{n} THEN\n"
             "{down_new}"
             "        ELSIF NEW.{n} IS NULL THEN\n"   # a row the backfill has not reached
             "            NEW.{n} := ({up});\n"

@@ -529,3 +529,30 @@ def test_the_version_schema_carries_the_tables_grants_to_other_roles(dsn: str) -
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute(f"DROP OWNED BY {role}")
             c.execute(f"DROP ROLE {role}")
+
+
+def test_a_new_version_insert_that_leaves_a_renamed_column_out_gets_its_default(
+        dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE t (id bigint PRIMARY KEY, state text NOT NULL DEFAULT 'new')")
+        c.execute("INSERT INTO t SELECT g, 's' || g FROM generate_series(1, 10) g")
+    mid = "one-default"
+    m = Migrator(dsn, actor="tester")
+    m.start(parse(f'id = "{mid}"\n{SETTINGS}\n[[operations]]\nop = "rename_column"\n'
+                  'table = "t"\ncolumn = "state"\nto = "status"\n'))
+    old, new = _sessions(dsn, version_schema(mid))
+    with old, new:
+        new.execute("INSERT INTO t (id) VALUES (100)")
+        assert old.execute("SELECT state, status FROM t WHERE id = 100").fetchone() \
+            == ("new", "new")
+        new.execute("INSERT INTO t (id, status) VALUES (101, 'given')")
+        assert old.execute("SELECT state FROM t WHERE id = 101").fetchone() == ("given",)
+    m.complete(mid)
+    assert scalar_default(dsn) == "'new'::text"
+
+
+def scalar_default(dsn: str) -> str | None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute("SELECT column_default FROM information_schema.columns "
+                        "WHERE table_name = 't' AND column_name = 'status'").fetchone()
+        return None if row is None else str(row[0])
