@@ -270,6 +270,13 @@ def start(
                 mig, workers=workers, wait=wait))
 
     _interruptible(go)
+    schema = _guard(lambda: _migrator(ctx).version_schema(mig.id))
+    if schema:
+        out.print(f"migration {escape(mig.id)} started. Run the new application version with "
+                  f"search_path = {schema}, public (its shape, as views; both versions' writes "
+                  "are synced). When no old-version session is left: "
+                  f"`backfill migrate complete {escape(mig.id)}`", highlight=False)
+        return
     out.print(f"migration {escape(mig.id)} started. When every client uses the new schema: "
               f"`backfill migrate complete {escape(mig.id)}`", highlight=False)
 

@@ -53,6 +53,8 @@ PHASES = ("start", "complete", "rollback")
 MODES = ("tx", "concurrent", "backfill", "check")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _DOLLAR = "$bf$"
+#: The transaction-local setting a sync trigger raises around its own write to the other side.
+SYNC_GUARD = "backfill.syncing"
 #: Column names a trigger cannot declare as variables (they would shadow the row records).
 _PLPGSQL_RESERVED = {"new", "old", "found"}
 
@@ -280,6 +282,9 @@ class ColumnShape:
     type: str                    # with its modifiers: character varying(20)
     not_null: bool
     default: str | None
+    #: Until complete, the column that holds this one's values (``bf_new_<col>`` for a type
+    #: change): the version schema's view shows it under ``name``.
+    physical: str | None = None
 
 
 class Shape:
@@ -290,6 +295,18 @@ class Shape:
         self.conn = conn
         self._tables: dict[tuple[str, str], TableShape | None] = {}
         self._claimed: dict[tuple[str, str, str], str] = {}
+        #: Tables whose new shape the version schema shows as a view, in the order first seen.
+        self.versioned: dict[tuple[str, str], TableShape] = {}
+        #: The migration's version schema (set by :func:`build_plan`).
+        self.version_schema = ""
+
+    def version(self, t: TableShape) -> None:
+        """Show ``t`` in the version schema, as it will be after complete."""
+        self.versioned.setdefault((t.schema, t.name), t)
+
+    def to_version(self) -> list[TableShape]:
+        """The tables the version schema shows: those a later operation did not drop."""
+        return [t for k, t in self.versioned.items() if self._tables.get(k) is t]
 
     _TAKEN = {
         "constraint": "SELECT 1 FROM pg_constraint WHERE conname = %(n)s "
@@ -299,6 +316,7 @@ class Shape:
                     "WHERE n.nspname = %(s)s AND c.relname = %(n)s",
         "function": "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
                     "WHERE n.nspname = %(s)s AND p.proname = %(n)s",
+        "schema": "SELECT 1 FROM pg_namespace WHERE nspname = %(n)s",
     }
 
     def claim(self, kind: str, t: TableShape, name: str, where: str,
@@ -312,7 +330,8 @@ class Shape:
         self._claimed[key] = where
         if self.conn.execute(self._TAKEN[kind],
                              {"n": name, "t": t.regclass, "s": schema}).fetchone():
-            place = f"on {t.qualified}" if kind in ("constraint", "trigger") else f"in {schema}"
+            place = (f"on {t.qualified}" if kind in ("constraint", "trigger")
+                     else "on this database" if kind == "schema" else f"in {schema}")
             raise InvalidInput(f"{where}: a {'relation' if kind == 'relation' else kind} named "
                                f"{name} already exists {place}; give another name (rollback "
                                "drops what the migration created, so it must not be taken)")
@@ -576,6 +595,26 @@ class _Op:
     def brief(self, t: TableShape) -> str:
         return f"ACCESS EXCLUSIVE on {t.qualified} (brief, under lock_timeout)"
 
+    def from_new(self) -> sql.Composable:
+        """True in a trigger when the session writing is the new application version: its
+        search_path names the migration's version schema (pgroll's test). Read per row; cheap."""
+        return sql.SQL("({} = ANY (current_schemas(false)))").format(
+            sql.Literal(self.shape.version_schema))
+
+    @staticmethod
+    def guarded(write: sql.Composable) -> sql.Composable:
+        """A sync trigger's own write to the other side, flagged for the length of that write
+        so the other side's trigger leaves it alone: sync never loops."""
+        return sql.SQL("        PERFORM set_config({g}, 'on', true);\n{w}\n"
+                       "        PERFORM set_config({g}, 'off', true);").format(
+            g=sql.Literal(SYNC_GUARD), w=write)
+
+    @staticmethod
+    def syncing() -> sql.Composable:
+        """True inside another sync trigger's write (see :meth:`guarded`)."""
+        return sql.SQL("coalesce(current_setting({}, true), '') = 'on'").format(
+            sql.Literal(SYNC_GUARD))
+
     def validate_constraint(self, t: TableShape, name: str, phase: str = "start") -> None:
         self.add(phase, f"validate {name} (scans {t.qualified}; reads and writes go on)", "tx",
                  sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
@@ -825,11 +864,26 @@ class AddColumn(_Op):
         if fill is not None and t.exists:
             # Rows the application writes before the backfill reaches them get the value too,
             # so the NOT VALID check below never fails an application's INSERT or UPDATE.
+            # The old version does not know the column: when one of its writes changes what
+            # the value is computed from, the value follows. The new version writes it itself.
             trig = object_name("fill", t.name, col)
+            inputs = [c for c in t.columns if c in column_names(fill) and c != col]
+            follow: sql.Composable = sql.SQL("")
+            if inputs:
+                follow = sql.SQL(
+                    "\n    ELSIF TG_OP = 'UPDATE' AND NOT {new_app} AND NEW.{c} IS NOT DISTINCT "
+                    "FROM OLD.{c}\n          AND ({changed}) THEN NEW.{c} := ({v});").format(
+                    new_app=self.from_new(), c=cident,
+                    v=sqltext.expression_sql(fill, percent=False),
+                    changed=sql.SQL(" OR ").join(
+                        sql.SQL("NEW.{i} IS DISTINCT FROM OLD.{i}").format(i=sql.Identifier(i))
+                        for i in inputs))
             self.trigger(t, trig, "BEFORE", "INSERT OR UPDATE", sql.SQL(
-                "    IF NEW.{c} IS NULL THEN NEW.{c} := ({v}); END IF;\n    RETURN NEW;").format(
-                    c=cident, v=sqltext.expression_sql(fill, percent=False)),
+                "    IF NEW.{c} IS NULL THEN NEW.{c} := ({v});{follow}\n    END IF;\n"
+                "    RETURN NEW;").format(
+                    c=cident, v=sqltext.expression_sql(fill, percent=False), follow=follow),
                 variables=column_names(fill))
+            self.shape.version(t)
             self.job(t, f"fill {col}", {"kind": "update", "set": [[col, fill]],
                                         "where": f"{quote(col)} IS NULL"})
         if not_null and t.exists:
@@ -898,7 +952,10 @@ class _Copied(_Op):
         t.columns[new] = ColumnShape(new, new_type, False, None)
         up_sql = sqltext.expression_sql(up, slot="`using`", percent=False)
         down_sql = sqltext.expression_sql(down, slot="`down`", percent=False) if down else None
-        # Which application version wrote a row is told by what it changed:
+        # Which application version wrote a row: a session whose search_path names the
+        # version schema is the new one (it reads and writes the new shape through its views),
+        # so it owns the new column and `down` carries its writes back. Otherwise it is told,
+        # as before, by what the write changed (an application not using the version schema):
         # - INSERT: a side left NULL is computed from the other. The old column keeps its
         #   default until complete, so an old column equal to its default beside a new column
         #   that does not match it means the new application wrote only the new column.
@@ -912,7 +969,26 @@ class _Copied(_Op):
                 "\n        ELSIF NEW.{o} IS NOT DISTINCT FROM ({d}) "
                 "AND NEW.{n} IS DISTINCT FROM ({up}) THEN NEW.{o} := ({down});").format(
                     o=o, n=n, d=sql.SQL(src.default), up=up_sql, down=down_sql)
+        # The new version's writes: the view shows only the new column, so every value of
+        # the old one follows from it (an INSERT), or only when the write changed it.
+        # An INSERT that leaves the new column out (the view has no default for it before
+        # complete) takes the old column's default through `using`.
+        new_version = sql.SQL(
+            "    IF {new_app} THEN\n"
+            "        IF TG_OP = 'INSERT' AND NEW.{n} IS NULL THEN\n"
+            "            NEW.{n} := ({up});\n"
+            "        ELSIF TG_OP = 'INSERT' OR NEW.{n} IS DISTINCT FROM OLD.{n} THEN\n"
+            "{down_new}"
+            "        ELSIF NEW.{n} IS NULL THEN\n"   # a row the backfill has not reached
+            "            NEW.{n} := ({up});\n"
+            "        END IF;\n"
+            "        RETURN NEW;\n"
+            "    END IF;\n").format(
+            new_app=self.from_new(), n=n, up=up_sql,
+            down_new=(sql.SQL("            NEW.{o} := ({d});\n").format(o=o, d=down_sql)
+                      if down_sql else sql.SQL("            NULL;\n")))
         body = sql.SQL(
+            "{new_version}"
             "    IF TG_OP = 'INSERT' THEN\n"
             "        IF NEW.{n} IS NULL THEN NEW.{n} := ({up});{ins_down}{ins_default} END IF;\n"
             "    ELSIF NEW.{o} IS DISTINCT FROM OLD.{o} AND NEW.{n} IS NOT DISTINCT FROM OLD.{n} THEN\n"
@@ -921,6 +997,7 @@ class _Copied(_Op):
             "    ELSIF NEW.{n} IS NULL THEN\n"
             "        NEW.{n} := ({up});\n"
             "    END IF;\n    RETURN NEW;").format(
+            new_version=new_version,
             n=n, o=o, up=up_sql, ins_default=ins_default,
             ins_down=(sql.SQL(" ELSIF NEW.{o} IS NULL THEN NEW.{o} := ({d});").format(
                 o=o, d=down_sql) if down_sql else sql.SQL("")),
@@ -1012,6 +1089,7 @@ class RenameColumn(_Copied):
         self.swap(t, old, new, rename_to=None, default=src.default)
         t.columns.pop(old)
         t.columns[new] = ColumnShape(new, src.type, src.not_null, src.default)
+        self.shape.version(t)
         return f"rename {t.qualified}.{old} to {new}"
 
     def by_view(self, t: TableShape, old: str, new: str, view_schema: str) -> str:
@@ -1105,8 +1183,11 @@ class ChangeType(_Copied):
             self.warnings.append(f"{col} has a default ({src.default}); set it again on the "
                                  "new type after complete")
         self.swap(t, col, tmp, rename_to=col)
-        t.columns[col] = ColumnShape(col, typ, src.not_null, None)
+        # After complete the column is the renamed copy: last in the table, as in the view.
         t.columns.pop(tmp)
+        t.columns.pop(col)
+        t.columns[col] = ColumnShape(col, typ, src.not_null, None, physical=tmp)
+        self.shape.version(t)
         return f"change {t.qualified}.{col} from {src.type} to {typ} (using {up})"
 
     def irreversible(self) -> str | None:
@@ -1409,35 +1490,99 @@ class SplitTable(_Op):
         self.add("rollback", f"drop table {new.qualified}", "tx",
                  sql.SQL("DROP TABLE IF EXISTS {}").format(new.ident), lock=self.brief(new))
         every = (*key, *cols)
-        match = sql.SQL(" AND ").join(
-            sql.SQL("{} = OLD.{}").format(sql.Identifier(k), sql.Identifier(k)) for k in key)
-        body = sql.SQL(
-            "    IF TG_OP IN ('DELETE', 'UPDATE') THEN\n"
-            "        DELETE FROM {new} WHERE {match};\n"
-            "        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;\n"
-            "    END IF;\n"
-            "    INSERT INTO {new} ({cols}) VALUES ({vals})\n"
-            "        ON CONFLICT ({key}) DO UPDATE SET {set};\n"
-            "    RETURN NEW;").format(
-                new=new.ident, match=match, cols=ids(map(sql.Identifier, every)),
+        # Both versions write between start and complete, each its own shape: the old one
+        # the moved columns on the source, the new one the new table (and the source's other
+        # columns, through the version schema's view that lacks the moved ones). Each write
+        # is carried to the other side for the columns it changed only (the last write of
+        # each column wins), guarded so the other side's trigger does not send it back.
+        def key_is(rec: str, alias: str | None = None) -> sql.Composable:
+            return sql.SQL(" AND ").join(
+                sql.SQL("{a}{k} = {r}.{k}").format(
+                    a=sql.SQL(f"{alias}.") if alias else sql.SQL(""), k=sql.Identifier(k),
+                    r=sql.SQL(rec)) for k in key)
+
+        def touched(c: str) -> sql.Composable:
+            return sql.SQL("(TG_OP = 'INSERT' OR NEW.{c} IS DISTINCT FROM OLD.{c})").format(
+                c=sql.Identifier(c))
+
+        key_changed = sql.SQL(" OR ").join(
+            sql.SQL("NEW.{k} IS DISTINCT FROM OLD.{k}").format(k=sql.Identifier(k)) for k in key)
+        upsert = sql.SQL(
+            "        INSERT INTO {new} AS bf_t ({cols}) VALUES ({vals})\n"
+            "            ON CONFLICT ({key}) DO UPDATE SET {set};").format(
+                new=new.ident, cols=ids(map(sql.Identifier, every)),
                 vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every),
                 key=ids(map(sql.Identifier, key)),
-                set=ids(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols))
+                set=ids(sql.SQL("{c} = CASE WHEN {t} THEN EXCLUDED.{c} ELSE bf_t.{c} END").format(
+                    c=sql.Identifier(c), t=touched(c)) for c in cols))
+        # The old version's inserts and updates (AFTER: with a foreign key from the new table
+        # the source row must exist). An INSERT by the new version is left alone: it inserts
+        # the new table's row itself, which must not collide with one made here.
+        body = sql.SQL(
+            "    IF {syncing} THEN RETURN NULL; END IF;\n"
+            "    IF TG_OP = 'INSERT' THEN\n"
+            "        IF {new_app} THEN RETURN NULL; END IF;\n"
+            "    ELSIF {key_changed} THEN\n"
+            "{move}\n"
+            "        RETURN NULL;\n"
+            "    ELSIF NOT ({any}) THEN\n"
+            "        RETURN NULL;\n"
+            "    END IF;\n"
+            "{upsert}\n"
+            "    RETURN NULL;").format(
+                syncing=self.syncing(), new_app=self.from_new(), key_changed=key_changed,
+                any=sql.SQL(" OR ").join(
+                    sql.SQL("NEW.{c} IS DISTINCT FROM OLD.{c}").format(c=sql.Identifier(c))
+                    for c in cols),
+                move=self.guarded(sql.SQL(
+                    "        DELETE FROM {new} WHERE {m};\n"
+                    "        INSERT INTO {new} ({cols}) VALUES ({vals});").format(
+                    new=new.ident, m=key_is("OLD"), cols=ids(map(sql.Identifier, every)),
+                    vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every))),
+                upsert=self.guarded(upsert))
         self.trg = object_name("split", t.name, new.name)
-        self.trigger(t, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
+        self.trigger(t, self.trg, "AFTER", "INSERT OR UPDATE", body)
+        # Deletes, by either version (BEFORE: a foreign key from the new table would refuse
+        # the source row's delete before an AFTER trigger ran).
+        self.trg_del = object_name("splitdel", t.name, new.name)
+        self.trigger(t, self.trg_del, "BEFORE", "DELETE", sql.SQL(
+            "    IF NOT {syncing} THEN\n{delete}\n    END IF;\n    RETURN OLD;").format(
+                syncing=self.syncing(), delete=self.guarded(sql.SQL(
+                    "        DELETE FROM {new} WHERE {m};").format(
+                        new=new.ident, m=key_is("OLD")))))
+        # The new version's writes to the new table flow back to the source's columns.
+        # (The copy job and the trigger above run in old-version sessions, or guarded.)
+        self.trg_back = object_name("unsplit", new.name, t.name)
+        self.trigger(new, self.trg_back, "AFTER", "INSERT OR UPDATE OR DELETE", sql.SQL(
+            "    IF {syncing} OR NOT {new_app} THEN RETURN NULL; END IF;\n"
+            "    IF TG_OP = 'DELETE' THEN\n{clear}\n        RETURN NULL;\n    END IF;\n"
+            "{back}\n"
+            "    RETURN NULL;").format(
+                syncing=self.syncing(), new_app=self.from_new(),
+                clear=self.guarded(sql.SQL("        UPDATE {t} SET {nulls} WHERE {m};").format(
+                    t=t.ident, m=key_is("OLD"),
+                    nulls=ids(sql.SQL("{} = NULL").format(sql.Identifier(c)) for c in cols))),
+                back=self.guarded(sql.SQL(
+                    "        UPDATE {t} AS bf_s SET {set} WHERE {m};").format(
+                    t=t.ident, m=key_is("NEW", "bf_s"),
+                    set=ids(sql.SQL("{c} = CASE WHEN {t} THEN NEW.{c} ELSE bf_s.{c} END").format(
+                        c=sql.Identifier(c), t=touched(c)) for c in cols)))))
+        self.shape.version(t)
         # on_conflict=update copies lock the source rows they read (FOR SHARE), so a batch
         # never overwrites a newer value the trigger mirrored with the one it read earlier.
         self.job(t, f"copy {', '.join(cols)} into {new.qualified}",
                  {"kind": "copy", "dest": new.qualified, "columns": list(every),
                   "on_conflict": "update"})
         self.dropped = not keep
-        stmts = self.drop_trigger_statements(t, self.trg)
+        stmts = [*self.drop_trigger_statements(t, self.trg),
+                 *self.drop_trigger_statements(t, self.trg_del),
+                 *self.drop_trigger_statements(new, self.trg_back)]
         if not keep:
             stmts.append(sql.SQL("ALTER TABLE {} {}").format(t.ident, ids(
                 sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(c)) for c in cols)))
             for c in cols:
                 del t.columns[c]
-        self.add("complete", f"drop trigger {self.trg}"
+        self.add("complete", f"drop triggers {self.trg}, {self.trg_del}, {self.trg_back}"
                  + (f", drop {', '.join(cols)} from {t.qualified}" if not keep else "")
                  + " (one transaction)", "tx", *stmts, lock=self.brief(t),
                  risk="high" if not keep else "low")
@@ -1484,15 +1629,58 @@ class MergeTables(_Op):
             return sql.SQL(" AND ").join([sql.SQL("{} = {}.{}").format(
                 sql.Identifier(k), sql.SQL(rec), sql.Identifier(k)) for k in key])
 
+        def touched(c: str) -> sql.Composable:
+            return sql.SQL("(TG_OP = 'INSERT' OR NEW.{c} IS DISTINCT FROM OLD.{c})").format(
+                c=sql.Identifier(c))
+
+        # The old version writes the source table, the new one the merged columns of the
+        # target (through the version schema's view). Each write is carried to the other side
+        # for the columns it changed only (the last write of each column wins), guarded so the
+        # other side's trigger does not send it back.
         body = sql.SQL(
-            "    IF TG_OP = 'DELETE' THEN\n"
-            "        UPDATE {t} SET {nulls} WHERE {old};\n        RETURN OLD;\n    END IF;\n"
-            "    UPDATE {t} SET {set} WHERE {new};\n    RETURN NEW;").format(
-                t=t.ident, old=match("OLD"), new=match("NEW"),
-                nulls=ids(sql.SQL("{} = NULL").format(sql.Identifier(c)) for c in cols),
-                set=ids(sql.SQL("{c} = NEW.{c}").format(c=sql.Identifier(c)) for c in cols))
+            "    IF {syncing} THEN RETURN NULL; END IF;\n"
+            "    IF TG_OP = 'DELETE' THEN\n{clear}\n        RETURN NULL;\n    END IF;\n"
+            "{set}\n    RETURN NULL;").format(
+                syncing=self.syncing(),
+                clear=self.guarded(sql.SQL("        UPDATE {t} SET {nulls} WHERE {old};").format(
+                    t=t.ident, old=match("OLD"),
+                    nulls=ids(sql.SQL("{} = NULL").format(sql.Identifier(c)) for c in cols))),
+                set=self.guarded(sql.SQL("        UPDATE {t} AS bf_t SET {set} WHERE {new};").format(
+                    t=t.ident, new=sql.SQL(" AND ").join([sql.SQL("bf_t.{k} = NEW.{k}").format(
+                        k=sql.Identifier(k)) for k in key]),
+                    set=ids(sql.SQL("{c} = CASE WHEN {t} THEN NEW.{c} ELSE bf_t.{c} END").format(
+                        c=sql.Identifier(c), t=touched(c)) for c in cols))))
         self.trg = object_name("merge", src.name, t.name)
         self.trigger(src, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
+        every = (*key, *cols)
+        self.back = object_name("unmerge", t.name, src.name)
+        self.trigger(t, self.back, "AFTER", "INSERT OR UPDATE", sql.SQL(
+            "    IF {syncing} OR NOT {new_app} THEN RETURN NULL; END IF;\n"
+            "    IF TG_OP = 'UPDATE' AND NOT ({any}) THEN RETURN NULL; END IF;\n"
+            "{upsert}\n    RETURN NULL;").format(
+                syncing=self.syncing(), new_app=self.from_new(),
+                any=sql.SQL(" OR ").join(
+                    sql.SQL("NEW.{c} IS DISTINCT FROM OLD.{c}").format(c=sql.Identifier(c))
+                    for c in cols),
+                upsert=self.guarded(sql.SQL(
+                    "        INSERT INTO {src} AS bf_s ({cols}) VALUES ({vals})\n"
+                    "            ON CONFLICT ({key}) DO UPDATE SET {set};").format(
+                    src=src.ident, cols=ids(map(sql.Identifier, every)),
+                    vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every),
+                    key=ids(map(sql.Identifier, key)),
+                    set=ids(sql.SQL("{c} = CASE WHEN {t} THEN EXCLUDED.{c} ELSE bf_s.{c} END")
+                            .format(c=sql.Identifier(c), t=touched(c)) for c in cols)))))
+        # The new version deletes the merged row; the source row goes first (BEFORE: a foreign
+        # key from the source would refuse the target's delete).
+        self.back_del = object_name("unmergedel", t.name, src.name)
+        self.trigger(t, self.back_del, "BEFORE", "DELETE", sql.SQL(
+            "    IF NOT {syncing} AND {new_app} THEN\n{delete}\n    END IF;\n"
+            "    RETURN OLD;").format(
+                syncing=self.syncing(), new_app=self.from_new(),
+                delete=self.guarded(sql.SQL("        DELETE FROM {src} WHERE {m};").format(
+                    src=src.ident, m=sql.SQL(" AND ").join(
+                        [sql.SQL("{k} = OLD.{k}").format(k=sql.Identifier(k)) for k in key])))))
+        self.shape.version(t)
         # A target row inserted after its source row takes the source's values.
         self.pull = object_name("pull", t.name, src.name)
         self.trigger(t, self.pull, "BEFORE", "INSERT", sql.SQL(
@@ -1525,10 +1713,13 @@ class MergeTables(_Op):
                        "WHERE t.{k} IS NULL OR ROW({row}) IS DISTINCT FROM ROW({trow}))").format(
                            s=src.ident, t=t.ident, on=on, k=sql.Identifier(key[0]), row=row,
                            trow=trow), duration="scan", table=src.qualified)
-        self.add("complete", f"drop triggers {self.trg} and {self.pull}, drop table "
+        self.add("complete", f"drop triggers {self.trg}, {self.pull}, {self.back} and "
+                 f"{self.back_del}, drop table "
                  f"{src.qualified} (one transaction)", "tx",
                  *self.drop_trigger_statements(src, self.trg),
                  *self.drop_trigger_statements(t, self.pull),
+                 *self.drop_trigger_statements(t, self.back),
+                 *self.drop_trigger_statements(t, self.back_del),
                  sql.SQL("DROP TABLE IF EXISTS {}").format(src.ident), lock=self.brief(src),
                  risk="high")
         self.shape.drop(src)
@@ -1609,12 +1800,107 @@ OPERATIONS: dict[str, type[_Op]] = {
 
 
 def build_plan(conn: Conn, mig: MigrationFile) -> tuple[OpPlan, ...]:
-    """Every operation's steps, checked against ``conn``'s catalog; writes nothing."""
+    """Every operation's steps, checked against ``conn``'s catalog; writes nothing. When an
+    operation keeps two shapes of a table in sync, a last plan adds the version schema."""
     shape = Shape(conn)
+    shape.version_schema = version_schema(mig.id)
     plans = []
     for i, data in enumerate(mig.operations):
         plans.append(OPERATIONS[data["op"]](i, data, shape, conn, mig).plan())
+    if shape.to_version():
+        plans.append(_version_plan(conn, shape, mig, len(plans)))
     return tuple(plans)
+
+
+def version_schema(migration_id: str) -> str:
+    """The schema holding the new version's views: ``bf_v_`` and the id, lower case, runs of
+    other characters as one ``_`` (a hash when that loses anything or passes 63 bytes)."""
+    clean = re.sub(r"[^a-z0-9]+", "_", migration_id.lower()).strip("_")
+    name = "bf_v_" + clean
+    if len(name) > 63:
+        digest = hashlib.sha1(migration_id.encode()).hexdigest()[:8]
+        name = name[:54] + "_" + digest
+    return name
+
+
+def _grants(conn: Conn, t: TableShape) -> dict[str | None, list[str]]:
+    """The table's privileges a view can carry, per role other than its owner (None: PUBLIC)."""
+    if not t.exists:
+        return {}
+    rows = conn.execute(
+        """SELECT r.rolname, a.privilege_type
+           FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+           LEFT JOIN pg_roles r ON r.oid = a.grantee
+           WHERE c.oid = %s::regclass AND a.grantee <> c.relowner
+             AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
+           ORDER BY 1, 2""", (t.regclass,)).fetchall()
+    out: dict[str | None, list[str]] = {}
+    for role, privilege in rows:
+        out.setdefault(None if role is None else str(role), []).append(str(privilege))
+    return out
+
+
+def _version_plan(conn: Conn, shape: Shape, mig: MigrationFile, index: int) -> OpPlan:
+    """pgroll's versioned schema: one simple (so updatable) view per table the migration
+    changes, showing it as it will be after complete: the new columns under their final
+    names, the moved or replaced ones left out, in the column order complete leaves. The new
+    application sets ``search_path = <schema>, public``; the sync triggers tell its writes by
+    that path. Complete drops the views last, in one transaction: by then the tables have
+    exactly the views' shape, so the new application's queries (prepared ones too) fall
+    through to the tables unchanged."""
+    op = _Op(index, {"op": "version_schema"}, shape, conn, mig)
+    schema = shape.version_schema
+    where = "the version schema"
+    shape.claim("schema", shape.to_version()[0], schema, where)
+    names: dict[str, TableShape] = {}
+    for t in shape.to_version():
+        if t.name in names:
+            raise InvalidInput(f"{where}: {names[t.name].qualified} and {t.qualified} would "
+                               f"both be {schema}.{t.name}; change them in two migrations")
+        names[t.name] = t
+    ident = sql.Identifier(schema)
+    creates: list[sql.Composable] = [sql.SQL("CREATE SCHEMA {}").format(ident)]
+    users: set[str | None] = set()
+    drops: list[sql.Composable] = []
+    for t in names.values():
+        view = sql.Identifier(schema, t.name)
+        cols = sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(sql.Identifier(c.physical), sql.Identifier(c.name))
+            if c.physical else sql.Identifier(c.name) for c in t.columns.values())
+        creates.append(sql.SQL("CREATE VIEW {} AS SELECT {} FROM {}").format(view, cols, t.ident))
+        drops.append(sql.SQL("DROP VIEW IF EXISTS {}").format(view))
+        for grantee, privileges in _grants(conn, t).items():
+            # Whoever may read or write the table may do the same through its view (the view
+            # reaches the table with its owner's rights, like any view).
+            who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+            users.add(grantee)
+            creates.append(sql.SQL("GRANT {} ON {} TO {}").format(
+                sql.SQL(", ").join(sql.SQL(p) for p in privileges), view, who))
+    creates += [sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+        ident, sql.SQL("PUBLIC") if g is None else sql.Identifier(g))
+        for g in sorted(users, key=lambda g: (g is not None, g or ""))]
+    drops.append(sql.SQL("DROP SCHEMA IF EXISTS {}").format(ident))
+    tables = ", ".join(t.qualified for t in names.values())
+    op.add("start", f"version schema {schema}: the new shape of {tables} as views (the new "
+           f"application: search_path = {schema}, public)", "tx", *creates,
+           lock="none (new views)")
+    op.check("start", f"version schema {schema} has its views", sql.SQL(
+        "SELECT count(*) = {} FROM pg_views WHERE schemaname = {}").format(
+            sql.Literal(len(names)), sql.Literal(schema)))
+    op.add("complete", f"drop version schema {schema} (the tables now have its shape; the "
+           "new application's queries fall through to them)", "tx", *drops,
+           lock=f"ACCESS EXCLUSIVE on the views in {schema} (brief, under lock_timeout)")
+    op.check("complete", f"version schema {schema} is gone", sql.SQL(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {})").format(
+            sql.Literal(schema)))
+    op.add("rollback", f"drop version schema {schema}", "tx", *drops,
+           lock=f"ACCESS EXCLUSIVE on the views in {schema} (brief, under lock_timeout)")
+    return OpPlan(index, "version_schema",
+                  f"version schema {schema} for the new application version ({tables})",
+                  tuple(op.steps),
+                  (f"between start and complete, run the new application with search_path = "
+                   f"{schema}, public (the old one keeps its own); complete only once no "
+                   "old-version session is left",))
 
 
 def ordered_steps(plans: Iterable[OpPlan]) -> dict[str, list[Step]]:

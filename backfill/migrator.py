@@ -60,6 +60,7 @@ from backfill.migration import (
     Step,
     build_plan,
     ordered_steps,
+    version_schema,
 )
 from backfill.runner import Tick
 from backfill.schema import require_current
@@ -189,6 +190,16 @@ class Migrator:
                     jobs[s.job_id] = (store.get_job(conn, s.job_id),
                                       store.progress(conn, s.job_id))
             return Status(rec, steps, events, jobs)
+
+    def version_schema(self, ref: str) -> str | None:
+        """The migration's version schema when it exists (between start and complete): the
+        new application version's ``search_path`` names it first."""
+        with self._conn() as conn:
+            rec = _get(conn, ref)
+            name = version_schema(rec.id if rec else ref)
+            row = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                               (name,)).fetchone()
+            return name if row else None
 
     # -- the three commands ----------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from backfill import store
@@ -216,16 +218,23 @@ def _verify(conn: Conn, job: store.JobRecord, chunk: int, src: Conn | None) -> V
         if end is None:
             continue
         lo = codec.decode(slc.lower_bound)
+        size, failures = chunk, 0
         while True:
-            nxt = ks.probe(read, lo, end, chunk - 1)
+            nxt = ks.probe(read, lo, end, size - 1)
             hi = nxt if nxt is not None else end
-            with conn.transaction():
-                # One snapshot per chunk: a copy's source and destination are read as of the
-                # same moment, so concurrent writes mirrored by a trigger do not look like
-                # differences.
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                conn.execute("SET LOCAL statement_timeout = '5min'")
-                detail = checker.check(lo, hi)
+            try:
+                detail = _check_chunk(conn, checker, lo, hi)
+            except psycopg.errors.SerializationFailure:
+                # A check that locks what it reads (a merge's FOR SHARE read of its source)
+                # cannot serialize when the application updated one of those rows since the
+                # snapshot: read a smaller chunk, in a new snapshot.
+                failures += 1
+                if failures > 50:
+                    raise
+                size = max(1, size // 4)
+                time.sleep(0.005 * min(failures, 10))
+                continue
+            failures, size = 0, min(chunk, size * 2)
             report.checked_chunks += 1
             if detail:
                 report.diffs.append(RangeDiff(lo, hi, detail))
@@ -234,3 +243,12 @@ def _verify(conn: Conn, job: store.JobRecord, chunk: int, src: Conn | None) -> V
             lo = hi
         report.checked_rows += slc.rows_scanned
     return report
+
+
+def _check_chunk(conn: Conn, checker: _Checker, lo: Any, hi: Any) -> str | None:
+    """One snapshot per chunk: a copy's source and destination are read as of the same moment,
+    so concurrent writes mirrored by a trigger do not look like differences."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("SET LOCAL statement_timeout = '5min'")
+        return checker.check(lo, hi)

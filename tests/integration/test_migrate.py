@@ -480,8 +480,12 @@ def test_rollback_undoes_whatever_start_did_and_is_refused_after_complete(
         assert r.returncode == 137, (k, r.stderr)
     assert cli(dsn, "migrate", "rollback", "m-rb").returncode == 0
     assert _schema(dsn) == before
-    m.start(_mig(text))
+    assert scalar(dsn, "SELECT to_regnamespace('bf_v_m_rb')") is None   # the version schema
+    r = cli(dsn, "migrate", "start", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "search_path = bf_v_m_rb, public" in r.stdout
     m.complete("m-rb")
+    assert scalar(dsn, "SELECT to_regnamespace('bf_v_m_rb')") is None
     with pytest.raises(MigrationError, match="no automatic rollback"):
         m.rollback("m-rb")
 

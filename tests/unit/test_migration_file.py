@@ -80,3 +80,13 @@ def test_a_step_survives_its_json_round_trip() -> None:
              lock="l", duration="build", risk="medium", table="public.t", index="public.i",
              job={"kind": "update"}, note="n")
     assert Step.from_json(s.to_json()) == s
+
+
+def test_the_version_schema_is_named_after_the_migration_within_63_bytes() -> None:
+    from backfill.migration import version_schema
+
+    assert version_schema("2026-11-26-users-split") == "bf_v_2026_11_26_users_split"
+    assert version_schema("Users.Split") == "bf_v_users_split"
+    long = version_schema("x" * 100)
+    assert len(long) == 63
+    assert long != version_schema("x" * 99)
