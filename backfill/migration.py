@@ -1334,9 +1334,10 @@ class AddForeignKey(_Op):
                 f"too: before start, the old version must delete (or re-point) the rows of "
                 f"{t.qualified} that reference a row before deleting it, in the same "
                 "transaction; otherwise choose cascade or set null"
-                + ("" if t.exists else f"; {t.qualified} is created by this migration, and "
-                   "the key's check runs before a trigger that mirrors the delete into it, "
-                   "so rows mirrored there block the delete too"))
+                + ("" if t.exists else f"; {t.qualified} is created by this migration, "
+                   "whose sync trigger deletes the matching rows there first (before the "
+                   "key's check), so the old version's deletes of rows mirrored into it go "
+                   "through"))
         else:
             self.warnings.append(f"on_delete = {key}: from start on, a DELETE on "
                                  f"{ref.qualified}, by either application version, {what}")

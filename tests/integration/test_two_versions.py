@@ -125,6 +125,7 @@ op = "add_foreign_key"
 table = "user_profiles"
 columns = ["id"]
 references = "users"
+on_delete = "cascade"
 """,
         old=[_w("old", "bio", f"UPDATE users SET bio = {_tag('old')} WHERE id = :id"),
              _w("old", "website", f"UPDATE users SET website = {_tag('old')} WHERE id = :id"),
