@@ -875,9 +875,7 @@ class AddColumn(_Op):
                     "FROM OLD.{c}\n          AND ({changed}) THEN NEW.{c} := ({v});").format(
                     new_app=self.from_new(), c=cident,
                     v=sqltext.expression_sql(fill, percent=False),
-                    changed=sql.SQL(" OR ").join(
-                        sql.SQL("NEW.{i} IS DISTINCT FROM OLD.{i}").format(i=sql.Identifier(i))
-                        for i in inputs))
+                    changed=_changed(inputs))
             self.trigger(t, trig, "BEFORE", "INSERT OR UPDATE", sql.SQL(
                 "    IF NEW.{c} IS NULL THEN NEW.{c} := ({v});{follow}\n    END IF;\n"
                 "    RETURN NEW;").format(
@@ -1502,12 +1500,7 @@ class SplitTable(_Op):
                     a=sql.SQL(f"{alias}.") if alias else sql.SQL(""), k=sql.Identifier(k),
                     r=sql.SQL(rec)) for k in key)
 
-        def touched(c: str) -> sql.Composable:
-            return sql.SQL("(TG_OP = 'INSERT' OR NEW.{c} IS DISTINCT FROM OLD.{c})").format(
-                c=sql.Identifier(c))
-
-        key_changed = sql.SQL(" OR ").join(
-            sql.SQL("NEW.{k} IS DISTINCT FROM OLD.{k}").format(k=sql.Identifier(k)) for k in key)
+        key_changed = _changed(key)
         upsert = sql.SQL(
             "        INSERT INTO {new} AS bf_t ({cols}) VALUES ({vals})\n"
             "            ON CONFLICT ({key}) DO UPDATE SET {set};").format(
@@ -1515,7 +1508,7 @@ class SplitTable(_Op):
                 vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every),
                 key=ids(map(sql.Identifier, key)),
                 set=ids(sql.SQL("{c} = CASE WHEN {t} THEN EXCLUDED.{c} ELSE bf_t.{c} END").format(
-                    c=sql.Identifier(c), t=touched(c)) for c in cols))
+                    c=sql.Identifier(c), t=_touched(c)) for c in cols))
         # The old version's inserts and updates (AFTER: with a foreign key from the new table
         # the source row must exist). An INSERT by the new version is left alone: it inserts
         # the new table's row itself, which must not collide with one made here.
@@ -1532,9 +1525,7 @@ class SplitTable(_Op):
             "{upsert}\n"
             "    RETURN NULL;").format(
                 syncing=self.syncing(), new_app=self.from_new(), key_changed=key_changed,
-                any=sql.SQL(" OR ").join(
-                    sql.SQL("NEW.{c} IS DISTINCT FROM OLD.{c}").format(c=sql.Identifier(c))
-                    for c in cols),
+                any=_changed(cols),
                 move=self.guarded(sql.SQL(
                     "        DELETE FROM {new} WHERE {m};\n"
                     "        INSERT INTO {new} ({cols}) VALUES ({vals});").format(
@@ -1567,7 +1558,7 @@ class SplitTable(_Op):
                     "        UPDATE {t} AS bf_s SET {set} WHERE {m};").format(
                     t=t.ident, m=key_is("NEW", "bf_s"),
                     set=ids(sql.SQL("{c} = CASE WHEN {t} THEN NEW.{c} ELSE bf_s.{c} END").format(
-                        c=sql.Identifier(c), t=touched(c)) for c in cols)))))
+                        c=sql.Identifier(c), t=_touched(c)) for c in cols)))))
         self.shape.version(t)
         # on_conflict=update copies lock the source rows they read (FOR SHARE), so a batch
         # never overwrites a newer value the trigger mirrored with the one it read earlier.
@@ -1630,10 +1621,6 @@ class MergeTables(_Op):
             return sql.SQL(" AND ").join([sql.SQL("{} = {}.{}").format(
                 sql.Identifier(k), sql.SQL(rec), sql.Identifier(k)) for k in key])
 
-        def touched(c: str) -> sql.Composable:
-            return sql.SQL("(TG_OP = 'INSERT' OR NEW.{c} IS DISTINCT FROM OLD.{c})").format(
-                c=sql.Identifier(c))
-
         # The old version writes the source table, the new one the merged columns of the
         # target (through the version schema's view). Each write is carried to the other side
         # for the columns it changed only (the last write of each column wins), guarded so the
@@ -1650,7 +1637,7 @@ class MergeTables(_Op):
                     t=t.ident, new=sql.SQL(" AND ").join([sql.SQL("bf_t.{k} = NEW.{k}").format(
                         k=sql.Identifier(k)) for k in key]),
                     set=ids(sql.SQL("{c} = CASE WHEN {t} THEN NEW.{c} ELSE bf_t.{c} END").format(
-                        c=sql.Identifier(c), t=touched(c)) for c in cols))))
+                        c=sql.Identifier(c), t=_touched(c)) for c in cols))))
         self.trg = object_name("merge", src.name, t.name)
         self.trigger(src, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
         every = (*key, *cols)
@@ -1660,9 +1647,7 @@ class MergeTables(_Op):
             "    IF TG_OP = 'UPDATE' AND NOT ({any}) THEN RETURN NULL; END IF;\n"
             "{upsert}\n    RETURN NULL;").format(
                 syncing=self.syncing(), new_app=self.from_new(),
-                any=sql.SQL(" OR ").join(
-                    sql.SQL("NEW.{c} IS DISTINCT FROM OLD.{c}").format(c=sql.Identifier(c))
-                    for c in cols),
+                any=_changed(cols),
                 upsert=self.guarded(sql.SQL(
                     "        INSERT INTO {src} AS bf_s ({cols}) VALUES ({vals})\n"
                     "            ON CONFLICT ({key}) DO UPDATE SET {set};").format(
@@ -1670,7 +1655,7 @@ class MergeTables(_Op):
                     vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every),
                     key=ids(map(sql.Identifier, key)),
                     set=ids(sql.SQL("{c} = CASE WHEN {t} THEN EXCLUDED.{c} ELSE bf_s.{c} END")
-                            .format(c=sql.Identifier(c), t=touched(c)) for c in cols)))))
+                            .format(c=sql.Identifier(c), t=_touched(c)) for c in cols)))))
         # The new version deletes the merged row; the source row goes first (BEFORE: a foreign
         # key from the source would refuse the target's delete).
         self.back_del = object_name("unmergedel", t.name, src.name)
@@ -1970,6 +1955,19 @@ def quote(name: str) -> str:
     """An identifier quoted for an expression we hand to the job engine as text."""
     return '"' + name.replace('"', '""') + '"'
 
+
+
+def _changed(cols: Iterable[str]) -> sql.Composable:
+    """In a row trigger: the write changed one of ``cols`` (``NEW.c IS DISTINCT FROM OLD.c OR
+    ...``)."""
+    return sql.SQL(" OR ").join(
+        sql.SQL("NEW.{c} IS DISTINCT FROM OLD.{c}").format(c=sql.Identifier(c)) for c in cols)
+
+
+def _touched(c: str) -> sql.Composable:
+    """In a row trigger: an INSERT (which writes every column) or an UPDATE that changed ``c``."""
+    return sql.SQL("(TG_OP = 'INSERT' OR NEW.{c} IS DISTINCT FROM OLD.{c})").format(
+        c=sql.Identifier(c))
 
 def object_name(*parts: str) -> str:
     """A deterministic name for an object we create (trigger, constraint), within 63 bytes."""
