@@ -168,6 +168,15 @@ def test_readings_expire_with_the_controller_that_made_them(dsn: str) -> None:
     assert value(stale, "backfill_controller_leader_info", leader="controller:h:1") == 1
 
 
+def _exporter_backend(dsn: str) -> int:
+    """The pid of the backend serving the exporter's connection."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute("SELECT pid FROM pg_stat_activity "
+                        "WHERE application_name = 'backfill exporter'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_a_hung_database_gives_backfill_up_0_within_the_timeout(dsn: str) -> None:
     """The exporter's backend stopped (SIGSTOP): every scrape answers within its timeout with
     backfill_up 0, and threads do not pile up, concurrent scrapes included."""
@@ -176,11 +185,7 @@ def test_a_hung_database_gives_backfill_up_0_within_the_timeout(dsn: str) -> Non
     pid = None
     try:
         assert value(scrape(port), "backfill_up") == 1
-        with psycopg.connect(dsn, autocommit=True) as c:
-            row = c.execute("SELECT pid FROM pg_stat_activity "
-                            "WHERE application_name = 'backfill exporter'").fetchone()
-        assert row is not None
-        pid = int(row[0])
+        pid = _exporter_backend(dsn)
         threads = threading.active_count()
         os.kill(pid, signal.SIGSTOP)
         started = time.monotonic()
@@ -208,11 +213,7 @@ def test_a_stopped_server_gives_backfill_up_0_and_threads_stay_put(dsn: str) -> 
     stopped: list[int] = []
     try:
         assert value(scrape(port), "backfill_up") == 1
-        with psycopg.connect(dsn, autocommit=True) as c:
-            row = c.execute("SELECT pid FROM pg_stat_activity "
-                            "WHERE application_name = 'backfill exporter'").fetchone()
-        assert row is not None
-        backend = int(row[0])
+        backend = _exporter_backend(dsn)
         threads = threading.active_count()
         try:
             for p in (_ppid(backend), backend):  # the postmaster first: no new backends
