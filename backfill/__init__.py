@@ -1,7 +1,7 @@
 """backfill: safe, resumable, keyset-batched PostgreSQL backfills and data moves."""
 
 from backfill.api import Backfill, Plan
-from backfill.errors import (
+from backfill.core.errors import (
     BackfillError,
     ColumnNotFound,
     DatabaseUnavailable,
@@ -17,11 +17,11 @@ from backfill.errors import (
     SchemaError,
     TableNotFound,
 )
-from backfill.options import JobOptions
-from backfill.registry import Registry
-from backfill.spec import JobSpec, copy, delete, move, sql_job, transform, update
-from backfill.states import JobState
-from backfill.store import Event, JobRecord
+from backfill.job.options import JobOptions
+from backfill.job.registry import Registry
+from backfill.job.spec import JobSpec, copy, delete, move, sql_job, transform, update
+from backfill.job.states import JobState
+from backfill.state.store import Event, JobRecord
 
 __all__ = [
     "Backfill", "BackfillError", "ColumnNotFound", "DatabaseUnavailable", "Event",

@@ -23,21 +23,22 @@ from typing import Any
 
 from psycopg import sql
 
-from backfill import registry as registry_mod
-from backfill import sqltext, store
-from backfill.catalog import Conn
-from backfill.db import connect
-from backfill.errors import InvalidInput, JobNotFound
-from backfill.keyset import KeyCodec, render_key
-from backfill.kinds import index_undo_table, prepare, prepare_stored, undo_table
-from backfill.preflight import Check, PreflightConfig, blocked, run_checks
-from backfill.preflight import gate as preflight_gate
-from backfill.rehearsal import Rehearsal
-from backfill.runner import Runner, Tick
-from backfill.schema import require_current, upgrade_conn
-from backfill.spec import UNDOABLE, JobSpec, canary_size
-from backfill.states import ACTIVE, TERMINAL, JobState
-from backfill.verify import VerifyReport, verify
+from backfill.core import sqltext
+from backfill.core.catalog import Conn
+from backfill.core.db import connect
+from backfill.core.errors import InvalidInput, JobNotFound
+from backfill.engine.keyset import KeyCodec, render_key
+from backfill.engine.kinds import index_undo_table, prepare, prepare_stored, undo_table
+from backfill.engine.runner import Runner, Tick
+from backfill.engine.verify import VerifyReport, verify
+from backfill.job import registry as registry_mod
+from backfill.job.spec import UNDOABLE, JobSpec, canary_size
+from backfill.job.states import ACTIVE, TERMINAL, JobState
+from backfill.safety.preflight import Check, PreflightConfig, blocked, run_checks
+from backfill.safety.preflight import gate as preflight_gate
+from backfill.safety.rehearsal import Rehearsal
+from backfill.state import store
+from backfill.state.schema import require_current, upgrade_conn
 
 S = JobState
 JobRef = int | str | store.JobRecord
@@ -78,7 +79,7 @@ def approve(conn: Conn, job: store.JobRecord, *, actor: str, reason: str) -> sto
         report = store.canary_report(conn, job.id) or {}
         if report.get("verified") is None:
             # Its verifier died before the verdict: verify it here, now.
-            from backfill.runner import verify_canary
+            from backfill.engine.runner import verify_canary
 
             verify_canary(conn, job.id, actor=actor)
             report = store.canary_report(conn, job.id) or {}
@@ -272,7 +273,7 @@ class Backfill:
         ``workers=True`` marks it for the Celery workers: their reaper starts it within one
         pass (``workers.tasks.dispatch`` starts it at once); otherwise ``run`` executes it inline.
 
-        Raises an :class:`~backfill.errors.InvalidInput` subclass, writing nothing, when the
+        Raises an :class:`~backfill.core.errors.InvalidInput` subclass, writing nothing, when the
         table, columns, key or SQL are wrong, or another active job writes the same columns.
         """
         spec = self.spec_for(spec_or_name, **options)
@@ -417,7 +418,7 @@ class Backfill:
     def rehearse(self, ref: JobRef, on: str) -> Rehearsal:
         """Run the job for real on a clone (``on``: its DSN), measure rows/s, WAL, batch
         durations and lock waits, verify it, and keep the figures on this job."""
-        from backfill.rehearsal import rehearse
+        from backfill.safety.rehearsal import rehearse
 
         job = self.get(ref)
 
@@ -428,7 +429,7 @@ class Backfill:
 
     def rehearsal(self, ref: JobRef) -> dict[str, Any] | None:
         """The last rehearsal's figures, if the job was rehearsed."""
-        from backfill.rehearsal import latest
+        from backfill.safety.rehearsal import latest
 
         with self._conn() as conn:
             return latest(conn, self._resolve(conn, ref).id)

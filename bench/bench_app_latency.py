@@ -64,7 +64,7 @@ from bench_engine import (  # noqa: E402
     run_keyset,
 )
 
-from backfill.localpg import LocalPostgres, find_pg_bindir  # noqa: E402
+from backfill_dev.localpg import LocalPostgres, find_pg_bindir  # noqa: E402
 
 METHODS = ("single", "keyset", "backfill", "backfill-no-undo", "backfill-10k")
 LABELS = {
@@ -86,7 +86,7 @@ DSN_ENV = "BACKFILL_DSN"
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "backfill.cli", *args]
+    return [sys.executable, "-m", "backfill.cli.main", *args]
 
 
 def method_commands(method: str, bindir: Path, batch: int,
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="More `backfill enqueue` options for the backfill methods, e.g. "
                    "'--lock-wait-budget 50ms'")
     p.add_argument("--bindir", type=Path, default=None,
-                   help="PostgreSQL binaries (default: as backfill.localpg finds them)")
+                   help="PostgreSQL binaries (default: as backfill_dev.localpg finds them)")
     p.add_argument("--_keyset", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._keyset is not None:

@@ -55,11 +55,11 @@ from bench_engine import (  # noqa: E402
 )
 
 from backfill import Backfill, JobState, update  # noqa: E402
-from backfill.controller import Controller, ControllerConfig  # noqa: E402
-from backfill.localpg import LocalPostgres  # noqa: E402
-from backfill.logs import configure as configure_logs  # noqa: E402
-from backfill.policy import Limit, PolicyConfig  # noqa: E402
-from backfill.signals import Heartbeats, Replica  # noqa: E402
+from backfill.control.controller import Controller, ControllerConfig  # noqa: E402
+from backfill.control.policy import Limit, PolicyConfig  # noqa: E402
+from backfill.control.signals import Heartbeats, Replica  # noqa: E402
+from backfill.core.logs import configure as configure_logs  # noqa: E402
+from backfill_dev.localpg import LocalPostgres  # noqa: E402
 
 SCENARIOS = ("healthy", "healthy+controller", "slow", "slow+controller")
 

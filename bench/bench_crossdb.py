@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from backfill.localpg import LocalPostgres, find_pg_bindir  # noqa: E402
+from backfill_dev.localpg import LocalPostgres, find_pg_bindir  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 COLUMNS = "id, kind, amount, note, at"
@@ -86,7 +86,7 @@ def run_pipe(src: str, dst: str, psql: str) -> float:
 
 
 def run_backfill(src: str, dst: str) -> float:
-    env_cli = [sys.executable, "-m", "backfill.cli", "--dsn", dst, "--log-level", "warning"]
+    env_cli = [sys.executable, "-m", "backfill.cli.main", "--dsn", dst, "--log-level", "warning"]
     subprocess.run([*env_cli, "db", "upgrade"], check=True, capture_output=True)
     job = subprocess.run([*env_cli, "enqueue", "-t", "events", "--dest", "archive", "--source",
                           src, "--batch-size", "10000", "-q"], check=True, capture_output=True,

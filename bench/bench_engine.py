@@ -47,9 +47,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backfill import Backfill, JobState, update  # noqa: E402
-from backfill.db import redact_dsn  # noqa: E402
-from backfill.localpg import LocalPostgres  # noqa: E402
-from backfill.logs import configure as configure_logs  # noqa: E402
+from backfill.core.db import redact_dsn  # noqa: E402
+from backfill.core.logs import configure as configure_logs  # noqa: E402
+from backfill_dev.localpg import LocalPostgres  # noqa: E402
 
 TABLE = "bench_t"
 BENCH_DB = "backfill_bench"

@@ -59,8 +59,8 @@ from bench_engine import (  # noqa: E402
 )
 
 from backfill import Backfill, JobState, update  # noqa: E402
-from backfill.localpg import LocalPostgres  # noqa: E402
-from backfill.logs import configure as configure_logs  # noqa: E402
+from backfill.core.logs import configure as configure_logs  # noqa: E402
+from backfill_dev.localpg import LocalPostgres  # noqa: E402
 
 METHODS = ("keyset-1", "keyset-2", "inline", "workers-1", "workers-2", "workers-4")
 

@@ -4,7 +4,7 @@ Add a module here, decorate a function returning a spec with ``@registry.job``, 
 module below. The function's docstring is the job's description.
 """
 
-from backfill.registry import Registry
+from backfill import Registry
 
 registry = Registry()
 

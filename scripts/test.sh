@@ -36,7 +36,7 @@ while read -r major bindir <&3; do
     step "pytest on PostgreSQL $major ($bindir)"
     PG_BINDIR="$bindir" pytest -q "$@"
     ran=$((ran + 1))
-done 3< <(python -c 'from backfill.localpg import available_servers
+done 3< <(python -c 'from backfill_dev.localpg import available_servers
 for major, bindir in available_servers():
     print(major, bindir)')
 if [[ "$ran" == 0 ]]; then

@@ -5,7 +5,7 @@
   (``scripts/test.sh`` sets it, after installing them if needed).
 
 Each test database is a copy of ``bf_template``, which carries the state schema created once per
-session by ``backfill.schema.upgrade``; copying a template is much faster than re-running the
+session by ``backfill.state.schema.upgrade``; copying a template is much faster than re-running the
 migrations for every test.
 """
 
@@ -24,7 +24,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from backfill.localpg import LocalPostgres, find_pg_bindir
+from backfill_dev.localpg import LocalPostgres, find_pg_bindir
 
 TEMPLATE_DB = "bf_template"
 _CONNECT_TIMEOUT = 10
@@ -93,7 +93,7 @@ def admin_dsn(pg_server: LocalPostgres | None) -> str:
 @pytest.fixture(scope="session")
 def template_db(admin_dsn: str) -> str:
     """Create ``bf_template`` holding the current state schema; return its name."""
-    from backfill.schema import upgrade
+    from backfill.state.schema import upgrade
 
     name = sql.Identifier(TEMPLATE_DB)
     with _admin_connect(admin_dsn) as conn:

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from backfill import cli as core_cli
-from backfill.cli import _fail, _guard, _settings, app, out, seconds_option
-from backfill.schema import check_schema
+from backfill.cli import main as core_cli
+from backfill.cli.main import _fail, _guard, _settings, app, out, seconds_option
+from backfill.state.schema import check_schema
 
 if importlib.util.find_spec("celery") is None:   # the inline CLI works without these commands
     raise ModuleNotFoundError("No module named 'celery'", name="celery")
@@ -78,7 +78,7 @@ def dispatch_(
     if not (job.isascii() and job.isdigit()):
         _fail("dispatch takes a job id", 2)
     if skip_preflight:
-        from backfill.cli import _client
+        from backfill.cli.main import _client
 
         bf = _client(ctx)
         _guard(lambda: bf.gate(bf.get(int(job)), skip=True))

@@ -17,13 +17,13 @@ import psycopg
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from backfill import store
-from backfill.db import connect, redact_dsn
-from backfill.errors import BackfillError, BrokerMisconfigured, BrokerUnavailable, TasksNotSent
-from backfill.logs import get_logger
-from backfill.reaper import ReaperLoop, reap
-from backfill.runner import WORKERS_OWNER, Runner
-from backfill.schema import check_schema
+from backfill.core.db import connect, redact_dsn
+from backfill.core.errors import BackfillError, BrokerMisconfigured, BrokerUnavailable, TasksNotSent
+from backfill.core.logs import get_logger
+from backfill.engine.reaper import ReaperLoop, reap
+from backfill.engine.runner import WORKERS_OWNER, Runner
+from backfill.state import store
+from backfill.state.schema import check_schema
 from workers.app import DISPATCH_STALE_S, LEASE_TTL_FLOOR_S, REAP_EVERY_S, SLICE_BUDGET_S, app
 
 log = get_logger(component="worker")

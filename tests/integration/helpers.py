@@ -85,7 +85,7 @@ def cli(dsn: str, *args: str, timeout: float = 120,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI in its own process; ``env``: extra environment variables."""
     return subprocess.run(
-        [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
+        [sys.executable, "-m", "backfill.cli.main", "--dsn", dsn, *args],
         capture_output=True, text=True, timeout=timeout, env=cli_env(**(env or {})), cwd=ROOT,
         check=False,
     )
@@ -93,7 +93,7 @@ def cli(dsn: str, *args: str, timeout: float = 120,
 
 def cli_popen(dsn: str, *args: str, output: int = subprocess.PIPE) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
+        [sys.executable, "-m", "backfill.cli.main", "--dsn", dsn, *args],
         stdout=output, stderr=output, text=True, env=cli_env(), cwd=ROOT,
     )
 
@@ -120,8 +120,9 @@ def sliced_and_running(dsn: str, job_id: int) -> Any:
     as a worker would find it; returns an open state-store connection (close it)."""
     import threading
 
-    from backfill import Backfill, JobState, store
-    from backfill.db import connect
+    from backfill import Backfill, JobState
+    from backfill.core.db import connect
+    from backfill.state import store
 
     bf = Backfill(dsn)
     stop = threading.Event()

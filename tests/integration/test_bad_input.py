@@ -48,13 +48,13 @@ class Result:
 
 
 def cli(dsn: str, *args: str) -> Result:
-    """Run ``python -m backfill.cli --dsn DSN ARGS`` the way an operator's script would."""
+    """Run ``python -m backfill.cli.main --dsn DSN ARGS`` the way an operator's script would."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("BACKFILL_DSN", "DATABASE_URL", "BACKFILL_JOBS_MODULE")}
     env["BACKFILL_LOG_FORMAT"] = "json"
     env["BACKFILL_ACTOR"] = "tester@bad-input"
     proc = subprocess.run(
-        [sys.executable, "-m", "backfill.cli", "--dsn", dsn, *args],
+        [sys.executable, "-m", "backfill.cli.main", "--dsn", dsn, *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False,
     )
     return Result(tuple(args), proc.returncode, proc.stdout, proc.stderr)

@@ -146,11 +146,11 @@ def test_a_write_that_went_to_another_table_is_caught_even_if_the_names_swap_bac
     tables inside it: the name check alone would pass. The batch must hold a row-writing lock
     on the bound oid itself. Here the renames happen inside the batch (a trigger on the
     impostor table swaps the schemas back right after the write), deterministically."""
-    from backfill import store
-    from backfill.batch import run_batch
-    from backfill.errors import TableChanged
-    from backfill.keyset import KeyCodec
-    from backfill.kinds import prepare_stored
+    from backfill.core.errors import TableChanged
+    from backfill.engine.batch import run_batch
+    from backfill.engine.keyset import KeyCodec
+    from backfill.engine.kinds import prepare_stored
+    from backfill.state import store
     from tests.integration.helpers import sliced_and_running
 
     with psycopg.connect(dsn, autocommit=True) as c:

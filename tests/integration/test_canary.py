@@ -9,12 +9,13 @@ import threading
 import psycopg
 import pytest
 
-from backfill import Backfill, store, update
-from backfill.errors import IllegalTransition, InvalidInput
-from backfill.reaper import reap
-from backfill.runner import Runner
-from backfill.spec import JobSpec
-from backfill.states import JobState
+from backfill import Backfill, update
+from backfill.core.errors import IllegalTransition, InvalidInput
+from backfill.engine.reaper import reap
+from backfill.engine.runner import Runner
+from backfill.job.spec import JobSpec
+from backfill.job.states import JobState
+from backfill.state import store
 from tests.integration.helpers import cli, counter_histogram, make_counter_table, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(180)

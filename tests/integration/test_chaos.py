@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from backfill import Backfill, JobState, update
-from backfill.localpg import LocalPostgres
+from backfill_dev.localpg import LocalPostgres
 from tests.integration.helpers import make_counter_table
 from tests.integration.servers import RedisServer, Workers, broker
 

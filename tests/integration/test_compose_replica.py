@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backfill.localpg import PG_OS_USER, PORT_FILE, LocalPostgres, find_pg_bindir
+from backfill_dev.localpg import PG_OS_USER, PORT_FILE, LocalPostgres, find_pg_bindir
 from tests.integration.helpers import ROOT, scalar, wait_for
 
 

@@ -24,10 +24,10 @@ import psycopg
 import pytest
 
 from backfill import Backfill, JobState, update
-from backfill.controller import Controller, ControllerConfig
-from backfill.localpg import LocalPostgres, find_pg_bindir
-from backfill.policy import Limit, PolicyConfig
-from backfill.signals import Replica
+from backfill.control.controller import Controller, ControllerConfig
+from backfill.control.policy import Limit, PolicyConfig
+from backfill.control.signals import Replica
+from backfill_dev.localpg import LocalPostgres, find_pg_bindir
 from tests.integration.helpers import (
     ROOT,
     cli,
@@ -349,7 +349,7 @@ def test_a_standby_controller_takes_over_when_the_leader_dies(dbs: tuple[str, st
 
     def start() -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "--actor", "an operator",
+            [sys.executable, "-m", "backfill.cli.main", "--dsn", dsn, "--actor", "an operator",
              "controller", "run", "--poll", "0.2s"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
@@ -399,8 +399,8 @@ def test_every_session_queued_on_the_jobs_rows_is_counted(dsn: str) -> None:
     """Four sessions queued on one row of the job's table are four waiters. The head of the
     queue waits on the holder's transactionid lock (relation NULL), the others on the tuple:
     each is blocked by a session holding locks on the table, and that is what counts."""
-    from backfill.db import connect
-    from backfill.signals import WatchedJob, lock_waiters
+    from backfill.control.signals import WatchedJob, lock_waiters
+    from backfill.core.db import connect
 
     make_counter_table(dsn, 10)
     holder = psycopg.connect(dsn, application_name="app holder")
@@ -440,8 +440,8 @@ def test_every_session_queued_on_the_jobs_rows_is_counted(dsn: str) -> None:
 def test_a_job_throttled_by_a_controller_that_is_gone_says_so(dsn: str) -> None:
     """Fail closed: the job stays throttled when its controller dies, but show, list and
     watch say who throttled it, when that controller last polled, and to check on it."""
-    from backfill import store
-    from backfill.db import connect
+    from backfill.core.db import connect
+    from backfill.state import store
 
     make_counter_table(dsn, 10)
     job = Backfill(dsn).enqueue(update("items", INC, name="held"))

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from backfill import Backfill, update
-from backfill.spec import JobSpec
+from backfill.job.spec import JobSpec
 from tests.conftest import _create_db, _db_dsn, _drop_db
 from tests.integration.helpers import cli, kill_run_after, scalar
 
@@ -155,7 +155,7 @@ def test_a_move_whose_phase_2_was_not_created_resumes_with_run(dsn: str, source:
     bf = Backfill(dsn)
     move = bf.enqueue(JobSpec("move", "events", dest="archive", source_dsn=source,
                               column_map=(("category", "kind"),)).with_options(batch_size=1000))
-    from backfill.runner import Runner
+    from backfill.engine.runner import Runner
     assert Runner(dsn, move.id, actor="tester").run().state == "succeeded"   # copy only
     assert bf.move_phase2(move.id) is None
     assert scalar(source, "SELECT count(*) FROM events") == 3000   # in both databases
@@ -209,7 +209,7 @@ def test_a_move_refuses_to_delete_rows_changed_since_the_copy(dsn: str, source: 
     move = bf.enqueue(JobSpec("move", "events", dest="archive", source_dsn=source,
                               column_map=(("category", "kind"),)).with_options(batch_size=1000))
     # Phase 1 only (the runner alone), then a change on the source, then phase 2.
-    from backfill.runner import Runner
+    from backfill.engine.runner import Runner
     assert Runner(dsn, move.id, actor="tester").run().state == "succeeded"
     with psycopg.connect(source, autocommit=True) as c:
         c.execute("UPDATE events SET amount = -5 WHERE id = 3500")

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from backfill import Backfill, cli, update
+from backfill import Backfill, update
+from backfill.cli import main as cli
 from tests.integration.helpers import ROOT, cli_env, make_counter_table
 
 cli._load_plugins()  # the commands of every layer, as `backfill` has them
@@ -172,9 +173,9 @@ def test_global_options_with_hostile_values(option: str, value: str, command: li
 
 
 def _real(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """The installed entry point (``backfill.cli:main``) in its own process."""
+    """The installed entry point (``backfill.cli.main:main``) in its own process."""
     return subprocess.run(
-        [sys.executable, "-c", "from backfill.cli import main; main()", *args],
+        [sys.executable, "-c", "from backfill.cli.main import main; main()", *args],
         input=stdin, capture_output=True, timeout=60, env=cli_env(), cwd=ROOT, check=False)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backfill.localpg import LocalPostgres, find_pg_bindir
+from backfill_dev.localpg import LocalPostgres, find_pg_bindir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,7 +71,7 @@ def test_start_connect_restart_stop(workdir: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backfill.localpg", *args],
+        [sys.executable, "-m", "backfill_dev.localpg", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

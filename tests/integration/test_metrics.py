@@ -16,9 +16,10 @@ from pathlib import Path
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from backfill import Backfill, JobState, store, update
-from backfill.db import connect
-from backfill.metrics import serve
+from backfill import Backfill, JobState, update
+from backfill.core.db import connect
+from backfill.observe.metrics import serve
+from backfill.state import store
 from tests.integration.helpers import ROOT, cli_env, make_counter_table, wait_for
 from tests.integration.servers import free_port
 
@@ -242,7 +243,7 @@ def test_the_exporter_starts_and_serves_0_when_the_database_is_down() -> None:
     port = free_port()
     dead = f"host=127.0.0.1 port={free_port()} dbname=x user=postgres connect_timeout=1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backfill.cli", "--dsn", dead, "exporter", "--port", str(port),
+        [sys.executable, "-m", "backfill.cli.main", "--dsn", dead, "exporter", "--port", str(port),
          "--addr", "127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(), cwd=ROOT)
     try:

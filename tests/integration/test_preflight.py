@@ -12,10 +12,10 @@ import psycopg
 import pytest
 
 from backfill import Backfill, update
-from backfill.errors import InvalidInput, PreflightFailed
-from backfill.preflight import PreflightConfig
-from backfill.runner import Runner
-from backfill.states import JobState
+from backfill.core.errors import InvalidInput, PreflightFailed
+from backfill.engine.runner import Runner
+from backfill.job.states import JobState
+from backfill.safety.preflight import PreflightConfig
 from tests.integration.helpers import cli, make_counter_table, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(180)

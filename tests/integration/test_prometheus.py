@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from backfill import Backfill, JobState, update
-from backfill.metrics import serve
+from backfill.observe.metrics import serve
 from tests.integration.helpers import ROOT, make_counter_table, wait_for
 from tests.integration.servers import free_port
 

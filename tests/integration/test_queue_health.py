@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import psycopg
 
-from backfill import Backfill, JobState, store, update
-from backfill.db import connect
-from backfill.metrics import StateCollector
-from backfill.runner import WORKERS_OWNER, Runner
+from backfill import Backfill, JobState, update
+from backfill.core.db import connect
+from backfill.engine.runner import WORKERS_OWNER, Runner
+from backfill.observe.metrics import StateCollector
+from backfill.state import store
 from tests.integration.helpers import make_counter_table
 
 INC = {"counter": "counter + 1"}

@@ -11,14 +11,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from backfill import Backfill, JobState, store, update
-from backfill.batch import run_batch
-from backfill.db import connect
-from backfill.errors import IllegalTransition, InvalidInput, JobConflict, LeaseLost
-from backfill.keyset import KeyCodec
-from backfill.kinds import prepare
-from backfill.runner import Runner, Tick
-from backfill.throttle import BatchSizer, LockWaits
+from backfill import Backfill, JobState, update
+from backfill.core.db import connect
+from backfill.core.errors import IllegalTransition, InvalidInput, JobConflict, LeaseLost
+from backfill.engine.batch import run_batch
+from backfill.engine.keyset import KeyCodec
+from backfill.engine.kinds import prepare
+from backfill.engine.runner import Runner, Tick
+from backfill.engine.throttle import BatchSizer, LockWaits
+from backfill.state import store
 from tests.integration.helpers import (
     cli,
     cli_popen,
@@ -373,7 +374,7 @@ def test_schema_upgrade_is_idempotent_and_safe_concurrently(bare_dsn: str) -> No
     for th in threads:
         th.join(timeout=60)
     assert all(isinstance(r, tuple) for r in results), results
-    from backfill.schema import LATEST, MIGRATIONS
+    from backfill.state.schema import LATEST, MIGRATIONS
 
     assert sorted(r[0] for r in results) == [0, LATEST, LATEST, LATEST]
     assert scalar(bare_dsn, "SELECT count(*) FROM backfill.schema_version") == len(MIGRATIONS)
@@ -383,7 +384,7 @@ def test_jobs_enqueued_before_the_upgrade_still_conflict_with_new_ones(bare_dsn:
     """Schema version 9 names tables by oid in conflict keys: the keys of jobs stored under
     version 8 (schema.table(cols)) are rewritten, so an old active job still refuses a new
     one on the same table and columns; an old copy gets its destination's oid."""
-    from backfill.schema import MIGRATIONS
+    from backfill.state.schema import MIGRATIONS
 
     with psycopg.connect(bare_dsn, autocommit=True) as c:
         c.execute("CREATE TABLE items (id bigint PRIMARY KEY, val int, counter int)")

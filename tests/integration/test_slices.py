@@ -8,13 +8,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from backfill import Backfill, IllegalTransition, JobState, slicing, store, update
-from backfill.batch import run_batch
-from backfill.catalog import resolve_table
-from backfill.db import connect
-from backfill.errors import LeaseLost
-from backfill.keyset import KeyCodec
-from backfill.kinds import prepare_stored
+from backfill import Backfill, IllegalTransition, JobState, update
+from backfill.core.catalog import resolve_table
+from backfill.core.db import connect
+from backfill.core.errors import LeaseLost
+from backfill.engine import slicing
+from backfill.engine.batch import run_batch
+from backfill.engine.keyset import KeyCodec
+from backfill.engine.kinds import prepare_stored
+from backfill.state import store
 from tests.integration.helpers import counter_histogram, make_counter_table, sliced_and_running
 
 INC = {"counter": "counter + 1"}
@@ -262,8 +264,8 @@ def test_sampled_boundaries_with_composite_keys(dsn: str) -> None:
 
 
 def test_inline_run_refuses_a_job_running_on_the_workers(dsn: str) -> None:
-    from backfill.errors import JobConflict
-    from backfill.runner import WORKERS_OWNER, Runner
+    from backfill.core.errors import JobConflict
+    from backfill.engine.runner import WORKERS_OWNER, Runner
 
     make_counter_table(dsn, 500)
     bf = Backfill(dsn)
@@ -292,7 +294,7 @@ def test_the_sample_is_sized_by_the_table_and_its_partitions(dsn: str) -> None:
         c.execute("ANALYZE big, parted")
     from psycopg import sql
 
-    from backfill.keyset import Keyset
+    from backfill.engine.keyset import Keyset
 
     conn = connect(dsn)
     try:

@@ -15,11 +15,11 @@ import psycopg
 import pytest
 
 from backfill import Backfill, InvalidFragment, JobState, copy, update
-from backfill.controller import ControllerConfig, _tables
-from backfill.migration import parse
-from backfill.migrator import Migrator
-from backfill.policy import Limit
-from backfill.signals import Probe, probe
+from backfill.control.controller import ControllerConfig, _tables
+from backfill.control.policy import Limit
+from backfill.control.signals import Probe, probe
+from backfill.migrate.executor import Migrator
+from backfill.migrate.migration import parse
 from tests.integration.test_bad_input import (
     assert_no_jobs,
     assert_ok,

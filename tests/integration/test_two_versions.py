@@ -25,9 +25,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from backfill.localpg import find_pg_bindir
-from backfill.migration import parse, version_schema
-from backfill.migrator import Migrator
+from backfill.migrate.executor import Migrator
+from backfill.migrate.migration import parse, version_schema
+from backfill_dev.localpg import find_pg_bindir
 
 # bench/bench_two_versions.py runs this test on a larger table through these variables.
 _ENV = "BACKFILL_TWO_VERSION_"

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from backfill import Backfill, delete, transform, update
-from backfill.errors import IllegalTransition, InvalidInput
-from backfill.states import JobState
+from backfill.core.errors import IllegalTransition, InvalidInput
+from backfill.job.states import JobState
 from tests.integration.helpers import cli, kill_run_after, scalar
 
 pytestmark = pytest.mark.timeout(180)
@@ -257,8 +257,8 @@ def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: st
     """PostgreSQL 18 logs an update in one pass (``RETURNING OLD``); older servers read the
     rows first. Both write the same undo rows (on 18 both statements are run and compared;
     on older servers the one-pass one must not be chosen)."""
-    from backfill import store
-    from backfill.kinds import prepare_stored
+    from backfill.engine.kinds import prepare_stored
+    from backfill.state import store
 
     _accounts(dsn, 3_000)
     bf = Backfill(dsn)
@@ -292,8 +292,8 @@ def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_
     import threading
     import time
 
-    from backfill import store
-    from backfill.kinds import prepare_stored
+    from backfill.engine.kinds import prepare_stored
+    from backfill.state import store
 
     _accounts(dsn, 100)
     bf = Backfill(dsn)

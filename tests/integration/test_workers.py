@@ -99,7 +99,7 @@ def test_broker_down_at_enqueue_leaves_the_job_pending(dsn: str) -> None:
     env = dict(os.environ, BACKFILL_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0",
                BACKFILL_LOG_FORMAT="json")
     res = subprocess.run(
-        [sys.executable, "-m", "backfill.cli", "--dsn", dsn, "enqueue", "--table", "items",
+        [sys.executable, "-m", "backfill.cli.main", "--dsn", dsn, "enqueue", "--table", "items",
          "--set", "counter = counter + 1", "--workers", "--parallelism", "2"],
         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
     assert res.returncode == 1, res.stdout + res.stderr
@@ -150,14 +150,14 @@ def test_tune_parallelism_up_splits_running_slices(dsn: str, workers: Workers) -
 def test_worker_refuses_a_mismatched_state_schema(dsn: str, redis_url: str) -> None:
     import psycopg
 
-    from backfill.schema import LATEST
+    from backfill.state.schema import LATEST
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("INSERT INTO backfill.schema_version (version, description) VALUES (%s, 'x')",
                   (LATEST + 1,))
     env = dict(os.environ, BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=redis_url,
                BACKFILL_LOG_FORMAT="json")
-    res = subprocess.run([sys.executable, "-m", "backfill.cli", "worker"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "backfill.cli.main", "worker"], capture_output=True,
                          text=True, timeout=60, env=env, cwd=ROOT, check=False)
     assert res.returncode == 1
     assert "newer than this backfill" in res.stderr
@@ -172,8 +172,8 @@ def test_worker_refuses_a_mismatched_state_schema(dsn: str, redis_url: str) -> N
 
 def test_a_throttled_job_gives_its_workers_back_and_resumes_from_the_checkpoints(
         dsn: str, workers: Workers) -> None:
-    from backfill import store
-    from backfill.db import connect
+    from backfill.core.db import connect
+    from backfill.state import store
 
     make_counter_table(dsn, 30_000)
     bf = Backfill(dsn)

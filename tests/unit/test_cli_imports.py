@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from backfill.cli import _command_of
+from backfill.cli.main import _command_of
 
 PROBE = """
 import sys
 sys.argv = ["backfill", *{args!r}]
-import backfill.cli as cli
+import backfill.cli.main as cli
 cli._load_plugins()
-print(sorted(m for m in ("celery", "pglast", "backfill.migration", "backfill.controller")
+print(sorted(m for m in ("celery", "pglast", "backfill.migrate.migration", "backfill.control.controller")
              if m in sys.modules))
 print(cli.DISPATCH_HOOK is not None)
 """
@@ -39,7 +39,7 @@ def test_the_command_word_skips_the_global_options() -> None:
 def test_core_commands_import_neither_celery_nor_other_command_groups(
         args: tuple[str, ...]) -> None:
     # pglast (about 25 ms) is loaded by every command: it is the gate that reads names and
-    # SQL fragments (backfill.sqltext), which a stored job's table name goes through too.
+    # SQL fragments (backfill.core.sqltext), which a stored job's table name goes through too.
     modules, hook = _loaded(*args)
     assert modules == ["pglast"]
     assert hook, "enqueue --workers and resume still reach the workers (Celery on demand)"
@@ -48,6 +48,6 @@ def test_core_commands_import_neither_celery_nor_other_command_groups(
 def test_other_commands_and_help_still_load_every_plugin() -> None:
     modules, _ = _loaded("lint", "x.sql")
     assert "pglast" in modules
-    assert "backfill.migration" in modules
+    assert "backfill.migrate.migration" in modules
     modules, _ = _loaded("--help")
-    assert "backfill.controller" in modules
+    assert "backfill.control.controller" in modules

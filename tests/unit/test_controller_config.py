@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from backfill.controller import DEFAULT_LIMITS, ControllerConfig
-from backfill.errors import InvalidOption
-from backfill.policy import Limit
+from backfill.control.controller import DEFAULT_LIMITS, ControllerConfig
+from backfill.control.policy import Limit
+from backfill.core.errors import InvalidOption
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backfill.errors import InvalidInput
-from backfill.lint import RULES, lint_sql
+from backfill.core.errors import InvalidInput
+from backfill.migrate.lint import RULES, lint_sql
 
 ROOT = Path(__file__).resolve().parents[2]
 T = "SET lock_timeout = '2s';\n"
@@ -134,7 +134,7 @@ def test_the_cli_exits_1_on_findings_and_speaks_json(tmp_path: Path) -> None:
     good.write_text(T + "CREATE INDEX CONCURRENTLY i ON orders (c);\n")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "backfill.cli", "lint", *args],
+        return subprocess.run([sys.executable, "-m", "backfill.cli.main", "lint", *args],
                               capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
     res = run(str(bad), "--format", "json")

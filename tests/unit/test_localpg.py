@@ -1,4 +1,4 @@
-"""Unit tests of backfill.localpg that need no PostgreSQL server."""
+"""Unit tests of backfill_dev.localpg that need no PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from backfill import localpg
-from backfill.localpg import LocalPostgres, find_pg_bindir
+from backfill_dev import localpg
+from backfill_dev.localpg import LocalPostgres, find_pg_bindir
 
 
 def _fake_bindir(path: Path) -> Path:

@@ -1,10 +1,10 @@
-"""Rates, ETAs and stalls from a job's recent batches (backfill.pace): pure, no database."""
+"""Rates, ETAs and stalls from a job's recent batches (backfill.state.pace): pure, no database."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from backfill.pace import BatchSample, Limits, ceiling, measure
+from backfill.state.pace import BatchSample, Limits, ceiling, measure
 
 NOW = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
 
@@ -121,8 +121,8 @@ def test_the_run_progress_bar_eta_respects_the_rate_limit() -> None:
     from types import SimpleNamespace
     from typing import Any
 
-    from backfill.cli import _capped_rate
-    from backfill.options import JobOptions
+    from backfill.cli.main import _capped_rate
+    from backfill.job.options import JobOptions
 
     job = SimpleNamespace(options=JobOptions(batch_size=1000, rate_limit=5), rate_share=None,
                           batch_rate_share=None)

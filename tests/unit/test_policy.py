@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backfill.durations import parse_size
-from backfill.errors import InvalidOption
-from backfill.policy import Decision, JobView, Limit, PolicyConfig, Reading, decide, rate_shares
-from backfill.states import JobState
+from backfill.control.policy import Decision, JobView, Limit, PolicyConfig, Reading, decide, rate_shares
+from backfill.core.durations import parse_size
+from backfill.core.errors import InvalidOption
+from backfill.job.states import JobState
 
 LAG = Limit(2.0, 1.0)
 CONFIG = PolicyConfig(limits={"replica_lag": LAG, "lock_waiters": Limit(5, 1)}, hold_s=10)
@@ -111,7 +111,7 @@ def test_rate_shares_split_a_global_budget() -> None:
 def test_replica_lag_from_heartbeats_ignores_pauses_in_writing() -> None:
     import datetime as dt
 
-    from backfill.signals import Heartbeats
+    from backfill.control.signals import Heartbeats
 
     t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     beats = Heartbeats()
@@ -141,7 +141,7 @@ def test_a_rising_lag_throttles_before_it_reaches_the_limit() -> None:
 
 
 def test_a_signal_kind_keeps_a_probe_name_and_maps_standby_readings() -> None:
-    from backfill.policy import kind_of
+    from backfill.control.policy import kind_of
 
     assert kind_of("probe[queue_depth]") == "probe:queue_depth"  # as its limit is keyed
     assert kind_of("standby_replay_lag[walreceiver@10.0.0.2]") == "replica_lag"
@@ -151,7 +151,7 @@ def test_a_signal_kind_keeps_a_probe_name_and_maps_standby_readings() -> None:
 
 
 def test_the_interval_between_batches_follows_the_runners_pacing() -> None:
-    from backfill.throttle import batch_interval_s
+    from backfill.engine.throttle import batch_interval_s
 
     assert batch_interval_s(5000, 5) == 1000  # --rate 5 --batch-size 5000
     assert batch_interval_s(5000, None) == 0  # not paced: due at once

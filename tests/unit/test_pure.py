@@ -11,15 +11,15 @@ import pytest
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from backfill.db import redact_dsn, redact_text
-from backfill.durations import format_duration, parse_duration_ms
-from backfill.errors import IllegalTransition, InvalidInput, InvalidOption
-from backfill.keyset import KeyCodec, Keyset
-from backfill.options import JobOptions, build_options
-from backfill.retry import Verdict, classify
-from backfill.spec import JobSpec, parse_set, update
-from backfill.states import TRANSITIONS, JobState, check_transition
-from backfill.throttle import BatchSizer, LockWaits, eta_seconds, rate_delay
+from backfill.core.db import redact_dsn, redact_text
+from backfill.core.durations import format_duration, parse_duration_ms
+from backfill.core.errors import IllegalTransition, InvalidInput, InvalidOption
+from backfill.engine.keyset import KeyCodec, Keyset
+from backfill.engine.retry import Verdict, classify
+from backfill.engine.throttle import BatchSizer, LockWaits, eta_seconds, rate_delay
+from backfill.job.options import JobOptions, build_options
+from backfill.job.spec import JobSpec, parse_set, update
+from backfill.job.states import TRANSITIONS, JobState, check_transition
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def test_spec_roundtrip_and_shape_checks() -> None:
         JobSpec("delete", "t")
     with pytest.raises(InvalidInput, match="kind"):
         JobSpec("truncate", "t")
-    from backfill.spec import transform
+    from backfill.job.spec import transform
 
     with pytest.raises(InvalidInput, match="lambda"):
         transform("t", lambda row: None, columns=["x"])

@@ -7,10 +7,10 @@ from typing import cast
 
 import pytest
 
-from backfill import sqltext
-from backfill.errors import InvalidFragment, InvalidInput
-from backfill.kinds import _user_sql
-from backfill.spec import JobSpec, copy, delete, parse_set, sql_job, update
+from backfill.core import sqltext
+from backfill.core.errors import InvalidFragment, InvalidInput
+from backfill.engine.kinds import _user_sql
+from backfill.job.spec import JobSpec, copy, delete, parse_set, sql_job, update
 
 # Each would break out of the slot it is put in (`... AND (<where>)`, `SET c = (<expr>)`,
 # `NULL::<type>`) if it were pasted.

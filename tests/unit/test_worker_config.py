@@ -148,7 +148,7 @@ sys.meta_path.insert(0, NoPackaging())
 def _dispatch(tmp_path: Path, broker: str, *, block_packaging: bool) -> subprocess.CompletedProcess[str]:
     code = (_NO_PACKAGING if block_packaging else "") + (
         "import sys\nsys.argv = ['backfill', 'dispatch', '1']\n"
-        "from backfill.cli import main\nmain()\n")
+        "from backfill.cli.main import main\nmain()\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "CELERY_"))}
     env.update(PYTHONPATH=str(ROOT), BACKFILL_BROKER_URL=broker,
                BACKFILL_DSN="postgresql://u:secret@127.0.0.1:1/db")
