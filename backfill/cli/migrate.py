@@ -15,7 +15,8 @@ from rich.table import Table
 from backfill.cli.main import MAX_COUNT, _guard, _ProgressView, _settings, app, err, interruptible, out
 from backfill.core.durations import format_duration
 from backfill.core.sqltext import qualified_name
-from backfill.migrate.migration import PHASES, MigrationFile, OpPlan, Step, load_file, ordered_steps
+from backfill.migrate.file import MigrationFile, load_file
+from backfill.migrate.steps import PHASES, OpPlan, Step, ordered_steps
 
 T = TypeVar("T")
 

@@ -55,16 +55,9 @@ from backfill.engine.kinds import undo_table
 from backfill.engine.runner import Tick
 from backfill.job.spec import JobSpec
 from backfill.job.states import TERMINAL, JobState
-from backfill.migrate.migration import (
-    PHASES,
-    MigrationFile,
-    OpPlan,
-    Settings,
-    Step,
-    build_plan,
-    ordered_steps,
-    version_schema,
-)
+from backfill.migrate.file import MigrationFile, Settings
+from backfill.migrate.plan import build_plan, version_schema
+from backfill.migrate.steps import PHASES, OpPlan, Step, ordered_steps
 from backfill.state import store
 from backfill.state.schema import require_current
 

@@ -17,7 +17,8 @@ import pytest
 
 from backfill.core.errors import GateClosed, InvalidInput, MigrationError
 from backfill.migrate.executor import Migrator
-from backfill.migrate.migration import ordered_steps, parse
+from backfill.migrate.file import parse
+from backfill.migrate.steps import ordered_steps
 from tests.integration.helpers import cli, cli_popen, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -245,7 +246,7 @@ def test_a_crash_after_any_step_is_repaired_by_running_the_command_again(
     _users(dsn, 800)
     m = Migrator(dsn, actor="tester")
     steps = m.plan(_mig(text))
-    from backfill.migrate.migration import ordered_steps
+    from backfill.migrate.steps import ordered_steps
     ordered = ordered_steps(steps)
     n_start, n_complete = len(ordered["start"]), len(ordered["complete"])
     for phase, count, cmd in (("start", n_start, ["migrate", "start", str(path)]),
@@ -625,7 +626,7 @@ def test_what_start_runs_passes_our_own_linter(dsn: str) -> None:
     """The expand phase is what runs while the application serves traffic: every statement
     it issues must be one the linter calls safe (under the lock_timeout the executor sets)."""
     from backfill.migrate.lint import lint_sql
-    from backfill.migrate.migration import ordered_steps
+    from backfill.migrate.steps import ordered_steps
 
     _users(dsn, 100)
     text = FULL + SPLIT.replace('id = "m-split"', "").replace('"bio", "team_id"', '"bio"')

@@ -19,7 +19,7 @@ from backfill.control.controller import ControllerConfig, _tables
 from backfill.control.policy import Limit
 from backfill.control.signals import Probe, probe
 from backfill.migrate.executor import Migrator
-from backfill.migrate.migration import parse
+from backfill.migrate.file import parse
 from tests.integration.test_bad_input import (
     assert_no_jobs,
     assert_ok,

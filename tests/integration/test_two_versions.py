@@ -26,7 +26,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from backfill.migrate.executor import Migrator
-from backfill.migrate.migration import parse, version_schema
+from backfill.migrate.file import parse
+from backfill.migrate.plan import version_schema
 from backfill_dev.localpg import find_pg_bindir
 
 # bench/bench_two_versions.py runs this test on a larger table through these variables.

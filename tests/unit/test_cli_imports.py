@@ -15,7 +15,7 @@ import sys
 sys.argv = ["backfill", *{args!r}]
 import backfill.cli.main as cli
 cli._load_plugins()
-print(sorted(m for m in ("celery", "pglast", "backfill.migrate.migration", "backfill.control.controller")
+print(sorted(m for m in ("celery", "pglast", "backfill.migrate.file", "backfill.control.controller")
              if m in sys.modules))
 print(cli.DISPATCH_HOOK is not None)
 """
@@ -48,6 +48,6 @@ def test_core_commands_import_neither_celery_nor_other_command_groups(
 def test_other_commands_and_help_still_load_every_plugin() -> None:
     modules, _ = _loaded("lint", "x.sql")
     assert "pglast" in modules
-    assert "backfill.migrate.migration" in modules
+    assert "backfill.migrate.file" in modules
     modules, _ = _loaded("--help")
     assert "backfill.control.controller" in modules

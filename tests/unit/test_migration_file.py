@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from backfill.core.errors import InvalidInput, InvalidOption
-from backfill.migrate.migration import OpPlan, Step, object_name, ordered_steps, parse
+from backfill.migrate.file import parse
+from backfill.migrate.operations.base import object_name
+from backfill.migrate.steps import OpPlan, Step, ordered_steps
 
 
 def test_a_minimal_file_parses_with_default_settings() -> None:
@@ -83,7 +85,7 @@ def test_a_step_survives_its_json_round_trip() -> None:
 
 
 def test_the_version_schema_is_named_after_the_migration_within_63_bytes() -> None:
-    from backfill.migrate.migration import version_schema
+    from backfill.migrate.plan import version_schema
 
     assert version_schema("2026-11-26-users-split") == "bf_v_2026_11_26_users_split"
     assert version_schema("Users.Split") == "bf_v_users_split"
