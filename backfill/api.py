@@ -37,7 +37,7 @@ from backfill.job.states import ACTIVE, TERMINAL, JobState
 from backfill.safety.preflight import Check, PreflightConfig, blocked, run_checks
 from backfill.safety.preflight import gate as preflight_gate
 from backfill.safety.rehearsal import Rehearsal
-from backfill.state import store
+from backfill.state import checkpoints, control, leases, store, views
 from backfill.state.schema import require_current, upgrade_conn
 
 S = JobState
@@ -76,13 +76,13 @@ def _phase2(conn: Conn, move: store.JobRecord) -> store.JobRecord | None:
 
 def approve(conn: Conn, job: store.JobRecord, *, actor: str, reason: str) -> store.JobRecord:
     if job.state == S.AWAITING_APPROVAL:
-        report = store.canary_report(conn, job.id) or {}
+        report = checkpoints.canary_report(conn, job.id) or {}
         if report.get("verified") is None:
             # Its verifier died before the verdict: verify it here, now.
             from backfill.engine.runner import verify_canary
 
             verify_canary(conn, job.id, actor=actor)
-            report = store.canary_report(conn, job.id) or {}
+            report = checkpoints.canary_report(conn, job.id) or {}
         if report.get("verified") is not True:
             raise InvalidInput(f"job {job.id}'s canary did not verify "
                                f"({report.get('verify_detail')}): it cannot be approved")
@@ -334,41 +334,41 @@ class Backfill:
 
     def overview(
         self, *, include_finished: bool = False, limit: int | None = None, offset: int = 0,
-    ) -> builtins.list[tuple[store.JobRecord, store.Progress]]:
+    ) -> builtins.list[tuple[store.JobRecord, checkpoints.Progress]]:
         """Jobs with their progress, read over one connection (for list and watch). A job
         throttled by a controller that is gone says so in its reason."""
         return self.page(include_finished=include_finished, limit=limit, offset=offset).jobs
 
     def page(self, *, include_finished: bool = False, limit: int | None = None,
-             offset: int = 0) -> store.JobPage:
+             offset: int = 0) -> views.JobPage:
         """One page of jobs with their progress, and how many there are in all and per state."""
         if (limit is not None and limit < 0) or offset < 0:
             raise InvalidInput("limit and offset must not be negative")
         with self._conn() as conn:
-            return store.job_page(conn, include_finished=include_finished, limit=limit,
+            return views.job_page(conn, include_finished=include_finished, limit=limit,
                                   offset=offset)
 
-    def inspect(self, ref: JobRef) -> tuple[store.JobRecord, store.Progress,
+    def inspect(self, ref: JobRef) -> tuple[store.JobRecord, checkpoints.Progress,
                                             builtins.list[store.Event],
-                                            builtins.list[store.SliceRecord]]:
+                                            builtins.list[leases.SliceRecord]]:
         """A job with its progress, events and slices, read over one connection (for show).
         A job throttled by a controller that is gone says so in its reason."""
         with self._conn() as conn:
-            [job] = store.with_unwatched_notes(conn, [self._resolve(conn, ref)])
-            return (job, store.progress(conn, job.id), store.events(conn, job.id),
-                    store.slices(conn, job.id))
+            [job] = control.with_unwatched_notes(conn, [self._resolve(conn, ref)])
+            return (job, checkpoints.progress(conn, job.id), store.events(conn, job.id),
+                    leases.slices(conn, job.id))
 
     def events(self, ref: JobRef) -> builtins.list[store.Event]:
         with self._conn() as conn:
             return store.events(conn, self._resolve(conn, ref).id)
 
-    def progress(self, ref: JobRef) -> store.Progress:
+    def progress(self, ref: JobRef) -> checkpoints.Progress:
         with self._conn() as conn:
-            return store.progress(conn, self._resolve(conn, ref).id)
+            return checkpoints.progress(conn, self._resolve(conn, ref).id)
 
-    def slices(self, ref: JobRef) -> builtins.list[store.SliceRecord]:
+    def slices(self, ref: JobRef) -> builtins.list[leases.SliceRecord]:
         with self._conn() as conn:
-            return store.slices(conn, self._resolve(conn, ref).id)
+            return leases.slices(conn, self._resolve(conn, ref).id)
 
     # -- operator actions ---------------------------------------------------------------
 
@@ -437,7 +437,7 @@ class Backfill:
     def canary(self, ref: JobRef) -> dict[str, Any] | None:
         """The canary's rows, seconds, rows/s and verification, once it ran."""
         with self._conn() as conn:
-            return store.canary_report(conn, self._resolve(conn, ref).id)
+            return checkpoints.canary_report(conn, self._resolve(conn, ref).id)
 
     def retry(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         """failed -> pending; the next run resumes from the checkpoint."""
@@ -545,7 +545,7 @@ class Backfill:
             existing = _phase2(conn, move)
             if existing is not None:
                 return existing
-            slices = store.slices(conn, move.id)
+            slices = leases.slices(conn, move.id)
             codec = KeyCodec(move.key_types)
             uppers = [u for u in (codec.decode(s.upper_bound) for s in slices) if u is not None]
             if not uppers:

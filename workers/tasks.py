@@ -22,7 +22,7 @@ from backfill.core.errors import BackfillError, BrokerMisconfigured, BrokerUnava
 from backfill.core.logs import get_logger
 from backfill.engine.reaper import ReaperLoop, reap
 from backfill.engine.runner import WORKERS_OWNER, Runner
-from backfill.state import store
+from backfill.state import leases
 from backfill.state.schema import check_schema
 from workers.app import DISPATCH_STALE_S, LEASE_TTL_FLOOR_S, REAP_EVERY_S, SLICE_BUDGET_S, app
 
@@ -82,10 +82,10 @@ def run_slice(job_id: int, slice_no: int, seq: int | None = None) -> str:
     return outcome
 
 
-def send(claims: list[store.Dispatch]) -> list[store.Dispatch]:
+def send(claims: list[leases.Dispatch]) -> list[leases.Dispatch]:
     """Send a task per claim. A claim the broker refuses is parked (the slice waits with no
     task queued) so the next reaper pass sends it once the broker is back; returns those."""
-    failed: list[store.Dispatch] = []
+    failed: list[leases.Dispatch] = []
     for d in claims:
         try:
             run_slice.apply_async((d.job_id, d.slice_no, d.seq))
@@ -97,7 +97,7 @@ def send(claims: list[store.Dispatch]) -> list[store.Dispatch]:
             conn = connect(_dsn())
             try:
                 for d in failed:
-                    store.park(conn, d)
+                    leases.park(conn, d)
             finally:
                 conn.close()
         except Exception as exc:  # the dispatch goes stale and is re-sent anyway
@@ -142,7 +142,7 @@ def check_broker() -> None:
         raise _broker_setup_error(exc) from exc
 
 
-def dispatch(dsn: str, job_id: int, *, actor: str) -> list[store.Dispatch]:
+def dispatch(dsn: str, job_id: int, *, actor: str) -> list[leases.Dispatch]:
     """Start (or resume, or re-send) a job on the workers: one task per slice that needs one,
     up to its parallelism. Refuses, changing nothing, when the broker is unreachable."""
     check_broker()
@@ -155,7 +155,7 @@ def dispatch(dsn: str, job_id: int, *, actor: str) -> list[store.Dispatch]:
     return claims
 
 
-def reap_once(dsn: str, *, actor: str) -> list[store.Dispatch]:
+def reap_once(dsn: str, *, actor: str) -> list[leases.Dispatch]:
     """One reaper pass from the command line (the workers also run one on their own)."""
     check_broker()
     return reap(dsn, actor=actor, send=send, stale_after_s=DISPATCH_STALE_S)

@@ -21,7 +21,7 @@ from backfill.control.policy import Limit, Reading, kind_of, show
 from backfill.core.db import connect
 from backfill.core.durations import format_duration
 from backfill.core.errors import InvalidOption
-from backfill.state import store
+from backfill.state import control, store
 from backfill.state.schema import check_schema, require_current
 
 controller_app = typer.Typer(
@@ -182,7 +182,7 @@ def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
         conn = connect(s.dsn)
         try:
             require_current(conn)
-            return store.controller_status(conn)
+            return control.controller_status(conn)
         finally:
             conn.close()
 
@@ -193,7 +193,7 @@ def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
         out.print_json(json.dumps(st, default=str))
         return
     age = float(st["age_s"])
-    alive = store.controller_alive(age, (st.get("settings") or {}).get("poll_s"))
+    alive = control.controller_alive(age, (st.get("settings") or {}).get("poll_s"))
     out.print(f"leader {st['leader']} since {st['leader_since']:%Y-%m-%d %H:%M:%S}; last poll "
               f"{format_duration(age)} ago" + ("" if alive else "  [red](stale: is it running?)[/]"))
     readings = [Reading(kind=kind_of(r["signal"]), signal=r["signal"], value=r.get("value"),
@@ -220,6 +220,6 @@ def _job_names(dsn: str, readings: list[Reading]) -> dict[int, str]:
         return {}
     conn = connect(dsn)
     try:
-        return store.job_names(conn, ids)
+        return control.job_names(conn, ids)
     finally:
         conn.close()

@@ -42,7 +42,7 @@ from backfill.engine.runner import Tick
 from backfill.engine.throttle import eta_seconds
 from backfill.job.spec import JobSpec, parse_set
 from backfill.job.states import JobState
-from backfill.state import pace, store
+from backfill.state import checkpoints, pace, store, views
 from backfill.state.schema import LATEST, MIGRATIONS, current_version
 
 
@@ -631,7 +631,7 @@ def _report_run(bf: Backfill, job: store.JobRecord, interrupted: bool) -> None:
 # -- inspect ----------------------------------------------------------------------------------
 
 
-def _job_json(job: store.JobRecord, prog: store.Progress | None = None) -> dict[str, Any]:
+def _job_json(job: store.JobRecord, prog: checkpoints.Progress | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": job.id, "name": job.name, "kind": job.kind, "table": job.table,
         "key": list(job.key_columns), "state": str(job.state), "state_reason": job.state_reason,
@@ -656,7 +656,7 @@ def _clock(at: dt.datetime) -> str:
         else f"{local:%Y-%m-%d %H:%M}"
 
 
-def _stalled_text(prog: store.Progress) -> str:
+def _stalled_text(prog: checkpoints.Progress) -> str:
     """``stalled since 12:03`` for a running job with no batch for longer than expected."""
     if prog.stalled_since is None:
         return ""
@@ -693,7 +693,7 @@ def _bar(fraction: float | None, width: int = 12) -> str:
     return "#" * filled + "." * (width - filled)
 
 
-def _jobs_table(rows: list[tuple[store.JobRecord, store.Progress]]) -> Table:
+def _jobs_table(rows: list[tuple[store.JobRecord, checkpoints.Progress]]) -> Table:
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("ID", "NAME", "TABLE", "STATE", "PROGRESS", "DONE", "ROWS/S", "BATCH", "ETA",
                 "REASON"):
@@ -731,7 +731,7 @@ OptOffset = Annotated[int, typer.Option(
     "--offset", min=0, max=MAX_COUNT, help="Skip the first N jobs (with --limit: the next page).")]
 
 
-def _more_text(page: store.JobPage) -> str:
+def _more_text(page: views.JobPage) -> str:
     """The line under a page that hides jobs: how many, in which states, how to see them."""
     if not page.more:
         return ""
@@ -741,7 +741,7 @@ def _more_text(page: store.JobPage) -> str:
             "--limit N shows more, --limit 0 all")
 
 
-def _page_text(page: store.JobPage, include_all: bool) -> Any:
+def _page_text(page: views.JobPage, include_all: bool) -> Any:
     if not page.jobs and page.total:
         return f"no jobs after the first {page.offset:,} ({page.total:,} in all)"
     if not page.jobs:

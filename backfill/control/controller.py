@@ -33,7 +33,7 @@ from backfill.core.durations import parse_duration_ms, parse_size
 from backfill.core.errors import BackfillError, IllegalTransition, InvalidOption
 from backfill.core.logs import get_logger
 from backfill.job.states import JobState
-from backfill.state import store
+from backfill.state import control, store
 from backfill.state.schema import require_current
 
 #: Session advisory lock held by the acting controller.
@@ -301,7 +301,7 @@ class Controller:
                 conn.close()
 
     def _tick(self, conn: Conn, *, act: bool) -> TickResult:
-        jobs = store.controlled_jobs(conn)
+        jobs = control.controlled_jobs(conn)
         watched = [signals.WatchedJob(j.id, _tables(conn, j)) for j in jobs]
         if not self._beats.written:
             self._beats.seed(conn)
@@ -322,7 +322,7 @@ class Controller:
             # poll's reads, so the next poll's replicas have long replayed it.
             self._beats.write(conn)
             self._share_budgets(conn)
-            store.record_controller_tick(conn, self.actor, [r.to_json() for r in readings],
+            control.record_controller_tick(conn, self.actor, [r.to_json() for r in readings],
                                          self.config.to_json(), took_over=self._took_over)
             self._took_over = False
         return TickResult(readings, decisions, applied)
@@ -358,11 +358,11 @@ class Controller:
         return True
 
     def _share_budgets(self, conn: Conn) -> None:
-        running = [j.id for j in store.controlled_jobs(conn) if j.state == JobState.RUNNING]
+        running = [j.id for j in control.controlled_jobs(conn) if j.state == JobState.RUNNING]
         rows = rate_shares(self.config.rows_per_s, running)
         batches = rate_shares(self.config.batches_per_s, running)
         for job_id in running:
-            store.set_shares(conn, job_id, rows[job_id], batches[job_id])
+            control.set_shares(conn, job_id, rows[job_id], batches[job_id])
 
     # -- the loop -----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from backfill.engine.kinds import PreparedJob
 from backfill.engine.throttle import LockWaits
 from backfill.job.options import JobOptions
 from backfill.job.states import JobState
-from backfill.state import store
+from backfill.state import checkpoints
 
 #: Application sessions waiting on a lock this backend holds, and the longest wait so far.
 #: Sent just before COMMIT: every session a batch blocked still waits then (a row lock is
@@ -117,7 +117,7 @@ def run_batch(
             waits = LockWaits(int(sample[0]), float(sample[1])) if sample else None
         duration_ms = (time.perf_counter() - started) * 1000.0
         upcoming = next_size(scanned, duration_ms, waits) if next_size is not None else size
-        result = store.checkpoint(
+        result = checkpoints.checkpoint(
             conn,
             job_id=job_id,
             slice_no=slice_no,
@@ -140,7 +140,7 @@ def run_batch(
                 f"slice {slice_no} of job {job_id} is no longer at this cursor, its lease was "
                 "taken over, or the job is no longer running: batch rolled back"
             )
-        reached = canary and store.reach_canary(conn, job_id, actor=actor)
+        reached = canary and checkpoints.reach_canary(conn, job_id, actor=actor)
     batch_id, state, options_version = result
     return BatchResult(cursor, hi, done, scanned, affected, duration_ms, batch_id,
                        JobState.AWAITING_APPROVAL if reached else JobState(state),

@@ -30,26 +30,26 @@ from backfill.core.errors import (
 from backfill.core.logs import get_logger
 from backfill.engine.runner import WORKERS_OWNER, Runner
 from backfill.job.states import JobState
-from backfill.state import store
+from backfill.state import leases, store
 from backfill.state.schema import require_current
 
-Send = Callable[[list[store.Dispatch]], None]
+Send = Callable[[list[leases.Dispatch]], None]
 #: Session advisory lock: one reaper at a time across all workers.
 REAPER_LOCK = 0x6266_696C_6C02
 
 log = get_logger(component="reaper")
 
 
-def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> list[store.Dispatch]:
+def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> list[leases.Dispatch]:
     """One pass over the jobs on the workers; returns the tasks it sent."""
     conn = connect(dsn)
     try:
         require_current(conn)
         auto_approve(conn, actor)   # first: an approved job is pending, started below
-        jobs = store.worker_jobs(conn)
+        jobs = leases.worker_jobs(conn)
     finally:
         conn.close()
-    sent: list[store.Dispatch] = []
+    sent: list[leases.Dispatch] = []
     for job_id, state in jobs:
         runner = Runner(dsn, job_id, actor=actor, owner=WORKERS_OWNER,
                         dispatch_stale_s=stale_after_s)
@@ -137,7 +137,7 @@ class ReaperLoop:
         conn.execute("SELECT 1")  # is the session (and so the lock) still alive?
         return True
 
-    def run_once(self) -> list[store.Dispatch]:
+    def run_once(self) -> list[leases.Dispatch]:
         try:
             if not self._leader():
                 return []

@@ -50,7 +50,7 @@ from backfill.engine.throttle import BatchSizer, rate_delay
 from backfill.engine.verify import verify
 from backfill.job.options import JobOptions
 from backfill.job.states import TERMINAL, JobState
-from backfill.state import store
+from backfill.state import checkpoints, leases, store
 from backfill.state.schema import require_current
 
 S = JobState
@@ -129,7 +129,7 @@ class Runner:
         self.reconnect_timeout_s = reconnect_timeout_s
         self.lease_ttl_floor_s = lease_ttl_floor_s
         self.dispatch_stale_s = dispatch_stale_s
-        self._send: Callable[[list[store.Dispatch]], None] | None = None
+        self._send: Callable[[list[leases.Dispatch]], None] | None = None
         self._shares: tuple[float | None, float | None] = (None, None)
         self._split_tried = False
         self.log = get_logger(job_id=job_id)
@@ -139,7 +139,7 @@ class Runner:
         self._retry_notes: list[dict[str, Any]] = []
         self._scanned = 0
         self._affected = 0
-        self._lease: store.Lease | None = None
+        self._lease: leases.Lease | None = None
         self._options = JobOptions()
         self._worker = False  # distributed mode: one slice, no job-level ownership
         self._deadline: float | None = None
@@ -210,7 +210,7 @@ class Runner:
 
     # -- distributed mode (the Celery tasks call these; no Celery here) ---------------------
 
-    def start_distributed(self, *, replace_queued: bool = True) -> list[store.Dispatch]:
+    def start_distributed(self, *, replace_queued: bool = True) -> list[leases.Dispatch]:
         """Make the job run on the workers (snapshot and slices on the first start) and claim
         the slices that need a task, up to its parallelism; the caller sends them. Dispatching
         a running job again (``replace_queued``) replaces tasks that were lost: each claimed
@@ -231,7 +231,7 @@ class Runner:
                 if job.started_at is None:
                     self._preflight_gate(job)
                 with self.conn.transaction():
-                    store.set_runs_on(self.conn, job.id, "workers")
+                    leases.set_runs_on(self.conn, job.id, "workers")
                     job = store.transition(self.conn, job.id, S.RUNNING, actor=self.actor,
                                            reason="dispatched to workers", set_owner=self.owner,
                                            expect=frozenset({S.PENDING}))
@@ -239,18 +239,18 @@ class Runner:
                 raise IllegalTransition(f"job {job.id} is {job.state}: nothing to dispatch")
             prepared = self._prepare(job, explain=False)
             job = self._ensure_slices(job, prepared)
-            if job.state == S.RUNNING and all(s.done for s in store.slices(self.conn, job.id)):
+            if job.state == S.RUNNING and all(s.done for s in leases.slices(self.conn, job.id)):
                 # The task that finished the last slice died before it could end the job.
                 self._worker = True
                 self._finish(job)
                 return []
-            return store.claim_dispatch(self.conn, job.id, stale_after_s=self.dispatch_stale_s,
+            return leases.claim_dispatch(self.conn, job.id, stale_after_s=self.dispatch_stale_s,
                                         actor=self.actor, replace_queued=replace_queued)
         finally:
             self._drop_conn()
 
     def run_slice(self, slice_no: int, *, seq: int, budget_s: float,
-                  send: Callable[[list[store.Dispatch]], None]) -> str:
+                  send: Callable[[list[leases.Dispatch]], None]) -> str:
         """Work on one slice for up to ``budget_s`` seconds under its lease, as the task
         carrying ``seq``; ``send`` sends tasks (the next one of this slice, and slices that
         can use a free slot). Returns ``more`` (budget used, next task sent), ``done``,
@@ -264,13 +264,13 @@ class Runner:
             job = store.get_job(self.conn, self.job_id)
             if job.state != S.RUNNING:
                 # Parked: once the job runs again, the reaper sends it at once.
-                store.park(self.conn, store.Dispatch(job.id, slice_no, seq))
+                leases.park(self.conn, leases.Dispatch(job.id, slice_no, seq))
                 return "stopped"
             prepared = self._prepare(job, explain=False)
             codec = KeyCodec(prepared.key_types)
             self._start_loop(job)
             ttl = self._lease_ttl(self._options)
-            got = self._db(lambda: store.acquire_for_task(
+            got = self._db(lambda: leases.acquire_for_task(
                 self.conn, job.id, slice_no, seq, self.owner, ttl, actor=self.owner))
             if isinstance(got, str):
                 return got
@@ -282,7 +282,7 @@ class Runner:
                 result = None if leased.done else self._run_slice(job, prepared, leased, lease,
                                                                   codec)
                 if result is None and self._yielded:
-                    next_seq = self._db(lambda: store.requeue(self.conn, lease))
+                    next_seq = self._db(lambda: leases.requeue(self.conn, lease))
             finally:
                 self._lease = None
                 self._deadline = None
@@ -293,7 +293,7 @@ class Runner:
             if self._yielded:
                 if next_seq is None:
                     return "busy"  # the lease was lost; its new holder goes on
-                send([store.Dispatch(job.id, slice_no, next_seq)])
+                send([leases.Dispatch(job.id, slice_no, next_seq)])
                 return "more"
             if not self._db(self._slice_reader(job.id, slice_no)).done:
                 return "busy"  # the lease was lost
@@ -317,17 +317,17 @@ class Runner:
 
     def _hand_off(self, job_id: int) -> None:
         """A slot is free (a slice finished or was split): send tasks for waiting slices."""
-        claims = store.claim_dispatch(self.conn, job_id, stale_after_s=self.dispatch_stale_s,
+        claims = leases.claim_dispatch(self.conn, job_id, stale_after_s=self.dispatch_stale_s,
                                       actor=self.owner)
         if claims and self._send is not None:
             self._send(claims)
 
-    def _maybe_split(self, job: store.JobRecord, prepared: PreparedJob, lease: store.Lease,
+    def _maybe_split(self, job: store.JobRecord, prepared: PreparedJob, lease: leases.Lease,
                      cursor: Key | None, upper: Key, codec: KeyCodec, batch_size: int) -> None:
         """Rebalance: when the job has a free slot and this slice has the most rows left, cut
         it in two. Sets ``_split_tried`` before writing: the caller then re-reads its bound
         and sends the new slice."""
-        left = store.split_candidate(self.conn, job.id, lease.slice_no,
+        left = leases.split_candidate(self.conn, job.id, lease.slice_no,
                                      min_rows=max(4 * batch_size, SPLIT_MIN_ROWS))
         if left is None:
             return
@@ -344,7 +344,7 @@ class Runner:
         if cut is None:
             return
         self._split_tried = True
-        new_no = store.split_slice(self.conn, lease, cursor=codec.encode(cursor),
+        new_no = leases.split_slice(self.conn, lease, cursor=codec.encode(cursor),
                                    upper=codec.encode(upper) or [], cut=codec.encode(cut) or [],
                                    rows_left=left, actor=self.owner)
         if new_no is not None:
@@ -367,7 +367,7 @@ class Runner:
         if job.state == S.AWAITING_APPROVAL:
             # Only `approve` (or auto-approval) lets the rest run. A canary whose verifier
             # died before it wrote its verdict is verified now.
-            report = store.canary_report(conn, job.id)
+            report = checkpoints.canary_report(conn, job.id)
             if report is not None and report.get("verified") is None:
                 verify_canary(conn, job.id, actor=self.actor)
                 job = store.get_job(conn, job.id)
@@ -377,7 +377,7 @@ class Runner:
             self._prepare(job, explain=True)
             with conn.transaction():
                 if job.runs_on != "inline":
-                    store.set_runs_on(conn, job.id, "inline")  # the reaper leaves it alone
+                    leases.set_runs_on(conn, job.id, "inline")  # the reaper leaves it alone
                 return store.transition(conn, job.id, S.RUNNING, actor=self.actor,
                                         reason="started by inline runner", set_owner=self.owner,
                                         expect=frozenset({S.PENDING}))
@@ -441,12 +441,12 @@ class Runner:
     def _ensure_slices(self, job: store.JobRecord, prepared: PreparedJob) -> store.JobRecord:
         """Snapshot the range's upper bound (once, at the first start) as the job's one slice."""
         conn = self.conn
-        if store.slices(conn, job.id):
+        if leases.slices(conn, job.id):
             return job
         codec = KeyCodec(prepared.key_types)
         with conn.transaction():
             job = store.get_job(conn, job.id, for_update=True)  # tune may have changed options
-            if store.slices(conn, job.id):
+            if leases.slices(conn, job.id):
                 return job
             read = self._read(prepared)
             upper = prepared.keyset.max_key(read)
@@ -466,7 +466,7 @@ class Runner:
                                           job.options.parallelism, estimate)
                 lowers: list[Key | None] = [None, *cuts]
                 uppers: list[Key] = [*cuts, upper]
-                store.create_slices(
+                leases.create_slices(
                     conn, job.id,
                     [(codec.encode(lo), codec.encode(hi) or []) for lo, hi in zip(lowers, uppers,
                                                                                   strict=True)],
@@ -498,9 +498,9 @@ class Runner:
     def _loop(self, job: store.JobRecord, prepared: PreparedJob) -> store.JobRecord:
         codec = KeyCodec(prepared.key_types)
         self._start_loop(job)
-        prog = store.progress(self.conn, job.id)
+        prog = checkpoints.progress(self.conn, job.id)
         self._scanned, self._affected = prog.rows_scanned, prog.rows_affected
-        for slc in store.slices(self.conn, job.id):
+        for slc in leases.slices(self.conn, job.id):
             if slc.done:
                 continue
             lease = self._db(functools.partial(
@@ -530,15 +530,15 @@ class Runner:
         # Renewed with every heartbeat; it must outlive the longest batch (plus backoff).
         return max(self.lease_ttl_floor_s, 2 * options.statement_timeout_ms / 1000.0 + 10.0)
 
-    def _acquire_lease(self, job_id: int, slice_no: int, ttl: float) -> store.Lease | None:
+    def _acquire_lease(self, job_id: int, slice_no: int, ttl: float) -> leases.Lease | None:
         # The inline runner owns the whole job (one owner at a time, see _acquire), so any other
         # holder of one of its slice leases is a runner it replaced: take the lease (an event
         # records it), and let the fencing token refuse that runner's late checkpoints.
-        return store.acquire_lease(self.conn, job_id, slice_no, self.owner, ttl, actor=self.owner,
+        return leases.acquire_lease(self.conn, job_id, slice_no, self.owner, ttl, actor=self.owner,
                                    steal=not self._worker)
 
-    def _renew_lease(self, lease: store.Lease, ttl: float) -> bool:
-        return store.renew_lease(self.conn, lease, ttl)
+    def _renew_lease(self, lease: leases.Lease, ttl: float) -> bool:
+        return leases.renew_lease(self.conn, lease, ttl)
 
     def _renew_current_lease(self) -> None:
         """Best effort, between attempts: a failure here is handled by the next checkpoint."""
@@ -546,17 +546,17 @@ class Runner:
         if lease is None or self._conn is None or self._conn.broken or self._conn.closed:
             return
         with contextlib.suppress(psycopg.Error):
-            store.renew_lease(self.conn, lease, self._lease_ttl(self._options))
+            leases.renew_lease(self.conn, lease, self._lease_ttl(self._options))
 
-    def _release(self, lease: store.Lease) -> None:
+    def _release(self, lease: leases.Lease) -> None:
         try:
             if self._conn is not None and not self._conn.broken:
-                store.release_lease(self.conn, lease)
+                leases.release_lease(self.conn, lease)
         except psycopg.Error:  # the lease expires by itself
             self.log.warning("lease.release_failed", slice=lease.slice_no)
 
-    def _run_slice(self, job: store.JobRecord, prepared: PreparedJob, slc: store.SliceRecord,
-                   lease: store.Lease, codec: KeyCodec) -> store.JobRecord | None:
+    def _run_slice(self, job: store.JobRecord, prepared: PreparedJob, slc: leases.SliceRecord,
+                   lease: leases.Lease, codec: KeyCodec) -> store.JobRecord | None:
         """Batches of one leased slice until it is done (``None``), its lease is lost
         (``None``), or the job stops (the job record)."""
         options, options_version = self._options, self._options_version
@@ -645,7 +645,7 @@ class Runner:
             self._affected += outcome.rows_affected
             self._batches += 1
             if self._batches % PRUNE_EVERY_BATCHES == 0:
-                self._db(lambda: store.prune_batches(self.conn, job.id))
+                self._db(lambda: checkpoints.prune_batches(self.conn, job.id))
             end = time.monotonic()
             window = self._window
             window.append((end, outcome.rows_scanned))
@@ -705,8 +705,8 @@ class Runner:
                     return
                 self._renew_current_lease()
 
-    def _slice_reader(self, job_id: int, slice_no: int) -> Callable[[], store.SliceRecord]:
-        return lambda: store.get_slice(self.conn, job_id, slice_no)
+    def _slice_reader(self, job_id: int, slice_no: int) -> Callable[[], leases.SliceRecord]:
+        return lambda: leases.get_slice(self.conn, job_id, slice_no)
 
     def _status(self, job_id: int, *, heartbeat: bool) -> tuple[JobState, int, str | None] | None:
         """State, options version and reason; ``None`` when this runner no longer owns the job."""
@@ -779,7 +779,7 @@ class Runner:
             if attempts > 1:
                 # The last attempt may have committed before the connection dropped: the
                 # state store, not memory, says where the slice is.
-                fresh = store.get_slice(self.conn, job.id, slice_no)
+                fresh = leases.get_slice(self.conn, job.id, slice_no)
                 if codec.encode(cursor) != fresh.cursor or fresh.done:
                     raise _SliceMoved
             size = sizer.size
@@ -855,10 +855,10 @@ class Runner:
 
     def _finish(self, job: store.JobRecord) -> store.JobRecord:
         self._flush_retry_notes(job.id)
-        pending = [s for s in store.slices(self.conn, job.id) if not s.done]
+        pending = [s for s in leases.slices(self.conn, job.id) if not s.done]
         if pending:  # another runner still holds a slice; leave the job to it
             return store.get_job(self.conn, job.id)
-        prog = store.progress(self.conn, job.id)
+        prog = checkpoints.progress(self.conn, job.id)
         done = self._end(job.id, S.SUCCEEDED, reason=f"all {prog.batches} batches done",
                          details={"rows_scanned": prog.rows_scanned,
                                   "rows_affected": prog.rows_affected})

@@ -12,7 +12,7 @@ from psycopg import sql
 from backfill.core.catalog import Conn
 from backfill.engine.keyset import Key, KeyCodec, render_key
 from backfill.engine.kinds import PreparedJob, _ident, _user_sql, prepare_stored, row_hash
-from backfill.state import store
+from backfill.state import leases, store
 
 DEFAULT_CHUNK = 50_000
 
@@ -213,7 +213,7 @@ def _verify(conn: Conn, job: store.JobRecord, chunk: int, src: Conn | None) -> V
     checker = _Checker(conn, prepared, src)
     ks = prepared.keyset
     read = src if src is not None else conn
-    for slc in store.slices(conn, job_id):
+    for slc in leases.slices(conn, job_id):
         end = codec.decode(slc.upper_bound if slc.done else slc.cursor)
         if end is None:
             continue

@@ -58,7 +58,7 @@ from backfill.job.states import TERMINAL, JobState
 from backfill.migrate.file import MigrationFile, Settings
 from backfill.migrate.plan import build_plan, version_schema
 from backfill.migrate.steps import PHASES, OpPlan, Step, ordered_steps
-from backfill.state import store
+from backfill.state import checkpoints, store
 from backfill.state.schema import require_current
 
 log = get_logger(component="migrate")
@@ -124,7 +124,7 @@ class Status:
     migration: MigrationRecord
     steps: list[StepRecord]
     events: list[MigrationEvent]
-    jobs: dict[int, tuple[store.JobRecord, store.Progress]]
+    jobs: dict[int, tuple[store.JobRecord, checkpoints.Progress]]
 
 
 Notify = Callable[[str], None]
@@ -182,7 +182,7 @@ class Migrator:
             for s in steps:
                 if s.job_id is not None:
                     jobs[s.job_id] = (store.get_job(conn, s.job_id),
-                                      store.progress(conn, s.job_id))
+                                      checkpoints.progress(conn, s.job_id))
             return Status(rec, steps, events, jobs)
 
     def version_schema(self, ref: str) -> str | None:

@@ -45,8 +45,8 @@ from backfill.core.logs import get_logger
 from backfill.engine.throttle import batch_interval_s
 from backfill.job.options import JobOptions
 from backfill.job.states import JobState
-from backfill.state import store
-from backfill.state.store import DURATION_BUCKETS_S
+from backfill.state import checkpoints, control, store
+from backfill.state.checkpoints import DURATION_BUCKETS_S
 
 log = get_logger(component="exporter")
 
@@ -111,7 +111,7 @@ ORDER BY j.id
 # the workers has waited for one to start it: a slice's task that no worker has taken (its
 # dispatched_at; a reaper re-send restarts the clock), or a pending job, which a worker's
 # reaper starts within one pass. ``stale``: dispatch events that re-sent tasks no worker had
-# started within the stale window (store.claim_dispatch's ``stale`` detail).
+# started within the stale window (leases.claim_dispatch's ``stale`` detail).
 _QUEUE_SQL = """
 SELECT j.id, j.name, j.state,
        CASE WHEN j.state = 'pending' THEN extract(epoch FROM now() - coalesce(
@@ -212,7 +212,7 @@ class StateCollector(Collector):
             # the job's rate limits), so the dashboard and the CLI agree.
             live = store.get_jobs(conn, [r[0] for r in jobs
                                          if r[4] in (JobState.RUNNING, JobState.THROTTLED)])
-            etas = {i: p.eta_s for i, p in store.progress_of(conn, live).items()}
+            etas = {i: p.eta_s for i, p in checkpoints.progress_of(conn, live).items()}
             controller = conn.execute(_CONTROLLER_SQL).fetchone()
             queue = conn.execute(_QUEUE_SQL, {"finished_for": self.finished_for_s}).fetchall()
         except BaseException:
@@ -389,7 +389,7 @@ class StateCollector(Collector):
             poll.add_metric([], poll_s)
             # Readings are the last poll's: once that controller is gone they say nothing
             # about the database now, so they expire (BackfillControllerDown says why).
-            if not store.controller_alive(float(age_s), poll_s):
+            if not control.controller_alive(float(age_s), poll_s):
                 readings = []
             for reading in readings or []:
                 signal = str(reading.get("signal", ""))

@@ -20,7 +20,7 @@ from backfill.core.db import connect, redact_dsn
 from backfill.core.errors import InvalidInput
 from backfill.engine.kinds import prepare
 from backfill.job.states import ACTIVE, JobState
-from backfill.state import store
+from backfill.state import checkpoints, store
 from backfill.state.schema import upgrade_conn
 
 REHEARSAL_EVENT = "rehearsal"
@@ -139,7 +139,7 @@ def rehearse(primary_dsn: str, clone_dsn: str, job: store.JobRecord, *, actor: s
         wal_row = clone.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)",
                                 (lsn[0] if lsn else None,)).fetchone()
         wal = float(wal_row[0]) if wal_row and wal_row[0] is not None else 0.0
-        prog = store.progress(clone, clone_job.id)
+        prog = checkpoints.progress(clone, clone_job.id)
         figures = measure(clone, clone_job.id)
         verified: bool | None = None
         detail = None

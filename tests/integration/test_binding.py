@@ -150,7 +150,7 @@ def test_a_write_that_went_to_another_table_is_caught_even_if_the_names_swap_bac
     from backfill.engine.batch import run_batch
     from backfill.engine.keyset import KeyCodec
     from backfill.engine.kinds import prepare_stored
-    from backfill.state import store
+    from backfill.state import leases, store
     from tests.integration.helpers import sliced_and_running
 
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -176,7 +176,7 @@ def test_a_write_that_went_to_another_table_is_caught_even_if_the_names_swap_bac
         c.execute("CREATE TRIGGER swap AFTER UPDATE ON s.t FOR EACH STATEMENT "
                   "EXECUTE FUNCTION s.swap_back()")
     codec = KeyCodec(prepared.key_types)
-    lease = store.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
+    lease = leases.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
     assert lease is not None
     with pytest.raises(TableChanged, match=r"did not go to the source table s\.t"):
         run_batch(conn, prepared, job_id=job.id, slice_no=0, cursor=None,

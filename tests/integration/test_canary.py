@@ -15,7 +15,7 @@ from backfill.engine.reaper import reap
 from backfill.engine.runner import Runner
 from backfill.job.spec import JobSpec
 from backfill.job.states import JobState
-from backfill.state import store
+from backfill.state import checkpoints
 from tests.integration.helpers import cli, counter_histogram, make_counter_table, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -192,7 +192,7 @@ def test_a_canary_rate_counts_only_the_time_it_ran(dsn: str) -> None:
                             (paused_at,)), timeout=10, what="a 3 s pause")
     assert bf.run(job.id).state == JobState.AWAITING_APPROVAL
     with psycopg.connect(dsn) as c:
-        report = store.canary_report(c, job.id)
+        report = checkpoints.canary_report(c, job.id)
     assert report is not None
     assert 0 < report["canary_seconds"] < 3.0, report
     assert report["canary_rows_per_s"] > report["canary_rows"] / 3.0

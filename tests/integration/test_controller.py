@@ -441,7 +441,7 @@ def test_a_job_throttled_by_a_controller_that_is_gone_says_so(dsn: str) -> None:
     """Fail closed: the job stays throttled when its controller dies, but show, list and
     watch say who throttled it, when that controller last polled, and to check on it."""
     from backfill.core.db import connect
-    from backfill.state import store
+    from backfill.state import control, store
 
     make_counter_table(dsn, 10)
     job = Backfill(dsn).enqueue(update("items", INC, name="held"))
@@ -454,7 +454,7 @@ def test_a_job_throttled_by_a_controller_that_is_gone_says_so(dsn: str) -> None:
         # No controller has ever polled (the row is missing): say so.
         res = cli(dsn, "show", str(job.id), env=wide)
         assert "throttled by controller:h:7; no controller polls: is one running?" in res.stdout
-        store.record_controller_tick(conn, "controller:h:7", [], {"poll_s": 1.0})
+        control.record_controller_tick(conn, "controller:h:7", [], {"poll_s": 1.0})
         # Alive: the throttle's own reason, nothing else.
         res = cli(dsn, "show", str(job.id), env=wide)
         assert "(replica_lag[r1] 12s >= 10s)" in res.stdout, res.stdout

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backfill import Backfill, JobState, update
 from backfill.core.db import connect
 from backfill.observe.metrics import serve
-from backfill.state import store
+from backfill.state import control, store
 from tests.integration.helpers import ROOT, cli_env, make_counter_table, wait_for
 from tests.integration.servers import free_port
 
@@ -63,7 +63,7 @@ def test_exporter_reports_jobs_and_the_controller(dsn: str) -> None:
         store.transition(conn, slow.id, JobState.THROTTLED, actor="controller:test",
                          reason="replica_lag[r1] 12s >= 10s",
                          details={"readings": [{"signal": "replica_lag[r1]", "value": 12.0}]})
-        store.record_controller_tick(
+        control.record_controller_tick(
             conn, "controller:test",
             [{"signal": "replica_lag[r1]", "value": 12.0},
              {"signal": "standby_replay_lag[walreceiver@127.0.0.1]", "value": 11.0},
@@ -149,7 +149,7 @@ def test_readings_expire_with_the_controller_that_made_them(dsn: str) -> None:
     """A controller that stopped polling left 1,265 s of lag behind: not served as if now."""
     conn = connect(dsn)
     try:
-        store.record_controller_tick(conn, "controller:h:1",
+        control.record_controller_tick(conn, "controller:h:1",
                                      [{"signal": "replica_lag[r1]", "value": 1265.0}],
                                      {"poll_s": 1.0})
         port = free_port()

@@ -10,7 +10,7 @@ from backfill import Backfill, JobState, update
 from backfill.core.db import connect
 from backfill.engine.runner import WORKERS_OWNER, Runner
 from backfill.observe.metrics import StateCollector
-from backfill.state import store
+from backfill.state import leases
 from tests.integration.helpers import make_counter_table
 
 INC = {"counter": "counter + 1"}
@@ -53,19 +53,19 @@ def test_work_no_worker_starts_ages_and_stale_dispatches_are_counted(dsn: str) -
     # A reaper pass finds them stale and re-sends them: counted once, and the clock restarts.
     conn = connect(dsn)
     try:
-        resent = store.claim_dispatch(conn, job.id, stale_after_s=120, actor="reaper:test")
+        resent = leases.claim_dispatch(conn, job.id, stale_after_s=120, actor="reaper:test")
         assert len(resent) == 3
         m = collect(dsn)
         assert m["backfill_job_stale_dispatches_total"][jid] == 1
         assert m["backfill_job_dispatch_oldest_unclaimed_seconds"][jid] < 60
         # Re-sending by hand what is still queued (not stale) is not counted.
-        assert len(store.claim_dispatch(conn, job.id, stale_after_s=120, actor="tester",
+        assert len(leases.claim_dispatch(conn, job.id, stale_after_s=120, actor="tester",
                                         replace_queued=True)) == 3
         assert collect(dsn)["backfill_job_stale_dispatches_total"][jid] == 1
 
         # A worker starts each task: nothing waits.
         for d in resent:
-            lease = store.acquire_for_task(conn, d.job_id, d.slice_no, d.seq, "worker:test",
+            lease = leases.acquire_for_task(conn, d.job_id, d.slice_no, d.seq, "worker:test",
                                            60, actor="worker:test")
             assert not isinstance(lease, str), lease
     finally:

@@ -19,7 +19,7 @@ from backfill.engine.keyset import KeyCodec
 from backfill.engine.kinds import prepare
 from backfill.engine.runner import Runner, Tick
 from backfill.engine.throttle import BatchSizer, LockWaits
-from backfill.state import store
+from backfill.state import checkpoints, leases, store
 from tests.integration.helpers import (
     cli,
     cli_popen,
@@ -45,9 +45,9 @@ def test_duplicate_or_late_batch_applies_nothing(dsn: str) -> None:
     conn = sliced_and_running(dsn, job.id)  # the range is snapshotted, no batch has run
     prepared = prepare(conn, store.get_job(conn, job.id).spec, explain=False)
     codec = KeyCodec(prepared.key_types)
-    upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)
+    upper = codec.decode(leases.slices(conn, job.id)[0].upper_bound)
     assert upper is not None
-    lease = store.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
+    lease = leases.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
     assert lease is not None
     kwargs: dict[str, Any] = {"job_id": job.id, "slice_no": 0, "cursor": None,
                               "slice_upper": upper, "size": 100,
@@ -58,7 +58,7 @@ def test_duplicate_or_late_batch_applies_nothing(dsn: str) -> None:
     with pytest.raises(LeaseLost):
         run_batch(conn, prepared, **kwargs)  # the same batch again, e.g. a redelivered task
     assert counter_histogram(dsn) == {0: 400, 1: 100}
-    assert store.slices(conn, job.id)[0].cursor == [100]
+    assert leases.slices(conn, job.id)[0].cursor == [100]
     conn.close()
 
 
@@ -342,7 +342,7 @@ def test_batch_stats_are_pruned(dsn: str) -> None:
     job = bf.enqueue(update("items", INC, batch_size=10, min_batch_size=10, max_batch_size=10))
     assert bf.run(job.id).state == JobState.SUCCEEDED
     conn = connect(dsn)
-    assert store.prune_batches(conn, job.id, keep=100) == 50
+    assert checkpoints.prune_batches(conn, job.id, keep=100) == 50
     assert scalar(dsn, "SELECT count(*) FROM backfill.batches") == 100
     assert bf.progress(job.id).batches == 150  # totals live in the slices
     conn.close()
@@ -532,9 +532,9 @@ def test_an_application_session_blocked_by_a_batch_shrinks_the_next_one(dsn: str
     prepared = prepare(conn, store.get_job(conn, job.id).spec, explain=False)
     options = prepared.spec.options
     codec = KeyCodec(prepared.key_types)
-    upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)
+    upper = codec.decode(leases.slices(conn, job.id)[0].upper_bound)
     assert upper is not None
-    lease = store.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
+    lease = leases.acquire_lease(conn, job.id, 0, "test", 60, actor="test")
     assert lease is not None
     sizer = BatchSizer(size=100)
     seen: list[LockWaits | None] = []

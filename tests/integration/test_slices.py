@@ -16,7 +16,7 @@ from backfill.engine import slicing
 from backfill.engine.batch import run_batch
 from backfill.engine.keyset import KeyCodec
 from backfill.engine.kinds import prepare_stored
-from backfill.state import store
+from backfill.state import leases, store
 from tests.integration.helpers import counter_histogram, make_counter_table, sliced_and_running
 
 INC = {"counter": "counter + 1"}
@@ -109,14 +109,14 @@ def test_lease_fencing_token_refuses_a_previous_holders_checkpoint(dsn: str) -> 
     rec = store.get_job(conn, job.id)
     prepared = prepare_stored(conn, rec, explain=False)
     codec = KeyCodec(prepared.key_types)
-    upper = codec.decode(store.slices(conn, job.id)[0].upper_bound)
+    upper = codec.decode(leases.slices(conn, job.id)[0].upper_bound)
     assert upper is not None
-    first = store.acquire_lease(conn, job.id, 0, "worker-a", 60, actor="worker-a")
+    first = leases.acquire_lease(conn, job.id, 0, "worker-a", 60, actor="worker-a")
     assert first is not None
-    assert store.acquire_lease(conn, job.id, 0, "worker-b", 60, actor="worker-b") is None
+    assert leases.acquire_lease(conn, job.id, 0, "worker-b", 60, actor="worker-b") is None
     # worker-a goes silent: its lease runs out (moved into the past rather than waited for).
     conn.execute("UPDATE backfill.slices SET lease_expires_at = now() - interval '1 second'")
-    second = store.acquire_lease(conn, job.id, 0, "worker-b", 60, actor="worker-b")
+    second = leases.acquire_lease(conn, job.id, 0, "worker-b", 60, actor="worker-b")
     assert second is not None
     assert second.token == first.token + 1
     kwargs: dict[str, Any] = {"job_id": job.id, "slice_no": 0, "cursor": None,
@@ -127,8 +127,8 @@ def test_lease_fencing_token_refuses_a_previous_holders_checkpoint(dsn: str) -> 
     assert counter_histogram(dsn) == {0: 300}
     run_batch(conn, prepared, lease_token=second.token, **kwargs)
     assert counter_histogram(dsn) == {0: 200, 1: 100}
-    assert not store.renew_lease(conn, first, 60)
-    assert store.renew_lease(conn, second, 60)
+    assert not leases.renew_lease(conn, first, 60)
+    assert leases.renew_lease(conn, second, 60)
     takeover = [e for e in store.events(conn, job.id) if e.kind == "lease_takeover"]
     assert len(takeover) == 1
     assert takeover[0].details is not None
@@ -141,42 +141,42 @@ def test_dispatch_claims_respect_parallelism_and_fence_leftover_tasks(dsn: str) 
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, parallelism=3, batch_size=100))
     conn = sliced_and_running(dsn, job.id)
-    store.set_runs_on(conn, job.id, "workers")
+    leases.set_runs_on(conn, job.id, "workers")
     bf.tune(job.id, parallelism=2)  # allowed any time for a job on the workers
 
-    first = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t")
+    first = leases.claim_dispatch(conn, job.id, stale_after_s=60, actor="t")
     assert [(d.slice_no, d.seq) for d in first] == [(0, 0), (1, 0)]
-    assert store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []  # queued
+    assert leases.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []  # queued
     # The broker lost them: dispatching again re-sends (a slice that never had a task first).
-    again = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t", replace_queued=True)
+    again = leases.claim_dispatch(conn, job.id, stale_after_s=60, actor="t", replace_queued=True)
     assert [(d.slice_no, d.seq) for d in again] == [(0, 0), (2, 0)]
-    assert store.acquire_for_task(conn, job.id, 0, 7, "w1", 60, actor="w1") == "stale"
-    lease0 = store.acquire_for_task(conn, job.id, 0, 0, "w1", 60, actor="w1")
-    assert isinstance(lease0, store.Lease)
-    assert store.acquire_for_task(conn, job.id, 0, 0, "w2", 60, actor="w2") == "busy"
-    lease1 = store.acquire_for_task(conn, job.id, 1, 0, "w2", 60, actor="w2")
-    assert isinstance(lease1, store.Lease)
+    assert leases.acquire_for_task(conn, job.id, 0, 7, "w1", 60, actor="w1") == "stale"
+    lease0 = leases.acquire_for_task(conn, job.id, 0, 0, "w1", 60, actor="w1")
+    assert isinstance(lease0, leases.Lease)
+    assert leases.acquire_for_task(conn, job.id, 0, 0, "w2", 60, actor="w2") == "busy"
+    lease1 = leases.acquire_for_task(conn, job.id, 1, 0, "w2", 60, actor="w2")
+    assert isinstance(lease1, leases.Lease)
     # Two slices leased, parallelism 2: slice 2 gets no task, and its task is parked.
-    assert store.claim_dispatch(conn, job.id, stale_after_s=0, actor="t") == []
-    assert store.acquire_for_task(conn, job.id, 2, 0, "w3", 60, actor="w3") == "full"
-    assert store.get_slice(conn, job.id, 2).dispatched_at is None
+    assert leases.claim_dispatch(conn, job.id, stale_after_s=0, actor="t") == []
+    assert leases.acquire_for_task(conn, job.id, 2, 0, "w3", 60, actor="w3") == "full"
+    assert leases.get_slice(conn, job.id, 2).dispatched_at is None
     # Slice 0 gives its slot back for its next task, under a new token: the duplicate sent
     # above (seq 0), arriving late, is dropped.
-    assert store.requeue(conn, lease0) == 1
-    store.release_lease(conn, lease0)
-    assert store.acquire_for_task(conn, job.id, 0, 0, "w9", 60, actor="w9") == "stale"
-    assert store.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []
+    assert leases.requeue(conn, lease0) == 1
+    leases.release_lease(conn, lease0)
+    assert leases.acquire_for_task(conn, job.id, 0, 0, "w9", 60, actor="w9") == "stale"
+    assert leases.claim_dispatch(conn, job.id, stale_after_s=60, actor="t") == []
     # w2 dies: its lease runs out (moved into the past rather than waited for).
     conn.execute("UPDATE backfill.slices SET lease_expires_at = now() - interval '1 second'"
                  " WHERE slice_no = 1")
-    reclaimed = store.claim_dispatch(conn, job.id, stale_after_s=60, actor="reaper")
+    reclaimed = leases.claim_dispatch(conn, job.id, stale_after_s=60, actor="reaper")
     assert [(d.slice_no, d.seq) for d in reclaimed] == [(1, 0)]
     events = [e for e in store.events(conn, job.id) if e.kind == "dispatch"]
     assert events[-1].details is not None
     assert events[-1].details["slices"] == {"1": events[-1].details["slices"]["1"]}
     assert "lease of w2 expired" in events[-1].details["slices"]["1"]
-    taken = store.acquire_for_task(conn, job.id, 1, 0, "w4", 60, actor="w4")
-    assert isinstance(taken, store.Lease)
+    taken = leases.acquire_for_task(conn, job.id, 1, 0, "w4", 60, actor="w4")
+    assert isinstance(taken, leases.Lease)
     assert taken.previous_owner == "w2"
     assert any(e.kind == "lease_takeover" and "w2" in (e.reason or "")
                for e in store.events(conn, job.id))
@@ -188,34 +188,34 @@ def test_a_split_slice_covers_its_range_exactly_once(dsn: str) -> None:
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, parallelism=2, batch_size=1_000))
     conn = sliced_and_running(dsn, job.id)
-    store.set_runs_on(conn, job.id, "workers")
+    leases.set_runs_on(conn, job.id, "workers")
     rec = store.get_job(conn, job.id)
     prepared = prepare_stored(conn, rec, explain=False)
     codec = KeyCodec(prepared.key_types)
     # Slice 1 finishes early (by hand): a slot is free, and slice 0 holds the most rows.
     conn.execute("UPDATE backfill.slices SET done = true WHERE job_id = %s AND slice_no = 1",
                  (job.id,))
-    lease = store.acquire_lease(conn, job.id, 0, "w1", 60, actor="w1")
+    lease = leases.acquire_lease(conn, job.id, 0, "w1", 60, actor="w1")
     assert lease is not None
-    left = store.split_candidate(conn, job.id, 0, min_rows=1_000)
+    left = leases.split_candidate(conn, job.id, 0, min_rows=1_000)
     assert left == 15_000
-    slc = store.get_slice(conn, job.id, 0)
+    slc = leases.get_slice(conn, job.id, 0)
     upper = codec.decode(slc.upper_bound)
     assert upper is not None
     cut = slicing.split_point(conn, prepared.keyset, None, upper, left)
     assert cut is not None
     assert abs(int(cut[0]) - 7_500) <= 1
     bound = codec.encode(upper) or []
-    assert store.split_slice(conn, lease, cursor=[0], upper=bound, cut=codec.encode(cut) or [],
+    assert leases.split_slice(conn, lease, cursor=[0], upper=bound, cut=codec.encode(cut) or [],
                              rows_left=left, actor="w1") is None  # the cursor is not [0]
-    new_no = store.split_slice(conn, lease, cursor=None, upper=bound,
+    new_no = leases.split_slice(conn, lease, cursor=None, upper=bound,
                                cut=codec.encode(cut) or [], rows_left=left, actor="w1")
     assert new_no == 2
     # Retried after a lost COMMIT: the bound moved, so it cannot cut twice.
-    assert store.split_slice(conn, lease, cursor=None, upper=bound, cut=[5_000],
+    assert leases.split_slice(conn, lease, cursor=None, upper=bound, cut=[5_000],
                              rows_left=left, actor="w1") is None
-    assert store.split_candidate(conn, job.id, 0, min_rows=1_000) is None  # 2 open, 2 slots
-    store.release_lease(conn, lease)
+    assert leases.split_candidate(conn, job.id, 0, min_rows=1_000) is None  # 2 open, 2 slots
+    leases.release_lease(conn, lease)
     conn.execute("UPDATE backfill.slices SET done = false WHERE job_id = %s AND slice_no = 1",
                  (job.id,))
     bf.pause(job.id)
@@ -242,7 +242,7 @@ def test_run_after_a_paused_runner_was_killed_takes_its_leases(dsn: str) -> None
     conn = connect(dsn)
     # What a killed runner leaves behind: slice leases still live for a minute.
     for slice_no in (0, 1, 2):
-        assert store.acquire_lease(conn, job.id, slice_no, "runner:elsewhere:1", 60,
+        assert leases.acquire_lease(conn, job.id, slice_no, "runner:elsewhere:1", 60,
                                    actor="runner:elsewhere:1") is not None
     conn.close()
     assert bf.run(job.id).state == JobState.SUCCEEDED
