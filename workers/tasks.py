@@ -22,6 +22,7 @@ from backfill.core.errors import BackfillError, BrokerMisconfigured, BrokerUnava
 from backfill.core.logs import get_logger
 from backfill.engine.reaper import ReaperLoop, reap
 from backfill.engine.runner import WORKERS_OWNER, Runner
+from backfill.safety.preflight import first_write_gate
 from backfill.state import leases
 from backfill.state.schema import check_schema
 from workers.app import DISPATCH_STALE_S, LEASE_TTL_FLOOR_S, REAP_EVERY_S, SLICE_BUDGET_S, app
@@ -54,7 +55,8 @@ def _check_schema(**_: object) -> None:
 def _start_reaper(**_: object) -> None:
     """Every worker runs a reaper thread; an advisory lock lets one work at a time."""
     if REAP_EVERY_S > 0:
-        ReaperLoop(_dsn(), actor=f"reaper:{socket.gethostname()}:{os.getpid()}", send=send,
+        actor = f"reaper:{socket.gethostname()}:{os.getpid()}"
+        ReaperLoop(_dsn(), actor=actor, send=send, gate=first_write_gate(_dsn(), actor),
                    every_s=REAP_EVERY_S, stale_after_s=DISPATCH_STALE_S,
                    stop=_reaper_stop).start()
 
@@ -146,7 +148,8 @@ def dispatch(dsn: str, job_id: int, *, actor: str) -> list[leases.Dispatch]:
     """Start (or resume, or re-send) a job on the workers: one task per slice that needs one,
     up to its parallelism. Refuses, changing nothing, when the broker is unreachable."""
     check_broker()
-    claims = Runner(dsn, job_id, actor=actor, owner=WORKERS).start_distributed()
+    claims = Runner(dsn, job_id, actor=actor, owner=WORKERS,
+                    gate=first_write_gate(dsn, actor)).start_distributed()
     failed = send(claims)
     if failed:
         raise TasksNotSent(
@@ -158,4 +161,5 @@ def dispatch(dsn: str, job_id: int, *, actor: str) -> list[leases.Dispatch]:
 def reap_once(dsn: str, *, actor: str) -> list[leases.Dispatch]:
     """One reaper pass from the command line (the workers also run one on their own)."""
     check_broker()
-    return reap(dsn, actor=actor, send=send, stale_after_s=DISPATCH_STALE_S)
+    return reap(dsn, actor=actor, send=send, gate=first_write_gate(dsn, actor),
+                stale_after_s=DISPATCH_STALE_S)

@@ -33,7 +33,7 @@ from pglast import parse_sql as _parse_sql
 from pglast.parser import ParseError, scan
 from psycopg import sql
 
-from backfill.core.errors import InvalidFragment
+from backfill.core.errors import InvalidFragment, InvalidInput
 
 #: Longest identifier PostgreSQL keeps (NAMEDATALEN - 1 bytes); longer ones it truncates.
 MAX_NAME_BYTES = 63
@@ -357,3 +357,62 @@ def execute_one(conn: Any, query: Any, params: Any = None) -> Any:
     if params:
         return conn.execute(query, params)
     return conn.execute(query, params, binary=True)
+
+
+# -- names an expression uses (the linter, the migration planner and verify read them) --------
+
+
+def collect_names(node: Any, pick: Any) -> set[str]:
+    """Names ``pick(n)`` returns for the nodes under ``node`` (None: not one of ours)."""
+    found: set[str] = set()
+
+    def walk(n: Any) -> None:
+        if n is None:
+            return
+        if isinstance(n, tuple | list):
+            for x in n:
+                walk(x)
+            return
+        name = pick(n)
+        if name is not None:
+            found.add(name)
+        if hasattr(n, "__slots__"):
+            for attr in n.__slots__:
+                value = getattr(n, attr, None)
+                if value is not None and not isinstance(value, str | int | float | bool):
+                    walk(value)
+
+    walk(node)
+    return found
+
+
+def function_calls(node: Any) -> set[str]:
+    """Function names called anywhere under ``node``."""
+    return collect_names(node, lambda n: n.funcname[-1].sval if type(n).__name__ == "FuncCall"
+                    else None)
+
+
+def _parse_select(expression: str) -> Any:
+    try:
+        return _parse_sql(f"SELECT ({expression})")
+    except ParseError as exc:
+        raise InvalidInput(f"cannot parse expression {expression!r}: {exc}") from None
+
+
+def column_names(expression: str) -> set[str]:
+    """Column names an SQL expression refers to (``lower(email) || t.x`` -> email, x)."""
+    if not expression.strip():
+        return set()
+
+    def pick(n: Any) -> str | None:
+        if type(n).__name__ != "ColumnRef":
+            return None
+        last = n.fields[-1]
+        return getattr(last, "sval", None)
+
+    return collect_names(_parse_select(expression), pick)
+
+
+def function_names(expression: str) -> set[str]:
+    """Names of the functions an SQL expression calls (``lower(a) || now()`` -> lower, now)."""
+    return function_calls(_parse_select(expression))

@@ -28,7 +28,7 @@ from backfill.core.errors import (
     JobNotFound,
 )
 from backfill.core.logs import get_logger
-from backfill.engine.runner import WORKERS_OWNER, Runner
+from backfill.engine.runner import WORKERS_OWNER, Gate, Runner
 from backfill.job.states import JobState
 from backfill.state import leases, store
 from backfill.state.schema import require_current
@@ -40,8 +40,10 @@ REAPER_LOCK = 0x6266_696C_6C02
 log = get_logger(component="reaper")
 
 
-def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> list[leases.Dispatch]:
-    """One pass over the jobs on the workers; returns the tasks it sent."""
+def reap(dsn: str, *, actor: str, send: Send, gate: Gate | None,
+         stale_after_s: float = 120.0) -> list[leases.Dispatch]:
+    """One pass over the jobs on the workers; returns the tasks it sent. ``gate`` runs before a
+    job's first write (None: no pre-flight)."""
     conn = connect(dsn)
     try:
         require_current(conn)
@@ -52,7 +54,7 @@ def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> l
     sent: list[leases.Dispatch] = []
     for job_id, state in jobs:
         runner = Runner(dsn, job_id, actor=actor, owner=WORKERS_OWNER,
-                        dispatch_stale_s=stale_after_s)
+                        dispatch_stale_s=stale_after_s, gate=gate)
         try:
             claims = runner.start_distributed(replace_queued=False)
         except (IllegalTransition, JobConflict, JobNotFound):
@@ -74,7 +76,7 @@ def reap(dsn: str, *, actor: str, send: Send, stale_after_s: float = 120.0) -> l
 
 def auto_approve(conn: Conn, actor: str) -> None:
     """Jobs on the workers whose canary waited out its --auto-approve-after go on."""
-    from backfill.api import approve, auto_approval_due
+    from backfill.engine.canary import approve, auto_approval_due
 
     waiting = conn.execute("SELECT id FROM backfill.jobs WHERE state = 'awaiting_approval' "
                            "AND runs_on = 'workers'").fetchall()
@@ -109,11 +111,13 @@ def _refuse(dsn: str, job_id: int, actor: str, exc: BackfillError) -> None:
 class ReaperLoop:
     """``reap`` every ``every_s`` seconds while holding the reaper lock, until ``stop``."""
 
-    def __init__(self, dsn: str, *, actor: str, send: Send, every_s: float = 10.0,
-                 stale_after_s: float = 120.0, stop: threading.Event | None = None) -> None:
+    def __init__(self, dsn: str, *, actor: str, send: Send, gate: Gate | None,
+                 every_s: float = 10.0, stale_after_s: float = 120.0,
+                 stop: threading.Event | None = None) -> None:
         self.dsn = dsn
         self.actor = actor
         self.send = send
+        self.gate = gate
         self.every_s = every_s
         self.stale_after_s = stale_after_s
         self.stop = stop or threading.Event()
@@ -141,7 +145,7 @@ class ReaperLoop:
         try:
             if not self._leader():
                 return []
-            return reap(self.dsn, actor=self.actor, send=self.send,
+            return reap(self.dsn, actor=self.actor, send=self.send, gate=self.gate,
                         stale_after_s=self.stale_after_s)
         except Exception as exc:  # the database or broker is away: try again next round
             log.warning("reaper.pass_failed", error=redact_text(str(exc)))

@@ -43,11 +43,11 @@ from backfill.core.errors import (
 from backfill.core.logs import get_logger
 from backfill.engine import slicing
 from backfill.engine.batch import BatchResult, run_batch
+from backfill.engine.canary import verify_canary
 from backfill.engine.keyset import Key, KeyCodec, render_key
 from backfill.engine.kinds import PreparedJob, prepare_stored
 from backfill.engine.retry import Verdict, classify, describe_error
 from backfill.engine.throttle import BatchSizer, rate_delay
-from backfill.engine.verify import verify
 from backfill.job.options import JobOptions
 from backfill.job.states import TERMINAL, JobState
 from backfill.state import checkpoints, leases, store
@@ -100,6 +100,11 @@ class Tick:
     note: str | None = None
 
 
+#: Called before a job's first write on the workers, with the runner's connection; raises to
+#: refuse (the pre-flight checks: the layer that starts the workers hands them in).
+Gate = Callable[[Conn, store.JobRecord], None]
+
+
 class Runner:
     """Run one job inline until it succeeds, fails, is paused or cancelled, or ``stop`` is set."""
 
@@ -117,6 +122,7 @@ class Runner:
         reconnect_timeout_s: float = 120.0,
         lease_ttl_floor_s: float = 60.0,
         dispatch_stale_s: float = 120.0,
+        gate: Gate | None = None,
     ) -> None:
         self.dsn = dsn
         self.job_id = job_id
@@ -129,6 +135,7 @@ class Runner:
         self.reconnect_timeout_s = reconnect_timeout_s
         self.lease_ttl_floor_s = lease_ttl_floor_s
         self.dispatch_stale_s = dispatch_stale_s
+        self.gate = gate
         self._send: Callable[[list[leases.Dispatch]], None] | None = None
         self._shares: tuple[float | None, float | None] = (None, None)
         self._split_tried = False
@@ -228,8 +235,8 @@ class Runner:
                     "then dispatch it to the workers")
             if job.state == S.PENDING:
                 self._prepare(job, explain=True)
-                if job.started_at is None:
-                    self._preflight_gate(job)
+                if job.started_at is None and self.gate is not None:
+                    self.gate(self.conn, job)
                 with self.conn.transaction():
                     leases.set_runs_on(self.conn, job.id, "workers")
                     job = store.transition(self.conn, job.id, S.RUNNING, actor=self.actor,
@@ -302,18 +309,6 @@ class Runner:
             return "done"
         finally:
             self._drop_conn()
-
-    def _preflight_gate(self, job: store.JobRecord) -> None:
-        """Before the first write on the workers: the pre-flight checks (unless an operator's
-        skip is recorded). A failure pauses the job with the reasons, so the reaper does not
-        retry it every pass; `resume` runs the checks again."""
-        from backfill.safety.preflight import PreflightConfig, gate
-
-        skipped = self.conn.execute(
-            "SELECT 1 FROM backfill.events WHERE job_id = %s AND kind = 'preflight_skipped'",
-            (job.id,)).fetchone()
-        if not skipped:
-            gate(self.conn, job, PreflightConfig.load(), self.dsn, actor=self.actor)
 
     def _hand_off(self, job_id: int) -> None:
         """A slot is free (a slice finished or was split): send tasks for waiting slices."""
@@ -915,27 +910,6 @@ class Runner:
             if span > 0:
                 rate = sum(r for _, r in window[1:]) / span
         self.on_tick(Tick(job, batch, size, self._scanned, self._affected, rate, state, note))
-
-
-def verify_canary(conn: Conn, job_id: int, *, actor: str) -> bool:
-    """Check every row the canary did; a difference fails the job before anyone can approve
-    the rest. Records the verdict (the event approve looks for) and returns it."""
-    report = verify(conn, job_id)
-    if report.ok or report.unverifiable:
-        reason = (f"canary verified: {report.checked_rows:,} rows, no differences"
-                  if report.ok else f"canary not re-checkable: {report.unverifiable}")
-        store.add_event(conn, job_id, "canary_verified", actor=actor, reason=reason,
-                        details=report.to_json())
-        get_logger(job_id=job_id).info("job.canary_verified", job_id=job_id, rows=report.checked_rows)
-        return True
-    detail = "; ".join(d.detail for d in report.diffs[:3])
-    with conn.transaction():
-        store.add_event(conn, job_id, "canary_failed", actor=actor, reason=detail,
-                        details=report.to_json())
-        store.transition(conn, job_id, S.FAILED, actor=actor,
-                         reason=f"canary verification failed: {detail}",
-                         expect=frozenset({S.AWAITING_APPROVAL}))
-    return False
 
 
 def _connection_trouble(exc: BaseException) -> bool:

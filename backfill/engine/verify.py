@@ -163,7 +163,7 @@ _CLOCK_WORDS = ("current_timestamp", "current_date", "current_time", "localtimes
 def _unrecomputable(conn: Conn, expressions: list[str]) -> list[str]:
     """Functions in ``expressions`` whose value changes between evaluations (volatile ones,
     and the clock): re-evaluating the SET in verify cannot match what the job wrote."""
-    from backfill.migrate.lint import function_names
+    from backfill.core.sqltext import function_names
 
     names: set[str] = set()
     for e in expressions:

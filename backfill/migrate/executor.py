@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from backfill.api import Backfill, create_job, undo_log_exists
+from backfill.api import Backfill
 from backfill.core import sqltext
 from backfill.core.catalog import Conn, primary_key_of
 from backfill.core.db import connect, redact_text
@@ -51,8 +51,10 @@ from backfill.core.errors import (
     PreflightFailed,
 )
 from backfill.core.logs import get_logger
+from backfill.engine.enqueue import create_job
 from backfill.engine.kinds import undo_table
 from backfill.engine.runner import Tick
+from backfill.engine.undo import undo_log_exists
 from backfill.job.spec import JobSpec
 from backfill.job.states import TERMINAL, JobState
 from backfill.migrate.file import MigrationFile, Settings

@@ -19,6 +19,7 @@ from pglast.enums.parsenodes import ObjectType as OT
 from pglast.enums.parsenodes import TransactionStmtKind as TK
 from pglast.parser import ParseError
 
+from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
 
 
@@ -155,62 +156,6 @@ def _relname(rel: Any) -> str:
     return f"{rel.schemaname}.{rel.relname}" if rel.schemaname else rel.relname
 
 
-def _collect(node: Any, pick: Any) -> set[str]:
-    """Names ``pick(n)`` returns for the nodes under ``node`` (None: not one of ours)."""
-    found: set[str] = set()
-
-    def walk(n: Any) -> None:
-        if n is None:
-            return
-        if isinstance(n, tuple | list):
-            for x in n:
-                walk(x)
-            return
-        name = pick(n)
-        if name is not None:
-            found.add(name)
-        if hasattr(n, "__slots__"):
-            for attr in n.__slots__:
-                value = getattr(n, attr, None)
-                if value is not None and not isinstance(value, str | int | float | bool):
-                    walk(value)
-
-    walk(node)
-    return found
-
-
-def _fn_names(node: Any) -> set[str]:
-    """Function names called anywhere under ``node``."""
-    return _collect(node, lambda n: n.funcname[-1].sval if type(n).__name__ == "FuncCall"
-                    else None)
-
-
-def _parse_expression(expression: str) -> Any:
-    try:
-        return parse_sql(f"SELECT ({expression})")
-    except ParseError as exc:
-        raise InvalidInput(f"cannot parse expression {expression!r}: {exc}") from None
-
-
-def column_names(expression: str) -> set[str]:
-    """Column names an SQL expression refers to (``lower(email) || t.x`` -> email, x)."""
-    if not expression.strip():
-        return set()
-
-    def pick(n: Any) -> str | None:
-        if type(n).__name__ != "ColumnRef":
-            return None
-        last = n.fields[-1]
-        return getattr(last, "sval", None)
-
-    return _collect(_parse_expression(expression), pick)
-
-
-def function_names(expression: str) -> set[str]:
-    """Names of the functions an SQL expression calls (``lower(a) || now()`` -> lower, now)."""
-    return _fn_names(_parse_expression(expression))
-
-
 def _has_option(options: Any, name: str) -> bool:
     return any(getattr(o, "defname", None) == name for o in (options or ()))
 
@@ -320,7 +265,7 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
                         hits.append("add-column-not-null-no-default")
                     for c in d.constraints or ():
                         if c.contype == CT.CONSTR_DEFAULT and c.raw_expr is not None and (
-                                _fn_names(c.raw_expr) & _VOLATILE) and not new_table:
+                                sqltext.function_calls(c.raw_expr) & _VOLATILE) and not new_table:
                             hits.append("volatile-default")
                         if c.contype in (CT.CONSTR_PRIMARY, CT.CONSTR_UNIQUE) and not new_table:
                             hits.append("constraint-without-index")

@@ -11,7 +11,7 @@ from psycopg import sql
 from backfill.core import sqltext
 from backfill.core.catalog import Conn, primary_key_of, split_name
 from backfill.core.errors import ColumnNotFound, InvalidInput, TableNotFound
-from backfill.migrate.lint import function_names
+from backfill.core.sqltext import function_names
 
 # -- the catalog as the migration will find it ------------------------------------------------
 

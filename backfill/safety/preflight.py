@@ -127,6 +127,22 @@ def gate(conn: Conn, job: store.JobRecord, config: PreflightConfig, dsn: str, *,
     return checks
 
 
+def first_write_gate(dsn: str, actor: str) -> Callable[[Conn, store.JobRecord], None]:
+    """The gate a job on the workers passes before its first write: :func:`gate` with the
+    configured thresholds, unless an operator's ``--skip-preflight`` is recorded. A failure
+    pauses the job with the reasons, so the reaper does not retry it every pass; ``resume``
+    runs the checks again."""
+
+    def check(conn: Conn, job: store.JobRecord) -> None:
+        skipped = conn.execute(
+            "SELECT 1 FROM backfill.events WHERE job_id = %s AND kind = 'preflight_skipped'",
+            (job.id,)).fetchone()
+        if not skipped:
+            gate(conn, job, PreflightConfig.load(), dsn, actor=actor)
+
+    return check
+
+
 def run_checks(conn: Conn, job: store.JobRecord, config: PreflightConfig,
                dsn: str) -> list[Check]:
     """Every check, in order; each one's failure to run is itself a failed check."""

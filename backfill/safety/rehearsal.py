@@ -104,7 +104,7 @@ def rehearse(primary_dsn: str, clone_dsn: str, job: store.JobRecord, *, actor: s
              run: Any) -> Rehearsal:
     """Enqueue ``job``'s spec on the clone, run it there to the end (``run(dsn, job_id)``, the
     caller's inline runner), verify it, and record the figures on the original job."""
-    from backfill.api import create_job
+    from backfill.engine.enqueue import create_job
     from backfill.engine.verify import verify
 
     with connect(primary_dsn) as primary, connect(clone_dsn) as clone:

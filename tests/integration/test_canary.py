@@ -122,7 +122,7 @@ def test_the_workers_reaper_auto_approves(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:   # as if it had run on the workers
         c.execute("UPDATE backfill.jobs SET runs_on = 'workers' WHERE id = %s", (job.id,))
     # A reaper pass approves it first, then starts it on the workers (no broker: nothing sent).
-    wait_for(lambda: (reap(dsn, actor="reaper:test", send=lambda claims: None),
+    wait_for(lambda: (reap(dsn, actor="reaper:test", send=lambda claims: None, gate=None),
                       bf.get(job.id).state != JobState.AWAITING_APPROVAL)[1], timeout=20,
              interval=0.2, what="auto-approval by the reaper")
     approval = [e for e in bf.events(job.id) if e.from_state == "awaiting_approval"]

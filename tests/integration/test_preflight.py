@@ -15,7 +15,7 @@ from backfill import Backfill, update
 from backfill.core.errors import InvalidInput, PreflightFailed
 from backfill.engine.runner import Runner
 from backfill.job.states import JobState
-from backfill.safety.preflight import PreflightConfig
+from backfill.safety.preflight import PreflightConfig, first_write_gate
 from tests.integration.helpers import cli, make_counter_table, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -129,7 +129,8 @@ def test_on_the_workers_a_failing_preflight_pauses_the_job(dsn: str, monkeypatch
     monkeypatch.setenv("BACKFILL_PREFLIGHT_CONFIG",
                        str(_config(tmp_path, 'backup_command = "false"\n')))
     with pytest.raises(PreflightFailed):
-        Runner(dsn, job.id, actor="reaper:test").start_distributed()
+        Runner(dsn, job.id, actor="reaper:test",
+               gate=first_write_gate(dsn, "reaper:test")).start_distributed()
     paused = bf.get(job.id)
     assert paused.state == JobState.PAUSED
     assert "pre-flight failed: backup" in (paused.state_reason or "")

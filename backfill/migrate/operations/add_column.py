@@ -8,7 +8,7 @@ from psycopg import sql
 
 from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
-from backfill.migrate.lint import column_names
+from backfill.core.sqltext import column_names
 from backfill.migrate.operations.base import _changed, _Op, object_name
 from backfill.migrate.shape import ColumnShape, quote
 

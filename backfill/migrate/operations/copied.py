@@ -6,7 +6,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from backfill.core import sqltext
-from backfill.migrate.lint import column_names
+from backfill.core.sqltext import column_names
 from backfill.migrate.operations.base import _no_column, _Op, object_name
 from backfill.migrate.shape import ColumnShape, TableShape
 
