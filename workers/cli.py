@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from backfill.cli import main as core_cli
-from backfill.cli.main import _fail, _guard, _settings, app, out, seconds_option
+from backfill.cli import base as cli_base
+from backfill.cli.base import _fail, _guard, _settings, app, out, seconds_option
 from backfill.state.schema import check_schema
 
 if importlib.util.find_spec("celery") is None:   # the inline CLI works without these commands
@@ -34,7 +34,7 @@ def reap_once(dsn: str, **kwargs: Any) -> Any:
     return reap(dsn, **kwargs)
 
 
-core_cli.DISPATCH_HOOK = dispatch
+cli_base.DISPATCH_HOOK = dispatch
 
 
 @app.command()
@@ -78,7 +78,7 @@ def dispatch_(
     if not (job.isascii() and job.isdigit()):
         _fail("dispatch takes a job id", 2)
     if skip_preflight:
-        from backfill.cli.main import _client
+        from backfill.cli.base import _client
 
         bf = _client(ctx)
         _guard(lambda: bf.gate(bf.get(int(job)), skip=True))

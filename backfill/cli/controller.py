@@ -14,8 +14,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from backfill.cli import main as core_cli
-from backfill.cli.main import _fail, _guard, _settings, app, out, positive_number
+from backfill.cli import base as cli_base
+from backfill.cli.base import _fail, _guard, _settings, app, out, positive_number
 from backfill.control.controller import Controller, ControllerConfig, default_actor
 from backfill.control.policy import Limit, Reading, kind_of, show
 from backfill.core.db import connect
@@ -91,7 +91,7 @@ def run_(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    hook = core_cli.DISPATCH_HOOK
+    hook = cli_base.DISPATCH_HOOK
     # The controller's own identity, not the operator's (--actor): its transitions, its
     # leadership and its resumes are recorded as controller:host:pid, so two on one host
     # are told apart and a failover shows as a new leader.

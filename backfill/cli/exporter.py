@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from backfill.cli.main import _fail, _guard, _settings, app, out
+from backfill.cli.base import _fail, _guard, _settings, app, out
 from backfill.core.durations import format_duration, parse_duration_ms
 from backfill.core.errors import DatabaseUnavailable
 from backfill.state.schema import check_schema

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from backfill.cli.main import _fail, app, err, out
+from backfill.cli.base import _fail, app, err, out
 from backfill.core.errors import InvalidInput
 
 

@@ -12,7 +12,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from backfill.cli.main import MAX_COUNT, _guard, _ProgressView, _settings, app, err, interruptible, out
+from backfill.cli.base import MAX_COUNT, _guard, _settings, app, err, interruptible, out
+from backfill.cli.jobs import _ProgressView
 from backfill.core.durations import format_duration
 from backfill.core.sqltext import qualified_name
 from backfill.migrate.file import MigrationFile, load_file

@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from backfill.cli.main import _client, _fail, _guard, _send_to_workers, app, err, out, run
+from backfill.cli.base import _client, _fail, _guard, app, err, out
+from backfill.cli.jobs import _send_to_workers, run
 from backfill.core.durations import format_duration, parse_duration_ms
 
 undo_app = typer.Typer(help="Undo logs: the old values kept by update, transform and delete "

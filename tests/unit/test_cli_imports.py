@@ -17,7 +17,7 @@ import backfill.cli.main as cli
 cli._load_plugins()
 print(sorted(m for m in ("celery", "pglast", "backfill.migrate.file", "backfill.control.controller")
              if m in sys.modules))
-print(cli.DISPATCH_HOOK is not None)
+print(sys.modules['backfill.cli.base'].DISPATCH_HOOK is not None)
 """
 
 

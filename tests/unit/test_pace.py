@@ -121,7 +121,7 @@ def test_the_run_progress_bar_eta_respects_the_rate_limit() -> None:
     from types import SimpleNamespace
     from typing import Any
 
-    from backfill.cli.main import _capped_rate
+    from backfill.cli.jobs import _capped_rate
     from backfill.job.options import JobOptions
 
     job = SimpleNamespace(options=JobOptions(batch_size=1000, rate_limit=5), rate_share=None,

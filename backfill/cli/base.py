@@ -1,0 +1,206 @@
+"""What every command module shares: the Typer app, the consoles, the option parsers, and the
+guard that turns an error into one line and an exit code."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from backfill.api import Backfill, default_actor
+from backfill.core import logs
+from backfill.core.db import redact_text
+from backfill.core.durations import parse_duration_ms
+from backfill.core.errors import BackfillError, InvalidInput
+from backfill.core.settings import Settings, dsn_from_env
+
+
+def explain_error(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and the one line a user sees for an error we expect to meet (bad input, an
+    unreadable file, an unreachable database), or ``None`` for one we did not expect (a bug).
+
+    2: the input must be fixed (nothing was written); 1: an operational failure."""
+    if isinstance(exc, BackfillError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, psycopg.Error):
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return 1, f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}"
+    if isinstance(exc, UnicodeDecodeError):
+        return 2, f"input is not UTF-8 text (byte {exc.start}: {exc.reason})"
+    if isinstance(exc, UnicodeError):  # e.g. an argument with bytes that are not UTF-8
+        return 2, f"input is not valid text: {exc}"
+    if isinstance(exc, ImportError):  # modules users name are checked where they are named
+        return 1, f"cannot import {exc.name or 'a module'}: {exc} (is it installed?)"
+    if isinstance(exc, OSError):
+        if exc.filename is not None:
+            return 2, f"cannot read {exc.filename}: {exc.strerror or exc}"
+        return 1, f"{exc.strerror or exc}"
+    return None
+
+
+class _Commands(TyperGroup):
+    """The root command group: whatever a command raises ends as one line on stderr and an exit
+    code, never a traceback. Expected errors (see :func:`explain_error`) exit 2 or 1; anything
+    else is a bug, reported as ``internal error`` (exit 1), with its traceback under
+    ``--log-level debug``."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the one place errors become exit codes
+            known = explain_error(exc)
+            settings = ctx.obj
+            debug = isinstance(settings, Settings) and settings.log_level.lower() == "debug"
+            if known is None:
+                if debug:
+                    err.print(traceback.format_exc(), markup=False, highlight=False)
+                _fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
+                      "`--log-level debug` shows the traceback)", 1)
+            _fail(known[1], known[0])
+
+
+app = typer.Typer(
+    name="backfill",
+    cls=_Commands,
+    help="Run large PostgreSQL backfills and data moves safely: keyset batches, checkpoints "
+    "in the batch's transaction, live pause/resume/tune.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Off a terminal, do not wrap at 80 columns: lines go to logs and scripts whole.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+T = TypeVar("T")
+
+EXIT_PAUSED = 3
+EXIT_INTERRUPTED = 130
+
+#: The largest count an option takes (PostgreSQL's int): beyond it a value is a typo.
+MAX_COUNT = 2**31 - 1
+
+
+def seconds_option(minimum: float = 0.0) -> Callable[[str], float]:
+    """A parser for a duration option in seconds (``2``, ``500ms``, ``1m30s``): finite, not
+    negative, at least ``minimum`` and at most a year (a sleep that long is a typo)."""
+
+    def parse(value: str) -> float:
+        try:
+            seconds = parse_duration_ms(str(value), option="value") / 1000.0
+        except InvalidInput as exc:
+            raise typer.BadParameter(str(exc).removeprefix("value: ")) from None
+        if not minimum <= seconds <= 366 * 86400:
+            raise typer.BadParameter(f"{value!r} is not between {minimum:g}s and a year")
+        return seconds
+
+    return parse
+
+
+def positive_number(value: str) -> float:
+    """A parser for a finite number above zero (a rate, a budget)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise typer.BadParameter(f"{value!r} is not a finite number above 0")
+    return number
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    if not isinstance(settings, Settings) or not settings.dsn:
+        raise InvalidInput(
+            "no database given: pass --dsn or set BACKFILL_DSN "
+            "(e.g. postgresql://user@host:5432/dbname)"
+        )
+    return settings
+
+
+def _client(ctx: typer.Context) -> Backfill:
+    s = _settings(ctx)
+    return Backfill(s.dsn, actor=s.actor, jobs_module=s.jobs_module)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except (BackfillError, psycopg.Error) as exc:
+        known = explain_error(exc)
+        assert known is not None
+        _fail(known[1], known[0])
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    dsn: Annotated[str | None, typer.Option(
+        "--dsn", help="Database to work on (default: $BACKFILL_DSN, then $DATABASE_URL).",
+        show_default=False)] = None,
+    actor: Annotated[str | None, typer.Option(
+        "--actor", envvar="BACKFILL_ACTOR",
+        help="Who you are, recorded with every state change (default: user@host).")] = None,
+    jobs_module: Annotated[str, typer.Option(
+        "--jobs-module", envvar="BACKFILL_JOBS_MODULE",
+        help="Module holding defined jobs (a `registry`).")] = "jobs",
+    log_format: Annotated[str, typer.Option(
+        "--log-format", envvar="BACKFILL_LOG_FORMAT",
+        help="auto (console on a terminal, JSON otherwise), json or console.")] = "auto",
+    log_level: Annotated[str, typer.Option(
+        "--log-level", envvar="BACKFILL_LOG_LEVEL",
+        help="debug, info, warning or error (debug logs every batch).")] = "info",
+) -> None:
+    settings = _guard(lambda: Settings(
+        dsn=dsn or dsn_from_env() or "", actor=actor or default_actor(),
+        jobs_module=jobs_module, log_format=log_format, log_level=log_level))
+    logs.configure(
+        json=None if log_format == "auto" else log_format == "json", level=log_level
+    )
+    ctx.obj = settings
+
+#: Set by the workers plugin (``workers.cli``): send a job to the Celery workers now.
+#: Called as ``DISPATCH_HOOK(dsn, job_id, actor=...)``; raises BrokerUnavailable or
+#: BrokerMisconfigured.
+DISPATCH_HOOK: Callable[..., object] | None = None
+
+
+def interruptible(fn: Callable[[threading.Event], T], *, stopping: str,
+                  aborted: str) -> tuple[T, bool]:
+    """Run ``fn(stop)`` with Ctrl-C wired to it: the first sets ``stop`` (``fn`` winds down
+    at its next safe point), the second aborts (exit 130). Returns ``fn``'s result and
+    whether it was interrupted."""
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        err.print(f"\n[yellow]interrupt: {stopping}[/]")
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return fn(stop), stop.is_set()
+    except KeyboardInterrupt:
+        err.print(f"[red]aborted: {aborted}[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)

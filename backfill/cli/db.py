@@ -1,0 +1,58 @@
+"""``backfill db upgrade|status``: the state schema."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from backfill.cli.base import _client, _guard, _settings, app, out
+from backfill.core.db import connect, describe
+from backfill.state.schema import LATEST, MIGRATIONS, current_version
+
+db_app = typer.Typer(help="Create, upgrade and inspect the `backfill` state schema.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+# -- db ---------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create the `backfill` schema or apply pending migrations (idempotent, concurrency-safe)."""
+    bf = _client(ctx)
+    before, after = _guard(bf.upgrade)
+    if before == after:
+        out.print(f"state schema already at version {after} ({describe(bf.dsn)})")
+    else:
+        out.print(f"state schema upgraded from version {before} to {after} ({describe(bf.dsn)})")
+
+
+@db_app.command("status")
+def db_status(ctx: typer.Context,
+              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the state schema's version and whether it is current."""
+    s = _settings(ctx)
+
+    def read() -> int | None:
+        conn = connect(s.dsn)
+        try:
+            return current_version(conn)
+        finally:
+            conn.close()
+
+    version = _guard(read)
+    state = ("missing" if version is None else "current" if version == LATEST
+             else "outdated" if version < LATEST else "newer than this backfill")
+    if as_json:
+        out.print_json(json.dumps({"version": version, "latest": LATEST, "state": state}))
+    else:
+        out.print(f"database: {describe(s.dsn)}\nstate schema: {state} "
+                  f"(version {version if version is not None else '-'}, latest {LATEST})")
+        for m in MIGRATIONS:
+            mark = "applied" if version is not None and m.version <= version else "pending"
+            out.print(f"  {m.version:>3}  {mark:<8} {m.description}")
+    if version != LATEST:
+        raise typer.Exit(1)

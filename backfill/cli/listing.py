@@ -1,0 +1,334 @@
+"""``backfill list|show|status|watch``: what the jobs are doing, for people and for scripts
+(``--json``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from backfill.cli.base import MAX_COUNT, _client, _guard, app, out, seconds_option
+from backfill.core.db import describe
+from backfill.core.durations import format_duration
+from backfill.core.settings import Settings
+from backfill.job.states import JobState
+from backfill.state import checkpoints, store, views
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+def _job_json(job: store.JobRecord, prog: checkpoints.Progress | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": job.id, "name": job.name, "kind": job.kind, "table": job.table,
+        "key": list(job.key_columns), "state": str(job.state), "state_reason": job.state_reason,
+        "rows_estimate": job.rows_estimate, "options": job.options.to_json(),
+        "created_by": job.created_by, "created_at": job.created_at,
+        "started_at": job.started_at, "finished_at": job.finished_at, "owner": job.owner,
+        "last_error": job.last_error, "error_range": job.error_range,
+    }
+    if prog is not None:
+        data.update({"rows_done": prog.rows_scanned, "rows_changed": prog.rows_affected,
+                     "batches": prog.batches, "rows_per_s": prog.recent_rows_per_s,
+                     "batch_size": prog.current_batch_size, "eta_s": prog.eta_s,
+                     "last_batch_at": prog.last_batch_at, "stalled_since": prog.stalled_since,
+                     "expected_interval_s": prog.expected_interval_s})
+    return data
+
+
+def _clock(at: dt.datetime) -> str:
+    """A moment in this machine's local time: HH:MM today, with the date otherwise."""
+    local = at.astimezone()
+    return f"{local:%H:%M}" if local.date() == dt.datetime.now().astimezone().date() \
+        else f"{local:%Y-%m-%d %H:%M}"
+
+
+def _stalled_text(prog: checkpoints.Progress) -> str:
+    """``stalled since 12:03`` for a running job with no batch for longer than expected."""
+    if prog.stalled_since is None:
+        return ""
+    quiet = (dt.datetime.now(dt.UTC) - prog.stalled_since).total_seconds()
+    return f"stalled since {_clock(prog.stalled_since)} (no batch for {format_duration(quiet)})"
+
+
+_STATE_STYLE = {
+    "pending": "cyan", "running": "green", "throttled": "yellow", "paused": "magenta",
+    "succeeded": "bold green", "failed": "bold red", "cancelled": "dim",
+    "awaiting_approval": "bold yellow",
+}
+
+
+def _canary_text(job: store.JobRecord, canary: dict[str, Any] | None) -> str:
+    """The canary's measured rows/s, its verification, and the rest's projected duration."""
+    if canary is None:
+        return f"canary of {job.canary_rows:,} rows not reached yet" if job.canary_rows else ""
+    rows, rate = int(canary.get("canary_rows") or 0), float(canary.get("canary_rows_per_s") or 0)
+    rest = max(0, (job.rows_estimate or 0) - rows)
+    verified = {True: "verified", False: "FAILED verification",
+                None: "being verified"}[canary.get("verified")]
+    projected = format_duration(rest / rate) if rate > 0 else "-"
+    return (f"canary {rows:,} rows at {rate:,.0f} rows/s, {verified}; the other ~{rest:,} "
+            f"rows projected at {projected}"
+            + (f"; approved by {job.approved_by}" if job.approved_by else ""))
+
+
+def _bar(fraction: float | None, width: int = 12) -> str:
+    """A text progress bar (plain characters: it survives SSH, logs and `watch`)."""
+    if fraction is None:
+        return "-"
+    filled = round(fraction * width)
+    return "#" * filled + "." * (width - filled)
+
+
+def _jobs_table(rows: list[tuple[store.JobRecord, checkpoints.Progress]]) -> Table:
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ID", "NAME", "TABLE", "STATE", "PROGRESS", "DONE", "ROWS/S", "BATCH", "ETA",
+                "REASON"):
+        t.add_column(col, justify="right" if col in ("ID", "ROWS/S", "BATCH") else "left",
+                     overflow="fold")
+    for job, prog in rows:
+        total = job.rows_estimate
+        fraction = min(1.0, prog.rows_scanned / total) if total else None
+        if job.state == JobState.SUCCEEDED:
+            fraction = 1.0
+        pct = f"{100 * fraction:.1f}%" if fraction is not None else "-"
+        rate = prog.recent_rows_per_s
+        stalled = _stalled_text(prog)
+        reason = "; ".join(x for x in (stalled, job.state_reason or "") if x)
+        t.add_row(str(job.id), job.name, job.table,
+                  f"[{_STATE_STYLE.get(str(job.state), '')}]{job.state}[/]",
+                  _bar(fraction), f"{prog.rows_scanned:,} ({pct})",
+                  f"{rate:,.0f}" if rate is not None else "-",
+                  f"{prog.current_batch_size:,}" if prog.current_batch_size else "-",
+                  format_duration(prog.eta_s),
+                  (f"[bold red]{escape(reason)}[/]" if stalled else escape(reason)))
+    return t
+
+
+#: Jobs `list` and `watch` show unless told otherwise.
+DEFAULT_LIMIT = 50
+OptLimit = Annotated[int | None, typer.Option(
+    "--limit", min=0, max=MAX_COUNT, show_default=False,
+    help=f"Show at most N jobs, failed and active first (default {DEFAULT_LIMIT}; 0: all). "
+    "With --json: a page, {jobs, total, by_state, limit, offset, next_offset}.")]
+OptWatchLimit = Annotated[int | None, typer.Option(
+    "--limit", min=0, max=MAX_COUNT, show_default=False,
+    help=f"Show at most N jobs, failed and active first (default {DEFAULT_LIMIT}; 0: all).")]
+OptOffset = Annotated[int, typer.Option(
+    "--offset", min=0, max=MAX_COUNT, help="Skip the first N jobs (with --limit: the next page).")]
+
+
+def _more_text(page: views.JobPage) -> str:
+    """The line under a page that hides jobs: how many, in which states, how to see them."""
+    if not page.more:
+        return ""
+    states = ", ".join(f"{page.by_state[st]:,} {st}" for st in store.LIST_ORDER
+                       if page.by_state.get(st))
+    return (f"... and {page.more:,} more ({page.total:,} jobs: {states}); "
+            "--limit N shows more, --limit 0 all")
+
+
+def _page_text(page: views.JobPage, include_all: bool) -> Any:
+    if not page.jobs and page.total:
+        return f"no jobs after the first {page.offset:,} ({page.total:,} in all)"
+    if not page.jobs:
+        return "no jobs" + ("" if include_all else " (active or failed; --all shows finished)")
+    more = _more_text(page)
+    return Group(_jobs_table(page.jobs), more) if more else _jobs_table(page.jobs)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
+    defined: Annotated[bool, typer.Option("--defined", help="List defined jobs instead.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Every job as a JSON array (a page with --limit or --offset).")] = False,
+    limit: OptLimit = None,
+    offset: OptOffset = 0,
+) -> None:
+    """List jobs (active and failed by default, --all: finished too), failed and active first,
+    at most --limit of them (50) with a line saying how many more; or the defined jobs with
+    --defined."""
+    s = ctx.obj if isinstance(ctx.obj, Settings) else None
+    if defined:
+        from backfill.job import registry
+
+        reg = _guard(lambda: registry.load(s.jobs_module if s else "jobs"))
+        defs = [{"name": d.name, "description": d.summary, "doc": d.doc} for d in reg]
+        if as_json:
+            out.print_json(json.dumps(defs))
+            return
+        t = Table(box=None, pad_edge=False, header_style="bold")
+        t.add_column("NAME")
+        t.add_column("DESCRIPTION")
+        for d in defs:
+            t.add_row(d["name"], d["description"])
+        out.print(t)
+        return
+    bf = _client(ctx)
+    paged = limit is not None or offset > 0
+    if as_json and not paged:  # complete: every job
+        rows = _guard(lambda: bf.overview(include_finished=include_all))
+        out.print_json(json.dumps([_job_json(j, p) for j, p in rows], default=str))
+        return
+    size = DEFAULT_LIMIT if limit is None else limit or None
+    page = _guard(lambda: bf.page(include_finished=include_all, limit=size, offset=offset))
+    if as_json:  # explicitly paginated
+        out.print_json(json.dumps({
+            "jobs": [_job_json(j, p) for j, p in page.jobs], "total": page.total,
+            "by_state": page.by_state, "limit": page.limit, "offset": page.offset,
+            "next_offset": page.next_offset}, default=str))
+        return
+    out.print(_page_text(page, include_all))
+
+
+def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
+    bf = _client(ctx)
+    rec, prog, evs, slices = _guard(lambda: bf.inspect(job))
+    if as_json:
+        data = _job_json(rec, prog)
+        data["spec"] = rec.spec.to_json()
+        if rec.canary_rows is not None:
+            data["canary"] = {"rows": rec.canary_rows, "approved_by": rec.approved_by,
+                              "approved_at": rec.approved_at,
+                              "report": _guard(lambda: bf.canary(rec.id))}
+        data["slices"] = [{"slice": s.slice_no, "lower": s.lower_bound, "upper": s.upper_bound,
+                           "cursor": s.cursor, "done": s.done, "rows": s.rows_scanned,
+                           "batches": s.batches} for s in slices]
+        data["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
+                           "actor": e.actor, "reason": e.reason, "details": e.details}
+                          for e in evs]
+        out.print_json(json.dumps(data, default=str))
+        return
+    d = _job_json(rec, prog)
+    rate_text = f"{d['rows_per_s']:,.0f} rows/s" if d["rows_per_s"] is not None else "-"
+    stalled = _stalled_text(prog)
+    style = _STATE_STYLE.get(str(rec.state), "")
+    lines = [
+        f"[bold]job {rec.id}[/]  {rec.name}",
+        f"  state     [{style}]{rec.state}[/]"
+        + (f"  ({escape(rec.state_reason)})" if rec.state_reason else ""),
+        f"  table     {rec.table}  key ({', '.join(rec.key_columns)})  kind {rec.kind}",
+        f"  progress  {prog.rows_scanned:,} of ~{rec.rows_estimate or 0:,} rows, "
+        f"{prog.rows_affected:,} changed, {prog.batches:,} batches",
+        f"  rate      {rate_text}"
+        f"  batch {prog.current_batch_size or '-'}  ETA {format_duration(d['eta_s'])}"
+        + (f"  [bold red]{stalled}[/]" if stalled else ""),
+        "  options   " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()),
+        f"  created   {rec.created_at:%Y-%m-%d %H:%M:%S} by {rec.created_by}"
+        + (f"; owner {rec.owner}" if rec.owner else ""),
+    ]
+    if rec.canary_rows is not None:
+        report = _guard(lambda: bf.canary(rec.id))
+        lines.append("  canary    " + escape(_canary_text(rec, report)))
+    rehearsed = _guard(lambda: bf.rehearsal(rec.id))
+    if rehearsed:
+        rate = float(rehearsed.get("rows_per_s") or 0)
+        rest = max(0, (rec.rows_estimate or 0) - prog.rows_scanned)
+        lines.append(
+            f"  rehearsed {rehearsed.get('rows', 0):,} rows at {rate:,.0f} rows/s on "
+            f"{rehearsed.get('clone')}, {float(rehearsed.get('wal_bytes') or 0) / 2**20:,.1f} MB "
+            f"WAL; projected here: {format_duration(rest / rate) if rate else '-'}")
+    if rec.spec.undo_enabled:
+        lines.append(f"  undo log  backfill.undo_{rec.id}: `backfill revert {rec.id}` restores "
+                     "the old values")
+    if rec.kind == "move" and rec.spec.source_dsn:
+        phase2 = _guard(lambda: bf.move_phase2(rec.id))
+        lines.append("  phase 2   " + (f"job {phase2.id} ({phase2.state}) deletes the copied "
+                                       "rows from the source" if phase2 else
+                                       "not started" + (f": `backfill run {rec.id}` starts it"
+                                                        if rec.state == "succeeded" else
+                                                        ": it starts when the copy is done")))
+    if rec.kind == "revert":
+        left = prog.rows_scanned - prog.rows_affected
+        lines.append(f"  reverts   job {rec.spec.reverts}: {prog.rows_affected:,} rows restored"
+                     + (f", {left:,} changed since and left alone" if left else ""))
+    if rec.last_error:
+        lines.append(f"  [red]error     {rec.last_error}[/]")
+        if rec.error_range:
+            lines.append(f"  range     after {rec.error_range.get('after')}")
+    for s in slices:
+        lines.append(f"  slice {s.slice_no}   cursor {s.cursor} of {s.upper_bound}"
+                     f"{'  done' if s.done else ''}")
+    out.print("\n".join(lines), highlight=False)
+    t = Table(title="events", box=None, pad_edge=False, header_style="bold", title_justify="left")
+    for col in ("AT", "EVENT", "FROM", "TO", "BY", "REASON"):
+        t.add_column(col, overflow="fold")
+    for e in evs[-events:] if events else evs:
+        t.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", e.kind, e.from_state or "", e.to_state or "",
+                  escape(e.actor), escape(e.reason or ""))
+    out.print(t)
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or name.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    events: Annotated[int, typer.Option("--events", min=0, max=MAX_COUNT,
+                                        help="Show the last N events (0: all).")] = 0,
+) -> None:
+    """Show one job: state, progress, options, slices and its event history."""
+    _show(ctx, job, as_json, events)
+
+
+@app.command("status")
+def status_(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or name.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    events: Annotated[int, typer.Option("--events", min=0, max=MAX_COUNT,
+                                        help="Show the last N events (0: all).")] = 0,
+) -> None:
+    """Same as `show`."""
+    _show(ctx, job, as_json, events)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    interval: Annotated[float, typer.Option(
+        "--interval", "-n", parser=seconds_option(minimum=0.1), metavar="DURATION",
+        help="Time between refreshes (2, 500ms).")] = 2.0,
+    include_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished jobs.")] = False,
+    limit: OptWatchLimit = None,
+    count: Annotated[int, typer.Option("--count", min=0, max=MAX_COUNT,
+                                       help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
+    once: Annotated[bool, typer.Option("--once", help="Print the table once and exit (scripts).")] = False,
+) -> None:
+    """A live table of jobs (state, progress, rows/s, ETA, throttle reason or a stall), failed
+    and active first, at most --limit (50) with a line saying how many more, refreshed every
+    --interval seconds in place, until Ctrl-C."""
+    bf = _client(ctx)
+    size = DEFAULT_LIMIT if limit is None else limit or None
+
+    def page() -> Any:
+        return _page_text(_guard(lambda: bf.page(include_finished=include_all, limit=size)),
+                          include_all)
+
+    if once:
+        out.print(page())
+        return
+
+    def render() -> Any:
+        header = f"backfill jobs on {describe(bf.dsn)}  ({time.strftime('%H:%M:%S')})"
+        return Group(header, page())
+
+    n = 0
+    try:
+        with Live(render(), console=out, refresh_per_second=4, transient=False) as live:
+            while True:
+                n += 1
+                if count and n >= count:
+                    break
+                time.sleep(interval)
+                live.update(render())
+    except KeyboardInterrupt:
+        pass
