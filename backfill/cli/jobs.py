@@ -28,7 +28,7 @@ from backfill.cli.base import (
     out,
     seconds_option,
 )
-from backfill.cli.listing import _canary_text, _job_json
+from backfill.cli.render import _canary_text, _job_json
 from backfill.core import logs
 from backfill.core.durations import format_duration, parse_duration_ms
 from backfill.core.errors import BackfillError, BrokerMisconfigured, BrokerUnavailable, InvalidInput
