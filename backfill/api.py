@@ -30,7 +30,8 @@ from backfill.core.errors import InvalidInput, JobNotFound
 from backfill.engine.canary import approve, auto_approval_due
 from backfill.engine.enqueue import create_job
 from backfill.engine.keyset import KeyCodec, render_key
-from backfill.engine.kinds import index_undo_table, prepare, prepare_stored, undo_table
+from backfill.engine.kinds import index_undo_table, undo_table
+from backfill.engine.prepare import prepare, prepare_stored
 from backfill.engine.runner import Runner, Tick
 from backfill.engine.undo import UndoLog, list_undo_logs, undo_log_exists
 from backfill.engine.verify import VerifyReport, verify

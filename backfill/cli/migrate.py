@@ -124,7 +124,8 @@ def plan(
     lock it takes and its risk, rollback, dependencies and an estimated duration. Checks every
     operation against the database; writes nothing."""
     from backfill.core.db import connect
-    from backfill.migrate.executor import _get, estimate_rows_per_s, sample_rows_per_s
+    from backfill.migrate.estimates import estimate_rows_per_s, sample_rows_per_s
+    from backfill.migrate.records import _get
     from backfill.safety.rehearsal import latest_for_table
 
     mig = _guard(lambda: load_file(file))

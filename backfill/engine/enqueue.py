@@ -7,7 +7,7 @@ import builtins
 
 from backfill.core.catalog import Conn
 from backfill.core.errors import InvalidInput
-from backfill.engine.kinds import prepare
+from backfill.engine.prepare import prepare
 from backfill.job.spec import JobSpec, canary_size
 from backfill.state import store
 

@@ -45,7 +45,8 @@ from backfill.engine import slicing
 from backfill.engine.batch import BatchResult, run_batch
 from backfill.engine.canary import verify_canary
 from backfill.engine.keyset import Key, KeyCodec, render_key
-from backfill.engine.kinds import PreparedJob, prepare_stored
+from backfill.engine.kinds import PreparedJob
+from backfill.engine.prepare import prepare_stored
 from backfill.engine.retry import Verdict, classify, describe_error
 from backfill.engine.throttle import BatchSizer, rate_delay
 from backfill.job.options import JobOptions

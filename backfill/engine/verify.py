@@ -11,7 +11,8 @@ from psycopg import sql
 
 from backfill.core.catalog import Conn
 from backfill.engine.keyset import Key, KeyCodec, render_key
-from backfill.engine.kinds import PreparedJob, _ident, _user_sql, prepare_stored, row_hash
+from backfill.engine.kinds import PreparedJob, _ident, _user_sql, row_hash
+from backfill.engine.prepare import prepare_stored
 from backfill.state import leases, store
 
 DEFAULT_CHUNK = 50_000

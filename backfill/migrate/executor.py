@@ -19,15 +19,12 @@ One process at a time runs a given migration (a session advisory lock on its id)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import os
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -38,7 +35,7 @@ from psycopg.types.json import Jsonb
 
 from backfill.api import Backfill
 from backfill.core import sqltext
-from backfill.core.catalog import Conn, primary_key_of
+from backfill.core.catalog import Conn
 from backfill.core.db import connect, redact_text
 from backfill.core.durations import format_duration
 from backfill.core.errors import (
@@ -57,9 +54,19 @@ from backfill.engine.runner import Tick
 from backfill.engine.undo import undo_log_exists
 from backfill.job.spec import JobSpec
 from backfill.job.states import TERMINAL, JobState
-from backfill.migrate.file import MigrationFile, Settings
+from backfill.migrate.file import MigrationFile
 from backfill.migrate.plan import build_plan, version_schema
-from backfill.migrate.steps import PHASES, OpPlan, Step, ordered_steps
+from backfill.migrate.records import (
+    MigrationEvent,
+    MigrationRecord,
+    Status,
+    StepRecord,
+    _get,
+    _record,
+    _require,
+    _steps,
+)
+from backfill.migrate.steps import PHASES, OpPlan, ordered_steps
 from backfill.state import checkpoints, store
 from backfill.state.schema import require_current
 
@@ -73,60 +80,6 @@ _LOCK_MODES = frozenset({"ACCESS SHARE", "ROW SHARE", "ROW EXCLUSIVE", "SHARE UP
 #: Crash injection for tests: ``BACKFILL_FAILPOINT=migrate:<phase>:<step_no>`` exits the
 #: process right after that step's effect is applied, before anything else is recorded.
 FAILPOINT_ENV = "BACKFILL_FAILPOINT"
-
-STATES = ("starting", "started", "completing", "completed", "rolling_back", "rolled_back")
-
-
-@dataclass(frozen=True)
-class MigrationRecord:
-    id: str
-    description: str
-    checksum: str
-    definition: dict[str, Any]
-    state: str
-    last_error: str | None
-    created_by: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-
-    @property
-    def settings(self) -> Settings:
-        s = self.definition.get("settings") or {}
-        return Settings(**{f.name: s[f.name] for f in dataclasses.fields(Settings)
-                           if f.name in s})
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    phase: str
-    step_no: int
-    step: Step
-    state: str
-    attempts: int
-    job_id: int | None
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
-    last_error: str | None
-
-
-@dataclass(frozen=True)
-class MigrationEvent:
-    id: int
-    at: dt.datetime
-    actor: str
-    kind: str
-    phase: str | None
-    step_no: int | None
-    message: str
-    details: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class Status:
-    migration: MigrationRecord
-    steps: list[StepRecord]
-    events: list[MigrationEvent]
-    jobs: dict[int, tuple[store.JobRecord, checkpoints.Progress]]
 
 
 Notify = Callable[[str], None]
@@ -721,37 +674,6 @@ class Migrator:
                         "verifies; every check of start holds", phase="complete")
 
 
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def _record(r: dict[str, Any]) -> MigrationRecord:
-    return MigrationRecord(**r)
-
-
-def _get(conn: Conn, ref: str) -> MigrationRecord | None:
-    row = conn.cursor(row_factory=dict_row).execute(
-        "SELECT * FROM backfill.migrations WHERE id = %s", (ref,)).fetchone()
-    return _record(row) if row else None
-
-
-def _require(conn: Conn, ref: str) -> MigrationRecord:
-    rec = _get(conn, ref)
-    if rec is None:
-        raise InvalidInput(f"no migration {ref!r} on this database (`backfill migrate status` "
-                           "lists them; `backfill migrate start FILE` begins one)")
-    return rec
-
-
-def _steps(conn: Conn, mid: str, phase: str | None = None) -> list[StepRecord]:
-    rows = conn.cursor(row_factory=dict_row).execute(
-        """SELECT phase, step_no, step, state, attempts, job_id, started_at, finished_at,
-                  last_error
-           FROM backfill.migration_steps WHERE migration_id = %s AND (%s::text IS NULL OR phase = %s)
-           ORDER BY array_position(ARRAY['start', 'complete', 'rollback'], phase), step_no""",
-        (mid, phase, phase)).fetchall()
-    return [StepRecord(**{**r, "step": Step.from_json(r["step"])}) for r in rows]
-
-
 def _holders(conn: Conn, lock_timeout_ms: float) -> list[dict[str, Any]]:
     """Sessions whose transaction is older than the lock timeout and hold a table lock: the
     likely reason a DDL step could not take its lock."""
@@ -788,47 +710,3 @@ def _clock(conn: Conn) -> dt.datetime | None:
 def _failpoint(s: StepRecord) -> None:
     if os.environ.get(FAILPOINT_ENV) == f"migrate:{s.phase}:{s.step_no}":
         os._exit(137)
-
-
-def estimate_rows_per_s(conn: Conn) -> float | None:
-    """Rows/s of this database's recent successful jobs (the median of the last 20 that
-    scanned at least 1,000 rows), if any. A short job counts too: its start-up makes its rate
-    an underestimate, never an overestimate."""
-    row = conn.execute(
-        """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY rate) FROM (
-               SELECT sum(s.rows_scanned) / extract(epoch FROM j.finished_at - j.started_at) AS rate
-               FROM backfill.jobs j JOIN backfill.slices s ON s.job_id = j.id
-               WHERE j.state = 'succeeded' AND j.finished_at > j.started_at
-               GROUP BY j.id HAVING sum(s.rows_scanned) >= 1000
-               ORDER BY j.finished_at DESC LIMIT 20) r""").fetchone()
-    return float(row[0]) if row and row[0] else None
-
-
-def sample_rows_per_s(conn: Conn, table: str, rows: int = 1000) -> float | None:
-    """Rows/s of a row-by-row update of ``table``, measured: the first ``rows`` rows by key
-    that no one holds (SKIP LOCKED: it never waits for the application) are updated to
-    themselves in a transaction that is rolled back. None when the table is too small or
-    busy to tell."""
-    schema, name = sqltext.qualified_name(table)
-    ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
-    row = conn.execute("SELECT to_regclass(%s)::oid", (ident.as_string(conn),)).fetchone()
-    if not row or row[0] is None:
-        return None
-    key = primary_key_of(conn, int(row[0]))
-    if not key:
-        return None
-    k = sql.SQL(", ").join(map(sql.Identifier, key))
-    try:
-        with conn.transaction(force_rollback=True):
-            conn.execute("SELECT set_config('lock_timeout', '100ms', true), "
-                         "set_config('statement_timeout', '5s', true)")
-            t0 = time.monotonic()
-            cur = conn.execute(sql.SQL(
-                "UPDATE {t} SET {k0} = {k0} WHERE ({k}) IN (SELECT {k} FROM {t} ORDER BY {k} "
-                "LIMIT {n} FOR NO KEY UPDATE SKIP LOCKED)").format(
-                    t=ident, k0=sql.Identifier(key[0]), k=k, n=sql.Literal(rows)))
-            elapsed = time.monotonic() - t0
-            n = cur.rowcount
-    except psycopg.Error:
-        return None
-    return n / elapsed if n >= 100 and elapsed > 0 else None

@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict
 from backfill.core.catalog import Conn, table_oid
 from backfill.core.durations import format_duration, parse_duration_ms, parse_size
 from backfill.core.errors import BackfillError, InvalidOption, PreflightFailed
-from backfill.engine.kinds import prepare_stored
+from backfill.engine.prepare import prepare_stored
 from backfill.job.states import JobState
 from backfill.state import store
 

@@ -18,7 +18,7 @@ from psycopg import errors as pgerrors
 from backfill.core.catalog import Conn
 from backfill.core.db import connect, redact_dsn
 from backfill.core.errors import InvalidInput
-from backfill.engine.kinds import prepare
+from backfill.engine.prepare import prepare
 from backfill.job.states import ACTIVE, JobState
 from backfill.state import checkpoints, store
 from backfill.state.schema import upgrade_conn

@@ -149,7 +149,7 @@ def test_a_write_that_went_to_another_table_is_caught_even_if_the_names_swap_bac
     from backfill.core.errors import TableChanged
     from backfill.engine.batch import run_batch
     from backfill.engine.keyset import KeyCodec
-    from backfill.engine.kinds import prepare_stored
+    from backfill.engine.prepare import prepare_stored
     from backfill.state import leases, store
     from tests.integration.helpers import sliced_and_running
 

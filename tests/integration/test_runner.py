@@ -16,7 +16,7 @@ from backfill.core.db import connect
 from backfill.core.errors import IllegalTransition, InvalidInput, JobConflict, LeaseLost
 from backfill.engine.batch import run_batch
 from backfill.engine.keyset import KeyCodec
-from backfill.engine.kinds import prepare
+from backfill.engine.prepare import prepare
 from backfill.engine.runner import Runner, Tick
 from backfill.engine.throttle import BatchSizer, LockWaits
 from backfill.state import checkpoints, leases, store

@@ -15,7 +15,7 @@ from backfill.core.errors import LeaseLost
 from backfill.engine import slicing
 from backfill.engine.batch import run_batch
 from backfill.engine.keyset import KeyCodec
-from backfill.engine.kinds import prepare_stored
+from backfill.engine.prepare import prepare_stored
 from backfill.state import leases, store
 from tests.integration.helpers import counter_histogram, make_counter_table, sliced_and_running
 

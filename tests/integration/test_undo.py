@@ -257,7 +257,7 @@ def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: st
     """PostgreSQL 18 logs an update in one pass (``RETURNING OLD``); older servers read the
     rows first. Both write the same undo rows (on 18 both statements are run and compared;
     on older servers the one-pass one must not be chosen)."""
-    from backfill.engine.kinds import prepare_stored
+    from backfill.engine.prepare import prepare_stored
     from backfill.state import store
 
     _accounts(dsn, 3_000)
@@ -292,7 +292,7 @@ def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_
     import threading
     import time
 
-    from backfill.engine.kinds import prepare_stored
+    from backfill.engine.prepare import prepare_stored
     from backfill.state import store
 
     _accounts(dsn, 100)
