@@ -279,7 +279,7 @@ def test_exporter_says_when_it_cannot_read_the_state_store() -> None:
 
 def exported_names() -> set[str]:
     """Every metric name the exporter can emit (from its source: families and suffixes)."""
-    text = (ROOT / "backfill" / "metrics.py").read_text()
+    text = (ROOT / "backfill" / "observe" / "metrics.py").read_text()
     names = set(re.findall(r'"(backfill_[a-z_]+)"', text))
     counters = set(re.findall(r'CounterMetricFamily\(\s*"(backfill_[a-z_]+)"', text))
     histograms = set(re.findall(r'HistogramMetricFamily\(\s*"(backfill_[a-z_]+)"', text))
