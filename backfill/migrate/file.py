@@ -14,6 +14,13 @@ from typing import Any
 from backfill.core.durations import parse_duration_ms
 from backfill.core.errors import InvalidInput, InvalidOption
 
+#: The operations a file may name; ``operations.OPERATIONS`` maps each to its class (the
+#: operations read this module, so the names are listed here rather than imported).
+OPERATION_NAMES = (
+    "create_table", "drop_table", "add_column", "drop_column", "rename_column", "change_type",
+    "add_foreign_key", "add_check", "add_unique", "create_index", "drop_index", "split_table",
+    "merge_tables", "backfill", "sql",
+)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 
@@ -109,12 +116,10 @@ def parse(text: str, name: str = "<migration>") -> MigrationFile:
     ops = data.get("operations")
     if not isinstance(ops, list) or not ops or not all(isinstance(o, dict) for o in ops):
         raise InvalidInput(f"{name}: a migration needs at least one [[operations]] table")
-    from backfill.migrate.operations import OPERATIONS  # the operations read this module
-
     for i, o in enumerate(ops):
-        if o.get("op") not in OPERATIONS:
+        if o.get("op") not in OPERATION_NAMES:
             raise InvalidInput(f"{name}: operation {i + 1}: unknown op {o.get('op')!r} "
-                               f"(ops: {', '.join(OPERATIONS)})")
+                               f"(ops: {', '.join(OPERATION_NAMES)})")
     deps = data.get("depends_on", [])
     if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
         raise InvalidInput(f"{name}: depends_on must be a list of migration ids")

@@ -92,3 +92,10 @@ def test_the_version_schema_is_named_after_the_migration_within_63_bytes() -> No
     long = version_schema("x" * 100)
     assert len(long) == 63
     assert long != version_schema("x" * 99)
+
+
+def test_the_file_format_names_exactly_the_operations_there_are() -> None:
+    from backfill.migrate.file import OPERATION_NAMES
+    from backfill.migrate.operations import OPERATIONS
+
+    assert list(OPERATION_NAMES) == list(OPERATIONS)
