@@ -267,8 +267,10 @@ class PreparedJob:
                   for c in writes),
                 *(sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"new:{c}"))
                   for c in writes)])
-        conn.execute(sql.SQL("CREATE TABLE {u} AS SELECT {s} FROM {t} WITH NO DATA").format(
-            u=undo, s=select, t=t))
+        # Append-only, read only by a revert: autovacuum's insert-triggered passes over it
+        # would only compete with the job (anti-wraparound vacuums still run).
+        conn.execute(sql.SQL("CREATE TABLE {u} WITH (autovacuum_enabled = false) AS "
+                             "SELECT {s} FROM {t} WITH NO DATA").format(u=undo, s=select, t=t))
         if self.spec.kind == "transform":   # its batches read their undo rows back by key
             index_undo_table(conn, job_id, self.key)
         # Update and delete jobs only append: no index to maintain on every batch for the

@@ -43,6 +43,9 @@ def test_update_then_revert_restores_the_table_exactly(dsn: str) -> None:
     assert job.state == JobState.SUCCEEDED
     assert _sum(dsn) != before
     assert scalar(dsn, f"SELECT count(*) FROM backfill.undo_{job.id}") == 20_000
+    # Append-only: no insert-triggered autovacuum competes with the job for it.
+    assert scalar(dsn, "SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
+                  (f"backfill.undo_{job.id}",)) == ["autovacuum_enabled=false"]
     revert = bf.revert(job.id)
     assert bf.run(revert.id).state == JobState.SUCCEEDED
     assert _sum(dsn) == before
