@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import getpass
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +25,7 @@ from backfill.core import sqltext
 from backfill.core.catalog import Conn
 from backfill.core.db import connect
 from backfill.core.errors import InvalidInput, JobNotFound
+from backfill.core.settings import default_actor
 from backfill.engine.canary import approve, auto_approval_due
 from backfill.engine.enqueue import create_job
 from backfill.engine.keyset import KeyCodec, render_key
@@ -46,14 +45,6 @@ from backfill.state.schema import require_current, upgrade_conn
 
 S = JobState
 JobRef = int | str | store.JobRecord
-
-
-def default_actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def _phase2_name(move_id: int) -> str:

@@ -9,20 +9,31 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from backfill.api import Backfill, default_actor
 from backfill.core import logs
-from backfill.core.db import redact_text
 from backfill.core.durations import parse_duration_ms
 from backfill.core.errors import BackfillError, InvalidInput
-from backfill.core.settings import Settings, dsn_from_env
+from backfill.core.settings import Settings, default_actor, dsn_from_env
+
+if TYPE_CHECKING:
+    from backfill.api import Backfill
+
+# Heavy modules (psycopg, the API, the engine, rich.live/progress, pglast) are imported inside
+# the commands that use them: `backfill --help` and a command's own `--help` load none of them
+# (fixed costs, issue 16; tests/unit/test_cli_imports.py keeps it so).
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    """A psycopg error, without importing psycopg: a process that never loaded it cannot
+    have raised one."""
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
 
 
 def explain_error(exc: BaseException) -> tuple[int, str] | None:
@@ -32,7 +43,9 @@ def explain_error(exc: BaseException) -> tuple[int, str] | None:
     2: the input must be fixed (nothing was written); 1: an operational failure."""
     if isinstance(exc, BackfillError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, psycopg.Error):
+    if _is_db_error(exc):
+        from backfill.core.db import redact_text
+
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         return 1, f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}"
     if isinstance(exc, UnicodeDecodeError):
@@ -64,6 +77,8 @@ class _Commands(TyperGroup):
             settings = ctx.obj
             debug = isinstance(settings, Settings) and settings.log_level.lower() == "debug"
             if known is None:
+                from backfill.core.db import redact_text
+
                 if debug:
                     err.print(traceback.format_exc(), markup=False, highlight=False)
                 _fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
@@ -132,6 +147,8 @@ def _settings(ctx: typer.Context) -> Settings:
 
 
 def _client(ctx: typer.Context) -> Backfill:
+    from backfill.api import Backfill
+
     s = _settings(ctx)
     return Backfill(s.dsn, actor=s.actor, jobs_module=s.jobs_module)
 
@@ -144,7 +161,9 @@ def _fail(message: str, code: int) -> NoReturn:
 def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except (BackfillError, psycopg.Error) as exc:
+    except Exception as exc:
+        if not (isinstance(exc, BackfillError) or _is_db_error(exc)):
+            raise
         known = explain_error(exc)
         assert known is not None
         _fail(known[1], known[0])

@@ -6,21 +6,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Group
-from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
 from backfill.cli.base import MAX_COUNT, _client, _guard, app, out, seconds_option
 from backfill.cli.render import _canary_text, _job_json
-from backfill.core.db import describe
 from backfill.core.durations import format_duration
 from backfill.core.settings import Settings
 from backfill.job.states import JobState
-from backfill.state import checkpoints, store, views
+
+if TYPE_CHECKING:
+    from backfill.state import checkpoints, store, views
+
+# psycopg, the API and rich.live load in the commands, not for `--help` (fixed costs, issue 16).
 
 
 def _clock(at: dt.datetime) -> str:
@@ -93,6 +95,8 @@ OptOffset = Annotated[int, typer.Option(
 
 def _more_text(page: views.JobPage) -> str:
     """The line under a page that hides jobs: how many, in which states, how to see them."""
+    from backfill.state import store
+
     if not page.more:
         return ""
     states = ", ".join(f"{page.by_state[st]:,} {st}" for st in store.LIST_ORDER
@@ -283,6 +287,10 @@ def watch(
     if once:
         out.print(page())
         return
+
+    from rich.live import Live
+
+    from backfill.core.db import describe
 
     def render() -> Any:
         header = f"backfill jobs on {describe(bf.dsn)}  ({time.strftime('%H:%M:%S')})"
