@@ -1,8 +1,8 @@
 """structlog configuration: human output on a terminal, JSON lines otherwise; no secrets.
 
-structlog (about 35 ms with its console renderer) is imported by the first logger, not by
-:func:`configure`: a command that never logs (``--help``, ``db status``, ``show``) never loads
-it (fixed costs, issue 16)."""
+structlog (about 35 ms with its console renderer) is imported by the first line logged, not
+by :func:`configure` or :func:`get_logger`: a command that never logs (``--help``,
+``enqueue``, ``show``) never loads it (fixed costs, issue 16)."""
 
 from __future__ import annotations
 
@@ -63,13 +63,26 @@ def _apply(*, json: bool | None, level: str) -> None:
 
 
 def get_logger(**bindings: Any) -> Any:
-    import structlog
+    """A logger for ``backfill``: structlog's lazy proxy, made (and structlog imported) at the
+    first line logged, so a module-level logger costs nothing to a process that never logs."""
+    return _Logger(bindings)
 
-    # Scripts using the API without configuring logging get info-level lines on stderr, not
-    # structlog's default of every debug line on stdout; the CLI's --log-level/--log-format
-    # (given before structlog was loaded) apply here.
-    if not structlog.is_configured():
-        _apply(json=_wanted.get("json"), level=_wanted.get("level", "info"))
-    # A lazy proxy, not .bind(): module-level loggers are made at import, before the CLI
-    # applies --log-level; a bound logger would keep the configuration of that moment.
-    return structlog.get_logger("backfill", **bindings)
+
+class _Logger:
+    def __init__(self, bindings: dict[str, Any]) -> None:
+        self._bindings = bindings
+        self._proxy: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._proxy is None:
+            import structlog
+
+            # Scripts using the API without configuring logging get info-level lines on
+            # stderr, not structlog's default of every debug line on stdout; the CLI's
+            # --log-level/--log-format (given before structlog was loaded) apply here.
+            if not structlog.is_configured():
+                _apply(json=_wanted.get("json"), level=_wanted.get("level", "info"))
+            # A lazy proxy, not .bind(): module-level loggers are made at import, before the
+            # CLI applies --log-level; a bound logger would keep the configuration of that moment.
+            self._proxy = structlog.get_logger("backfill", **self._bindings)
+        return getattr(self._proxy, name)
