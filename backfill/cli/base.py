@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from backfill.cli import params
 from backfill.core import logs
 from backfill.core.durations import parse_duration_ms
 from backfill.core.errors import BackfillError, InvalidInput
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 # Heavy modules (psycopg, the API, the engine, rich.live/progress, pglast) are imported inside
 # the commands that use them: `backfill --help` and a command's own `--help` load none of them
 # (fixed costs, issue 16; tests/unit/test_cli_imports.py keeps it so).
+
+
+params.install()  # option values without pydantic where typer's coercion is the identity
 
 
 def _is_db_error(exc: BaseException) -> bool:
