@@ -360,21 +360,26 @@ class Backfill:
     def gate(self, job: store.JobRecord, *, skip: bool = False,
              config: PreflightConfig | None = None) -> None:
         """Before a job's first write: the pre-flight checks, or a recorded skip."""
-        from backfill.safety.preflight import PreflightConfig
-        from backfill.safety.preflight import gate as preflight_gate
-
         # Never started: pending, or paused before its first batch (by an operator, or by a
         # failed pre-flight on the workers). Every such start goes through here.
         if job.state not in (S.PENDING, S.PAUSED) or job.started_at is not None:
             return
-        if skip:
-            with self._conn() as conn:
-                store.add_event(conn, job.id, "preflight_skipped", actor=self.actor,
-                                reason=f"pre-flight skipped by {self.actor} (--skip-preflight)")
-            return
         with self._conn() as conn:
-            preflight_gate(conn, store.get_job(conn, job.id), config or PreflightConfig.load(),
-                           self.dsn, actor=self.actor)
+            self._gate(conn, job, skip=skip, config=config)
+
+    def _gate(self, conn: Conn, job: store.JobRecord, *, skip: bool,
+              config: PreflightConfig | None) -> None:
+        from backfill.safety.preflight import PreflightConfig
+        from backfill.safety.preflight import gate as preflight_gate
+
+        if job.state not in (S.PENDING, S.PAUSED) or job.started_at is not None:
+            return
+        if skip:
+            store.add_event(conn, job.id, "preflight_skipped", actor=self.actor,
+                            reason=f"pre-flight skipped by {self.actor} (--skip-preflight)")
+            return
+        preflight_gate(conn, store.get_job(conn, job.id), config or PreflightConfig.load(),
+                       self.dsn, actor=self.actor)
 
     def run(
         self,
@@ -392,6 +397,8 @@ class Backfill:
         it stands afterwards."""
         from backfill.engine.runner import Runner
 
+        job: store.JobRecord | None = None
+        stored: JobRef | None = None
         if isinstance(ref, JobSpec):
             job = self.enqueue(ref)
         elif isinstance(ref, str) and not ref.strip().isdigit() and ref in self.registry:
@@ -400,8 +407,14 @@ class Backfill:
                             if j.state not in TERMINAL]
             job = existing[0] if existing else self.enqueue(ref)
         else:
-            job = self.get(ref)
-        self.gate(job, skip=skip_preflight, config=preflight)
+            stored = ref
+        if stored is not None:  # the job and its gate over one connection (fixed costs, issue 16)
+            with self._conn() as conn:
+                job = self._resolve(conn, stored)
+                self._gate(conn, job, skip=skip_preflight, config=preflight)
+        else:
+            assert job is not None
+            self.gate(job, skip=skip_preflight, config=preflight)
         while True:
             cross_move = job.kind == "move" and job.spec.source_dsn is not None
             if not (cross_move and job.state == S.SUCCEEDED):

@@ -151,9 +151,9 @@ def _settings(ctx: typer.Context) -> Settings:
 
 
 def _client(ctx: typer.Context) -> Backfill:
+    s = _settings(ctx)  # no database: one line, before the API loads
     from backfill.api import Backfill
 
-    s = _settings(ctx)
     return Backfill(s.dsn, actor=s.actor, jobs_module=s.jobs_module)
 
 

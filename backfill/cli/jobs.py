@@ -302,10 +302,17 @@ class _ProgressView:
     """A rich progress bar on a terminal; a log line every few seconds elsewhere."""
 
     def __init__(self, show_bar: bool) -> None:
+        self.show_bar = show_bar
+        self.progress: Any = self._bar() if show_bar else None  # rich.progress: ~15 ms
+        self.task: Any = None
+        self.last_log = 0.0
+        self.log = logs.get_logger()
+
+    @staticmethod
+    def _bar() -> Any:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-        self.show_bar = show_bar
-        self.progress = Progress(
+        return Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TaskProgressColumn(),
@@ -318,9 +325,6 @@ class _ProgressView:
             console=err,
             transient=False,
         )
-        self.task: Any = None
-        self.last_log = 0.0
-        self.log = logs.get_logger()
 
     def __enter__(self) -> _ProgressView:
         if self.show_bar:

@@ -62,6 +62,7 @@ def install() -> None:
                      kind=kind, descriptor=descriptor)
 
     build._backfill_plain = True  # type: ignore[attr-defined]
+    build._typers_own = typers_own  # type: ignore[attr-defined]  # the tests compare the two
     setattr(typer_core, "build_runtime_param", build)  # noqa: B010  (typer's name, looked up at use)
 
 
