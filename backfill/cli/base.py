@@ -12,8 +12,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperGroup
 
 from backfill.cli import params
@@ -23,6 +21,8 @@ from backfill.core.errors import BackfillError, InvalidInput
 from backfill.core.settings import Settings, default_actor, dsn_from_env
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from backfill.api import Backfill
 
 # Heavy modules (psycopg, the API, the engine, rich.live/progress, pglast) are imported inside
@@ -101,9 +101,48 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Off a terminal, do not wrap at 80 columns: lines go to logs and scripts whole.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+class _Console:
+    """rich's Console for stdout or stderr, made when first used: `--help` never prints
+    through it, and rich.console takes about 15 ms to import (fixed costs, issue 16)."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # Off a terminal, do not wrap at 80 columns: lines go to logs and scripts whole.
+            self._console = Console(stderr=self._stderr,
+                                    width=None if stream.isatty() else 200)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.console.is_terminal
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.console.print(*objects, **kwargs)
+
+    def print_json(self, json: str | None = None, **kwargs: Any) -> None:
+        self.console.print_json(json, **kwargs)
+
+
+out = _Console(stderr=False)
+err = _Console(stderr=True)
+
+
+def escape(markup: str) -> str:
+    """rich's markup escape (rich is imported by the first command that prints)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(markup)
+
 T = TypeVar("T")
 
 EXIT_PAUSED = 3

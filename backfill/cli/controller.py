@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from backfill.cli import base as cli_base
-from backfill.cli.base import _fail, _guard, _settings, app, out, positive_number
+from backfill.cli.base import _fail, _guard, _settings, app, escape, out, positive_number
 from backfill.control.policy import Limit, Reading, kind_of, show
 from backfill.core.durations import format_duration
 from backfill.core.errors import InvalidOption
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from backfill.control.controller import ControllerConfig
     from backfill.state import store
 
@@ -144,6 +144,8 @@ def check_(
 
 
 def _readings_table(readings: list[Reading], limits: Callable[[Reading], Limit | None]) -> Table:
+    from rich.table import Table
+
     table = Table("signal", "value", "throttle at", "resume below", "detail")
     for r in readings:
         lim = limits(r)

@@ -7,9 +7,8 @@ import threading
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from backfill.cli.base import _fail, _guard, _settings, app, out
+from backfill.cli.base import _fail, _guard, _settings, app, escape, out
 from backfill.core.durations import format_duration, parse_duration_ms
 from backfill.core.errors import DatabaseUnavailable
 

@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from backfill.cli import base
 from backfill.cli.base import (
@@ -22,6 +21,7 @@ from backfill.cli.base import (
     _settings,
     app,
     err,
+    escape,
     interruptible,
     out,
     seconds_option,
@@ -322,7 +322,7 @@ class _ProgressView:
             TextColumn("ETA {task.fields[eta]}"),
             TimeElapsedColumn(),
             TextColumn("{task.fields[note]}"),
-            console=err,
+            console=err.console,
             transient=False,
         )
 

@@ -14,10 +14,8 @@ import os
 import sys
 from collections.abc import Iterator
 
-from rich.markup import escape
-
 from backfill.cli import db, jobs, listing, steer  # noqa: F401  (their commands register on the app)
-from backfill.cli.base import app, err, explain_error
+from backfill.cli.base import app, err, escape, explain_error
 
 
 def _load_plugins() -> None:

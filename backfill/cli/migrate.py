@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from backfill.cli.base import MAX_COUNT, _guard, _settings, app, err, interruptible, out
+from backfill.cli.base import MAX_COUNT, _guard, _settings, app, err, escape, interruptible, out
 from backfill.cli.jobs import _ProgressView
 from backfill.core.durations import format_duration
 
@@ -331,6 +329,8 @@ def status(
 ) -> None:
     """Show a migration's state and each step (pending, running, done, failed) with its job's
     progress and the last error; without an argument, list the migrations."""
+    from rich.table import Table
+
     from backfill.migrate.steps import PHASES
 
     m = _migrator(ctx, notify=False)
