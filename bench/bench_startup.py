@@ -12,6 +12,7 @@ typer`` (the floor of any Typer command line on this machine).
 
     .venv/bin/python bench/bench_startup.py              # 5 rounds, 1,000 rows
     .venv/bin/python bench/bench_startup.py --repeats 9 --rows 10000
+    .venv/bin/python bench/bench_startup.py --checkout ../main --checkout .   # before/after
 """
 
 from __future__ import annotations
@@ -72,25 +73,34 @@ def fresh_database(admin_dsn: str, name: str, rows: int) -> str:
     return dsn
 
 
-def one_round(admin_dsn: str, name: str, rows: int,
-              env: dict[str, str]) -> dict[str, tuple[float, float]]:
+def one_round(admin_dsn: str, name: str, rows: int, env: dict[str, str],
+              checkouts: list[Path]) -> dict[str, tuple[float, float]]:
+    """One round: the baselines, then each checkout's commands (in the order given)."""
     t: dict[str, tuple[float, float]] = {}
     t["python -c pass"], _ = timed([sys.executable, "-c", "pass"], env)
     t["python -c 'import typer'"], _ = timed([sys.executable, "-c", "import typer"], env)
-    t["backfill --help"], _ = timed([*BACKFILL, "--help"], env)
-    t["backfill enqueue --help"], _ = timed([*BACKFILL, "enqueue", "--help"], env)
-    db_env = {**env, "BACKFILL_DSN": fresh_database(admin_dsn, name, rows)}
-    t["db upgrade"], _ = timed([*BACKFILL, "db", "upgrade"], db_env)
-    t["enqueue"], out = timed([*BACKFILL, "enqueue", "-t", "t", "--set", "n = n + 1", "-q"], db_env)
-    t["run"], _ = timed([*BACKFILL, "run", out.strip(), "--no-progress"], db_env)
-    t["db upgrade + enqueue + run"] = (sum(t[k][0] for k in DB_COMMANDS),
-                                       sum(t[k][1] for k in DB_COMMANDS))
-    with psycopg.connect(db_env["BACKFILL_DSN"]) as conn:  # the work was done
-        changed = conn.execute("SELECT count(*) FROM t WHERE n = 1").fetchone()
-    if changed is None or changed[0] != rows:
-        sys.exit(f"run changed {changed} rows, not {rows}")
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+    for n, checkout in enumerate(checkouts):
+        tag = f"{checkout.name}: " if len(checkouts) > 1 else ""
+        # Its own modules first on the path (an editable install may point elsewhere).
+        c_env = {**env, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(checkout), env.get("PYTHONPATH")) if p)}
+        t[f"{tag}backfill --help"], _ = timed([*BACKFILL, "--help"], c_env)
+        t[f"{tag}backfill enqueue --help"], _ = timed([*BACKFILL, "enqueue", "--help"], c_env)
+        db = f"{name}_{n}"
+        db_env = {**c_env, "BACKFILL_DSN": fresh_database(admin_dsn, db, rows)}
+        steps = [f"{tag}{k}" for k in DB_COMMANDS]
+        t[steps[0]], _ = timed([*BACKFILL, "db", "upgrade"], db_env)
+        t[steps[1]], out = timed([*BACKFILL, "enqueue", "-t", "t", "--set", "n = n + 1", "-q"],
+                                 db_env)
+        t[steps[2]], _ = timed([*BACKFILL, "run", out.strip(), "--no-progress"], db_env)
+        t[f"{tag}db upgrade + enqueue + run"] = (sum(t[k][0] for k in steps),
+                                                 sum(t[k][1] for k in steps))
+        with psycopg.connect(db_env["BACKFILL_DSN"]) as conn:  # the work was done
+            changed = conn.execute("SELECT count(*) FROM t WHERE n = 1").fetchone()
+        if changed is None or changed[0] != rows:
+            sys.exit(f"{checkout}: run changed {changed} rows, not {rows}")
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(db)))
     return t
 
 
@@ -98,19 +108,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds (default 5)")
     ap.add_argument("--rows", type=int, default=1000, help="rows in the table (default 1000)")
+    ap.add_argument("--checkout", type=Path, action="append", default=None,
+                    help="a checkout of backfill to time (repeatable: compared round by round, "
+                         "e.g. --checkout ../main --checkout .); default: this one")
     args = ap.parse_args()
+    checkouts = [c.resolve() for c in args.checkout or [REPO]]
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     tmp = Path(tempfile.mkdtemp(prefix="backfill-bench-startup-", dir="/tmp"))
     tmp.chmod(0o755)
     results: dict[str, list[tuple[float, float]]] = {}
     try:
         with LocalPostgres(tmp / "data") as server:
             admin = server.dsn("postgres")
-            one_round(admin, "bench_warmup", args.rows, env)  # compiles .pyc, warms the caches
+            one_round(admin, "bench_warmup", args.rows, env, checkouts)  # .pyc, caches
             for i in range(args.repeats):
-                for k, v in one_round(admin, f"bench_{i}", args.rows, env).items():
+                for k, v in one_round(admin, f"bench_{i}", args.rows, env, checkouts).items():
                     results.setdefault(k, []).append(v)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,12 +136,12 @@ def main() -> int:
     print(f"\n{args.repeats} rounds, {args.rows:,} rows, Python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs; wall clock and CPU time (user + system) of each process, "
           "in ms; x typer: the median over `python -c 'import typer'`'s")
-    print(f"{'command':<28} {'wall':>6} {'min-max':>11} {'x typer':>8}   {'cpu':>6} "
+    print(f"{'command':<34} {'wall':>6} {'min-max':>11} {'x typer':>8}   {'cpu':>6} "
           f"{'min-max':>11} {'x typer':>8}")
     for name in results:
         wall, cpu = ms(name, 0), ms(name, 1)
         mw, mc = statistics.median(wall), statistics.median(cpu)
-        print(f"{name:<28} {mw:>6.0f} {f'{min(wall):.0f}-{max(wall):.0f}':>11} "
+        print(f"{name:<34} {mw:>6.0f} {f'{min(wall):.0f}-{max(wall):.0f}':>11} "
               f"{mw / typer_wall:>8.1f}   {mc:>6.0f} {f'{min(cpu):.0f}-{max(cpu):.0f}':>11} "
               f"{mc / typer_cpu:>8.1f}")
     return 0
