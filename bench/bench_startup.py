@@ -49,12 +49,13 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[tuple[float, float], str]:
+def timed(cmd: list[str], env: dict[str, str],
+          cwd: Path | None = None) -> tuple[tuple[float, float], str]:
     """Wall-clock and CPU (user + system) seconds of the process from spawn to exit, and its
     stdout; a failure stops the benchmark. CPU time is the steadier figure on a shared machine
     (the server's work is not in it: it runs in PostgreSQL's processes)."""
     cpu0, start = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     elapsed, cpu = time.perf_counter() - start, _children_cpu() - cpu0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[3:] if cmd[:3] == BACKFILL else cmd)} exited "
@@ -81,18 +82,23 @@ def one_round(admin_dsn: str, name: str, rows: int, env: dict[str, str],
     t["python -c 'import typer'"], _ = timed([sys.executable, "-c", "import typer"], env)
     for n, checkout in enumerate(checkouts):
         tag = f"{checkout.name}: " if len(checkouts) > 1 else ""
-        # Its own modules first on the path (an editable install may point elsewhere).
+        # Its own modules first on the path (an editable install may point elsewhere; and
+        # `python -c` puts the working directory first: the checkout's).
         c_env = {**env, "PYTHONPATH": os.pathsep.join(
             p for p in (str(checkout), env.get("PYTHONPATH")) if p)}
-        t[f"{tag}backfill --help"], _ = timed([*BACKFILL, "--help"], c_env)
-        t[f"{tag}backfill enqueue --help"], _ = timed([*BACKFILL, "enqueue", "--help"], c_env)
+
+        def cli(*argv: str, env: dict[str, str] = c_env,
+                at: Path = checkout) -> tuple[tuple[float, float], str]:
+            return timed([*BACKFILL, *argv], env, cwd=at)
+
+        t[f"{tag}backfill --help"], _ = cli("--help")
+        t[f"{tag}backfill enqueue --help"], _ = cli("enqueue", "--help")
         db = f"{name}_{n}"
         db_env = {**c_env, "BACKFILL_DSN": fresh_database(admin_dsn, db, rows)}
         steps = [f"{tag}{k}" for k in DB_COMMANDS]
-        t[steps[0]], _ = timed([*BACKFILL, "db", "upgrade"], db_env)
-        t[steps[1]], out = timed([*BACKFILL, "enqueue", "-t", "t", "--set", "n = n + 1", "-q"],
-                                 db_env)
-        t[steps[2]], _ = timed([*BACKFILL, "run", out.strip(), "--no-progress"], db_env)
+        t[steps[0]], _ = cli("db", "upgrade", env=db_env)
+        t[steps[1]], out = cli("enqueue", "-t", "t", "--set", "n = n + 1", "-q", env=db_env)
+        t[steps[2]], _ = cli("run", out.strip(), "--no-progress", env=db_env)
         t[f"{tag}db upgrade + enqueue + run"] = (sum(t[k][0] for k in steps),
                                                  sum(t[k][1] for k in steps))
         with psycopg.connect(db_env["BACKFILL_DSN"]) as conn:  # the work was done
