@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import getpass
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
@@ -27,33 +25,31 @@ from backfill.core import sqltext
 from backfill.core.catalog import Conn
 from backfill.core.db import connect
 from backfill.core.errors import InvalidInput, JobNotFound
-from backfill.engine.canary import approve, auto_approval_due
+from backfill.core.settings import default_actor
 from backfill.engine.enqueue import create_job
 from backfill.engine.keyset import KeyCodec, render_key
 from backfill.engine.kinds import index_undo_table, undo_table
 from backfill.engine.prepare import prepare, prepare_stored
-from backfill.engine.runner import Runner, Tick
-from backfill.engine.undo import UndoLog, list_undo_logs, undo_log_exists
-from backfill.engine.verify import VerifyReport, verify
 from backfill.job import registry as registry_mod
 from backfill.job.spec import UNDOABLE, JobSpec
 from backfill.job.states import ACTIVE, TERMINAL, JobState
-from backfill.safety.preflight import Check, PreflightConfig, blocked, run_checks
-from backfill.safety.preflight import gate as preflight_gate
-from backfill.safety.rehearsal import Rehearsal
-from backfill.state import checkpoints, control, leases, store, views
+from backfill.state import store
 from backfill.state.schema import require_current, upgrade_conn
+
+if TYPE_CHECKING:
+    from backfill.engine.runner import Tick
+    from backfill.engine.undo import UndoLog
+    from backfill.engine.verify import VerifyReport
+    from backfill.safety.preflight import Check, PreflightConfig
+    from backfill.safety.rehearsal import Rehearsal
+    from backfill.state import checkpoints, leases, views
+
+# What only some methods need (the runner and its retries, the canary and verify, the
+# pre-flight checks, the undo logs, the views) is imported by those methods: `backfill
+# enqueue` and a script that only enqueues do not load them (fixed costs, issue 16).
 
 S = JobState
 JobRef = int | str | store.JobRecord
-
-
-def default_actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def _phase2_name(move_id: int) -> str:
@@ -217,6 +213,8 @@ class Backfill:
     def page(self, *, include_finished: bool = False, limit: int | None = None,
              offset: int = 0) -> views.JobPage:
         """One page of jobs with their progress, and how many there are in all and per state."""
+        from backfill.state import views
+
         if (limit is not None and limit < 0) or offset < 0:
             raise InvalidInput("limit and offset must not be negative")
         with self._conn() as conn:
@@ -228,6 +226,8 @@ class Backfill:
                                             builtins.list[leases.SliceRecord]]:
         """A job with its progress, events and slices, read over one connection (for show).
         A job throttled by a controller that is gone says so in its reason."""
+        from backfill.state import checkpoints, control, leases
+
         with self._conn() as conn:
             [job] = control.with_unwatched_notes(conn, [self._resolve(conn, ref)])
             return (job, checkpoints.progress(conn, job.id), store.events(conn, job.id),
@@ -238,10 +238,14 @@ class Backfill:
             return store.events(conn, self._resolve(conn, ref).id)
 
     def progress(self, ref: JobRef) -> checkpoints.Progress:
+        from backfill.state import checkpoints
+
         with self._conn() as conn:
             return checkpoints.progress(conn, self._resolve(conn, ref).id)
 
     def slices(self, ref: JobRef) -> builtins.list[leases.SliceRecord]:
+        from backfill.state import leases
+
         with self._conn() as conn:
             return leases.slices(conn, self._resolve(conn, ref).id)
 
@@ -286,6 +290,8 @@ class Backfill:
     def approve(self, ref: JobRef, reason: str | None = None) -> store.JobRecord:
         """awaiting_approval -> pending once the canary verified: the rest of the job runs
         (``backfill run`` again inline; on the workers, their reaper sends it)."""
+        from backfill.engine.canary import approve
+
         with self._conn() as conn:
             job = self._resolve(conn, ref)
             return approve(conn, job, actor=self.actor, reason=reason or "approved by operator")
@@ -293,11 +299,13 @@ class Backfill:
     def rehearse(self, ref: JobRef, on: str) -> Rehearsal:
         """Run the job for real on a clone (``on``: its DSN), measure rows/s, WAL, batch
         durations and lock waits, verify it, and keep the figures on this job."""
+        from backfill.engine.runner import Runner
         from backfill.safety.rehearsal import rehearse
 
         job = self.get(ref)
 
         def run(dsn: str, job_id: int) -> store.JobRecord:
+
             return Runner(dsn, job_id, actor=self.actor).run()
 
         return rehearse(self.dsn, on, job, actor=self.actor, run=run)
@@ -311,6 +319,8 @@ class Backfill:
 
     def canary(self, ref: JobRef) -> dict[str, Any] | None:
         """The canary's rows, seconds, rows/s and verification, once it ran."""
+        from backfill.state import checkpoints
+
         with self._conn() as conn:
             return checkpoints.canary_report(conn, self._resolve(conn, ref).id)
 
@@ -333,6 +343,8 @@ class Backfill:
     def preflight(self, ref: JobRef, *, config: PreflightConfig | None = None,
                   record: bool = True) -> builtins.list[Check]:
         """Run the pre-flight checks for ``ref`` (an event records them); writes nothing."""
+        from backfill.safety.preflight import PreflightConfig, blocked, run_checks
+
         with self._conn() as conn:
             job = self._resolve(conn, ref)
             checks = run_checks(conn, job, config or PreflightConfig.load(), self.dsn)
@@ -352,14 +364,22 @@ class Backfill:
         # failed pre-flight on the workers). Every such start goes through here.
         if job.state not in (S.PENDING, S.PAUSED) or job.started_at is not None:
             return
-        if skip:
-            with self._conn() as conn:
-                store.add_event(conn, job.id, "preflight_skipped", actor=self.actor,
-                                reason=f"pre-flight skipped by {self.actor} (--skip-preflight)")
-            return
         with self._conn() as conn:
-            preflight_gate(conn, store.get_job(conn, job.id), config or PreflightConfig.load(),
-                           self.dsn, actor=self.actor)
+            self._gate(conn, job, skip=skip, config=config)
+
+    def _gate(self, conn: Conn, job: store.JobRecord, *, skip: bool,
+              config: PreflightConfig | None) -> None:
+        from backfill.safety.preflight import PreflightConfig
+        from backfill.safety.preflight import gate as preflight_gate
+
+        if job.state not in (S.PENDING, S.PAUSED) or job.started_at is not None:
+            return
+        if skip:
+            store.add_event(conn, job.id, "preflight_skipped", actor=self.actor,
+                            reason=f"pre-flight skipped by {self.actor} (--skip-preflight)")
+            return
+        preflight_gate(conn, store.get_job(conn, job.id), config or PreflightConfig.load(),
+                       self.dsn, actor=self.actor)
 
     def run(
         self,
@@ -375,6 +395,10 @@ class Backfill:
         active job is enqueued first. Before the first write the pre-flight gate runs
         (:class:`PreflightFailed`, nothing written, when a check fails). Returns the job as
         it stands afterwards."""
+        from backfill.engine.runner import Runner
+
+        job: store.JobRecord | None = None
+        stored: JobRef | None = None
         if isinstance(ref, JobSpec):
             job = self.enqueue(ref)
         elif isinstance(ref, str) and not ref.strip().isdigit() and ref in self.registry:
@@ -383,8 +407,14 @@ class Backfill:
                             if j.state not in TERMINAL]
             job = existing[0] if existing else self.enqueue(ref)
         else:
-            job = self.get(ref)
-        self.gate(job, skip=skip_preflight, config=preflight)
+            stored = ref
+        if stored is not None:  # the job and its gate over one connection (fixed costs, issue 16)
+            with self._conn() as conn:
+                job = self._resolve(conn, stored)
+                self._gate(conn, job, skip=skip_preflight, config=preflight)
+        else:
+            assert job is not None
+            self.gate(job, skip=skip_preflight, config=preflight)
         while True:
             cross_move = job.kind == "move" and job.spec.source_dsn is not None
             if not (cross_move and job.state == S.SUCCEEDED):
@@ -416,6 +446,8 @@ class Backfill:
     def _move_delete_phase(self, move: store.JobRecord) -> store.JobRecord | None:
         """The delete job of a cross-database move (created once): the source rows of the
         copied range, each batch deleted only if it matches the destination."""
+        from backfill.state import leases
+
         with self._conn() as conn:
             existing = _phase2(conn, move)
             if existing is not None:
@@ -449,6 +481,8 @@ class Backfill:
             return job
 
     def _wait_auto_approval(self, job: store.JobRecord, stop: threading.Event | None) -> bool:
+        from backfill.engine.canary import approve, auto_approval_due
+
         stop = stop or threading.Event()
         while not stop.is_set():
             with self._conn() as conn:
@@ -485,6 +519,8 @@ class Backfill:
         """Enqueue a job that applies ``ref``'s undo log back: each row the job changed gets
         its old values (deleted rows come back), batched and checkpointed like any job. Rows
         changed since by someone else are left alone and counted, unless ``force``."""
+        from backfill.engine.undo import undo_log_exists
+
         with self._conn() as conn:
             job = self._resolve(conn, ref)
             if not job.spec.undo_enabled:
@@ -517,6 +553,8 @@ class Backfill:
 
     def undo_logs(self) -> builtins.list[UndoLog]:
         """Every undo table with its job, rows and size."""
+        from backfill.engine.undo import list_undo_logs
+
         with self._conn() as conn:
             return list_undo_logs(conn)
 
@@ -524,6 +562,8 @@ class Backfill:
                         ) -> builtins.list[UndoLog]:
         """Drop the undo logs of jobs that ended more than ``older_than_s`` ago (and are not
         being reverted); each drop is an event on its job."""
+        from backfill.engine.undo import list_undo_logs
+
         with self._conn() as conn:
             gone = [u for u in list_undo_logs(conn)
                     if u.ended_s_ago is not None and u.ended_s_ago > older_than_s
@@ -549,6 +589,8 @@ class Backfill:
             return gone
 
     def verify(self, ref: JobRef, *, chunk: int = 50_000) -> VerifyReport:
+        from backfill.engine.verify import verify
+
         with self._conn() as conn:
             return verify(conn, self._resolve(conn, ref).id, chunk=chunk)
 

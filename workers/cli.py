@@ -14,7 +14,6 @@ import typer
 
 from backfill.cli import base as cli_base
 from backfill.cli.base import _fail, _guard, _settings, app, out, seconds_option
-from backfill.state.schema import check_schema
 
 if importlib.util.find_spec("celery") is None:   # the inline CLI works without these commands
     raise ModuleNotFoundError("No module named 'celery'", name="celery")
@@ -46,6 +45,7 @@ def worker(
 ) -> None:
     """Start a Celery worker for backfill tasks (checks the state schema first). Each worker
     also runs the reaper, which starts and re-sends work without an operator."""
+    from backfill.state.schema import check_schema
     from workers.app import app as celery_app
     from workers.tasks import check_broker_setup
 

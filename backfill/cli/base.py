@@ -9,20 +9,35 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
-import psycopg
 import typer
-from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperGroup
 
-from backfill.api import Backfill, default_actor
+from backfill.cli import params
 from backfill.core import logs
-from backfill.core.db import redact_text
 from backfill.core.durations import parse_duration_ms
 from backfill.core.errors import BackfillError, InvalidInput
-from backfill.core.settings import Settings, dsn_from_env
+from backfill.core.settings import Settings, default_actor, dsn_from_env
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from backfill.api import Backfill
+
+# Heavy modules (psycopg, the API, the engine, rich.live/progress, pglast) are imported inside
+# the commands that use them: `backfill --help` and a command's own `--help` load none of them
+# (fixed costs, issue 16; tests/unit/test_cli_imports.py keeps it so).
+
+
+params.install()  # option values without pydantic where typer's coercion is the identity
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    """A psycopg error, without importing psycopg: a process that never loaded it cannot
+    have raised one."""
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
 
 
 def explain_error(exc: BaseException) -> tuple[int, str] | None:
@@ -32,7 +47,9 @@ def explain_error(exc: BaseException) -> tuple[int, str] | None:
     2: the input must be fixed (nothing was written); 1: an operational failure."""
     if isinstance(exc, BackfillError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, psycopg.Error):
+    if _is_db_error(exc):
+        from backfill.core.db import redact_text
+
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         return 1, f"database error: {type(exc).__name__}: {redact_text(lines[0]) if lines else ''}"
     if isinstance(exc, UnicodeDecodeError):
@@ -64,6 +81,8 @@ class _Commands(TyperGroup):
             settings = ctx.obj
             debug = isinstance(settings, Settings) and settings.log_level.lower() == "debug"
             if known is None:
+                from backfill.core.db import redact_text
+
                 if debug:
                     err.print(traceback.format_exc(), markup=False, highlight=False)
                 _fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
@@ -82,9 +101,48 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Off a terminal, do not wrap at 80 columns: lines go to logs and scripts whole.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+class _Console:
+    """rich's Console for stdout or stderr, made when first used: `--help` never prints
+    through it, and rich.console takes about 15 ms to import (fixed costs, issue 16)."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # Off a terminal, do not wrap at 80 columns: lines go to logs and scripts whole.
+            self._console = Console(stderr=self._stderr,
+                                    width=None if stream.isatty() else 200)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.console.is_terminal
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.console.print(*objects, **kwargs)
+
+    def print_json(self, json: str | None = None, **kwargs: Any) -> None:
+        self.console.print_json(json, **kwargs)
+
+
+out = _Console(stderr=False)
+err = _Console(stderr=True)
+
+
+def escape(markup: str) -> str:
+    """rich's markup escape (rich is imported by the first command that prints)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(markup)
+
 T = TypeVar("T")
 
 EXIT_PAUSED = 3
@@ -132,7 +190,9 @@ def _settings(ctx: typer.Context) -> Settings:
 
 
 def _client(ctx: typer.Context) -> Backfill:
-    s = _settings(ctx)
+    s = _settings(ctx)  # no database: one line, before the API loads
+    from backfill.api import Backfill
+
     return Backfill(s.dsn, actor=s.actor, jobs_module=s.jobs_module)
 
 
@@ -144,7 +204,9 @@ def _fail(message: str, code: int) -> NoReturn:
 def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except (BackfillError, psycopg.Error) as exc:
+    except Exception as exc:
+        if not (isinstance(exc, BackfillError) or _is_db_error(exc)):
+            raise
         known = explain_error(exc)
         assert known is not None
         _fail(known[1], known[0])

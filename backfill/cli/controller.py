@@ -8,21 +8,24 @@ import signal
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from backfill.cli import base as cli_base
-from backfill.cli.base import _fail, _guard, _settings, app, out, positive_number
-from backfill.control.controller import Controller, ControllerConfig, default_actor
+from backfill.cli.base import _fail, _guard, _settings, app, escape, out, positive_number
 from backfill.control.policy import Limit, Reading, kind_of, show
-from backfill.core.db import connect
 from backfill.core.durations import format_duration
 from backfill.core.errors import InvalidOption
-from backfill.state import control, store
-from backfill.state.schema import check_schema, require_current
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from backfill.control.controller import ControllerConfig
+    from backfill.state import store
+
+# The controller, psycopg and the state SQL load in the commands, not for `--help` (fixed
+# costs, issue 16).
 
 controller_app = typer.Typer(
     help="The health controller: throttles running jobs when the database is under strain "
@@ -54,6 +57,8 @@ def _config(config: Path | None, replica: list[str] | None, poll: str | None, ho
             max_replica_lag: str | None, max_lock_waiters: str | None,
             max_long_transaction: str | None, max_slot_retained: str | None,
             rows_per_s: float | None, batches_per_s: float | None) -> ControllerConfig:
+    from backfill.control.controller import ControllerConfig
+
     replicas: dict[str, str] = {}
     for item in replica or []:
         name, sep, dsn = item.partition("=")
@@ -82,6 +87,9 @@ def run_(
 ) -> None:
     """Run the controller until SIGTERM or Ctrl-C. One acts at a time (advisory lock); start
     a second one anywhere and it stands by."""
+    from backfill.control.controller import Controller, default_actor
+    from backfill.state.schema import check_schema
+
     s = _settings(ctx)
     cfg = _guard(lambda: _config(config, replica, poll, hold, max_replica_lag, max_lock_waiters,
                                  max_long_transaction, max_slot_retained, rows_per_s,
@@ -114,6 +122,8 @@ def check_(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Read every signal once and show what the controller would decide; changes nothing."""
+    from backfill.control.controller import Controller
+
     s = _settings(ctx)
     cfg = _guard(lambda: _config(config, replica, None, None, max_replica_lag, max_lock_waiters,
                                  max_long_transaction, max_slot_retained, None, None))
@@ -134,6 +144,8 @@ def check_(
 
 
 def _readings_table(readings: list[Reading], limits: Callable[[Reading], Limit | None]) -> Table:
+    from rich.table import Table
+
     table = Table("signal", "value", "throttle at", "resume below", "detail")
     for r in readings:
         lim = limits(r)
@@ -176,6 +188,10 @@ def _limits_in_force(settings: Mapping[str, Any] | None,
 @controller_app.command("status")
 def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Which controller is acting, when it last polled, and what it read."""
+    from backfill.core.db import connect
+    from backfill.state import control
+    from backfill.state.schema import require_current
+
     s = _settings(ctx)
 
     def read() -> dict[str, Any] | None:
@@ -218,6 +234,9 @@ def _job_names(dsn: str, readings: list[Reading]) -> dict[int, str]:
     ids = sorted({r.job_id for r in readings if r.job_id is not None})
     if not ids:
         return {}
+    from backfill.core.db import connect
+    from backfill.state import control
+
     conn = connect(dsn)
     try:
         return control.job_names(conn, ids)

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from backfill.cli.base import _client, _guard, _settings, app, out
-from backfill.core.db import connect, describe
-from backfill.state.schema import LATEST, MIGRATIONS, current_version
+from backfill.cli.base import _guard, _settings, app, out
+
+# psycopg and the schema's SQL load in the commands, not for `--help` (fixed costs, issue 16).
 
 db_app = typer.Typer(help="Create, upgrade and inspect the `backfill` state schema.",
                      no_args_is_help=True)
@@ -22,18 +22,33 @@ app.add_typer(db_app, name="db")
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Create the `backfill` schema or apply pending migrations (idempotent, concurrency-safe)."""
-    bf = _client(ctx)
-    before, after = _guard(bf.upgrade)
+    from backfill.core.db import connect, describe
+    from backfill.state.schema import upgrade_conn
+
+    s = _settings(ctx)
+
+    def upgrade() -> tuple[int, int]:
+        # What Backfill.upgrade does, without loading the API and the engine for it.
+        conn = connect(s.dsn)
+        try:
+            return upgrade_conn(conn)
+        finally:
+            conn.close()
+
+    before, after = _guard(upgrade)
     if before == after:
-        out.print(f"state schema already at version {after} ({describe(bf.dsn)})")
+        out.print(f"state schema already at version {after} ({describe(s.dsn)})")
     else:
-        out.print(f"state schema upgraded from version {before} to {after} ({describe(bf.dsn)})")
+        out.print(f"state schema upgraded from version {before} to {after} ({describe(s.dsn)})")
 
 
 @db_app.command("status")
 def db_status(ctx: typer.Context,
               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the state schema's version and whether it is current."""
+    from backfill.core.db import connect, describe
+    from backfill.state.schema import LATEST, MIGRATIONS, current_version
+
     s = _settings(ctx)
 
     def read() -> int | None:

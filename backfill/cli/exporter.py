@@ -7,12 +7,10 @@ import threading
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from backfill.cli.base import _fail, _guard, _settings, app, out
+from backfill.cli.base import _fail, _guard, _settings, app, escape, out
 from backfill.core.durations import format_duration, parse_duration_ms
 from backfill.core.errors import DatabaseUnavailable
-from backfill.state.schema import check_schema
 
 
 @app.command()
@@ -35,6 +33,7 @@ def exporter(
     at each scrape (so they are right whichever process did the work). Runs until SIGTERM."""
     # Imported here: prometheus_client is only needed by this command.
     from backfill.observe.metrics import serve
+    from backfill.state.schema import check_schema
 
     s = _settings(ctx)
     keep_s = _guard(lambda: parse_duration_ms(finished_for, option="--finished-for") / 1000)

@@ -7,13 +7,10 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from backfill.api import Backfill
 from backfill.cli import base
 from backfill.cli.base import (
     EXIT_INTERRUPTED,
@@ -24,6 +21,7 @@ from backfill.cli.base import (
     _settings,
     app,
     err,
+    escape,
     interruptible,
     out,
     seconds_option,
@@ -32,12 +30,16 @@ from backfill.cli.render import _canary_text, _job_json
 from backfill.core import logs
 from backfill.core.durations import format_duration, parse_duration_ms
 from backfill.core.errors import BackfillError, BrokerMisconfigured, BrokerUnavailable, InvalidInput
-from backfill.core.sqltext import identifier, identifier_list
-from backfill.engine.runner import Tick
-from backfill.engine.throttle import eta_seconds
-from backfill.job.spec import JobSpec, parse_set
 from backfill.job.states import JobState
-from backfill.state import pace, store
+
+if TYPE_CHECKING:
+    from backfill.api import Backfill
+    from backfill.engine.runner import Tick
+    from backfill.job.spec import JobSpec
+    from backfill.state import store
+
+# The API, the engine, psycopg, pglast (through job.spec and core.sqltext) and rich.progress
+# are imported by the commands that use them, not by `--help` (fixed costs, issue 16).
 
 # -- enqueue ----------------------------------------------------------------------------------
 
@@ -141,6 +143,8 @@ def enqueue(
         parallelism=parallelism, lock_wait_budget=lock_wait_budget)
 
     def build() -> store.JobRecord:
+        from backfill.core.sqltext import identifier
+
         spec: JobSpec | str
         if name is not None:
             if any(v is not None for v in (table, kind, set_, statement, dest, function)):
@@ -210,6 +214,9 @@ def _send_to_workers(ctx: typer.Context, job_id: int, what: str) -> None:
 def _adhoc_spec(table: str | None, kind: str | None, set_: list[str] | None, where: str | None,
                 statement: str | None, dest: str | None, columns: str | None, on_conflict: str,
                 function: str | None, key: str | None, name: str | None) -> JobSpec:
+    from backfill.core.sqltext import identifier_list
+    from backfill.job.spec import JobSpec, parse_set
+
     if not table:
         raise InvalidInput("give a defined job name, or --table with --set/--sql/--dest/--function")
     if kind is None:
@@ -296,7 +303,16 @@ class _ProgressView:
 
     def __init__(self, show_bar: bool) -> None:
         self.show_bar = show_bar
-        self.progress = Progress(
+        self.progress: Any = self._bar() if show_bar else None  # rich.progress: ~15 ms
+        self.task: Any = None
+        self.last_log = 0.0
+        self.log = logs.get_logger()
+
+    @staticmethod
+    def _bar() -> Any:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        return Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TaskProgressColumn(),
@@ -306,12 +322,9 @@ class _ProgressView:
             TextColumn("ETA {task.fields[eta]}"),
             TimeElapsedColumn(),
             TextColumn("{task.fields[note]}"),
-            console=err,
+            console=err.console,
             transient=False,
         )
-        self.task: Any = None
-        self.last_log = 0.0
-        self.log = logs.get_logger()
 
     def __enter__(self) -> _ProgressView:
         if self.show_bar:
@@ -323,6 +336,8 @@ class _ProgressView:
             self.progress.__exit__(None, None, None)
 
     def tick(self, t: Tick) -> None:
+        from backfill.engine.throttle import eta_seconds
+
         total = t.job.rows_estimate or None
         if total is not None and t.rows_scanned > total:
             total = t.rows_scanned
@@ -353,6 +368,8 @@ class _ProgressView:
 def _capped_rate(t: Tick) -> float | None:
     """The run's measured rows/s, within what the job's limits allow (before the second batch,
     only the limits say how fast a `--rate 5` job goes)."""
+    from backfill.state import pace
+
     opts = t.job.options
     cap, _ = pace.ceiling(pace.Limits(
         rate_limit=opts.rate_limit, rows_share=t.job.rate_share,

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from backfill.cli.base import _fail, app, err, out
+from backfill.cli.base import _fail, app, err, escape, out
 from backfill.core.errors import InvalidInput
 
 

@@ -6,21 +6,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Group
-from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
 
-from backfill.cli.base import MAX_COUNT, _client, _guard, app, out, seconds_option
+from backfill.cli.base import MAX_COUNT, _client, _guard, app, escape, out, seconds_option
 from backfill.cli.render import _canary_text, _job_json
-from backfill.core.db import describe
 from backfill.core.durations import format_duration
 from backfill.core.settings import Settings
 from backfill.job.states import JobState
-from backfill.state import checkpoints, store, views
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from backfill.state import checkpoints, store, views
+
+# psycopg, the API and rich.live load in the commands, not for `--help` (fixed costs, issue 16).
 
 
 def _clock(at: dt.datetime) -> str:
@@ -54,6 +55,8 @@ def _bar(fraction: float | None, width: int = 12) -> str:
 
 
 def _jobs_table(rows: list[tuple[store.JobRecord, checkpoints.Progress]]) -> Table:
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("ID", "NAME", "TABLE", "STATE", "PROGRESS", "DONE", "ROWS/S", "BATCH", "ETA",
                 "REASON"):
@@ -93,6 +96,8 @@ OptOffset = Annotated[int, typer.Option(
 
 def _more_text(page: views.JobPage) -> str:
     """The line under a page that hides jobs: how many, in which states, how to see them."""
+    from backfill.state import store
+
     if not page.more:
         return ""
     states = ", ".join(f"{page.by_state[st]:,} {st}" for st in store.LIST_ORDER
@@ -102,6 +107,8 @@ def _more_text(page: views.JobPage) -> str:
 
 
 def _page_text(page: views.JobPage, include_all: bool) -> Any:
+    from rich.console import Group
+
     if not page.jobs and page.total:
         return f"no jobs after the first {page.offset:,} ({page.total:,} in all)"
     if not page.jobs:
@@ -123,6 +130,8 @@ def list_(
     """List jobs (active and failed by default, --all: finished too), failed and active first,
     at most --limit of them (50) with a line saying how many more; or the defined jobs with
     --defined."""
+    from rich.table import Table
+
     s = ctx.obj if isinstance(ctx.obj, Settings) else None
     if defined:
         from backfill.job import registry
@@ -157,6 +166,8 @@ def list_(
 
 
 def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
+    from rich.table import Table
+
     bf = _client(ctx)
     rec, prog, evs, slices = _guard(lambda: bf.inspect(job))
     if as_json:
@@ -273,6 +284,8 @@ def watch(
     """A live table of jobs (state, progress, rows/s, ETA, throttle reason or a stall), failed
     and active first, at most --limit (50) with a line saying how many more, refreshed every
     --interval seconds in place, until Ctrl-C."""
+    from rich.console import Group
+
     bf = _client(ctx)
     size = DEFAULT_LIMIT if limit is None else limit or None
 
@@ -284,13 +297,17 @@ def watch(
         out.print(page())
         return
 
+    from rich.live import Live
+
+    from backfill.core.db import describe
+
     def render() -> Any:
         header = f"backfill jobs on {describe(bf.dsn)}  ({time.strftime('%H:%M:%S')})"
         return Group(header, page())
 
     n = 0
     try:
-        with Live(render(), console=out, refresh_per_second=4, transient=False) as live:
+        with Live(render(), console=out.console, refresh_per_second=4, transient=False) as live:
             while True:
                 n += 1
                 if count and n >= count:

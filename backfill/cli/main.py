@@ -8,14 +8,14 @@ job is paused or throttled (by an operator or the controller), or its canary awa
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
-
-from rich.markup import escape
+from collections.abc import Iterator
 
 from backfill.cli import db, jobs, listing, steer  # noqa: F401  (their commands register on the app)
-from backfill.cli.base import app, err, explain_error
+from backfill.cli.base import app, err, escape, explain_error
 
 
 def _load_plugins() -> None:
@@ -58,7 +58,29 @@ def main() -> None:
         known = explain_error(exc) or (1, f"cannot load the commands: {type(exc).__name__}: {exc}")
         err.print(f"[bold red]error:[/] {escape(known[1])}", highlight=False)
         sys.exit(known[0])
-    app()  # errors become one line and an exit code in _Commands.invoke
+    with _only(_command_of(sys.argv[1:])):
+        app()  # errors become one line and an exit code in _Commands.invoke
+
+
+@contextlib.contextmanager
+def _only(word: str | None) -> Iterator[None]:
+    """While a command line runs, the app holds just the command it names (when it names
+    one): Typer turns every registered command into a click command before parsing, about
+    1 ms each (their signatures and type hints), and only one of them runs (fixed costs,
+    issue 16). `--help`, no command, or a word that is not a command: all of them, so the
+    list and the "no such command" error read as before."""
+    named = [c for c in app.registered_commands
+             if (c.name or (c.callback.__name__ if c.callback else "").replace("_", "-")) == word]
+    groups = [g for g in app.registered_groups if g.name == word]
+    if not named and not groups:
+        yield
+        return
+    everything = app.registered_commands, app.registered_groups
+    app.registered_commands, app.registered_groups = named, groups
+    try:
+        yield
+    finally:
+        app.registered_commands, app.registered_groups = everything
 
 
 if __name__ == "__main__":

@@ -6,18 +6,20 @@ import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from backfill.cli.base import MAX_COUNT, _guard, _settings, app, err, interruptible, out
+from backfill.cli.base import MAX_COUNT, _guard, _settings, app, err, escape, interruptible, out
 from backfill.cli.jobs import _ProgressView
 from backfill.core.durations import format_duration
-from backfill.core.sqltext import qualified_name
-from backfill.migrate.file import MigrationFile, load_file
-from backfill.migrate.steps import PHASES, OpPlan, Step, ordered_steps
+
+if TYPE_CHECKING:
+    from backfill.migrate.file import MigrationFile
+    from backfill.migrate.steps import OpPlan, Step
+
+# The migration files' reader, the steps, pglast (core.sqltext) and psycopg load in the
+# commands, not for `--help` (fixed costs, issue 16).
 
 T = TypeVar("T")
 
@@ -48,6 +50,8 @@ def _migrator(ctx: typer.Context, notify: bool = True, **kw: Any) -> Any:
 
 def _ref(ref: str) -> str:
     """A path names a file (its id is read from it); anything else is an id."""
+    from backfill.migrate.file import load_file
+
     p = Path(ref)
     if p.suffix == ".toml" or p.exists():
         return _guard(lambda: load_file(p)).id
@@ -59,6 +63,7 @@ def _ref(ref: str) -> str:
 
 def _sizes(ctx: typer.Context, steps: list[Step]) -> dict[str, tuple[int, int]]:
     from backfill.core.db import connect
+    from backfill.core.sqltext import qualified_name
 
     tables = sorted({s.table for s in steps if s.table})
     sizes: dict[str, tuple[int, int]] = {}
@@ -92,6 +97,8 @@ def _estimate(step: Step, sizes: dict[str, tuple[int, int]],
 def _plan_json(mig: MigrationFile, plans: tuple[OpPlan, ...], steps: dict[str, list[Step]],
                sizes: dict[str, tuple[int, int]], rates: dict[str, tuple[float, str]],
                deps: dict[str, str]) -> dict[str, Any]:
+    from backfill.migrate.steps import PHASES
+
     phases = {}
     for phase in PHASES:
         est = [_estimate(s, sizes, rates) for s in steps[phase]]
@@ -124,8 +131,11 @@ def plan(
     lock it takes and its risk, rollback, dependencies and an estimated duration. Checks every
     operation against the database; writes nothing."""
     from backfill.core.db import connect
+    from backfill.core.sqltext import qualified_name
     from backfill.migrate.estimates import estimate_rows_per_s, sample_rows_per_s
+    from backfill.migrate.file import load_file
     from backfill.migrate.records import _get
+    from backfill.migrate.steps import PHASES, ordered_steps
     from backfill.safety.rehearsal import latest_for_table
 
     mig = _guard(lambda: load_file(file))
@@ -264,6 +274,8 @@ def start(
     concurrent indexes), then the backfills, then the validations. Idempotent: after a crash
     or Ctrl-C, run it again and it continues where it stopped. Exit: 0 started, 1 failed,
     2 bad input, 3 waiting (a backfill paused, or on the workers)."""
+    from backfill.migrate.file import load_file
+
     mig = _guard(lambda: load_file(file))
     view = _ProgressView(out.is_terminal)
 
@@ -317,6 +329,10 @@ def status(
 ) -> None:
     """Show a migration's state and each step (pending, running, done, failed) with its job's
     progress and the last error; without an argument, list the migrations."""
+    from rich.table import Table
+
+    from backfill.migrate.steps import PHASES
+
     m = _migrator(ctx, notify=False)
     if ref is None:
         recs = _guard(m.list)

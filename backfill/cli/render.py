@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backfill.core.durations import format_duration
-from backfill.state import checkpoints, store
+
+if TYPE_CHECKING:
+    from backfill.state import checkpoints, store
 
 # -- inspect ----------------------------------------------------------------------------------
 

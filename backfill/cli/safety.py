@@ -6,10 +6,8 @@ import json
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from backfill.cli.base import _client, _fail, _guard, app, err, out
+from backfill.cli.base import _client, _fail, _guard, app, err, escape, out
 from backfill.cli.jobs import _send_to_workers, run
 from backfill.core.durations import format_duration, parse_duration_ms
 
@@ -53,6 +51,8 @@ def revert(
 @undo_app.command("list")
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every undo log with its job, estimated rows and size."""
+    from rich.table import Table
+
     logs = _guard(_client(ctx).undo_logs)
     if as_json:
         out.print_json(json.dumps([u.__dict__ for u in logs], default=str))

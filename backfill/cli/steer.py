@@ -7,9 +7,8 @@ import json
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from backfill.cli.base import MAX_COUNT, _client, _guard, app, out
+from backfill.cli.base import MAX_COUNT, _client, _guard, app, escape, out
 from backfill.cli.jobs import (
     OptBatch,
     OptLock,

@@ -1,4 +1,8 @@
-"""structlog configuration: human output on a terminal, JSON lines otherwise; no secrets."""
+"""structlog configuration: human output on a terminal, JSON lines otherwise; no secrets.
+
+structlog (about 35 ms with its console renderer) is imported by the first line logged, not
+by :func:`configure` or :func:`get_logger`: a command that never logs (``--help``,
+``enqueue``, ``show``) never loads it (fixed costs, issue 16)."""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
-import structlog
-
-from backfill.core.db import redact_text
-
 _SECRET_KEYS = {"password", "dsn", "conninfo"}
+
+#: The configuration the process asked for (``configure``), applied when structlog is loaded.
+_wanted: dict[str, Any] = {}
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    from backfill.core.db import redact_text
+
     for key, value in list(event.items()):
         if key in _SECRET_KEYS and isinstance(value, str):
             event[key] = redact_text(value) if key != "password" else "***"
@@ -24,7 +29,17 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
 
 
 def configure(*, json: bool | None = None, level: str = "info") -> None:
-    """Set up structlog once per process. ``json=None``: JSON unless stderr is a terminal."""
+    """Set up structlog for this process. ``json=None``: JSON unless stderr is a terminal.
+    Applied at once when structlog is already loaded, else by the first :func:`get_logger`."""
+    _wanted.clear()
+    _wanted.update(json=json, level=level)
+    if "structlog" in sys.modules:
+        _apply(json=json, level=level)
+
+
+def _apply(*, json: bool | None, level: str) -> None:
+    import structlog
+
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
@@ -48,10 +63,26 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
 
 
 def get_logger(**bindings: Any) -> Any:
-    # Scripts using the API without configuring logging get info-level lines on stderr, not
-    # structlog's default of every debug line on stdout.
-    if not structlog.is_configured():
-        configure()
-    # A lazy proxy, not .bind(): module-level loggers are made at import, before the CLI
-    # applies --log-level; a bound logger would keep the configuration of that moment.
-    return structlog.get_logger("backfill", **bindings)
+    """A logger for ``backfill``: structlog's lazy proxy, made (and structlog imported) at the
+    first line logged, so a module-level logger costs nothing to a process that never logs."""
+    return _Logger(bindings)
+
+
+class _Logger:
+    def __init__(self, bindings: dict[str, Any]) -> None:
+        self._bindings = bindings
+        self._proxy: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._proxy is None:
+            import structlog
+
+            # Scripts using the API without configuring logging get info-level lines on
+            # stderr, not structlog's default of every debug line on stdout; the CLI's
+            # --log-level/--log-format (given before structlog was loaded) apply here.
+            if not structlog.is_configured():
+                _apply(json=_wanted.get("json"), level=_wanted.get("level", "info"))
+            # A lazy proxy, not .bind(): module-level loggers are made at import, before the
+            # CLI applies --log-level; a bound logger would keep the configuration of that moment.
+            self._proxy = structlog.get_logger("backfill", **self._bindings)
+        return getattr(self._proxy, name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 from dataclasses import dataclass
 
 from backfill.core.errors import InvalidOption
@@ -26,3 +28,12 @@ class Settings:
 
 def dsn_from_env() -> str | None:
     return os.environ.get("BACKFILL_DSN") or os.environ.get("DATABASE_URL")
+
+
+def default_actor() -> str:
+    """Who acts, when nobody said (``--actor``, ``$BACKFILL_ACTOR``): ``user@host``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
