@@ -199,3 +199,47 @@ def mysql_db(mariadb: MariaDB) -> Iterator[str]:
         yield name
     finally:
         mariadb.drop_database(name)
+
+
+def mysql_exec(server: MariaDB, database: str, *statements: str, params: Any = None) -> None:
+    """Run test setup statements (fixed SQL of the test's own) on ``database``."""
+    conn = server.connect(database)
+    try:
+        with conn.cursor() as cur:
+            for stmt in statements:
+                cur.execute(stmt, params)
+    finally:
+        conn.close()
+
+
+def mysql_rows(server: MariaDB, database: str, query: str) -> list[tuple[Any, ...]]:
+    conn = server.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def mysql_cli(dest_dsn: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``backfill`` with the MySQL commands loaded, in its own process."""
+    import sys
+
+    from tests.integration.helpers import ROOT, cli_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "backfill.cli", "--dsn", dest_dsn, *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+        env=cli_env(BACKFILL_CLI_PLUGINS="backfill.mysql.cli"))
+
+
+def mysql_cli_popen(dest_dsn: str, *args: str) -> subprocess.Popen[str]:
+    import sys
+
+    from tests.integration.helpers import ROOT, cli_env
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "backfill.cli", "--dsn", dest_dsn, *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=cli_env(BACKFILL_CLI_PLUGINS="backfill.mysql.cli"))
