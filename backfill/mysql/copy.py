@@ -189,6 +189,9 @@ def ensure_checkpoint_table(pg: Any) -> None:
 
 
 def read_state(pg: Any, plan: TablePlan) -> MoveState | None:
+    """The table's checkpoint, or None (no move started, or no checkpoint table yet)."""
+    if pg.execute("SELECT to_regclass(%s)", (CHECKPOINT_TABLE,)).fetchone()[0] is None:
+        return None
     row = pg.execute(sql.SQL(
         "SELECT source, key_columns, last_key, copy_done, rows_copied, start_file, start_pos,"
         " applied_file, applied_pos, applied_event_at, events_applied FROM {}"
