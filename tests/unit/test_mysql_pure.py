@@ -257,3 +257,30 @@ def test_exact_values():
     with pytest.raises(Refusal, match="zero date"):
         conv.convert([1, None, None, b"0000-00-00 00:00:00"])
     assert render_text(dt.timedelta(hours=-1, seconds=-1)) == "-01:00:01"
+
+
+# -- cutover gate ------------------------------------------------------------------------------
+
+
+def test_gate_opens_only_after_the_hold_within_bounds():
+    from backfill.mysql.binlog import Lag
+    from backfill.mysql.copy import BinlogPosition
+    from backfill.mysql.cutover import GatePolicy, LagReading, gate_decision
+
+    pos = BinlogPosition("binlog.000001", 4)
+
+    def r(at, seconds, events=0):
+        return LagReading(at, Lag(seconds, events, pos, pos))
+
+    policy = GatePolicy(max_lag_seconds=5, max_lag_events=100, hold_seconds=10)
+    assert not gate_decision([], 0, policy).open
+    assert not gate_decision([r(0, 1), r(5, 1)], 5, policy).open          # not held long enough
+    assert gate_decision([r(0, 1), r(5, 1), r(10, 2)], 10, policy).open
+    assert gate_decision([r(-20, 60), r(0, 1), r(10, 2)], 10, policy).open  # old spike: out
+    closed = gate_decision([r(0, 1), r(6, 9), r(10, 2)], 10, policy)
+    assert not closed.open
+    assert "above 5s" in closed.reason
+    assert not gate_decision([r(0, 1), r(6, 1, events=500), r(10, 2)], 10, policy).open
+    failed = gate_decision([r(0, 1), LagReading(6, None), r(10, 2)], 10, policy)
+    assert not failed.open                                                # fail-closed
+    assert "failed" in failed.reason
