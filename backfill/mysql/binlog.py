@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from backfill.db import connect as pg_connect
-from backfill.errors import BackfillError, InvalidInput
+from backfill.errors import BackfillError, DatabaseUnavailable, InvalidInput
 from backfill.mysql.copy import (
     CHECKPOINT_TABLE,
     BinlogPosition,
@@ -369,8 +369,8 @@ def _upsert(cur: Any, plan: TablePlan, rows: Sequence[list[Any]]) -> int:
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) \
-        or is_connection_error(exc)
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError
+                      | DatabaseUnavailable) or is_connection_error(exc)
 
 
 def catch_up(source: MySQLSource, dest_dsn: str, plans: Sequence[TablePlan], *,
