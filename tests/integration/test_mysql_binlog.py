@@ -16,7 +16,7 @@ from backfill.mysql.errors import SourceNotReady
 from backfill.mysql.schema import CastOptions
 from backfill.mysql.source import MySQLSource, connect
 from tests.integration.helpers import wait_for
-from tests.integration.mysqlserver import mysql_exec, mysql_rows
+from tests.integration.mysqlserver import mysql_cli, mysql_cli_popen, mysql_exec, mysql_rows
 
 pytest_plugins = ["tests.integration.mysqlserver"]
 
@@ -161,3 +161,28 @@ def test_statement_binlog_is_refused(mariadb, mysql_db, bare_dsn):
             catch_up(source, bare_dsn, [plan])
     finally:
         mysql_exec(mariadb, mysql_db, "SET GLOBAL binlog_format = 'ROW'")
+
+
+def test_kill_mid_catch_up_then_resume(mariadb, mysql_db, bare_dsn):
+    source, plan = setup(mariadb, mysql_db, bare_dsn, rows=2000)
+    copy_table(source, bare_dsn, plan)
+    for i in range(300):                   # 300 transactions, ~2000 row changes
+        write_some(mariadb, mysql_db, i)
+    src = mariadb.dsn(mysql_db)
+
+    def applied() -> int:
+        with psycopg.connect(bare_dsn, autocommit=True) as pg:
+            return read_state(pg, plan).events_applied
+    proc = mysql_cli_popen(bare_dsn, "mysql", "catch-up", "--source", src, "--tables", "acct",
+                           "--batch-events", "20", "--follow")
+    try:
+        wait_for(lambda: applied() >= 200, timeout=60, what="some catch-up batches")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    res = mysql_cli(bare_dsn, "mysql", "catch-up", "--source", src, "--tables", "acct")
+    assert res.returncode == 0, res.stderr
+    assert dest_rows(bare_dsn) == source_rows(mariadb, mysql_db)
+    assert measure_lag(source, bare_dsn, [plan]).events == 0

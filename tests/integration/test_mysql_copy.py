@@ -155,3 +155,22 @@ def test_unreachable_source_fails_fast(mariadb, mysql_db, bare_dsn):
                              f"?read_default_file={mariadb.option_file}&connect_timeout=2")
     with pytest.raises(DatabaseUnavailable, match=r"cannot connect to MySQL 127\.0\.0\.1"):
         copy_table(dead, bare_dsn, plan)
+
+
+def test_invalid_utf8_is_refused_with_the_key_and_the_rule(mariadb, mysql_db, bare_dsn):
+    mysql_exec(mariadb, mysql_db,
+               "CREATE TABLE u (id int PRIMARY KEY, raw varbinary(10))",
+               "INSERT INTO u VALUES (1, 'ok'), (2, x'c328'), (3, 'fine')")
+    source, plan = plan_for(mariadb, mysql_db, "u", bare_dsn,
+                            casts={("u", "raw"): "text"})
+    with pytest.raises(ValueRefused, match=r"u row \(id=2\), column raw: invalid UTF-8 at "
+                                           r"byte 0; --cast 'u.raw=bytea' would move it"):
+        copy_table(source, bare_dsn, plan)
+
+
+def test_password_in_the_source_dsn_is_refused_by_the_cli(bare_dsn):
+    res = mysql_cli(bare_dsn, "convert-schema", "--source", "mysql://app:hunter2@127.0.0.1/db")
+    assert res.returncode == 2
+    assert "must not carry a password" in res.stderr
+    assert "~/.my.cnf" in res.stderr
+    assert "hunter2" not in res.stderr + res.stdout
