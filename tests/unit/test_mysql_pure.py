@@ -284,3 +284,35 @@ def test_gate_opens_only_after_the_hold_within_bounds():
     failed = gate_decision([r(0, 1), LagReading(6, None), r(10, 2)], 10, policy)
     assert not failed.open                                                # fail-closed
     assert "failed" in failed.reason
+
+
+# -- catch-up coalescing -----------------------------------------------------------------------
+
+
+def test_binlog_changes_coalesce_per_key_last_image_wins():
+    from types import SimpleNamespace
+
+    from backfill.mysql.binlog import CatchUp, _Pending
+
+    t = table(col("id", "int", nullable=False), col("v", "varchar(10)", length=10),
+              col("s", "set('a','b')", values=("a", "b")))
+    plan = plan_table(t, CastOptions())
+    p = _Pending(plan, RowConverter(plan.columns))
+
+    def rows(*images):
+        return SimpleNamespace(rows=list(images))
+
+    def img(i, v, s=""):
+        return {"id": i, "v": v, "s": s}
+
+    CatchUp._add(p, rows({"values": img(1, "a")}, {"values": img(2, "b")},
+                         {"values": img(3, "c")}), update=False, delete=False)
+    CatchUp._add(p, rows({"before_values": img(1, "a"), "after_values": img(1, "a2")},
+                         {"before_values": img(2, "b"), "after_values": img(20, "b")}),
+                 update=True, delete=False)
+    CatchUp._add(p, rows({"values": img(3, "c")}), update=False, delete=True)
+    CatchUp._add(p, rows({"values": {"id": 4, "v": "d", "s": None},
+                          "none_sources": {"s": "empty set"}}), update=False, delete=False)
+    assert p.events == 7
+    assert p.changes == {(1,): [1, "a2", []], (2,): None, (20,): [20, "b", []], (3,): None,
+                         (4,): [4, "d", []]}
