@@ -17,7 +17,7 @@ from backfill.mysql.errors import SourceNotReady, ValueRefused
 from backfill.mysql.schema import CastOptions
 from backfill.mysql.source import MySQLSource, connect
 from tests.integration.helpers import wait_for
-from tests.integration.mysqlserver import mysql_cli, mysql_cli_popen, mysql_exec, mysql_rows
+from tests.integration.mysqlhelpers import mysql_cli, mysql_cli_popen, mysql_exec, mysql_rows
 
 pytest_plugins = ["tests.integration.mysqlserver"]
 

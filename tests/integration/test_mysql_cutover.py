@@ -7,7 +7,7 @@ import json
 
 import psycopg
 
-from tests.integration.mysqlserver import mysql_cli, mysql_exec, mysql_rows
+from tests.integration.mysqlhelpers import mysql_cli, mysql_exec, mysql_rows
 
 pytest_plugins = ["tests.integration.mysqlserver"]
 

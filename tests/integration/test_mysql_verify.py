@@ -10,7 +10,7 @@ from backfill.mysql.copy import copy_table
 from backfill.mysql.schema import CastOptions
 from backfill.mysql.source import MySQLSource, connect
 from backfill.mysql.verify import verify_table
-from tests.integration.mysqlserver import mysql_exec
+from tests.integration.mysqlhelpers import mysql_exec
 
 pytest_plugins = ["tests.integration.mysqlserver"]
 
