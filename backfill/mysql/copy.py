@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -25,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from backfill.db import connect as pg_connect
-from backfill.errors import InvalidInput
+from backfill.errors import InvalidInput, TableNotFound
 from backfill.mysql.errors import CheckpointConflict, SourceNotReady, ValueRefused
 from backfill.mysql.model import TablePlan
 from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
@@ -218,6 +219,10 @@ def start_move(pg: Any, mconn: Any, plan: TablePlan) -> MoveState:
     state = read_state(pg, plan)
     if state is None:
         check_source(mconn)
+        qualified = sql.Identifier(plan.schema, plan.name).as_string(None)
+        if pg.execute("SELECT to_regclass(%s)", (qualified,)).fetchone()[0] is None:
+            raise TableNotFound(f"the destination table {plan.schema}.{plan.name} does not "
+                                "exist: create it first (convert-schema --apply)")
         has_rows = pg.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(
             sql.Identifier(plan.schema, plan.name))).fetchone()[0]
         if has_rows:
@@ -370,25 +375,29 @@ def copy_table(source: MySQLSource, dest_dsn: str, plan: TablePlan, *,
                     reader = BatchReader(mconn, plan)
                     last = state.last_key
                     total = state.rows_copied
-                    while not state.copy_done:
-                        raw = reader.read(last, batch_size)
-                        rows = reader.convert(raw)
-                        done = len(raw) < batch_size
-                        nxt = reader.key_of(raw[-1]) if raw else last
-                        write_batch(pg, plan, rows, last, None if done and not raw else nxt)
-                        failing_since = None
-                        rows_done += len(rows)
-                        total += len(rows)
-                        batches += 1
-                        last = nxt
-                        if on_batch is not None:
-                            on_batch(len(rows), total)
-                        if done:
-                            if raw:   # mark done in its own (empty) batch: one rule, one CAS
+                    # Read-ahead: the next batch is fetched (the server's scan and the
+                    # network, outside the GIL) while this one is converted and written.
+                    with ThreadPoolExecutor(1, thread_name_prefix="mysql-read") as pool:
+                        ahead = None if state.copy_done else pool.submit(
+                            reader.read, last, batch_size)
+                        while ahead is not None:
+                            raw = ahead.result()
+                            done = len(raw) < batch_size
+                            nxt = reader.key_of(raw[-1]) if raw else last
+                            ahead = None if done else pool.submit(reader.read, nxt, batch_size)
+                            rows = reader.convert(raw)
+                            write_batch(pg, plan, rows, last, None if done and not raw else nxt)
+                            failing_since = None
+                            rows_done += len(rows)
+                            total += len(rows)
+                            batches += 1
+                            last = nxt
+                            if on_batch is not None:
+                                on_batch(len(rows), total)
+                            if done and raw:   # marked done in its own batch: one CAS rule
                                 write_batch(pg, plan, [], last, None)
-                            break
-                        if pause:
-                            time.sleep(pause)
+                            if pause and not done:
+                                time.sleep(pause)
                     final = read_state(pg, plan)
                     assert final is not None
                     return CopyResult(rows_done, batches, time.monotonic() - t0, final)

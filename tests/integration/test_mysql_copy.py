@@ -10,7 +10,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from backfill.errors import DatabaseUnavailable
+from backfill.errors import DatabaseUnavailable, TableNotFound
 from backfill.mysql import schema
 from backfill.mysql.copy import copy_table, read_state
 from backfill.mysql.errors import SourceNotReady, ValueRefused
@@ -144,6 +144,13 @@ def test_source_without_row_binlog_is_refused(mariadb, mysql_db, bare_dsn):
             copy_table(source, bare_dsn, plan)
     finally:
         mysql_exec(mariadb, mysql_db, "SET GLOBAL binlog_format = 'ROW'")
+
+
+def test_missing_destination_table_is_named(mariadb, mysql_db, bare_dsn):
+    mysql_exec(mariadb, mysql_db, "CREATE TABLE s (id int PRIMARY KEY)")
+    source, plan = plan_for(mariadb, mysql_db, "s")
+    with pytest.raises(TableNotFound, match=r"public\.s does not exist: create it first"):
+        copy_table(source, bare_dsn, plan)
 
 
 def test_unreachable_source_fails_fast(mariadb, mysql_db, bare_dsn):
