@@ -22,7 +22,7 @@ import datetime as dt
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,9 +291,7 @@ class CatchUp:
         written = 0
         with self.pg.transaction(), self.pg.cursor() as cur:
             for p in pending:
-                deletes = [k for k, v in p.changes.items() if v is None]
-                upserts = [v for v in p.changes.values() if v is not None]
-                written += _delete(cur, p.plan, deletes) + _upsert(cur, p.plan, upserts)
+                written += apply_changes(cur, p.plan, p.changes)
             for p in pending:
                 name = p.plan.source.name
                 prev = self.states[name].applied
@@ -319,6 +317,16 @@ class CatchUp:
                     **{**st.__dict__, "applied": boundary,
                        "events_applied": st.events_applied + p.events})
         return written
+
+
+def apply_changes(cur: Any, plan: TablePlan,
+                  changes: Mapping[tuple[Any, ...], Sequence[Any] | None]) -> int:
+    """Coalesced changes (key → full converted row, or None to delete) as one multi-row
+    DELETE and one multi-row upsert, in the caller's transaction; returns the rows touched.
+    Deletes go first: a key deleted and another inserted cannot collide."""
+    deletes = [k for k, v in changes.items() if v is None]
+    upserts = [v for v in changes.values() if v is not None]
+    return _delete(cur, plan, deletes) + _upsert(cur, plan, upserts)
 
 
 def _query(ev: Any) -> str:
@@ -347,7 +355,7 @@ def _delete(cur: Any, plan: TablePlan, keys: Sequence[tuple[Any, ...]]) -> int:
     return n
 
 
-def _upsert(cur: Any, plan: TablePlan, rows: Sequence[list[Any]]) -> int:
+def _upsert(cur: Any, plan: TablePlan, rows: Sequence[Sequence[Any]]) -> int:
     if not rows:
         return 0
     cols = [sql.Identifier(c.name) for c in plan.columns]

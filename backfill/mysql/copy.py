@@ -318,15 +318,21 @@ def _copy_sql(plan: TablePlan) -> sql.Composed:
         sql.SQL(", ").join(sql.Identifier(c.name) for c in plan.columns))
 
 
+def copy_rows(cur: Any, plan: TablePlan, rows: Sequence[Sequence[Any]]) -> None:
+    """COPY converted rows into the destination table, in the caller's transaction (the
+    engine's batch calls this, then commits its own checkpoint)."""
+    if rows:
+        with cur.copy(_copy_sql(plan)) as cp:
+            for r in rows:
+                cp.write_row(r)
+
+
 def write_batch(pg: Any, plan: TablePlan, rows: Sequence[Sequence[Any]],
                 before: tuple[Any, ...] | None, after: tuple[Any, ...] | None) -> None:
     """COPY ``rows`` and move the cursor from ``before`` to ``after`` (None: the copy is
     done) in one transaction; :class:`CheckpointConflict` if the cursor is not ``before``."""
     with pg.transaction(), pg.cursor() as cur:
-        if rows:
-            with cur.copy(_copy_sql(plan)) as cp:
-                for r in rows:
-                    cp.write_row(r)
+        copy_rows(cur, plan, rows)
         prev = json.dumps(encode_key(before)) if before is not None else None
         if after is None:
             setting = sql.SQL("copy_done = true")
