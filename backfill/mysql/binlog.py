@@ -262,7 +262,8 @@ class CatchUp:
 
     def _check_ddl(self, ev: Any, pos: BinlogPosition) -> None:
         text = _query(ev)
-        if (_DDL.match(text) and (ev.schema or b"").decode() in ("", self.source.database)
+        schema = ev.schema.decode() if isinstance(ev.schema, bytes) else (ev.schema or "")
+        if (_DDL.match(text) and schema in ("", self.source.database)
                 and any(_mentions(text, name) for name in self.by_name)):
             raise SourceSchemaChanged(
                 f"the source ran DDL on a table being moved, at {pos}: {text[:200]!r}; the "
