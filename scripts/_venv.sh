@@ -101,6 +101,26 @@ ensure_redis() {
     return 1
 }
 
+# MariaDB 10.11 server binaries, for the MySQL-source tests (they start their own server).
+ensure_mariadb() {
+    if command -v mariadbd >/dev/null 2>&1 || [[ -x /usr/sbin/mariadbd ]]; then
+        return 0
+    fi
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        step "installing mariadb-server with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mariadb-server
+        # The package may start its system service (nothing ran before: it was not installed);
+        # the tests start their own server on a free port.
+        if command -v systemctl >/dev/null 2>&1 && systemctl stop mariadb 2>/dev/null; then :
+        elif command -v service >/dev/null 2>&1; then service mariadb stop >/dev/null 2>&1 || true
+        fi
+        return 0
+    fi
+    echo "error: mariadbd not found; install MariaDB 10.11 (apt-get install mariadb-server)" >&2
+    return 1
+}
+
 # Prometheus and promtool, for the rule tests and the scrape test.
 ensure_prometheus() {
     if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then

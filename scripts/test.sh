@@ -10,6 +10,8 @@ step "PostgreSQL binaries"
 ensure_postgres
 step "Redis server (for the Celery worker tests)"
 ensure_redis
+step "MariaDB server (for the MySQL-source tests)"
+ensure_mariadb
 step "Prometheus and promtool (for the rule and scrape tests)"
 ensure_prometheus
 export BACKFILL_REQUIRE_PG=1

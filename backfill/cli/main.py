@@ -27,7 +27,7 @@ def _load_plugins() -> None:
     own |= {g.name for g in app.registered_groups if g.name}
     if _command_of(sys.argv[1:]) not in own:
         for core in ("backfill.cli.controller", "backfill.cli.exporter", "backfill.cli.lint",
-                     "backfill.cli.migrate", "backfill.cli.safety"):
+                     "backfill.cli.migrate", "backfill.cli.mysql", "backfill.cli.safety"):
             importlib.import_module(core)
     for name in os.environ.get("BACKFILL_CLI_PLUGINS", "workers.cli").split(","):
         if not name.strip():

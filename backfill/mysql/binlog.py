@@ -30,8 +30,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from backfill.db import connect as pg_connect
-from backfill.errors import BackfillError, DatabaseUnavailable, InvalidInput
+from backfill.core.db import connect as pg_connect
+from backfill.core.errors import BackfillError, DatabaseUnavailable, InvalidInput
 from backfill.mysql.copy import (
     CHECKPOINT_TABLE,
     BinlogPosition,

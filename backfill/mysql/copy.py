@@ -25,8 +25,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from backfill.db import connect as pg_connect
-from backfill.errors import InvalidInput, TableNotFound
+from backfill.core.db import connect as pg_connect
+from backfill.core.errors import InvalidInput, TableNotFound
 from backfill.mysql.errors import CheckpointConflict, SourceNotReady, ValueRefused
 from backfill.mysql.model import TablePlan
 from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
@@ -354,7 +354,7 @@ def write_batch(pg: Any, plan: TablePlan, rows: Sequence[Sequence[Any]],
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return True
-    from backfill.errors import DatabaseUnavailable
+    from backfill.core.errors import DatabaseUnavailable
     return isinstance(exc, DatabaseUnavailable) or is_connection_error(exc)
 
 

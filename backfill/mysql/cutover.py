@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from backfill.db import connect as pg_connect
-from backfill.errors import BackfillError, InvalidOption
+from backfill.core.db import connect as pg_connect
+from backfill.core.errors import BackfillError, InvalidOption
 from backfill.mysql.binlog import CatchUpResult, Lag, catch_up, measure_lag
 from backfill.mysql.errors import CheckpointConflict
 from backfill.mysql.model import TablePlan

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from backfill.errors import BackfillError, InvalidInput
+from backfill.core.errors import BackfillError, InvalidInput
 
 
 class UnsupportedType(InvalidInput):

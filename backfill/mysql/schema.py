@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from psycopg import sql
 
-from backfill import sqltext
-from backfill.errors import InvalidKey, InvalidOption, TableNotFound
+from backfill.core import sqltext
+from backfill.core.errors import InvalidKey, InvalidOption, TableNotFound
 from backfill.mysql.errors import UnsupportedType
 from backfill.mysql.model import (
     ColumnCast,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from backfill.errors import DatabaseUnavailable, InvalidDsn, InvalidInput
+from backfill.core.errors import DatabaseUnavailable, InvalidDsn, InvalidInput
 
 SCHEMES = ("mysql", "mariadb")
 DEFAULT_OPTION_FILE = "~/.my.cnf"

@@ -26,7 +26,7 @@ from typing import Any
 
 from psycopg import sql
 
-from backfill.db import connect as pg_connect
+from backfill.core.db import connect as pg_connect
 from backfill.mysql.copy import BatchReader
 from backfill.mysql.model import ColumnCast, TablePlan
 from backfill.mysql.source import MySQLSource, connect

@@ -8,7 +8,7 @@ import threading
 import psycopg
 import pytest
 
-from backfill.errors import InvalidInput
+from backfill.core.errors import InvalidInput
 from backfill.mysql import schema
 from backfill.mysql.binlog import SourceSchemaChanged, catch_up, measure_lag
 from backfill.mysql.copy import copy_table, read_state

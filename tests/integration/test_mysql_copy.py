@@ -10,7 +10,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from backfill.errors import DatabaseUnavailable, TableNotFound
+from backfill.core.errors import DatabaseUnavailable, TableNotFound
 from backfill.mysql import schema
 from backfill.mysql.copy import copy_table, read_state
 from backfill.mysql.errors import SourceNotReady, ValueRefused

@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from backfill.errors import InvalidKey, TableNotFound
+from backfill.core.errors import InvalidKey, TableNotFound
 from backfill.mysql import schema
 from backfill.mysql.errors import UnsupportedType
 from backfill.mysql.schema import CastOptions

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from backfill.errors import InvalidDsn, InvalidFragment, InvalidKey, InvalidOption
+from backfill.core.errors import InvalidDsn, InvalidFragment, InvalidKey, InvalidOption
 from backfill.mysql.errors import UnsupportedType
 from backfill.mysql.model import MySQLColumn, MySQLIndex, MySQLTable
 from backfill.mysql.schema import (

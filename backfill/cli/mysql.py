@@ -1,5 +1,5 @@
 """Commands for moves from MySQL/MariaDB, registered on the ``backfill`` CLI as a plugin
-(``BACKFILL_CLI_PLUGINS=workers.cli,backfill.mysql.cli``, until the core loads it):
+(``BACKFILL_CLI_PLUGINS=workers.cli,backfill.cli.mysql``, until the core loads it):
 
     backfill convert-schema --source mysql://… [--tables a,b] [--cast t.c=type] [--apply]
     backfill mysql copy      --source mysql://… --tables a,b [--batch-size N]
@@ -16,17 +16,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from backfill.cli import _fail, _settings, app, err, out, seconds_option
-from backfill.db import connect as pg_connect
-from backfill.errors import InvalidOption
-from backfill.mysql import schema
-from backfill.mysql.model import TablePlan
-from backfill.mysql.schema import CastOptions
-from backfill.mysql.source import MySQLSource, connect, driver
+from backfill.cli.base import _fail, _settings, app, err, out, seconds_option
+from backfill.core.errors import InvalidOption
+
+if TYPE_CHECKING:   # the commands import the driver, psycopg and pglast when they run
+    from backfill.mysql.model import TablePlan
+    from backfill.mysql.source import MySQLSource
 
 T = TypeVar("T")
 
@@ -60,6 +59,8 @@ def _tables(tables: str | None) -> list[str] | None:
 
 def _mysql_errors(fn: Callable[[], T]) -> T:
     """The driver's errors as one line and exit 1 (ours pass through to the CLI's handler)."""
+    from backfill.mysql.source import driver
+
     pymysql = driver()
     try:
         return fn()
@@ -71,6 +72,10 @@ def _mysql_errors(fn: Callable[[], T]) -> T:
 @contextmanager
 def _plans(source_dsn: str, tables: str | None, casts: list[str] | None, tinyint1: bool,
            case: str, pg_schema: str) -> Iterator[tuple[MySQLSource, list[TablePlan]]]:
+    from backfill.mysql import schema
+    from backfill.mysql.schema import CastOptions
+    from backfill.mysql.source import MySQLSource, connect
+
     source = MySQLSource.parse(source_dsn)
     if case not in ("lower", "preserve"):
         raise InvalidOption("--identifier-case is lower or preserve")
@@ -94,6 +99,9 @@ def convert_schema(
 ) -> None:
     """Print the PostgreSQL DDL for MySQL tables (with --apply, create the tables; the
     indexes and foreign keys printed after the copy marker come after the copy)."""
+    from backfill.core.db import connect as pg_connect
+    from backfill.mysql import schema
+
     with _plans(source, tables, cast, tinyint1_boolean, identifier_case, pg_schema) as (_, plans):
         for plan in plans:
             out.print(f"-- {plan.source.database}.{plan.source.name}: keyset key "
@@ -177,6 +185,7 @@ def show_cmd(
 ) -> None:
     """Each table's copy progress, applied binlog position, and catch-up lag (seconds and
     row changes not yet applied)."""
+    from backfill.core.db import connect as pg_connect
     from backfill.mysql.binlog import measure_lag
     from backfill.mysql.copy import read_state
 
