@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from backfill.core.catalog import Conn
 from backfill.core.errors import DatabaseUnavailable, InvalidDsn
+
+if TYPE_CHECKING:   # the catalog loads the SQL gate (pglast), which connecting does not need
+    from backfill.core.catalog import Conn
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
