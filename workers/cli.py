@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from backfill.cli import base as cli_base
-from backfill.cli.base import _fail, _guard, _settings, app, out, seconds_option
+from backfill.cli.base import app, cli_settings, fail, guard, out, seconds_option
 
 if importlib.util.find_spec("celery") is None:   # the inline CLI works without these commands
     raise ModuleNotFoundError("No module named 'celery'", name="celery")
@@ -49,10 +49,10 @@ def worker(
     from workers.app import app as celery_app
     from workers.tasks import check_broker_setup
 
-    s = _settings(ctx)
+    s = cli_settings(ctx)
 
-    _guard(lambda: check_schema(s.dsn))
-    _guard(check_broker_setup)
+    guard(lambda: check_schema(s.dsn))
+    guard(check_broker_setup)
     os.environ["BACKFILL_DSN"] = s.dsn
     # The queue tasks are sent to: a BACKFILL_CELERY_CONFIG module may rename it.
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
@@ -74,15 +74,15 @@ def dispatch_(
     """Run a job on the workers: start it (or resume a paused one) and send a task per slice,
     up to its parallelism. Sending a running job again replaces tasks that were lost. A job's
     first start runs the pre-flight checks; a failure pauses it with the reasons."""
-    s = _settings(ctx)
+    s = cli_settings(ctx)
     if not (job.isascii() and job.isdigit()):
-        _fail("dispatch takes a job id", 2)
+        fail("dispatch takes a job id", 2)
     if skip_preflight:
-        from backfill.cli.base import _client
+        from backfill.cli.base import client
 
-        bf = _client(ctx)
-        _guard(lambda: bf.gate(bf.get(int(job)), skip=True))
-    sent = _guard(lambda: dispatch(s.dsn, int(job), actor=s.actor))
+        bf = client(ctx)
+        guard(lambda: bf.gate(bf.get(int(job)), skip=True))
+    sent = guard(lambda: dispatch(s.dsn, int(job), actor=s.actor))
     out.print(f"job {job}: sent {len(sent)} task(s) to the workers"
               + (f" (slices {', '.join(str(d.slice_no) for d in sent)})" if sent else ""))
 
@@ -96,9 +96,9 @@ def reap_(
 ) -> None:
     """One reaper pass by hand (every worker runs one on its own): start pending jobs marked
     for the workers, and re-send slices whose lease expired or whose task was lost."""
-    s = _settings(ctx)
+    s = cli_settings(ctx)
     while True:
-        sent = _guard(lambda: reap_once(s.dsn, actor=s.actor))
+        sent = guard(lambda: reap_once(s.dsn, actor=s.actor))
         out.print(f"sent {len(sent)} task(s)"
                   + (f": {[(d.job_id, d.slice_no) for d in sent]}" if sent else ""))
         if every <= 0:

@@ -85,9 +85,9 @@ class _Commands(TyperGroup):
 
                 if debug:
                     err.print(traceback.format_exc(), markup=False, highlight=False)
-                _fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
+                fail(f"internal error: {type(exc).__name__}: {redact_text(str(exc))} (a bug; "
                       "`--log-level debug` shows the traceback)", 1)
-            _fail(known[1], known[0])
+            fail(known[1], known[0])
 
 
 app = typer.Typer(
@@ -179,7 +179,7 @@ def positive_number(value: str) -> float:
     return number
 
 
-def _settings(ctx: typer.Context) -> Settings:
+def cli_settings(ctx: typer.Context) -> Settings:
     settings = ctx.obj
     if not isinstance(settings, Settings) or not settings.dsn:
         raise InvalidInput(
@@ -189,19 +189,19 @@ def _settings(ctx: typer.Context) -> Settings:
     return settings
 
 
-def _client(ctx: typer.Context) -> Backfill:
-    s = _settings(ctx)  # no database: one line, before the API loads
+def client(ctx: typer.Context) -> Backfill:
+    s = cli_settings(ctx)  # no database: one line, before the API loads
     from backfill.api import Backfill
 
     return Backfill(s.dsn, actor=s.actor, jobs_module=s.jobs_module)
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def fail(message: str, code: int) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
-def _guard(fn: Callable[[], T]) -> T:
+def guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except Exception as exc:
@@ -209,7 +209,7 @@ def _guard(fn: Callable[[], T]) -> T:
             raise
         known = explain_error(exc)
         assert known is not None
-        _fail(known[1], known[0])
+        fail(known[1], known[0])
 
 
 @app.callback()
@@ -231,7 +231,7 @@ def main_options(
         "--log-level", envvar="BACKFILL_LOG_LEVEL",
         help="debug, info, warning or error (debug logs every batch).")] = "info",
 ) -> None:
-    settings = _guard(lambda: Settings(
+    settings = guard(lambda: Settings(
         dsn=dsn or dsn_from_env() or "", actor=actor or default_actor(),
         jobs_module=jobs_module, log_format=log_format, log_level=log_level))
     logs.configure(

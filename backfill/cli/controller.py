@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from backfill.cli import base as cli_base
-from backfill.cli.base import _fail, _guard, _settings, app, escape, out, positive_number
+from backfill.cli.base import app, cli_settings, escape, fail, guard, out, positive_number
 from backfill.control.policy import Limit, Reading, kind_of, show
 from backfill.core.durations import format_duration
 from backfill.core.errors import InvalidOption
@@ -90,12 +90,12 @@ def run_(
     from backfill.control.controller import Controller, default_actor
     from backfill.state.schema import check_schema
 
-    s = _settings(ctx)
-    cfg = _guard(lambda: _config(config, replica, poll, hold, max_replica_lag, max_lock_waiters,
+    s = cli_settings(ctx)
+    cfg = guard(lambda: _config(config, replica, poll, hold, max_replica_lag, max_lock_waiters,
                                  max_long_transaction, max_slot_retained, rows_per_s,
                                  batches_per_s))
 
-    _guard(lambda: check_schema(s.dsn))
+    guard(lambda: check_schema(s.dsn))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -124,10 +124,10 @@ def check_(
     """Read every signal once and show what the controller would decide; changes nothing."""
     from backfill.control.controller import Controller
 
-    s = _settings(ctx)
-    cfg = _guard(lambda: _config(config, replica, None, None, max_replica_lag, max_lock_waiters,
+    s = cli_settings(ctx)
+    cfg = guard(lambda: _config(config, replica, None, None, max_replica_lag, max_lock_waiters,
                                  max_long_transaction, max_slot_retained, None, None))
-    result = _guard(lambda: Controller(s.dsn, cfg).tick(act=False))
+    result = guard(lambda: Controller(s.dsn, cfg).tick(act=False))
     assert result is not None
     if as_json:
         out.print_json(json.dumps({
@@ -135,7 +135,7 @@ def check_(
             "decisions": [{"job_id": d.job_id, "action": d.action, "reason": d.reason}
                           for d in result.decisions]}))
         return
-    names = _guard(lambda: _job_names(s.dsn, result.readings))
+    names = guard(lambda: _job_names(s.dsn, result.readings))
     out.print(_readings_table(result.readings, _limits_in_force(cfg.to_json(), names)))
     for d in result.decisions:
         out.print(escape(f"job {d.job_id}: would {d.action}: {d.reason}"), highlight=False)
@@ -192,7 +192,7 @@ def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
     from backfill.state import control
     from backfill.state.schema import require_current
 
-    s = _settings(ctx)
+    s = cli_settings(ctx)
 
     def read() -> dict[str, Any] | None:
         conn = connect(s.dsn)
@@ -202,9 +202,9 @@ def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
         finally:
             conn.close()
 
-    st = _guard(read)
+    st = guard(read)
     if st is None:
-        _fail("no controller has run on this database (`backfill controller run`)", 1)
+        fail("no controller has run on this database (`backfill controller run`)", 1)
     if as_json:
         out.print_json(json.dumps(st, default=str))
         return
@@ -215,7 +215,7 @@ def status_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
     readings = [Reading(kind=kind_of(r["signal"]), signal=r["signal"], value=r.get("value"),
                         error=r.get("error"), detail=r.get("detail"), job_id=_job_of(r))
                 for r in st["readings"]]
-    names = _guard(lambda: _job_names(s.dsn, readings))
+    names = guard(lambda: _job_names(s.dsn, readings))
     out.print(_readings_table(readings, _limits_in_force(st.get("settings"), names)))
     if not alive:
         raise typer.Exit(1)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backfill.cli.base import _guard, _settings, app, out
+from backfill.cli.base import app, cli_settings, guard, out
 
 # psycopg and the schema's SQL load in the commands, not for `--help` (fixed costs, issue 16).
 
@@ -25,7 +25,7 @@ def db_upgrade(ctx: typer.Context) -> None:
     from backfill.core.db import connect, describe
     from backfill.state.schema import upgrade_conn
 
-    s = _settings(ctx)
+    s = cli_settings(ctx)
 
     def upgrade() -> tuple[int, int]:
         # What Backfill.upgrade does, without loading the API and the engine for it.
@@ -35,7 +35,7 @@ def db_upgrade(ctx: typer.Context) -> None:
         finally:
             conn.close()
 
-    before, after = _guard(upgrade)
+    before, after = guard(upgrade)
     if before == after:
         out.print(f"state schema already at version {after} ({describe(s.dsn)})")
     else:
@@ -49,7 +49,7 @@ def db_status(ctx: typer.Context,
     from backfill.core.db import connect, describe
     from backfill.state.schema import LATEST, MIGRATIONS, current_version
 
-    s = _settings(ctx)
+    s = cli_settings(ctx)
 
     def read() -> int | None:
         conn = connect(s.dsn)
@@ -58,7 +58,7 @@ def db_status(ctx: typer.Context,
         finally:
             conn.close()
 
-    version = _guard(read)
+    version = guard(read)
     state = ("missing" if version is None else "current" if version == LATEST
              else "outdated" if version < LATEST else "newer than this backfill")
     if as_json:

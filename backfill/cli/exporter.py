@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from backfill.cli.base import _fail, _guard, _settings, app, escape, out
+from backfill.cli.base import app, cli_settings, escape, fail, guard, out
 from backfill.core.durations import format_duration, parse_duration_ms
 from backfill.core.errors import DatabaseUnavailable
 
@@ -35,15 +35,15 @@ def exporter(
     from backfill.observe.metrics import serve
     from backfill.state.schema import check_schema
 
-    s = _settings(ctx)
-    keep_s = _guard(lambda: parse_duration_ms(finished_for, option="--finished-for") / 1000)
-    timeout_s = _guard(lambda: parse_duration_ms(timeout, option="--timeout") / 1000)
+    s = cli_settings(ctx)
+    keep_s = guard(lambda: parse_duration_ms(finished_for, option="--finished-for") / 1000)
+    timeout_s = guard(lambda: parse_duration_ms(timeout, option="--timeout") / 1000)
     if not 0 < port < 65536:
-        _fail(f"--port must be a TCP port, not {port}", 2)
+        fail(f"--port must be a TCP port, not {port}", 2)
     if not dispatch_stale > 0:
-        _fail(f"--dispatch-stale-after must be a positive number of seconds, not {dispatch_stale}", 2)
+        fail(f"--dispatch-stale-after must be a positive number of seconds, not {dispatch_stale}", 2)
     if timeout_s <= 0:
-        _fail("--timeout must be more than 0s", 2)
+        fail("--timeout must be more than 0s", 2)
 
     def check() -> None:
         try:
@@ -53,12 +53,12 @@ def exporter(
             # not there only says "exporter down"); every scrape reads the database afresh.
             out.print(f"[yellow]{escape(str(exc))}: serving backfill_up 0 until it answers[/]")
 
-    _guard(check)  # a database that answers with the wrong schema is still refused
+    guard(check)  # a database that answers with the wrong schema is still refused
     try:
         server, _ = serve(s.dsn, port=port, addr=addr, finished_for_s=keep_s,
                           timeout_s=timeout_s, dispatch_stale_s=dispatch_stale)
     except OSError as exc:
-        _fail(f"cannot listen on {addr}:{port}: {exc.strerror or exc}", 1)
+        fail(f"cannot listen on {addr}:{port}: {exc.strerror or exc}", 1)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -15,18 +15,18 @@ from backfill.cli import base
 from backfill.cli.base import (
     EXIT_INTERRUPTED,
     EXIT_PAUSED,
-    _client,
-    _fail,
-    _guard,
-    _settings,
     app,
+    cli_settings,
+    client,
     err,
     escape,
+    fail,
+    guard,
     interruptible,
     out,
     seconds_option,
 )
-from backfill.cli.render import _canary_text, _job_json
+from backfill.cli.render import canary_text, job_json
 from backfill.core import logs
 from backfill.core.durations import format_duration, parse_duration_ms
 from backfill.core.errors import BackfillError, BrokerMisconfigured, BrokerUnavailable, InvalidInput
@@ -135,7 +135,7 @@ def enqueue(
     Nothing is written to your tables; `backfill run JOB` executes it inline, or with
     --workers the Celery workers do.
     """
-    bf = _client(ctx)
+    bf = client(ctx)
     options = _option_changes(
         batch_size=batch_size, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
         target_duration=target_duration, rate=rate, pause=pause,
@@ -174,15 +174,15 @@ def enqueue(
             spec = dataclasses.replace(base, **changes)
         return bf.enqueue(spec, workers=workers, **options)
 
-    job = _guard(build)
+    job = guard(build)
     if skip_preflight:
-        _guard(lambda: bf.gate(job, skip=True))
+        guard(lambda: bf.gate(job, skip=True))
     if workers:
-        _send_to_workers(ctx, job.id, "enqueued")
+        send_to_workers(ctx, job.id, "enqueued")
     if quiet:
         out.print(job.id)
     elif as_json:
-        out.print_json(json.dumps(_job_json(job), default=str))
+        out.print_json(json.dumps(job_json(job), default=str))
     elif workers:
         out.print(f"enqueued job {job.id} ({job.name}) on {job.table}, key "
                   f"({', '.join(job.key_columns)}), and sent it to the workers: "
@@ -192,23 +192,23 @@ def enqueue(
                   f"({', '.join(job.key_columns)}): run it with `backfill run {job.id}`")
 
 
-def _send_to_workers(ctx: typer.Context, job_id: int, what: str) -> None:
+def send_to_workers(ctx: typer.Context, job_id: int, what: str) -> None:
     """Dispatch a job marked for the workers; if the broker is down, say so and exit 1 (the
     job stays pending, and the workers' reaper starts it once the broker is back)."""
     hook = base.DISPATCH_HOOK
     if hook is None:
-        _fail(f"job {job_id} is {what} for the workers, but the workers package (Celery) is "
+        fail(f"job {job_id} is {what} for the workers, but the workers package (Celery) is "
               "not installed here: the workers' reaper starts it", 1)
-    s = _settings(ctx)
+    s = cli_settings(ctx)
     try:
         hook(s.dsn, job_id, actor=s.actor)
     except BrokerUnavailable as exc:
-        _fail(f"job {job_id} is {what} and left pending: {exc}; the workers' reaper starts it "
+        fail(f"job {job_id} is {what} and left pending: {exc}; the workers' reaper starts it "
               f"once the broker is back, or `backfill dispatch {job_id}`", 1)
     except BrokerMisconfigured as exc:
-        _fail(f"job {job_id} is {what} and left pending: {exc}", exc.exit_code)
+        fail(f"job {job_id} is {what} and left pending: {exc}", exc.exit_code)
     except BackfillError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code)
 
 
 def _adhoc_spec(table: str | None, kind: str | None, set_: list[str] | None, where: str | None,
@@ -260,9 +260,9 @@ def run(
     pre-flight checks run (a failure writes nothing; --skip-preflight is recorded). Ctrl-C
     pauses it with the checkpoint kept; running it again resumes. Exit: 0 done, 1 failed,
     3 paused, throttled or awaiting approval, 130 Ctrl-C."""
-    bf = _client(ctx)
+    bf = client(ctx)
     if dry_run:
-        plan = _guard(lambda: bf.plan(job))
+        plan = guard(lambda: bf.plan(job))
         if as_json:
             out.print_json(json.dumps(plan.to_json(), default=str))
             return
@@ -287,7 +287,7 @@ def run(
 
     def go(stop: threading.Event) -> store.JobRecord:
         with view:
-            return _guard(lambda: bf.run(job, stop=stop, on_tick=view.tick,
+            return guard(lambda: bf.run(job, stop=stop, on_tick=view.tick,
                                          takeover_after_s=takeover_after,
                                          skip_preflight=skip_preflight))
 
@@ -381,7 +381,7 @@ def _capped_rate(t: Tick) -> float | None:
 
 
 def _report_run(bf: Backfill, job: store.JobRecord, interrupted: bool) -> None:
-    prog = _guard(lambda: bf.progress(job.id))
+    prog = guard(lambda: bf.progress(job.id))
     if job.state == JobState.SUCCEEDED:
         elapsed = ((job.finished_at - job.started_at).total_seconds()
                    if job.finished_at and job.started_at else None)
@@ -390,15 +390,15 @@ def _report_run(bf: Backfill, job: store.JobRecord, interrupted: bool) -> None:
                   + (f", {format_duration(elapsed)} since first start" if elapsed else ""))
         return
     if job.state == JobState.FAILED:
-        _fail(f"job {job.id} failed: {job.state_reason}\n"
+        fail(f"job {job.id} failed: {job.state_reason}\n"
               f"  fix the cause, then `backfill retry {job.id}` and `backfill run {job.id}` "
               "(it resumes from the checkpoint)", 1)
     if job.state == JobState.CANCELLED:
-        _fail(f"job {job.id} was cancelled: {job.state_reason}", 1)
+        fail(f"job {job.id} was cancelled: {job.state_reason}", 1)
     if job.state == JobState.AWAITING_APPROVAL:
-        canary = _guard(lambda: bf.canary(job.id))
+        canary = guard(lambda: bf.canary(job.id))
         err.print(escape(f"job {job.id} ran its canary and waits for approval: "
-                         + _canary_text(job, canary)
+                         + canary_text(job, canary)
                          + f"\n  `backfill approve {job.id}` lets the rest run (then "
                            f"`backfill run {job.id}`); `backfill revert {job.id}` after "
                            "cancelling it undoes the canary"), highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from backfill.cli.base import _fail, app, err, escape, out
+from backfill.cli.base import app, err, escape, fail, out
 from backfill.core.errors import InvalidInput
 
 
@@ -24,7 +24,7 @@ def lint(
     from backfill.migrate.lint import RULES, Finding, lint_sql
 
     if fmt not in ("text", "json"):
-        _fail(f"--format must be text or json, not {fmt!r}", 2)
+        fail(f"--format must be text or json, not {fmt!r}", 2)
     findings: list[Finding] = []
     for path in files:
         name = "<stdin>" if str(path) == "-" else str(path)
@@ -33,15 +33,15 @@ def lint(
                     else path.read_bytes())
             text = data.decode("utf-8")
         except OSError as exc:
-            _fail(f"cannot read {name}: {exc.strerror or exc}", 2)
+            fail(f"cannot read {name}: {exc.strerror or exc}", 2)
         except UnicodeDecodeError as exc:
-            _fail(f"{name} is not UTF-8 text (byte {exc.start}: {exc.reason})", 2)
+            fail(f"{name} is not UTF-8 text (byte {exc.start}: {exc.reason})", 2)
         if "\x00" in text:
-            _fail(f"{name} is not SQL text (it holds NUL bytes)", 2)
+            fail(f"{name} is not SQL text (it holds NUL bytes)", 2)
         try:
             findings += lint_sql(text, name)
         except InvalidInput as exc:
-            _fail(str(exc), 2)
+            fail(str(exc), 2)
     if fmt == "json":
         out.print_json(json.dumps({"findings": [f.to_json() for f in findings],
                                    "rules": sorted(RULES)}))

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from backfill.cli.base import MAX_COUNT, _client, _guard, app, escape, out, seconds_option
-from backfill.cli.render import _canary_text, _job_json
+from backfill.cli.base import MAX_COUNT, app, client, escape, guard, out, seconds_option
+from backfill.cli.render import canary_text, job_json
 from backfill.core.durations import format_duration
 from backfill.core.settings import Settings
 from backfill.job.states import JobState
@@ -136,7 +136,7 @@ def list_(
     if defined:
         from backfill.job import registry
 
-        reg = _guard(lambda: registry.load(s.jobs_module if s else "jobs"))
+        reg = guard(lambda: registry.load(s.jobs_module if s else "jobs"))
         defs = [{"name": d.name, "description": d.summary, "doc": d.doc} for d in reg]
         if as_json:
             out.print_json(json.dumps(defs))
@@ -148,17 +148,17 @@ def list_(
             t.add_row(d["name"], d["description"])
         out.print(t)
         return
-    bf = _client(ctx)
+    bf = client(ctx)
     paged = limit is not None or offset > 0
     if as_json and not paged:  # complete: every job
-        rows = _guard(lambda: bf.overview(include_finished=include_all))
-        out.print_json(json.dumps([_job_json(j, p) for j, p in rows], default=str))
+        rows = guard(lambda: bf.overview(include_finished=include_all))
+        out.print_json(json.dumps([job_json(j, p) for j, p in rows], default=str))
         return
     size = DEFAULT_LIMIT if limit is None else limit or None
-    page = _guard(lambda: bf.page(include_finished=include_all, limit=size, offset=offset))
+    page = guard(lambda: bf.page(include_finished=include_all, limit=size, offset=offset))
     if as_json:  # explicitly paginated
         out.print_json(json.dumps({
-            "jobs": [_job_json(j, p) for j, p in page.jobs], "total": page.total,
+            "jobs": [job_json(j, p) for j, p in page.jobs], "total": page.total,
             "by_state": page.by_state, "limit": page.limit, "offset": page.offset,
             "next_offset": page.next_offset}, default=str))
         return
@@ -168,15 +168,15 @@ def list_(
 def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
     from rich.table import Table
 
-    bf = _client(ctx)
-    rec, prog, evs, slices = _guard(lambda: bf.inspect(job))
+    bf = client(ctx)
+    rec, prog, evs, slices = guard(lambda: bf.inspect(job))
     if as_json:
-        data = _job_json(rec, prog)
+        data = job_json(rec, prog)
         data["spec"] = rec.spec.to_json()
         if rec.canary_rows is not None:
             data["canary"] = {"rows": rec.canary_rows, "approved_by": rec.approved_by,
                               "approved_at": rec.approved_at,
-                              "report": _guard(lambda: bf.canary(rec.id))}
+                              "report": guard(lambda: bf.canary(rec.id))}
         data["slices"] = [{"slice": s.slice_no, "lower": s.lower_bound, "upper": s.upper_bound,
                            "cursor": s.cursor, "done": s.done, "rows": s.rows_scanned,
                            "batches": s.batches} for s in slices]
@@ -185,7 +185,7 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
                           for e in evs]
         out.print_json(json.dumps(data, default=str))
         return
-    d = _job_json(rec, prog)
+    d = job_json(rec, prog)
     rate_text = f"{d['rows_per_s']:,.0f} rows/s" if d["rows_per_s"] is not None else "-"
     stalled = _stalled_text(prog)
     style = _STATE_STYLE.get(str(rec.state), "")
@@ -204,9 +204,9 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         + (f"; owner {rec.owner}" if rec.owner else ""),
     ]
     if rec.canary_rows is not None:
-        report = _guard(lambda: bf.canary(rec.id))
-        lines.append("  canary    " + escape(_canary_text(rec, report)))
-    rehearsed = _guard(lambda: bf.rehearsal(rec.id))
+        report = guard(lambda: bf.canary(rec.id))
+        lines.append("  canary    " + escape(canary_text(rec, report)))
+    rehearsed = guard(lambda: bf.rehearsal(rec.id))
     if rehearsed:
         rate = float(rehearsed.get("rows_per_s") or 0)
         rest = max(0, (rec.rows_estimate or 0) - prog.rows_scanned)
@@ -218,7 +218,7 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         lines.append(f"  undo log  backfill.undo_{rec.id}: `backfill revert {rec.id}` restores "
                      "the old values")
     if rec.kind == "move" and rec.spec.source_dsn:
-        phase2 = _guard(lambda: bf.move_phase2(rec.id))
+        phase2 = guard(lambda: bf.move_phase2(rec.id))
         lines.append("  phase 2   " + (f"job {phase2.id} ({phase2.state}) deletes the copied "
                                        "rows from the source" if phase2 else
                                        "not started" + (f": `backfill run {rec.id}` starts it"
@@ -286,11 +286,11 @@ def watch(
     --interval seconds in place, until Ctrl-C."""
     from rich.console import Group
 
-    bf = _client(ctx)
+    bf = client(ctx)
     size = DEFAULT_LIMIT if limit is None else limit or None
 
     def page() -> Any:
-        return _page_text(_guard(lambda: bf.page(include_finished=include_all, limit=size)),
+        return _page_text(guard(lambda: bf.page(include_finished=include_all, limit=size)),
                           include_all)
 
     if once:

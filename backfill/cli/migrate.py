@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from backfill.cli.base import MAX_COUNT, _guard, _settings, app, err, escape, interruptible, out
+from backfill.cli.base import MAX_COUNT, app, cli_settings, err, escape, guard, interruptible, out
 from backfill.cli.jobs import _ProgressView
 from backfill.core.durations import format_duration
 
@@ -42,7 +42,7 @@ ASSUMED_BUILD_BYTES_PER_S = 50 * 2**20
 def _migrator(ctx: typer.Context, notify: bool = True, **kw: Any) -> Any:
     from backfill.migrate.executor import Migrator
 
-    s = _settings(ctx)
+    s = cli_settings(ctx)
     return Migrator(s.dsn, actor=s.actor,
                     notify=(lambda m: err.print(escape(m), highlight=False)) if notify else None,
                     **kw)
@@ -54,7 +54,7 @@ def _ref(ref: str) -> str:
 
     p = Path(ref)
     if p.suffix == ".toml" or p.exists():
-        return _guard(lambda: load_file(p)).id
+        return guard(lambda: load_file(p)).id
     return ref
 
 
@@ -67,7 +67,7 @@ def _sizes(ctx: typer.Context, steps: list[Step]) -> dict[str, tuple[int, int]]:
 
     tables = sorted({s.table for s in steps if s.table})
     sizes: dict[str, tuple[int, int]] = {}
-    with connect(_settings(ctx).dsn) as conn:
+    with connect(cli_settings(ctx).dsn) as conn:
         for t in tables:
             schema, name = qualified_name(t)   # the plan writes names as SQL does
             row = conn.execute(
@@ -138,15 +138,15 @@ def plan(
     from backfill.migrate.steps import PHASES, ordered_steps
     from backfill.safety.rehearsal import latest_for_table
 
-    mig = _guard(lambda: load_file(file))
-    plans = _guard(lambda: _migrator(ctx, notify=False).plan(mig))
+    mig = guard(lambda: load_file(file))
+    plans = guard(lambda: _migrator(ctx, notify=False).plan(mig))
     steps = ordered_steps(plans)
-    sizes = _guard(lambda: _sizes(ctx, [s for p in PHASES for s in steps[p]]))
+    sizes = guard(lambda: _sizes(ctx, [s for p in PHASES for s in steps[p]]))
     deps: dict[str, str] = {}
     rates: dict[str, tuple[float, str]] = {}
 
     def read() -> None:
-        with connect(_settings(ctx).dsn) as conn:
+        with connect(cli_settings(ctx).dsn) as conn:
             general = estimate_rows_per_s(conn)
             for s in steps["start"]:
                 if s.mode != "backfill" or not s.table:
@@ -167,7 +167,7 @@ def plan(
                 rec = _get(conn, d)
                 deps[d] = rec.state if rec else "never run here"
 
-    _guard(read)
+    guard(read)
     doc = _plan_json(mig, plans, steps, sizes, rates, deps)
     if as_json:
         out.print_json(json.dumps(doc, default=str))
@@ -276,16 +276,16 @@ def start(
     2 bad input, 3 waiting (a backfill paused, or on the workers)."""
     from backfill.migrate.file import load_file
 
-    mig = _guard(lambda: load_file(file))
+    mig = guard(lambda: load_file(file))
     view = _ProgressView(out.is_terminal)
 
     def go(stop: threading.Event) -> Any:
         with view:
-            return _guard(lambda: _migrator(ctx, stop=stop, on_tick=view.tick).start(
+            return guard(lambda: _migrator(ctx, stop=stop, on_tick=view.tick).start(
                 mig, workers=workers, wait=wait))
 
     _interruptible(go)
-    schema = _guard(lambda: _migrator(ctx).version_schema(mig.id))
+    schema = guard(lambda: _migrator(ctx).version_schema(mig.id))
     if schema:
         out.print(f"migration {escape(mig.id)} started. Run the new application version with "
                   f"search_path = {schema}, public (its shape, as views; both versions' writes "
@@ -302,7 +302,7 @@ def complete(ctx: typer.Context, ref: RefArg) -> None:
     verifies, and every validation of start still holds. Then runs the contract steps (SET NOT
     NULL, column swap, drops). Idempotent: run it again after a crash."""
     mid = _ref(ref)
-    _interruptible(lambda stop: _guard(lambda: _migrator(ctx, stop=stop).complete(mid)))
+    _interruptible(lambda stop: guard(lambda: _migrator(ctx, stop=stop).complete(mid)))
     out.print(f"migration {escape(mid)} completed", highlight=False)
 
 
@@ -311,7 +311,7 @@ def rollback(ctx: typer.Context, ref: RefArg) -> None:
     """Undo start, whatever it got to: cancel its backfill jobs, then run the rollback steps in
     reverse (each idempotent). Refused once complete has begun (it drops data)."""
     mid = _ref(ref)
-    _interruptible(lambda stop: _guard(lambda: _migrator(ctx, stop=stop).rollback(mid)))
+    _interruptible(lambda stop: guard(lambda: _migrator(ctx, stop=stop).rollback(mid)))
     out.print(f"migration {escape(mid)} rolled back", highlight=False)
 
 
@@ -335,7 +335,7 @@ def status(
 
     m = _migrator(ctx, notify=False)
     if ref is None:
-        recs = _guard(m.list)
+        recs = guard(m.list)
         if as_json:
             out.print_json(json.dumps([{"id": r.id, "state": r.state, "description":
                                         r.description, "created_by": r.created_by,
@@ -350,7 +350,7 @@ def status(
         out.print(table if recs else "no migrations on this database")
         return
     mid = _ref(ref)
-    st = _guard(lambda: m.status(mid))
+    st = guard(lambda: m.status(mid))
     if as_json:
         out.print_json(json.dumps({
             "id": st.migration.id, "state": st.migration.state,

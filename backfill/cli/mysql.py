@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from backfill.cli.base import _fail, _settings, app, err, out, seconds_option
+from backfill.cli.base import app, cli_settings, err, fail, out, seconds_option
 from backfill.core.errors import InvalidOption
 
 if TYPE_CHECKING:   # the commands import the driver, psycopg and pglast when they run
@@ -66,7 +66,7 @@ def _mysql_errors(fn: Callable[[], T]) -> T:
         return fn()
     except pymysql.err.MySQLError as exc:
         args: tuple[object, ...] = tuple(getattr(exc, "args", ()))
-        _fail(f"MySQL error: {args[1] if len(args) > 1 else exc}", 1)
+        fail(f"MySQL error: {args[1] if len(args) > 1 else exc}", 1)
 
 
 @contextmanager
@@ -118,7 +118,7 @@ def convert_schema(
             out.print(schema.render(schema.post_copy_statements(plan, plans)),
                       highlight=False, markup=False, soft_wrap=True)
         if apply:
-            with pg_connect(_settings(ctx).dsn) as pg:
+            with pg_connect(cli_settings(ctx).dsn) as pg:
                 schema.create_tables(pg, plans)
             err.print(f"created {len(plans)} table(s)")
 
@@ -136,7 +136,7 @@ def copy_cmd(
     with its checkpoint; run again to resume after a kill."""
     from backfill.mysql.copy import copy_table
 
-    dest = _settings(ctx).dsn
+    dest = cli_settings(ctx).dsn
     with _plans(source, tables, cast, tinyint1_boolean, identifier_case, pg_schema) as (
             src, plans):
         for plan in plans:
@@ -164,7 +164,7 @@ def catch_up_cmd(
     """Apply the source's binlog since the copy's snapshot (to its end, or --follow)."""
     from backfill.mysql.binlog import catch_up
 
-    dest = _settings(ctx).dsn
+    dest = cli_settings(ctx).dsn
     with _plans(source, tables, cast, tinyint1_boolean, identifier_case, pg_schema) as (
             src, plans):
         try:
@@ -189,7 +189,7 @@ def show_cmd(
     from backfill.mysql.binlog import measure_lag
     from backfill.mysql.copy import read_state
 
-    dest = _settings(ctx).dsn
+    dest = cli_settings(ctx).dsn
     with _plans(source, tables, cast, tinyint1_boolean, identifier_case, pg_schema) as (
             src, plans):
         with pg_connect(dest) as pg:
@@ -226,7 +226,7 @@ def verify_cmd(
     difference."""
     from backfill.mysql.verify import verify_table
 
-    dest = _settings(ctx).dsn
+    dest = cli_settings(ctx).dsn
     bad = False
     with _plans(source, tables, cast, tinyint1_boolean, identifier_case, pg_schema) as (
             src, plans):
@@ -260,7 +260,7 @@ def gate_cmd(
     running); exit 0 when the gate opens, 3 when it did not within --timeout."""
     from backfill.mysql.cutover import GatePolicy, wait_for_gate
 
-    dest = _settings(ctx).dsn
+    dest = cli_settings(ctx).dsn
     policy = GatePolicy(max_lag_seconds=max_lag, max_lag_events=max_events, hold_seconds=hold)
     with _plans(source, tables, cast, tinyint1_boolean, identifier_case, pg_schema) as (
             src, plans):
@@ -281,7 +281,7 @@ def cutover_cmd(
     table, move the identity sequences. Then switch the application (docs/mysql.md)."""
     from backfill.mysql.cutover import cutover
 
-    dest = _settings(ctx).dsn
+    dest = cli_settings(ctx).dsn
     with _plans(source, tables, cast, tinyint1_boolean, identifier_case, pg_schema) as (
             src, plans):
         rep = _mysql_errors(lambda: cutover(src, dest, plans))

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 # -- inspect ----------------------------------------------------------------------------------
 
 
-def _job_json(job: store.JobRecord, prog: checkpoints.Progress | None = None) -> dict[str, Any]:
+def job_json(job: store.JobRecord, prog: checkpoints.Progress | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": job.id, "name": job.name, "kind": job.kind, "table": job.table,
         "key": list(job.key_columns), "state": str(job.state), "state_reason": job.state_reason,
@@ -30,7 +30,7 @@ def _job_json(job: store.JobRecord, prog: checkpoints.Progress | None = None) ->
     return data
 
 
-def _canary_text(job: store.JobRecord, canary: dict[str, Any] | None) -> str:
+def canary_text(job: store.JobRecord, canary: dict[str, Any] | None) -> str:
     """The canary's measured rows/s, its verification, and the rest's projected duration."""
     if canary is None:
         return f"canary of {job.canary_rows:,} rows not reached yet" if job.canary_rows else ""

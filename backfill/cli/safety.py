@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from backfill.cli.base import _client, _fail, _guard, app, err, escape, out
-from backfill.cli.jobs import _send_to_workers, run
+from backfill.cli.base import app, client, err, escape, fail, guard, out
+from backfill.cli.jobs import run, send_to_workers
 from backfill.core.durations import format_duration, parse_duration_ms
 
 undo_app = typer.Typer(help="Undo logs: the old values kept by update, transform and delete "
@@ -34,14 +34,14 @@ def revert(
     """Restore what a job changed from its undo log, as a job of its own (batched, throttled,
     checkpointed; pause, resume and watch it like any job). Rows changed since by the
     application are left alone and reported, unless --force. Deleted rows are inserted back."""
-    bf = _client(ctx)
-    rec = _guard(lambda: bf.revert(job, force=force, workers=workers))
+    bf = client(ctx)
+    rec = guard(lambda: bf.revert(job, force=force, workers=workers))
     err.print(f"revert job {rec.id} enqueued: it restores job {rec.spec.reverts}'s rows",
               highlight=False)
     if skip_preflight:
-        _guard(lambda: bf.gate(rec, skip=True))
+        guard(lambda: bf.gate(rec, skip=True))
     if workers:
-        _send_to_workers(ctx, rec.id, "enqueued")
+        send_to_workers(ctx, rec.id, "enqueued")
         out.print(rec.id)
         return
     run(ctx, str(rec.id), dry_run=False, progress=progress, takeover_after=30.0, as_json=False,
@@ -53,7 +53,7 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
     """Every undo log with its job, estimated rows and size."""
     from rich.table import Table
 
-    logs = _guard(_client(ctx).undo_logs)
+    logs = guard(client(ctx).undo_logs)
     if as_json:
         out.print_json(json.dumps([u.__dict__ for u in logs], default=str))
         return
@@ -77,11 +77,11 @@ def prune(
     text = older_than.strip().lower()
     days = text.endswith("d") and text[:-1].replace(".", "", 1).isascii() \
         and text[:-1].replace(".", "", 1).isdigit()
-    seconds = float(text[:-1]) * 86400 if days else _guard(
+    seconds = float(text[:-1]) * 86400 if days else guard(
         lambda: parse_duration_ms(older_than, option="--older-than")) / 1000.0
     if not seconds < 1e12:  # a typo (or an overflow to inf), not an age
-        _fail(f"--older-than: {older_than!r} is too long", 2)
-    gone = _guard(lambda: _client(ctx).prune_undo_logs(older_than_s=seconds, dry_run=dry_run))
+        fail(f"--older-than: {older_than!r} is too long", 2)
+    gone = guard(lambda: client(ctx).prune_undo_logs(older_than_s=seconds, dry_run=dry_run))
     verb = "would drop" if dry_run else "dropped"
     for u in gone:
         out.print(f"{verb} {escape(u.table)} (job {u.job_id}, {u.bytes / 2**20:,.1f} MB)",
@@ -105,9 +105,9 @@ def preflight(
     it before a job's first write."""
     from backfill.safety.preflight import PreflightConfig, blocked
 
-    bf = _client(ctx)
-    cfg = _guard(lambda: PreflightConfig.load(config))
-    checks = _guard(lambda: bf.preflight(job, config=cfg))
+    bf = client(ctx)
+    cfg = guard(lambda: PreflightConfig.load(config))
+    checks = guard(lambda: bf.preflight(job, config=cfg))
     if as_json:
         out.print_json(json.dumps({"checks": [c.to_json() for c in checks],
                                    "blocked": bool(blocked(checks))}, default=str))
@@ -132,8 +132,8 @@ def rehearse(
     """Run the job for real on a clone, then verify it there: rows/s, WAL, batch durations and
     lock waits are measured and kept on this job, so `show`, `preflight` and migration plans
     use them instead of guesses. Exit 1 when the rehearsal fails or does not verify."""
-    bf = _client(ctx)
-    result = _guard(lambda: bf.rehearse(job, on))
+    bf = client(ctx)
+    result = guard(lambda: bf.rehearse(job, on))
     if as_json:
         out.print_json(json.dumps(result.to_json(), default=str))
     else:

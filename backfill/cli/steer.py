@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from backfill.cli.base import MAX_COUNT, _client, _guard, app, escape, out
+from backfill.cli.base import MAX_COUNT, app, client, escape, guard, out
 from backfill.cli.jobs import (
     OptBatch,
     OptLock,
@@ -22,7 +22,7 @@ from backfill.cli.jobs import (
     OptStmt,
     OptTarget,
     _option_changes,
-    _send_to_workers,
+    send_to_workers,
 )
 from backfill.job.states import JobState
 
@@ -35,7 +35,7 @@ Reason = Annotated[str | None, typer.Option("--reason", "-r", help="Why; recorde
 def pause(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
     """Pause a job: its runner stops before its next checkpoint (a batch in flight is rolled
     back); everything checkpointed is kept. `resume` continues from there."""
-    rec = _guard(lambda: _client(ctx).pause(job, reason))
+    rec = guard(lambda: client(ctx).pause(job, reason))
     out.print(f"job {rec.id} paused; `backfill resume {rec.id}` to continue")
 
 
@@ -43,9 +43,9 @@ def pause(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Rea
 def resume(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
     """Resume a paused job: it becomes pending; `backfill run` (or a worker) continues it.
     On a throttled job: override the controller's throttle (for one whose controller is gone)."""
-    rec = _guard(lambda: _client(ctx).resume(job, reason))
+    rec = guard(lambda: client(ctx).resume(job, reason))
     if rec.runs_on == "workers":
-        _send_to_workers(ctx, rec.id, "resumed")
+        send_to_workers(ctx, rec.id, "resumed")
         out.print(f"job {rec.id} resumed on the workers from its checkpoints")
         return
     if rec.state == JobState.RUNNING:  # a throttle overridden: its waiting runner goes on
@@ -58,9 +58,9 @@ def resume(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Re
 def approve(ctx: typer.Context, job: Annotated[str, typer.Argument()],
             reason: Reason = None) -> None:
     """Let a job whose canary verified run the rest: awaiting_approval -> pending."""
-    rec = _guard(lambda: _client(ctx).approve(job, reason))
+    rec = guard(lambda: client(ctx).approve(job, reason))
     if rec.runs_on == "workers":
-        _send_to_workers(ctx, rec.id, "approved")
+        send_to_workers(ctx, rec.id, "approved")
         out.print(f"job {rec.id} approved: the workers run the rest")
         return
     out.print(f"job {rec.id} approved; `backfill run {rec.id}` runs the rest")
@@ -69,14 +69,14 @@ def approve(ctx: typer.Context, job: Annotated[str, typer.Argument()],
 @app.command()
 def cancel(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
     """Cancel a job for good (rows already written stay written)."""
-    rec = _guard(lambda: _client(ctx).cancel(job, reason))
+    rec = guard(lambda: client(ctx).cancel(job, reason))
     out.print(f"job {rec.id} cancelled")
 
 
 @app.command()
 def retry(ctx: typer.Context, job: Annotated[str, typer.Argument()], reason: Reason = None) -> None:
     """Move a failed job back to pending; it resumes from its checkpoint when run."""
-    rec = _guard(lambda: _client(ctx).retry(job, reason))
+    rec = guard(lambda: client(ctx).retry(job, reason))
     out.print(f"job {rec.id} is pending; `backfill run {rec.id}` resumes from its checkpoint")
 
 
@@ -102,7 +102,7 @@ def tune(
         target_duration=target_duration, rate=rate, pause=pause,
         statement_timeout=statement_timeout, lock_timeout=lock_timeout, max_retries=max_retries,
         parallelism=parallelism, lock_wait_budget=lock_wait_budget)
-    rec = _guard(lambda: _client(ctx).tune(job, **changes))
+    rec = guard(lambda: client(ctx).tune(job, **changes))
     out.print(f"job {rec.id} options: " + ", ".join(f"{k}={v}" for k, v in rec.options.to_json().items()))
 
 
@@ -116,7 +116,7 @@ def verify(
 ) -> None:
     """Re-check every completed range: update jobs for rows where the SET is not true yet,
     copy jobs by count and checksum per range, move/delete jobs for rows left behind."""
-    report = _guard(lambda: _client(ctx).verify(job, chunk=chunk))
+    report = guard(lambda: client(ctx).verify(job, chunk=chunk))
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
     elif report.unverifiable:

@@ -13,9 +13,12 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from backfill.core.catalog import Conn
+from backfill.core.logs import get_logger
 from backfill.job.states import JobState
 from backfill.state.pace import BatchSample, Limits, measure
-from backfill.state.store import JobRecord, _log, get_job
+from backfill.state.store import JobRecord, get_job
+
+_log = get_logger(component="store")
 
 
 @dataclass(frozen=True)

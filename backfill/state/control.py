@@ -11,7 +11,7 @@ from psycopg.types.json import Jsonb
 
 from backfill.core.catalog import Conn
 from backfill.job.states import JobState
-from backfill.state.store import _JOB_COLUMNS, JobRecord, _job
+from backfill.state.store import JOB_COLUMNS, JobRecord, job_from_row
 
 # -- the controller ----------------------------------------------------------------------------
 
@@ -19,9 +19,9 @@ from backfill.state.store import _JOB_COLUMNS, JobRecord, _job
 def controlled_jobs(conn: Conn) -> list[JobRecord]:
     """Jobs the controller decides on: running and throttled."""
     rows = conn.cursor(row_factory=dict_row).execute(
-        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE state IN ('running', 'throttled') "  # noqa: S608 - constant column list
+        f"SELECT {JOB_COLUMNS} FROM backfill.jobs WHERE state IN ('running', 'throttled') "  # noqa: S608 - constant column list
         "ORDER BY id").fetchall()
-    return [_job(r) for r in rows]
+    return [job_from_row(r) for r in rows]
 
 
 def set_shares(conn: Conn, job_id: int, rows_per_s: float | None,

@@ -80,7 +80,7 @@ class Event:
     details: dict[str, Any] | None
 
 
-_JOB_COLUMNS = (
+JOB_COLUMNS = (
     "id, name, kind, source_schema, source_table, source_oid, key_columns, key_types, spec, "
     "options, "
     "options_version, state, state_reason, conflict_key, rows_estimate, created_by, created_at, "
@@ -89,7 +89,7 @@ _JOB_COLUMNS = (
 )
 
 
-def _job(row: dict[str, Any]) -> JobRecord:
+def job_from_row(row: dict[str, Any]) -> JobRecord:
     r = dict(row)
     r["key_columns"] = tuple(r["key_columns"])
     r["key_types"] = tuple(r["key_types"])
@@ -130,7 +130,7 @@ def create_job(
                         source_oid, key_columns, key_types, spec, options, conflict_key,
                         rows_estimate, created_by, runs_on, canary_rows, dest_oid)
                     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                    RETURNING {_JOB_COLUMNS}""",  # noqa: S608 - constant column list
+                    RETURNING {JOB_COLUMNS}""",  # noqa: S608 - constant column list
                 (name, spec.kind, schema, table, source_oid, list(key), list(key_types),
                  Jsonb(spec.to_json()), Jsonb(spec.options.to_json()), conflict_key,
                  rows_estimate, actor, runs_on, canary_rows, dest_oid),
@@ -138,7 +138,7 @@ def create_job(
         except pgerrors.UniqueViolation as exc:
             raise JobConflict(_conflict_message(conn, conflict_key)) from exc
         assert row is not None
-        job = _job(row)
+        job = job_from_row(row)
         add_event(conn, job.id, "created", actor=actor, to_state=JobState.PENDING,
                   reason="enqueued" + (" for the workers" if runs_on == "workers" else ""),
                   details={"spec": spec.to_json(), "runs_on": runs_on})
@@ -210,29 +210,29 @@ def _conflict_message(conn: Conn, conflict_key: str) -> str:
 def get_job(conn: Conn, job_id: int, *, for_update: bool = False) -> JobRecord:
     lock = " FOR UPDATE" if for_update else ""
     row = conn.cursor(row_factory=dict_row).execute(
-        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE id = %s{lock}",  # noqa: S608
+        f"SELECT {JOB_COLUMNS} FROM backfill.jobs WHERE id = %s{lock}",  # noqa: S608
         (job_id,),
     ).fetchone()
     if row is None:
         raise JobNotFound(f"no job with id {job_id} (see `backfill list --all`)")
-    return _job(row)
+    return job_from_row(row)
 
 
 def get_jobs(conn: Conn, job_ids: list[int]) -> list[JobRecord]:
     """The jobs with these ids (unknown ids left out), in id order, in one query."""
     rows = conn.cursor(row_factory=dict_row).execute(
-        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE id = ANY(%s) ORDER BY id",  # noqa: S608
+        f"SELECT {JOB_COLUMNS} FROM backfill.jobs WHERE id = ANY(%s) ORDER BY id",  # noqa: S608
         (job_ids,),
     ).fetchall()
-    return [_job(r) for r in rows]
+    return [job_from_row(r) for r in rows]
 
 
 def find_jobs_by_name(conn: Conn, name: str) -> list[JobRecord]:
     rows = conn.cursor(row_factory=dict_row).execute(
-        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs WHERE name = %s ORDER BY id DESC",  # noqa: S608
+        f"SELECT {JOB_COLUMNS} FROM backfill.jobs WHERE name = %s ORDER BY id DESC",  # noqa: S608
         (name,),
     ).fetchall()
-    return [_job(r) for r in rows]
+    return [job_from_row(r) for r in rows]
 
 
 #: The order jobs are listed in: those that need an operator, then those at work, then those
@@ -248,11 +248,11 @@ def list_jobs(conn: Conn, *, include_finished: bool = False, limit: int | None =
     unless ``limit``."""
     where = "" if include_finished else _FINISHED_FILTER
     rows = conn.cursor(row_factory=dict_row).execute(
-        f"SELECT {_JOB_COLUMNS} FROM backfill.jobs {where} "  # noqa: S608 - constant fragments
+        f"SELECT {JOB_COLUMNS} FROM backfill.jobs {where} "  # noqa: S608 - constant fragments
         "ORDER BY array_position(%s::text[], state::text), id DESC LIMIT %s OFFSET %s",
         (list(LIST_ORDER), limit, offset),
     ).fetchall()
-    return [_job(r) for r in rows]
+    return [job_from_row(r) for r in rows]
 
 
 def count_jobs(conn: Conn, *, include_finished: bool = False) -> dict[str, int]:
