@@ -56,6 +56,35 @@ _NEVER = ("TransactionStmt",)
 # -- names ------------------------------------------------------------------------------------
 
 
+#: Functions no job expression or statement may call: they change the session a batch runs
+#: in (its statement_timeout and lock_timeout are what keep the application from waiting on
+#: it), act on other sessions or the server, hold locks the batch's own do not account for, or
+#: reach outside the database. A function of the user's that calls one is not seen: database
+#: privileges are the second line.
+REFUSED_FUNCTIONS = frozenset({
+    "set_config", "pg_sleep", "pg_sleep_for", "pg_sleep_until",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
+    "pg_promote", "pg_switch_wal", "pg_create_restore_point", "pg_log_backend_memory_contexts",
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
+    "pg_advisory_unlock_shared", "pg_advisory_unlock_all",
+    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "lo_import", "lo_export",
+    "pg_file_write", "pg_file_rename", "pg_file_unlink",
+    "dblink", "dblink_exec", "dblink_connect", "dblink_connect_u", "dblink_send_query",
+    "pg_create_physical_replication_slot", "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot",
+})
+
+
+def _no_refused_functions(tree: Any, slot: str, text: str) -> None:
+    called = sorted(function_calls(tree) & REFUSED_FUNCTIONS)
+    if called:
+        raise _fail(slot, text, f"calls {', '.join(f'{c}()' for c in called)}: a job may not "
+                                "change its session's settings, sleep, take locks of its own, "
+                                "act on other sessions or reach outside the database")
+
+
 def _fail(slot: str, text: str, why: str) -> InvalidFragment:
     return InvalidFragment(f"{slot} {text!r}: {why}")
 
@@ -221,7 +250,9 @@ def expression(text: str, *, slot: str = "expression") -> str:
     _no_comments(text, slot)
     _select_of_one(_parse(f"SELECT {text}", slot, text), slot, text, "one expression")
     # In the parentheses we put it in, it must still be one expression.
-    _select_of_one(_parse(f"SELECT ({text})", slot, text), slot, text, "one expression")
+    tree = _parse(f"SELECT ({text})", slot, text)
+    _select_of_one(tree, slot, text, "one expression")
+    _no_refused_functions(tree, slot, text)
     return text
 
 
@@ -285,6 +316,7 @@ def statement(text: str, *, allowed: Iterable[str], slot: str = "statement",
     if len(stmts) != 1:
         raise _fail(slot, text, f"expected one statement, got {len(stmts)}")
     _statement_kind(stmts[0].stmt, tuple(allowed), slot, text)
+    _no_refused_functions(stmts, slot, text)
     return text.strip()
 
 

@@ -258,3 +258,25 @@ def test_a_sql_jobs_bounds_must_be_real_parameters() -> None:
     assert sqltext.parameters_used(
         "UPDATE t SET c = 1 WHERE (a, b) > (%(lower_a)s, %(lower_b)s) AND a <= %(upper_a)s"
     ) == {"lower_a", "lower_b", "upper_a"}
+
+
+@pytest.mark.parametrize("text", [
+    "set_config('statement_timeout', '0', true)",
+    "n + (SELECT 1 FROM pg_sleep(10))::int",
+    "pg_catalog.set_config('lock_timeout', '0', false)",
+    "CASE WHEN pg_try_advisory_xact_lock(1) THEN 1 END",
+    "length(pg_read_file('/etc/passwd'))",
+    "pg_terminate_backend(42)::int",
+])
+def test_an_expression_that_changes_the_session_or_reaches_out_is_refused(text: str) -> None:
+    with pytest.raises(InvalidFragment, match=r"calls .*\(\): a job may not"):
+        sqltext.expression(text, slot="--set")
+
+
+def test_a_statement_that_changes_the_session_is_refused_and_plain_functions_pass() -> None:
+    with pytest.raises(InvalidFragment, match=r"set_config\(\)"):
+        sqltext.statement("UPDATE t SET n = 1 WHERE set_config('lock_timeout', '0', true) <> ''",
+                          allowed=sqltext.SQL_JOB_STATEMENTS)
+    assert sqltext.expression("lower(email) || now()::text") == "lower(email) || now()::text"
+    # A name in a string is not a call.
+    assert sqltext.expression("'set_config(x)'") == "'set_config(x)'"
