@@ -30,7 +30,7 @@ from backfill.core.errors import InvalidInput, TableNotFound
 from backfill.mysql.errors import CheckpointConflict, SourceNotReady, ValueRefused
 from backfill.mysql.model import TablePlan
 from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
-from backfill.mysql.values import Refusal, RowConverter, source_reader
+from backfill.mysql.values import RawRowConverter, Refusal, source_reader
 
 CHECKPOINT_TABLE = "backfill_mysql_checkpoint"
 
@@ -287,7 +287,7 @@ class BatchReader:
     def __init__(self, mconn: Any, plan: TablePlan) -> None:
         self.mconn = mconn
         self.plan = plan
-        self.converter = RowConverter(plan.columns)
+        self.converter = RawRowConverter(plan.columns)   # rows of a raw SELECT
         self._keys = [(i, source_reader(plan.columns[i].source)) for i in plan.key_positions]
         self._first = _select(plan, after=False)
         self._next = _select(plan, after=True)
@@ -302,14 +302,11 @@ class BatchReader:
             return list(cur.fetchall())
 
     def convert(self, rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
-        out = []
-        conv = self.converter.convert
-        for row in rows:
-            try:
-                out.append(conv(row))
-            except Refusal as r:
-                raise refusal_error(self.plan, self.key_of(row), r) from None
-        return out
+        try:
+            return self.converter.convert_rows(rows)
+        except Refusal as r:
+            row = rows[r.row_index]  # type: ignore[attr-defined]
+            raise refusal_error(self.plan, self.key_of(row), r) from None
 
 
 def _copy_sql(plan: TablePlan) -> sql.Composed:

@@ -331,3 +331,140 @@ class RowConverter:
                 r.column = cast.source.name  # type: ignore[attr-defined]
                 raise
         return out
+
+
+# -- the copy's fast path ----------------------------------------------------------------------
+
+#: Source integer types and the values they hold (the binlog and a raw SELECT give int).
+_INT_SOURCE_BITS = {"tinyint": 8, "smallint": 16, "mediumint": 24, "int": 32, "integer": 32,
+                    "bigint": 64}
+#: Charsets whose characters are each one code point once read as UTF-8: a MySQL length
+#: limit in characters is then the same limit for PostgreSQL.
+_ONE_CODE_POINT_CHARSETS = {"utf8mb4", "utf8mb3", "utf8", "latin1", "ascii"}
+
+
+def _int_source_range(col: MySQLColumn) -> tuple[int, int] | None:
+    if col.data_type == "year":
+        return 0, 2155
+    bits = _INT_SOURCE_BITS.get(col.data_type)
+    if bits is None:
+        return None
+    if col.unsigned:
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _raw_step(cast: ColumnCast) -> Callable[[Any], Any] | None:
+    """The conversion of one non-NULL value of a raw SELECT (:data:`RAW_CONVERSIONS`: ints as
+    int, decimals as Decimal, floats as float, everything else the server's bytes) straight to
+    what PostgreSQL stores; None when the value is already that (no step at all). Every step
+    gives what ``pg_writer(cast)(source_reader(col)(v))`` gives, or the same Refusal; only the
+    pairs listed are fused, anything else is exactly that composition."""
+    col, k = cast.source, cast.kind
+    src_range = _int_source_range(col)
+    if k in INT_RANGES and src_range is not None:
+        lo, hi = INT_RANGES[k]
+        if lo <= src_range[0] and src_range[1] <= hi:
+            return None                         # an int that always fits
+    if (k == "bool" and src_range is not None and col.data_type != "year"):
+        def to_bool(v: Any) -> bool:
+            if v == 1:
+                return True
+            if v == 0:
+                return False
+            raise Refusal(f"{v} is neither 0 nor 1", "smallint")
+        return to_bool
+    if (k == "numeric" and col.data_type in ("decimal", "numeric")
+            and col.precision is not None and cast.precision is not None):
+        src_s, dst_s = col.scale or 0, cast.scale or 0
+        if (cast.scale is not None and src_s <= dst_s
+                and col.precision - src_s <= cast.precision - dst_s):
+            return None                         # a Decimal that always fits numeric(p, s)
+    if k == "text" and col.data_type in TEXT_TYPES and col.data_type != "enum":
+        limit = cast.length
+        if (limit is not None and col.length is not None and col.length <= limit
+                and (col.charset or "").lower() in _ONE_CODE_POINT_CHARSETS):
+            limit = None                        # MySQL already holds it to the limit
+
+        def to_text(v: Any) -> str:
+            try:
+                s: str = v.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise Refusal(f"invalid UTF-8 at byte {exc.start}", "bytea") from None
+            if "\x00" in s:
+                raise Refusal("a NUL character, which PostgreSQL text cannot hold", "bytea")
+            if limit is not None and len(s) > limit:
+                raise Refusal(f"{len(s)} characters, more than {cast.pg_type} holds", "text")
+            return s
+        return to_text
+    if k == "timestamp" and col.data_type == "datetime":
+        not_null = cast.not_null
+        parse = dt.datetime.fromisoformat
+
+        def to_timestamp(v: Any) -> dt.datetime | None:
+            s = v.decode("ascii")
+            if s[0:4] == "0000" or s[5:7] == "00" or s[8:10] == "00":
+                if not_null:
+                    raise Refusal("a zero date in a NOT NULL column", "text")
+                return None
+            return parse(s)
+        return to_timestamp
+    read, write, not_null = source_reader(col), pg_writer(cast), cast.not_null
+
+    def composed(v: Any) -> Any:
+        src = read(v)
+        if src is None:
+            if not_null:
+                raise Refusal("a zero date in a NOT NULL column", "text")
+            return None
+        return write(src)
+    return composed
+
+
+class RawRowConverter:
+    """:class:`RowConverter` for rows of a raw SELECT (``source.connect(raw=True)``: what the
+    copy and verify read), faster: each column's read and write fused into one step, and no
+    step where the value is already what PostgreSQL stores (an int that fits, a decimal that
+    fits). Same values, same refusals (``column`` set to the source column's name)."""
+
+    def __init__(self, casts: Sequence[ColumnCast]) -> None:
+        self.casts = tuple(casts)
+        self._steps = [(i, f) for i, c in enumerate(self.casts)
+                       if (f := _raw_step(c)) is not None]
+
+    def convert(self, row: Sequence[Any]) -> list[Any]:
+        if len(row) != len(self.casts):
+            raise ValueError(f"a row of {len(row)} values for {len(self.casts)} columns")
+        out = list(row)
+        i = -1
+        try:
+            for i, step in self._steps:
+                v = out[i]
+                if v is not None:
+                    out[i] = step(v)
+        except Refusal as r:
+            r.column = self.casts[i].source.name  # type: ignore[attr-defined]
+            raise
+        return out
+
+    def convert_rows(self, rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """Many rows; a Refusal carries ``row_index`` (the row's position in ``rows``)."""
+        steps = self._steps
+        width = len(self.casts)
+        result = []
+        i = -1
+        try:
+            for row in rows:
+                if len(row) != width:
+                    raise ValueError(f"a row of {len(row)} values for {width} columns")
+                out = list(row)
+                for i, step in steps:
+                    v = out[i]
+                    if v is not None:
+                        out[i] = step(v)
+                result.append(out)
+        except Refusal as r:
+            r.column = self.casts[i].source.name  # type: ignore[attr-defined]
+            r.row_index = len(result)  # type: ignore[attr-defined]
+            raise
+        return result
