@@ -38,13 +38,13 @@ def mysql_rows(server: MariaDB, database: str, query: str) -> list[tuple[Any, ..
 def mysql_cli(dest_dsn: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``backfill`` with the MySQL commands loaded, in its own process."""
     return subprocess.run(
-        [sys.executable, "-m", "backfill.cli", "--dsn", dest_dsn, *args],
+        [sys.executable, "-m", "backfill.cli.main", "--dsn", dest_dsn, *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
         env=cli_env(BACKFILL_CLI_PLUGINS="backfill.cli.mysql"))
 
 
 def mysql_cli_popen(dest_dsn: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "backfill.cli", "--dsn", dest_dsn, *args],
+        [sys.executable, "-m", "backfill.cli.main", "--dsn", dest_dsn, *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env=cli_env(BACKFILL_CLI_PLUGINS="backfill.cli.mysql"))
