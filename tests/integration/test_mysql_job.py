@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from backfill import Backfill, JobState, copy
-from tests.integration.helpers import cli, kill_run_after, scalar
+from tests.integration.helpers import cli, cli_popen, kill_run_after, scalar, wait_for
 from tests.integration.mysqlhelpers import mysql_exec, mysql_rows
 
 pytest_plugins = ["tests.integration.mysqlserver"]
@@ -125,12 +125,49 @@ def test_sigkill_mid_run_then_run_again_copies_each_row_once(mariadb, mysql_db, 
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("which", ["mariadb", "postgres"])
+def test_a_run_survives_a_restart_of_either_server(which, mariadb, mysql_db, dsn, pg_server):
+    if which == "postgres" and pg_server is None:
+        pytest.skip("an external PostgreSQL (BACKFILL_TEST_DSN) is not ours to restart")
+    rows = 12_000
+    mysql_exec(mariadb, mysql_db, """
+        CREATE TABLE r (id int NOT NULL PRIMARY KEY, v varchar(20) NOT NULL, n decimal(9,3))""",
+               f"INSERT INTO r SELECT seq, concat('v', seq), seq / 8 FROM seq_1_to_{rows}")
+    convert(dsn, mariadb, mysql_db, "r")
+    res = enqueue(dsn, mariadb, mysql_db, "r", "r", "--batch-size", "200", "--max-batch-size",
+                  "200", "--pause", "20ms", "-q")
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.strip())
+    bf = Backfill(dsn)
+    proc = cli_popen(dsn, "run", str(job), "--no-progress")
+    try:
+        wait_for(lambda: bf.progress(job).batches >= 5, timeout=60, what="some batches")
+        if which == "mariadb":
+            mariadb.restart()
+        else:
+            pg_server.restart(mode="immediate")
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert scalar(dsn, "SELECT count(*) FROM r") == rows
+    # the restart came mid-run: the batch it broke was retried after reconnecting
+    assert scalar(dsn, "SELECT count(*) FROM backfill.events WHERE job_id = %s AND "
+                       "kind = 'retry'", (job,)) >= 1
+    res = cli(dsn, "verify", str(job))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_pause_resume_and_cancel_steer_the_job(mariadb, mysql_db, dsn):
     mysql_exec(mariadb, mysql_db, "CREATE TABLE p (id int PRIMARY KEY, v text)",
                "INSERT INTO p SELECT seq, repeat('v', seq % 50) FROM seq_1_to_3000")
     convert(dsn, mariadb, mysql_db, "p")
     bf = Backfill(dsn)
     job = bf.enqueue(copy("p", "p", source_dsn=mariadb.dsn(mysql_db), batch_size=100))
+    plan = bf.plan(job.id)
+    assert plan.statement == "COPY public.p (id, v) FROM STDIN"
+    assert plan.key == ("id",)
     res = cli(dsn, "pause", str(job.id))
     assert res.returncode == 0, res.stderr
     res = cli(dsn, "resume", str(job.id))
