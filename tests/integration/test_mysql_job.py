@@ -233,3 +233,31 @@ def test_a_refused_value_fails_the_job_naming_the_key_and_the_cast(mariadb, mysq
     assert "--cast 'u.raw=bytea'" in (rec.last_error or "")
     assert scalar(dsn, "SELECT count(*) FROM u") == 0   # its batch committed nothing
     assert json.dumps(rec.spec.to_json())   # the stored plan is plain JSON
+
+
+def test_a_migration_copies_from_mysql_with_a_copy_from_operation(mariadb, mysql_db, dsn,
+                                                                  tmp_path):
+    mysql_exec(mariadb, mysql_db,
+               "CREATE TABLE m (a int NOT NULL, b varchar(10) NOT NULL, v decimal(8,3), "
+               "PRIMARY KEY (a, b))",
+               "INSERT INTO m SELECT seq % 13, concat('b', seq), seq / 3 FROM seq_1_to_2000")
+    convert(dsn, mariadb, mysql_db, "m")
+    path = tmp_path / "m.toml"
+    path.write_text(f'id = "m-copy"\n[[operations]]\nop = "copy_from"\n'
+                    f'source = "{mariadb.dsn(mysql_db)}"\ntable = "m"\ndest = "m"\n'
+                    f'backfill = {{ batch_size = 300 }}\n')
+    res = cli(dsn, "migrate", "start", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert scalar(dsn, "SELECT count(*) FROM m") == 2000
+    job = scalar(dsn, "SELECT max(id) FROM backfill.jobs")
+    assert Backfill(dsn).get(job).state == JobState.SUCCEEDED
+    src = mysql_rows(mariadb, mysql_db, "SELECT a, b, v FROM m ORDER BY a, b")
+    assert sorted(pg_all(dsn, "SELECT a, b, v FROM m")) == sorted(tuple(r) for r in src)
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'id = "m-bad"\n[[operations]]\nop = "copy_from"\n'
+                   f'source = "mysql://u:secret@127.0.0.1/{mysql_db}"\ntable = "m"\n'
+                   f'dest = "m"\n')
+    res = cli(dsn, "migrate", "plan", str(bad))
+    assert res.returncode == 2
+    assert "must not carry a password" in res.stderr
