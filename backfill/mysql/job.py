@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from psycopg import sql
+
 from backfill.core import sqltext
 from backfill.core.errors import ColumnNotFound, DatabaseUnavailable, InvalidInput, TableChanged
 from backfill.job.spec import JobSpec
@@ -27,7 +29,7 @@ from backfill.mysql.model import TablePlan
 from backfill.mysql.schema import CastOptions, plan_table, read_tables
 from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
 from backfill.mysql.values import source_reader
-from backfill.mysql.verify import _key_text, _select_by_keys, row_text
+from backfill.mysql.verify import _key_text, row_text
 
 Key = tuple[Any, ...]
 
@@ -42,7 +44,7 @@ CODEC_TYPES = {
     "timestamp": "timestamp with time zone",
 }
 
-KEYS_PER_LOOKUP = 2_000
+KEYS_PER_LOOKUP = 50_000
 
 _SIGNATURE = """
 SELECT column_name, column_type, is_nullable FROM information_schema.columns
@@ -196,6 +198,7 @@ class MySQLJobSource:
         details: list[str] = []
         after = lo
         compared = 0
+        lookup = _select_by_key_arrays(plan)
         while True:
             raw: list[tuple[Any, ...]] = self._call(
                 functools.partial(_read, after=after, limit=chunk, upper=hi))
@@ -208,13 +211,13 @@ class MySQLJobSource:
                    for r in reader.convert(raw)]
             compared += len(src)
             found: dict[str, str] = {}
-            # At most KEYS_PER_LOOKUP keys per statement: a long IN list of rows is a deep
-            # expression tree (PostgreSQL's stack depth limit).
+            # The keys as one array per key column, joined to the destination: a hash join,
+            # however many keys (an IN list of rows is planned as a deep OR tree).
             keys = [k for k, _ in src]
             for part in (keys[i:i + KEYS_PER_LOOKUP]
                          for i in range(0, len(keys), KEYS_PER_LOOKUP)):
-                for r in conn.execute(_select_by_keys(plan, len(part)),
-                                      [v for k in part for v in k]).fetchall():
+                arrays = [[k[j] for k in part] for j in range(len(key_pos))]
+                for r in conn.execute(lookup, arrays).fetchall():
                     found[_key_text(casts, key_pos, tuple(r[i] for i in key_pos))] = \
                         row_text(casts, r)
             missing = [k for k, _ in src if _key_text(casts, key_pos, k) not in found]
@@ -234,6 +237,22 @@ class MySQLJobSource:
                 break
             after = last
         return compared, details
+
+
+def _select_by_key_arrays(plan: TablePlan) -> sql.Composed:
+    """The destination rows whose keys are in the arrays given (one per key column, cast to
+    the column's type), every column as :func:`row_text` reads it (JSON as text)."""
+    cols = sql.SQL(", ").join(
+        sql.SQL("{}::text").format(sql.Identifier("d", c.name)) if c.kind in ("json", "jsonb")
+        else sql.Identifier("d", c.name) for c in plan.columns)
+    keys = plan.key_casts
+    arrays = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sqltext.type_sql(c.pg_type))
+                                for c in keys)
+    names = [sql.Identifier(f"k{i}") for i in range(len(keys))]
+    on = sql.SQL(" AND ").join(sql.SQL("{} = k.{}").format(sql.Identifier("d", c.name), n)
+                               for c, n in zip(keys, names, strict=True))
+    return sql.SQL("SELECT {} FROM {} AS d JOIN unnest({}) AS k({}) ON {}").format(
+        cols, sql.Identifier(plan.schema, plan.name), arrays, sql.SQL(", ").join(names), on)
 
 
 def _read(reader: BatchReader, *, after: Key | None, limit: int,
