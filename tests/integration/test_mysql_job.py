@@ -285,3 +285,41 @@ def test_binary_decimal_and_timestamp_keys_resume_and_verify(mariadb, mysql_db, 
     assert Backfill(dsn).progress(job).batches >= 300 // 7
     res = cli(dsn, "verify", str(job), "--chunk", "40")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_pause_mid_run_then_run_again_and_an_empty_table(mariadb, mysql_db, dsn):
+    mysql_exec(mariadb, mysql_db, "CREATE TABLE w (id int PRIMARY KEY, u int NOT NULL, "
+               "UNIQUE KEY (u))",
+               "INSERT INTO w SELECT seq, 100000 - seq FROM seq_1_to_5000")
+    convert(dsn, mariadb, mysql_db, "w")
+    res = enqueue(dsn, mariadb, mysql_db, "w", "w", "--key", "u", "--batch-size", "100",
+                  "--max-batch-size", "100", "--pause", "20ms", "-q")
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.strip())
+    bf = Backfill(dsn)
+    assert tuple(bf.get(job).key_columns) == ("u",)
+    proc = cli_popen(dsn, "run", str(job), "--no-progress")
+    try:
+        wait_for(lambda: bf.progress(job).batches >= 3, timeout=60, what="some batches")
+        res = cli(dsn, "pause", str(job))
+        assert res.returncode == 0, res.stderr
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert bf.get(job).state == JobState.PAUSED
+    partial = scalar(dsn, "SELECT count(*) FROM w")
+    assert 0 < partial < 5000
+    assert cli(dsn, "resume", str(job)).returncode == 0
+    res = cli(dsn, "run", str(job), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert scalar(dsn, "SELECT count(*) FROM w") == 5000
+    assert scalar(dsn, "SELECT count(DISTINCT u) FROM w") == 5000
+
+    mysql_exec(mariadb, mysql_db, "CREATE TABLE e (id int PRIMARY KEY)")
+    convert(dsn, mariadb, mysql_db, "e")
+    res = enqueue(dsn, mariadb, mysql_db, "e", "e", "-q")
+    assert res.returncode == 0, res.stderr
+    empty = int(res.stdout.strip())
+    assert cli(dsn, "run", str(empty), "--no-progress").returncode == 0
+    assert bf.get(empty).state == JobState.SUCCEEDED
