@@ -166,6 +166,17 @@ class Backfill:
                 job = self._resolve(conn, spec_or_job)
                 spec = job.spec
                 prepared = prepare_stored(conn, job, explain=False)
+            if prepared.foreign is not None:   # a MySQL source: nothing to EXPLAIN here
+                assert prepared.dest is not None
+                return Plan(
+                    table=f"{prepared.foreign.describe()}", kind=spec.kind, key=prepared.key,
+                    key_types=prepared.key_types, rows_estimate=prepared.table.rows_estimate,
+                    batch_size=spec.options.batch_size, first_batch=None,
+                    statement=f"COPY {prepared.dest.qualified} "
+                              f"({', '.join(prepared.copy_columns)}) FROM STDIN",
+                    explain="(rows read from MySQL/MariaDB in keyset batches on "
+                            f"({', '.join(prepared.key)}), converted by the job's casts)",
+                    options=spec.options.to_json())
             bounds = prepared.first_batch(conn)
             explain = prepared.dry_explain(conn, bounds)
             first_batch = (render_key(bounds[0]), render_key(bounds[1])) if bounds else None

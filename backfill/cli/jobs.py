@@ -108,9 +108,13 @@ def enqueue(
         "--workers", help="Run it on the Celery workers: dispatched at once, or by the "
         "workers' reaper if the broker is down.")] = False,
     source: Annotated[str | None, typer.Option(
-        "--source", help="copy: read --table from this other database (a DSN without "
-        "password: use ~/.pgpass); the job's state lives here, with the written rows.",
+        "--source", help="copy: read --table from this other database, PostgreSQL or "
+        "mysql://user@host:port/db (a DSN without password: use ~/.pgpass or ~/.my.cnf); "
+        "the job's state lives here, with the written rows.",
         show_default=False)] = None,
+    cast: Annotated[list[str] | None, typer.Option(
+        "--cast", help="copy from MySQL/MariaDB: table.column=pgtype, as given to "
+        "convert-schema (repeatable).", show_default=False)] = None,
     column_map: Annotated[list[str] | None, typer.Option(
         "--map", help="copy: `dest_column=source_column` for a renamed column (repeatable).",
         show_default=False)] = None,
@@ -156,6 +160,8 @@ def enqueue(
         changes: dict[str, Any] = {}
         if source is not None:
             changes["source_dsn"] = source
+        if cast:
+            changes["casts"] = tuple(cast)
         if column_map:
             pairs = [m.split("=", 1) for m in column_map]
             if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):

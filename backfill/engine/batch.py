@@ -12,6 +12,7 @@ from backfill.core.catalog import Conn
 from backfill.core.errors import LeaseLost
 from backfill.engine.keyset import Key, KeyCodec
 from backfill.engine.kinds import PreparedJob
+from backfill.engine.sources import Source
 from backfill.engine.throttle import LockWaits
 from backfill.job.options import JobOptions
 from backfill.job.states import JobState
@@ -60,7 +61,7 @@ def run_batch(
     lease_token: int,
     canary: bool = False,
     actor: str = "runner",
-    read: Conn | None = None,
+    source: Source | None = None,
 ) -> BatchResult:
     """Process ``(cursor, next]`` where ``next`` is ``size`` keys past ``cursor`` (or the slice's
     upper bound). The checkpoint is a compare-and-set on ``cursor``: if the slice moved on, the
@@ -74,12 +75,14 @@ def run_batch(
     with the checkpoint, so no separate read is needed. A failed proof
     (:class:`~backfill.core.errors.TableChanged`: the table was replaced) rolls the whole batch
     back.
+
+    A cross-database job's range is probed, read and written by its ``source``
+    (:mod:`backfill.engine.sources`), in this same transaction.
     """
     keyset = prepared.keyset
-    src = read if read is not None else conn   # a cross-database copy reads its source there
     started = time.perf_counter()
     # COPY cannot run in pipeline mode: a cross-database batch goes statement by statement.
-    pipe = contextlib.nullcontext() if prepared.remote else conn.pipeline()
+    pipe = contextlib.nullcontext() if source is not None else conn.pipeline()
     with pipe as pipeline, conn.transaction():
         conn.execute(
             "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
@@ -87,27 +90,28 @@ def run_batch(
             (f"{max(1, math.ceil(options.statement_timeout_ms))}ms",
              f"{max(1, math.ceil(options.lock_timeout_ms))}ms"),
         )
-        nxt = keyset.probe(src, cursor, slice_upper, size - 1)
-        if nxt is None:
-            hi, done = slice_upper, True
-            row = src.execute(
-                keyset.count_query(lower=cursor is not None), keyset.params(cursor, slice_upper)
-            ).fetchone()
-            scanned = int(row[0]) if row else 0
-        else:
-            hi, done, scanned = nxt, nxt == slice_upper, size
         first = None
-        if prepared.spec.kind == "sql":
-            first = keyset.first_key(conn, cursor, hi)
-        affected = 0
-        wrote = prepared.remote or bool(scanned or first)
-        if prepared.remote and prepared.spec.kind == "delete":
-            affected = prepared.delete_remote(src, conn, cursor, hi)
-        elif prepared.remote:
-            affected = scanned = prepared.copy_remote(src, conn, cursor, hi)
-        elif scanned or first:
-            affected = prepared.write_batch(
-                conn, cursor, hi, first, sync=pipeline.sync if pipeline is not None else None)
+        if source is not None:   # another database: it probes, reads and writes the range
+            hi, done, scanned, affected = source.batch(conn, cursor, slice_upper, size)
+            wrote = True
+        else:
+            nxt = keyset.probe(conn, cursor, slice_upper, size - 1)
+            if nxt is None:
+                hi, done = slice_upper, True
+                row = conn.execute(
+                    keyset.count_query(lower=cursor is not None),
+                    keyset.params(cursor, slice_upper)).fetchone()
+                scanned = int(row[0]) if row else 0
+            else:
+                hi, done, scanned = nxt, nxt == slice_upper, size
+            if prepared.spec.kind == "sql":
+                first = keyset.first_key(conn, cursor, hi)
+            affected = 0
+            wrote = bool(scanned or first)
+            if scanned or first:
+                affected = prepared.write_batch(
+                    conn, cursor, hi, first,
+                    sync=pipeline.sync if pipeline is not None else None)
         # The write (and the probe) hold their locks until COMMIT: prove that what they
         # locked is what the job is bound to (sent now, answered with the checkpoint).
         proof = prepared.binding.send(conn) if prepared.binding is not None else None

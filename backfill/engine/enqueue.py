@@ -6,9 +6,9 @@ from __future__ import annotations
 import builtins
 
 from backfill.core.catalog import Conn
-from backfill.core.errors import InvalidInput
+from backfill.core.errors import DatabaseUnavailable, InvalidInput
 from backfill.engine.prepare import prepare
-from backfill.job.spec import JobSpec, canary_size
+from backfill.job.spec import JobSpec, canary_size, source_engine
 from backfill.state import store
 
 
@@ -18,7 +18,14 @@ def create_job(conn: Conn, spec: JobSpec, *, actor: str, workers: bool) -> store
     if spec.source_dsn is not None and workers:
         raise InvalidInput("a cross-database copy runs inline (`backfill run`), not on the "
                            "workers")
-    prepared = prepare(conn, spec, explain=True)
+    try:
+        prepared = prepare(conn, spec, explain=True)
+    except DatabaseUnavailable as exc:
+        if source_engine(spec.source_dsn) != "mysql":
+            raise
+        # Nothing is stored yet: an unreachable source is input to fix, like a bad DSN.
+        raise InvalidInput(f"{exc}: nothing was enqueued") from None
+    spec = prepared.spec   # a MySQL source's plan (key, casts) is stored with the job
     canary_rows = None
     if spec.canary is not None:
         if prepared.table.rows_estimate is None and spec.canary.strip().endswith("%"):

@@ -21,6 +21,10 @@ from backfill.core.catalog import KEY_TYPES, Conn
 Key = tuple[Any, ...]
 JsonKey = list[Any]
 
+#: Key types a cursor can hold beyond the PostgreSQL key types (``catalog.KEY_TYPES``): a
+#: MySQL source's binary keys (:mod:`backfill.mysql.job`), stored as hex.
+CODEC_ONLY_TYPES = {"bytea": "bytes"}
+
 
 @dataclass(frozen=True)
 class KeyCodec:
@@ -37,6 +41,8 @@ class KeyCodec:
                 out.append(int(value))
             elif kind in ("timestamptz", "timestamp", "date"):
                 out.append(value.isoformat())
+            elif kind == "bytes":
+                out.append(bytes(value).hex())
             else:  # uuid, text, numeric
                 out.append(str(value))
         return out
@@ -56,12 +62,14 @@ class KeyCodec:
                 out.append(dt.date.fromisoformat(value))
             elif kind == "numeric":
                 out.append(decimal.Decimal(value))
+            elif kind == "bytes":
+                out.append(bytes.fromhex(value))
             else:
                 out.append(value)
         return tuple(out)
 
     def _kinds(self) -> list[str]:
-        return [KEY_TYPES[t] for t in self.types]
+        return [KEY_TYPES.get(t) or CODEC_ONLY_TYPES[t] for t in self.types]
 
 
 def render_key(key: Key | JsonKey | None) -> str:

@@ -66,6 +66,9 @@ class PreparedJob:
     source_binding: Binding | None = None
     #: ``server_version_num`` of the database written (18+: undo rows by ``RETURNING OLD``).
     server_version: int = 0
+    #: A source in another engine (MySQL/MariaDB), prepared with the job: the
+    #: :class:`~backfill.engine.sources.Source` its batches read (None: PostgreSQL).
+    foreign: Any = None
 
     @property
     def remote(self) -> bool:

@@ -10,11 +10,11 @@ import psycopg
 from psycopg import sql
 
 from backfill.core import sqltext
-from backfill.core.catalog import Conn, Table, resolve_key, resolve_table
+from backfill.core.catalog import Column, Conn, Table, resolve_key, resolve_table
 from backfill.core.errors import ColumnNotFound, InvalidInput, InvalidKey, InvalidStatement
 from backfill.engine.binding import Binding, Relation, bind
 from backfill.engine.kinds import PreparedJob, _explain_error, _ident, undo_table
-from backfill.job.spec import JobSpec, TransformFn, load_function
+from backfill.job.spec import JobSpec, TransformFn, load_function, source_engine
 
 
 def _remote_columns(spec: JobSpec, table: Table, dest: Table,
@@ -102,6 +102,8 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
             source: Conn | None = None) -> PreparedJob:
     """Validate ``spec`` against the database (and its source database for a cross-database
     copy: ``source``, or a short connection opened here); nothing is written."""
+    if source_engine(spec.source_dsn) == "mysql":
+        return _prepare_mysql(conn, spec)
     if spec.source_dsn is not None and source is None:
         from backfill.core.db import connect
 
@@ -222,3 +224,24 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
                 f"({', '.join(key_types)}): {str(exc).strip().splitlines()[0]}"
             ) from exc
     return prepared
+
+
+def _prepare_mysql(conn: Conn, spec: JobSpec) -> PreparedJob:
+    """A copy from a MySQL/MariaDB table (:mod:`backfill.mysql.job`): the destination exists
+    here (``convert-schema --apply``) and is bound; the source's plan (key, casts) is made,
+    or checked against the one stored with the job; the returned spec carries it."""
+    from backfill.mysql.job import open_job_source  # the driver only for such jobs
+
+    assert spec.dest is not None
+    dest = resolve_table(conn, spec.dest)
+    src, planned = open_job_source(spec, dest_schema=dest.schema, dest_name=dest.name,
+                                   dest_columns=[c.name for c in dest.columns if not c.generated])
+    spec = dataclasses.replace(spec, source_plan=planned, key=src.key)
+    table = Table(src.plan.source.database, src.plan.source.name, 0,
+                  tuple(Column(n, t, False, False) for n, t in src.columns), src.rows_estimate)
+    target = Relation("destination", dest.schema, dest.name, dest.oid, written=True)
+    return PreparedJob(spec, table, src.key, src.key_types, dest,
+                       tuple(c.name for c in src.plan.columns), None,
+                       source_columns=tuple(n for n, _ in src.columns),
+                       binding=bind(conn, [target], ()), server_version=conn.info.server_version,
+                       foreign=src)

@@ -48,8 +48,10 @@ from backfill.engine.keyset import Key, KeyCodec, render_key
 from backfill.engine.kinds import PreparedJob
 from backfill.engine.prepare import prepare_stored
 from backfill.engine.retry import Verdict, classify, describe_error
+from backfill.engine.sources import Source, source_for
 from backfill.engine.throttle import BatchSizer, rate_delay
 from backfill.job.options import JobOptions
+from backfill.job.spec import source_engine
 from backfill.job.states import TERMINAL, JobState
 from backfill.state import checkpoints, leases, store
 from backfill.state.schema import require_current
@@ -143,6 +145,7 @@ class Runner:
         self.log = get_logger(job_id=job_id)
         self._conn: Conn | None = None
         self._src: Conn | None = None
+        self._foreign: Any = None   # a MySQL job's source (holds its own connection)
         self._canonical = False   # cross-database jobs: see db.canonical_text
         self._retry_notes: list[dict[str, Any]] = []
         self._scanned = 0
@@ -190,7 +193,19 @@ class Runner:
             canonical_text(src)
         return src
 
+    def _source(self, prepared: PreparedJob) -> Source:
+        """A cross-database job's source (:mod:`backfill.engine.sources`): its PostgreSQL
+        database on :meth:`_read`'s connection, or the MySQL table prepared with the job."""
+        if prepared.foreign is not None and prepared.foreign is not self._foreign:
+            if self._foreign is not None:
+                self._foreign.close()
+            self._foreign = prepared.foreign
+        return source_for(prepared, lambda: self._read(prepared))
+
     def _drop_conn(self) -> None:
+        if self._foreign is not None:
+            self._foreign.close()
+            self._foreign = None
         if self._src is not None:
             self._src.close()
             self._src = None
@@ -414,6 +429,11 @@ class Runner:
         """Bind the job to the table and key it was enqueued on, and refuse if they changed:
         a dropped and recreated table, another search_path, or a new key must not silently
         reuse the cursor."""
+        if source_engine(job.spec.source_dsn) == "mysql":
+            if self._worker:
+                raise InvalidInput(f"job {job.id} copies from MySQL/MariaDB: it runs inline "
+                                   "(`backfill run`), not on the workers")
+            return prepare_stored(self.conn, job, explain=explain)
         if job.spec.source_dsn is not None:
             if not self._canonical:
                 self._canonical = True
@@ -444,8 +464,9 @@ class Runner:
             job = store.get_job(conn, job.id, for_update=True)  # tune may have changed options
             if leases.slices(conn, job.id):
                 return job
-            read = self._read(prepared)
-            upper = prepared.keyset.max_key(read)
+            source = self._source(prepared) if prepared.remote else None
+            upper = (source.max_key() if source is not None
+                     else prepared.keyset.max_key(self.conn))
             estimate = prepared.table.rows_estimate
             if upper is None:
                 estimate = 0
@@ -458,8 +479,10 @@ class Runner:
             else:
                 # Bounded: the count above may have left a 10 s SET LOCAL in this transaction.
                 conn.execute("SET LOCAL statement_timeout = '5min'")
-                cuts = slicing.boundaries(read, prepared.keyset, upper,
-                                          job.options.parallelism, estimate)
+                cuts = (source.boundaries(upper, job.options.parallelism, estimate)
+                        if source is not None else
+                        slicing.boundaries(self.conn, prepared.keyset, upper,
+                                           job.options.parallelism, estimate))
                 lowers: list[Key | None] = [None, *cuts]
                 uppers: list[Key] = [*cuts, upper]
                 leases.create_slices(
@@ -478,7 +501,9 @@ class Runner:
 
     def _count(self, prepared: PreparedJob) -> int | None:
         """Exact row count for small or never-analyzed tables, bounded by a timeout."""
-        read = self._read(prepared)
+        if prepared.remote:
+            return self._source(prepared).count()
+        read = self.conn
         try:
             with read.transaction():
                 read.execute("SET LOCAL statement_timeout = '10s'")
@@ -790,7 +815,8 @@ class Runner:
                 next_size=lambda rows, ms, waits: sizer.observe(rows, ms, options, waits),
                 lease_token=lease_token,
                 canary=job.canary_rows is not None and job.approved_at is None,
-                actor=self.owner, read=self._read(prepared) if prepared.remote else None,
+                actor=self.owner,
+                source=self._source(prepared) if prepared.remote else None,
             )
 
         by_attempts = stop_after_attempt(options.max_retries + 1)

@@ -32,6 +32,19 @@ CONFLICT_MODES = ("error", "nothing", "update")
 #: A transform gets one row (column -> value) and returns the columns to change, or None.
 TransformFn = Callable[[dict[str, Any]], Mapping[str, Any] | None]
 
+#: Source DSN schemes of other engines than PostgreSQL (their reading lives in their own
+#: package, e.g. :mod:`backfill.mysql.job`); everything else is a PostgreSQL DSN.
+FOREIGN_SCHEMES = {"mysql": "mysql", "mariadb": "mysql"}
+
+
+def source_engine(dsn: str | None) -> str | None:
+    """``None`` (no other database), ``"postgresql"`` or ``"mysql"``: by the DSN's scheme."""
+    if dsn is None:
+        return None
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    return FOREIGN_SCHEMES.get(scheme, "postgresql")
+
+
 _SET_RE = re.compile(r"^\s*(\"(?:[^\"]|\"\")+\"|[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)"
                      r"\s*=(?!=)\s*(.+?)\s*$", re.S)
 
@@ -68,6 +81,11 @@ class JobSpec:
     source_dsn: str | None = None
     #: (destination column, source column) pairs for columns renamed between the two.
     column_map: tuple[tuple[str, str], ...] = ()
+    #: copy from MySQL/MariaDB: the cast overrides given at enqueue (``table.column=type``,
+    #: as ``convert-schema --cast``), and, once prepared, the whole plan the job was enqueued
+    #: with (:mod:`backfill.mysql.job`): every run and verify re-plans and must get it again.
+    casts: tuple[str, ...] = ()
+    source_plan: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -117,15 +135,12 @@ class JobSpec:
             if self.on_conflict != "error":
                 raise InvalidInput("a cross-database copy writes with COPY: on_conflict must "
                                    "be error")
-            from psycopg.conninfo import conninfo_to_dict
-
-            try:
-                parts = conninfo_to_dict(self.source_dsn)
-            except psycopg.ProgrammingError as exc:
-                raise InvalidInput(f"malformed source DSN: {exc}") from None
-            if parts.get("password") or parts.get("sslpassword"):
-                raise InvalidInput("the source DSN must not carry a password: the job's spec "
-                                   "is stored in the database; use ~/.pgpass (or PGPASSFILE)")
+            if source_engine(self.source_dsn) == "mysql":
+                self._check_mysql_source()
+            else:
+                self._check_pg_source()
+        if self.casts and source_engine(self.source_dsn) != "mysql":
+            raise InvalidInput("--cast is for copies from MySQL/MariaDB (--source mysql://…)")
         if self.column_map and self.source_dsn is None:
             raise InvalidInput("a column map (--map) is for copies from another database "
                                "(--source)")
@@ -137,6 +152,40 @@ class JobSpec:
             raise InvalidOption(
                 f"on_conflict must be one of {', '.join(CONFLICT_MODES)}, got {self.on_conflict!r}"
             )
+
+    def _check_pg_source(self) -> None:
+        assert self.source_dsn is not None
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            parts = conninfo_to_dict(self.source_dsn)
+        except psycopg.ProgrammingError as exc:
+            raise InvalidInput(f"malformed source DSN: {exc}") from None
+        if parts.get("password") or parts.get("sslpassword"):
+            raise InvalidInput("the source DSN must not carry a password: the job's spec "
+                               "is stored in the database; use ~/.pgpass (or PGPASSFILE)")
+
+    def _check_mysql_source(self) -> None:
+        """Shape only (the driver is not needed to enqueue-check a DSN): a copy, no password
+        in the DSN (specs are stored, logged and shown), nothing PostgreSQL-specific."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        assert self.source_dsn is not None
+        if self.kind != "copy":
+            raise InvalidInput("only copy jobs read from MySQL/MariaDB (--kind copy)")
+        try:
+            parts = urlsplit(self.source_dsn)
+            password = parts.password
+            query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        except ValueError as exc:
+            raise InvalidInput(f"malformed source DSN: {exc}") from None
+        if password is not None or "password" in query:
+            raise InvalidInput("the source DSN must not carry a password: put it in an option "
+                               "file (~/.my.cnf, or the file named by ?read_default_file=PATH, "
+                               "with [client] password=...)")
+        if self.column_map or self.columns or self.where:
+            raise InvalidInput("a copy from MySQL/MariaDB copies every column of the table "
+                               "as convert-schema planned it: no --map, --columns or --where")
 
     def _check_sql_text(self) -> None:
         """Every piece of user text this spec turns into SQL, through the one gate: names as
@@ -181,6 +230,7 @@ class JobSpec:
         data["options"] = self.options.to_json()
         data["set"] = [list(p) for p in self.set]
         data["column_map"] = [list(p) for p in self.column_map]
+        data["casts"] = list(self.casts)
         return data
 
     @classmethod
@@ -189,7 +239,7 @@ class JobSpec:
         d["options"] = JobOptions.from_json(d.get("options") or {})
         d["set"] = tuple(tuple(p) for p in d.get("set") or ())
         d["column_map"] = tuple(tuple(p) for p in d.get("column_map") or ())
-        for name in ("key", "columns", "writes"):
+        for name in ("key", "columns", "writes", "casts"):
             d[name] = tuple(d.get(name) or ())
         known = {f.name for f in dataclasses.fields(cls)}
         token = _STORED.set(True)
@@ -357,13 +407,18 @@ def copy(
     key: str | Iterable[str] | None = None,
     name: str | None = None,
     description: str | None = None,
+    source_dsn: str | None = None,
+    casts: Iterable[str] = (),
     **options: Any,
 ) -> JobSpec:
-    """``INSERT INTO dest SELECT ... FROM table`` batch by batch (``on_conflict``: error, nothing, update)."""
+    """``INSERT INTO dest SELECT ... FROM table`` batch by batch (``on_conflict``: error, nothing, update).
+
+    ``source_dsn``: ``table`` lives in another database (PostgreSQL, or ``mysql://…`` for
+    MySQL/MariaDB, where ``casts`` are ``convert-schema``'s ``table.column=type`` overrides)."""
     return JobSpec(
         "copy", table, key=_key(key), dest=dest, columns=_names(columns, "columns"), where=where,
         on_conflict=on_conflict, name=name, description=description,
-        options=build_options(**options),
+        options=build_options(**options), source_dsn=source_dsn, casts=tuple(casts),
     )
 
 

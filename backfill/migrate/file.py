@@ -19,7 +19,7 @@ from backfill.core.errors import InvalidInput, InvalidOption
 OPERATION_NAMES = (
     "create_table", "drop_table", "add_column", "drop_column", "rename_column", "change_type",
     "add_foreign_key", "add_check", "add_unique", "create_index", "drop_index", "split_table",
-    "merge_tables", "backfill", "sql",
+    "merge_tables", "backfill", "copy_from", "sql",
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 

@@ -247,9 +247,10 @@ def start_move(pg: Any, mconn: Any, plan: TablePlan) -> MoveState:
 
 # -- batches --------------------------------------------------------------------------------------
 
-def _select(plan: TablePlan, after: bool) -> str:
+def _select(plan: TablePlan, after: bool, upto: bool = False) -> str:
     """The batch's SELECT. Composite keys are compared as ``k1 >= a AND (k1 > a OR (k1 = a
-    AND k2 > b) ...)``, which every MySQL version turns into one index range."""
+    AND k2 > b) ...)``, which every MySQL version turns into one index range. ``upto``: and
+    at most a key (a job's range: ``(k1, k2) <= (c, d)``, a filter on that range)."""
     cols = ", ".join(quote_name(c.source.name) for c in plan.columns)
     keys = [quote_name(k) for k in plan.key]
     table = f"{quote_name(plan.source.database)}.{quote_name(plan.source.name)}"
@@ -260,17 +261,21 @@ def _select(plan: TablePlan, after: bool) -> str:
             eqs = [f"{p} = %s" for p in keys[:i]]
             ors.append("(" + " AND ".join([*eqs, f"{k} > %s"]) + ")")
         where = f" WHERE {keys[0]} >= %s AND ({' OR '.join(ors)})"
+    if upto:
+        row = f"({', '.join(keys)}) <= ({', '.join(['%s'] * len(keys))})"
+        where = f"{where} AND {row}" if where else f" WHERE {row}"
     return (f"SELECT {cols} FROM {table}{where} "   # noqa: S608 - names quoted by quote_name
             f"ORDER BY {', '.join(keys)} LIMIT %s")
 
 
-def _params(last: Sequence[Any] | None, limit: int) -> list[Any]:
-    if last is None:
-        return [limit]
-    params: list[Any] = [last[0]]
-    for i in range(len(last)):
-        params.extend(last[: i + 1])
-    return [*params, limit]
+def _params(last: Sequence[Any] | None, limit: int,
+            upper: Sequence[Any] | None = None) -> list[Any]:
+    params: list[Any] = []
+    if last is not None:
+        params.append(last[0])
+        for i in range(len(last)):
+            params.extend(last[: i + 1])
+    return [*params, *(upper or ()), limit]
 
 
 def refusal_error(plan: TablePlan, key: Sequence[Any], r: Refusal) -> ValueRefused:
@@ -291,14 +296,22 @@ class BatchReader:
         self._keys = [(i, source_reader(plan.columns[i].source)) for i in plan.key_positions]
         self._first = _select(plan, after=False)
         self._next = _select(plan, after=True)
+        self._upto = {after: _select(plan, after=after, upto=True) for after in (False, True)}
 
     def key_of(self, row: Sequence[Any]) -> tuple[Any, ...]:
         """The row's key as canonical source values (what the next batch starts after)."""
         return tuple(read(row[i]) for i, read in self._keys)
 
-    def read(self, last: Sequence[Any] | None, limit: int) -> list[tuple[Any, ...]]:
+    def read(self, last: Sequence[Any] | None, limit: int,
+             upper: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` rows after ``last`` (None: from the first), in key order, and with
+        ``upper`` at most that key."""
+        if upper is not None:
+            query = self._upto[last is not None]
+        else:
+            query = self._first if last is None else self._next
         with self.mconn.cursor() as cur:
-            cur.execute(self._first if last is None else self._next, _params(last, limit))
+            cur.execute(query, _params(last, limit, upper))
             return list(cur.fetchall())
 
     def convert(self, rows: Sequence[Sequence[Any]]) -> list[list[Any]]:

@@ -9,6 +9,7 @@ from backfill.migrate.operations.add_unique import AddUnique
 from backfill.migrate.operations.backfill import Backfill
 from backfill.migrate.operations.base import _Op
 from backfill.migrate.operations.change_type import ChangeType
+from backfill.migrate.operations.copy_from import CopyFrom
 from backfill.migrate.operations.create_index import CreateIndex
 from backfill.migrate.operations.create_table import CreateTable
 from backfill.migrate.operations.drop_column import DropColumn
@@ -26,5 +27,5 @@ OPERATIONS: dict[str, type[_Op]] = {
     "add_foreign_key": AddForeignKey, "add_check": AddCheck, "add_unique": AddUnique,
     "create_index": CreateIndex, "drop_index": DropIndex,
     "split_table": SplitTable, "merge_tables": MergeTables,
-    "backfill": Backfill, "sql": RawSql,
+    "backfill": Backfill, "copy_from": CopyFrom, "sql": RawSql,
 }

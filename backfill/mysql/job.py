@@ -1,0 +1,325 @@
+"""A MySQL/MariaDB table as the source of a job (``backfill enqueue --kind copy --source
+mysql://…``): what :mod:`backfill.engine.sources` calls, built from this package's pieces
+(the schema's key choice and cast plan, the copy's :class:`BatchReader`, the verify's
+normalised rows). It knows nothing of the engine: the engine asks it for keys, counts and
+ranges, and commits each range's rows with its own checkpoint.
+
+The plan a job is enqueued with (every column's cast, the key) is stored in its spec
+(``source_plan``): each run and each verify plans again from the live table and refuses to go
+on when the result differs (a column added, retyped, a key changed), so every batch of a job
+converts the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from psycopg import sql
+
+from backfill.core import sqltext
+from backfill.core.errors import ColumnNotFound, DatabaseUnavailable, InvalidInput, TableChanged
+from backfill.job.spec import JobSpec
+from backfill.mysql.copy import BatchReader, copy_rows
+from backfill.mysql.model import TablePlan
+from backfill.mysql.schema import CastOptions, plan_table, read_tables
+from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
+from backfill.mysql.values import source_reader
+from backfill.mysql.verify import _key_text, row_text
+
+Key = tuple[Any, ...]
+
+#: The key-codec type of each orderable MySQL key type (how a cursor is stored as JSON by the
+#: engine's ``KeyCodec``): the canonical source values are int, Decimal, str, bytes, date,
+#: naive datetime (DATETIME) and UTC datetime (TIMESTAMP).
+CODEC_TYPES = {
+    "tinyint": "bigint", "smallint": "bigint", "mediumint": "bigint", "int": "bigint",
+    "bigint": "bigint", "year": "bigint", "decimal": "numeric", "numeric": "numeric",
+    "char": "text", "varchar": "text", "binary": "bytea", "varbinary": "bytea",
+    "date": "date", "datetime": "timestamp without time zone",
+    "timestamp": "timestamp with time zone",
+}
+
+KEYS_PER_LOOKUP = 50_000
+
+_SIGNATURE = """
+SELECT column_name, column_type, is_nullable FROM information_schema.columns
+WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position"""
+
+
+def plan_json(plan: TablePlan, options: CastOptions) -> dict[str, Any]:
+    """What a job stores of its plan: enough to see that a re-plan is the same one."""
+    return {
+        "database": plan.source.database, "table": plan.source.name, "key": list(plan.key),
+        "tinyint1_boolean": options.tinyint1_boolean,
+        "identifier_case": options.identifier_case,
+        "columns": [{"source": c.source.name, "source_type": c.source.column_type,
+                     "name": c.name, "type": c.pg_type, "kind": c.kind, "rule": c.rule}
+                    for c in plan.columns],
+    }
+
+
+@dataclass
+class MySQLJobSource:
+    """One job's source table; the data connection opens on first use and again after a
+    drop (each call that loses it raises :class:`DatabaseUnavailable`: the engine retries)."""
+
+    source: MySQLSource
+    plan: TablePlan
+    signature: tuple[tuple[str, ...], ...]
+    rows_estimate: int | None
+    _conn: Any = None
+    _reader: BatchReader | None = None
+
+    # -- what the engine reads off it ----------------------------------------------------
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return self.plan.key
+
+    @property
+    def key_types(self) -> tuple[str, ...]:
+        return tuple(CODEC_TYPES[c.source.data_type] for c in self.plan.key_casts)
+
+    @property
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        """(source name, destination type) per column."""
+        return tuple((c.source.name, c.pg_type) for c in self.plan.columns)
+
+    def describe(self) -> str:
+        return f"MySQL {self.source.describe()}.{self.plan.source.name}"
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[BatchReader], Any]) -> Any:
+        if self._conn is None or not self._conn.open:
+            self.close()
+            self._conn = connect(self.source)
+            self._reader = BatchReader(self._conn, self.plan)
+        assert self._reader is not None
+        try:
+            return fn(self._reader)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            self.close()
+            raise DatabaseUnavailable(f"lost the connection to {self.describe()}: "
+                                      f"{exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):   # already gone
+                self._conn.close()
+        self._conn = None
+        self._reader = None
+
+    def _rows(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        def run(reader: BatchReader) -> list[tuple[Any, ...]]:
+            with reader.mconn.cursor() as cur:
+                cur.execute(statement, params)
+                return list(cur.fetchall())
+        result: list[tuple[Any, ...]] = self._call(run)
+        return result
+
+    # -- the Source interface ----------------------------------------------------------------
+
+    def _table(self) -> str:
+        return f"{quote_name(self.plan.source.database)}.{quote_name(self.plan.source.name)}"
+
+    def max_key(self) -> Key | None:
+        keys = ", ".join(quote_name(k) for k in self.plan.key)
+        desc = ", ".join(f"{quote_name(k)} DESC" for k in self.plan.key)
+        rows = self._rows(f"SELECT {keys} FROM {self._table()} "   # noqa: S608 - quoted names
+                          f"ORDER BY {desc} LIMIT 1")
+        if not rows:
+            return None
+        readers = [source_reader(c.source) for c in self.plan.key_casts]
+        return tuple(read(v) for read, v in zip(readers, rows[0], strict=True))
+
+    def count(self) -> int | None:
+        """Exact rows, or None when the server stops the count (10 s, MariaDB's
+        ``max_statement_time``; elsewhere unbounded, asked only of small tables)."""
+        try:
+            rows = self._rows(f"SET STATEMENT max_statement_time = 10 FOR "  # noqa: S608
+                              f"SELECT count(*) FROM {self._table()}")
+        except DatabaseUnavailable:
+            raise
+        except Exception:
+            try:
+                rows = self._rows(f"SELECT count(*) FROM {self._table()}")   # noqa: S608
+            except DatabaseUnavailable:
+                raise
+            except Exception:
+                return None
+        return int(rows[0][0]) if rows else 0
+
+    def batch(self, conn: Any, lo: Key | None, upper: Key,
+              size: int) -> tuple[Key, bool, int, int]:
+        """Copy the next ``size`` rows after ``lo`` (at most ``upper``) into the destination
+        with COPY, in ``conn``'s open transaction: (the key reached, whether that is
+        ``upper``, rows read, rows written). A refused value raises :class:`ValueRefused` (the row's key
+        and the ``--cast`` that would move it); nothing of the batch is written then."""
+        raw = self._call(lambda r: r.read(lo, size, upper))
+        reader = self._reader
+        assert reader is not None
+        if len(raw) == size:
+            hi: Key = reader.key_of(raw[-1])
+        else:
+            hi = upper
+        rows = reader.convert(raw)
+        self.prove()   # the rows read are the planned table's (no column changed meanwhile)
+        with conn.cursor() as cur:
+            copy_rows(cur, self.plan, rows)
+        return hi, hi == upper, len(rows), len(rows)
+
+    def boundaries(self, upper: Key, parts: int, rows_estimate: int | None) -> list[Key]:
+        return []   # one slice: parallel slices of a MySQL table are not done yet
+
+    def prove(self) -> None:
+        """:class:`TableChanged` when the table's columns are no longer the planned ones."""
+        found = _signature(self._rows(_SIGNATURE, (self.plan.source.database,
+                                                   self.plan.source.name)))
+        if found != self.signature:
+            raise TableChanged(f"{self.describe()} changed since the job was planned (its "
+                               "columns differ): the planned casts no longer apply; cancel "
+                               "the job, re-plan (convert-schema) and enqueue a new one")
+
+    def verify_range(self, conn: Any, lo: Key | None, hi: Key,
+                     chunk: int) -> tuple[int, list[str]]:
+        """Compare ``(lo, hi]`` of the source with the destination rows of the same keys, as
+        ``backfill mysql verify`` does (normalised text per row, an MD5 per chunk): what
+        differs, one line per chunk; and the source rows compared."""
+        plan = self.plan
+        casts, key_pos = plan.columns, plan.key_positions
+        details: list[str] = []
+        after = lo
+        compared = 0
+        lookup = _select_by_key_arrays(plan)
+        while True:
+            raw: list[tuple[Any, ...]] = self._call(
+                functools.partial(_read, after=after, limit=chunk, upper=hi))
+            if not raw:
+                break
+            reader = self._reader
+            assert reader is not None
+            last = reader.key_of(raw[-1])
+            src = [(tuple(r[i] for i in key_pos), row_text(casts, r))
+                   for r in reader.convert(raw)]
+            compared += len(src)
+            found: dict[str, str] = {}
+            # The keys as one array per key column, joined to the destination: a hash join,
+            # however many keys (an IN list of rows is planned as a deep OR tree).
+            keys = [k for k, _ in src]
+            for part in (keys[i:i + KEYS_PER_LOOKUP]
+                         for i in range(0, len(keys), KEYS_PER_LOOKUP)):
+                arrays = [[k[j] for k in part] for j in range(len(key_pos))]
+                for r in conn.execute(lookup, arrays).fetchall():
+                    found[_key_text(casts, key_pos, tuple(r[i] for i in key_pos))] = \
+                        row_text(casts, r)
+            missing = [k for k, _ in src if _key_text(casts, key_pos, k) not in found]
+            differ = [k for k, line in src
+                      if found.get(_key_text(casts, key_pos, k), line) != line]
+            if missing or differ:
+                src_md5 = hashlib.md5("\n".join(t for _, t in src).encode(),
+                                      usedforsecurity=False).hexdigest()
+                parts = [f"source has {len(src)} rows (md5 {src_md5[:12]}), the destination "
+                         f"{len(found)} of those keys"]
+                if missing:
+                    parts.append(f"missing: {_show(missing)}")
+                if differ:
+                    parts.append(f"different: {_show(differ)}")
+                details.append("; ".join(parts))
+            if len(raw) < chunk or last == hi:
+                break
+            after = last
+        return compared, details
+
+
+def _select_by_key_arrays(plan: TablePlan) -> sql.Composed:
+    """The destination rows whose keys are in the arrays given (one per key column, cast to
+    the column's type), every column as :func:`row_text` reads it (JSON as text)."""
+    cols = sql.SQL(", ").join(
+        sql.SQL("{}::text").format(sql.Identifier("d", c.name)) if c.kind in ("json", "jsonb")
+        else sql.Identifier("d", c.name) for c in plan.columns)
+    keys = plan.key_casts
+    arrays = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sqltext.type_sql(c.pg_type))
+                                for c in keys)
+    names = [sql.Identifier(f"k{i}") for i in range(len(keys))]
+    on = sql.SQL(" AND ").join(sql.SQL("{} = k.{}").format(sql.Identifier("d", c.name), n)
+                               for c, n in zip(keys, names, strict=True))
+    return sql.SQL("SELECT {} FROM {} AS d JOIN unnest({}) AS k({}) ON {}").format(
+        cols, sql.Identifier(plan.schema, plan.name), arrays, sql.SQL(", ").join(names), on)
+
+
+def _read(reader: BatchReader, *, after: Key | None, limit: int,
+          upper: Key) -> list[tuple[Any, ...]]:
+    return reader.read(after, limit, upper)
+
+
+def _show(keys: Sequence[Key]) -> str:
+    shown = ", ".join(str(k[0]) if len(k) == 1 else "(" + ", ".join(map(str, k)) + ")"
+                      for k in keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
+
+
+def _signature(rows: Sequence[Sequence[Any]]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(_text(v) for v in r) for r in rows)
+
+
+def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
+                    dest_columns: Sequence[str]) -> tuple[MySQLJobSource, dict[str, Any]]:
+    """Plan ``spec``'s table (its key, ``spec.casts``) for the destination table
+    ``dest_schema.dest_name`` and check it against the plan stored with the job, if any:
+    (the source, the plan to store). Input errors are :class:`InvalidInput`; an unreachable
+    server :class:`DatabaseUnavailable`."""
+    assert spec.source_dsn is not None
+    source = MySQLSource.parse(spec.source_dsn)
+    schema, name = sqltext.qualified_name(spec.table, slot="table")
+    if schema is not None and schema != source.database:
+        raise InvalidInput(f"the table {spec.table} is not in the source's database "
+                           f"{source.database} (name it without the database, or as "
+                           f"{source.database}.{name})")
+    stored = spec.source_plan or {}
+    options = CastOptions.from_specs(
+        spec.casts, tinyint1_boolean=bool(stored.get("tinyint1_boolean", True)),
+        identifier_case=stored.get("identifier_case", "lower"), schema=dest_schema)
+    conn = connect(source, raw=False)
+    try:
+        table, = read_tables(conn, source.database, [name])
+        signature = _signature(
+            _query(conn, _SIGNATURE, (source.database, table.name)))
+        estimate = _query(conn, "SELECT table_rows FROM information_schema.tables WHERE "
+                          "table_schema = %s AND table_name = %s", (source.database, table.name))
+    finally:
+        conn.close()
+    plan = plan_table(table, options, spec.key or None)
+    plan = replace(plan, schema=dest_schema, name=dest_name)
+    planned = plan_json(plan, options)
+    if stored and stored != planned:
+        raise InvalidInput(
+            f"{source.describe()}.{table.name} no longer plans as it did when the job was "
+            "enqueued (a column or the key changed, or other casts): the rows copied so far "
+            "were converted by the old plan; cancel the job and enqueue a new one")
+    have = set(dest_columns)
+    lacking = [c.name for c in plan.columns if c.name not in have]
+    if lacking:
+        raise ColumnNotFound(
+            f"the destination {dest_schema}.{dest_name} has no column {', '.join(lacking)} of "
+            f"the plan for {table.name}: create it with `backfill convert-schema --source … "
+            f"--tables {table.name} --apply` (with the same --cast options as the job)")
+    rows = int(estimate[0][0]) if estimate and estimate[0][0] is not None else None
+    return MySQLJobSource(source, plan, signature, rows), planned
+
+
+def _query(conn: Any, statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(statement, params)
+        return list(cur.fetchall())
