@@ -1,5 +1,5 @@
-"""Commands for moves from MySQL/MariaDB, registered on the ``backfill`` CLI as a plugin
-(``BACKFILL_CLI_PLUGINS=workers.cli,backfill.cli.mysql``, until the core loads it):
+"""Commands for moves from MySQL/MariaDB (a copy as a job is ``backfill enqueue --kind copy
+--source mysql://…``; these are the schema, the standalone online move and its cutover):
 
     backfill convert-schema --source mysql://… [--tables a,b] [--cast t.c=type] [--apply]
     backfill mysql copy      --source mysql://… --tables a,b [--batch-size N]
