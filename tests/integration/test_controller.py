@@ -27,6 +27,7 @@ from backfill import Backfill, JobState, update
 from backfill.control.controller import Controller, ControllerConfig
 from backfill.control.policy import Limit, PolicyConfig
 from backfill.control.signals import Replica
+from backfill.state import control
 from backfill_dev.localpg import LocalPostgres, find_pg_bindir
 from tests.integration.helpers import (
     ROOT,
@@ -123,6 +124,15 @@ def _slow_job(dsn: str, rows: int = 30_000) -> int:
     return job.id
 
 
+def _replica_lag_read(dsn: str) -> bool:
+    """The controller's last tick read replica_lag[r1] (a value, not an error)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        status = control.controller_status(conn)
+    readings = (status or {}).get("readings") or []
+    return any(r.get("signal") == "replica_lag[r1]" and r.get("value") is not None
+               for r in readings)
+
+
 def _state(dsn: str, job_id: int) -> JobState:
     return Backfill(dsn).get(job_id).state
 
@@ -149,6 +159,9 @@ def test_replica_lag_throttles_within_a_poll_and_resumes_after_the_hold(
     replay = psycopg.connect(rdsn, autocommit=True)
     # 2 s: a loaded replica on a small machine lags about a second by itself.
     with Running(dsn, {"replica_lag": Limit(2.0, 1.0)}, (Replica("r1", rdsn),)):
+        # Until the replica has replayed a heartbeat of this controller its lag is unknown
+        # and the controller fails closed (a loaded machine takes a moment): start then.
+        wait_for(lambda: _replica_lag_read(dsn), timeout=30, what="a replayed heartbeat")
         proc = cli_popen(dsn, "run", str(job_id), "--no-progress")
         try:
             wait_for(lambda: bf.progress(job_id).batches >= 3, timeout=60, what="batches")
