@@ -200,6 +200,8 @@ def show_cmd(
             if state is None:
                 row["state"] = "not started"
             else:
+                if state.job_id is not None:
+                    row.update(job=state.job_id, job_state=state.job_state)
                 row.update(state="caught up" if state.copy_done else "copying",
                            rows_copied=state.rows_copied, binlog_start=str(state.start),
                            binlog_applied=str(state.applied),
