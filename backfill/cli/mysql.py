@@ -200,10 +200,12 @@ def show_cmd(
             if state is None:
                 row["state"] = "not started"
             else:
-                if state.job_id is not None:
+                if state.job_id is not None:   # the copy's progress: `backfill show JOB`
                     row.update(job=state.job_id, job_state=state.job_state)
+                else:
+                    row["rows_copied"] = state.rows_copied
                 row.update(state="caught up" if state.copy_done else "copying",
-                           rows_copied=state.rows_copied, binlog_start=str(state.start),
+                           binlog_start=str(state.start),
                            binlog_applied=str(state.applied),
                            events_applied=state.events_applied,
                            last_event_at=state.applied_event_at)

@@ -201,7 +201,12 @@ def _ckpt() -> sql.Identifier:
 
 def ensure_checkpoint_table(pg: Any) -> None:
     pg.execute(_CREATE_CHECKPOINT)
-    pg.execute(_ADD_JOB_ID)
+    # Only when missing: the ALTER's lock, inside a job's range snapshot, would hold up the
+    # catch-ups of other tables until that transaction ends.
+    if pg.execute("SELECT NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = %s::regclass"
+                  " AND attname = 'job_id' AND NOT attisdropped)",
+                  (CHECKPOINT_TABLE,)).fetchone()[0]:
+        pg.execute(_ADD_JOB_ID)
 
 
 def _job_state(pg: Any, job_id: int) -> str | None:

@@ -16,7 +16,7 @@ import pytest
 from backfill import Backfill, JobState
 from backfill.mysql.copy import read_job_state
 from tests.integration.helpers import cli, cli_popen, kill_run_after, scalar, wait_for
-from tests.integration.mysqlhelpers import mysql_exec
+from tests.integration.mysqlhelpers import mysql_exec, mysql_rows
 from tests.integration.test_mysql_binlog import dest_rows, source_rows, write_some
 
 pytest_plugins = ["tests.integration.mysqlserver"]
@@ -179,6 +179,22 @@ def test_a_killed_copy_job_run_again_then_followed_ends_equal(mariadb, mysql_db,
     assert dest_rows(dsn) == source_rows(mariadb, mysql_db)
     assert scalar(dsn, "SELECT count(*) FROM acct") == len(source_rows(mariadb, mysql_db))
 
+    # The rest of the runbook on the job's table: show, gate, cutover (writes stopped).
+    src = mariadb.dsn(mysql_db)
+    res = cli(dsn, "mysql", "show", "--source", src, "--tables", "acct")
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)
+    assert row["job"] == job
+    assert row["state"] == "caught up"
+    res = cli(dsn, "mysql", "gate", "--source", src, "--tables", "acct", "--hold", "1s",
+              "--timeout", "30s")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = cli(dsn, "mysql", "cutover", "--source", src, "--tables", "acct")
+    assert res.returncode == 0, res.stdout + res.stderr
+    auto = mysql_rows(mariadb, mysql_db, "SELECT auto_increment FROM information_schema.tables "
+                      f"WHERE table_schema = '{mysql_db}' AND table_name = 'acct'")[0][0]
+    assert json.loads(res.stdout)["sequences"]["acct.id"] >= auto
+
 
 def test_show_stays_fast_when_the_source_hangs(mariadb, mysql_db, dsn):
     make_acct(mariadb, mysql_db, dsn, rows=50)
@@ -207,3 +223,48 @@ def test_show_stays_fast_when_the_source_hangs(mariadb, mysql_db, dsn):
         assert "Traceback" not in text.stdout + text.stderr
     finally:
         silent.close()
+
+
+def test_an_older_checkpoint_table_gains_the_job_column(mariadb, mysql_db, dsn):
+    """A checkpoint table created before jobs recorded positions (no job_id) is upgraded at
+    a job's first start, its `mysql copy` rows kept."""
+    from backfill.mysql.copy import _CREATE_CHECKPOINT
+
+    old = _CREATE_CHECKPOINT.as_string(None).replace(
+        "    job_id bigint,                        -- the copy job whose copy this is "
+        "(NULL: mysql copy)\n", "")
+    assert "job_id" not in old
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        pg.execute(old)
+        pg.execute("INSERT INTO backfill_mysql_checkpoint (dest_schema, dest_table, source, "
+                   "key_columns, copy_done, start_file, start_pos, applied_file, applied_pos)"
+                   " VALUES ('public', 'other', 'x.other', '{id}', true, 'b.1', 4, 'b.1', 4)")
+    make_acct(mariadb, mysql_db, dsn, rows=20)
+    job = enqueue_acct(mariadb, mysql_db, dsn)
+    res = cli(dsn, "run", str(job), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        assert read_job_state(pg, job)[:2] == ("public", "acct")
+        assert pg.execute("SELECT job_id FROM backfill_mysql_checkpoint WHERE dest_table = "
+                          "'other'").fetchone() == (None,)
+    assert show_json(dsn, job)["catch_up"]["state"] == "caught up"
+
+
+def test_a_source_without_a_row_binlog_copies_offline_with_a_warning(mariadb, mysql_db, dsn):
+    make_acct(mariadb, mysql_db, dsn, rows=20)
+    job = enqueue_acct(mariadb, mysql_db, dsn)
+    mysql_exec(mariadb, mysql_db, "SET GLOBAL binlog_format = 'MIXED'")
+    try:
+        res = cli(dsn, "run", str(job), "--no-progress")
+    finally:
+        mysql_exec(mariadb, mysql_db, "SET GLOBAL binlog_format = 'ROW'")
+    assert res.returncode == 0, res.stderr
+    assert Backfill(dsn).get(job).state == JobState.SUCCEEDED
+    assert scalar(dsn, "SELECT count(*) FROM acct") == 20
+    shown = show_json(dsn, job)
+    assert shown["catch_up"]["state"] == "not recorded"
+    assert any(e["kind"] == "warning" and "MIXED, not ROW" in (e["reason"] or "")
+               for e in shown["events"])
+    res = catch_up_cli(dsn, mariadb, mysql_db)
+    assert res.returncode == 2
+    assert "no copy recorded a binlog position" in res.stderr
