@@ -1,5 +1,6 @@
 """Commands for moves from MySQL/MariaDB (a copy as a job is ``backfill enqueue --kind copy
---source mysql://…``; these are the schema, the standalone online move and its cutover):
+--source mysql://…``, which records the binlog position the catch-up below follows; these are
+the schema, the standalone copy, the catch-up and the cutover):
 
     backfill convert-schema --source mysql://… [--tables a,b] [--cast t.c=type] [--apply]
     backfill mysql copy      --source mysql://… --tables a,b [--batch-size N]
