@@ -34,6 +34,7 @@ from backfill.core.db import connect as pg_connect
 from backfill.core.errors import BackfillError, DatabaseUnavailable, InvalidInput
 from backfill.mysql.copy import (
     CHECKPOINT_TABLE,
+    OWNING_JOB_STATES,
     BinlogPosition,
     MoveState,
     check_source,
@@ -129,10 +130,11 @@ def ready_state(pg: Any, plan: TablePlan) -> MoveState:
             "position is recorded when it starts) nor `backfill mysql copy`")
     if state.job_id is not None:
         if state.job_state != "succeeded":
+            then = (f" (`backfill run {state.job_id}`)" if state.job_state in OWNING_JOB_STATES
+                    else "; copy the table again with a new job")
             raise InvalidInput(
                 f"{where}: copy job {state.job_id} is {state.job_state or 'gone'}; the "
-                "catch-up starts once it has succeeded"
-                + (f" (`backfill run {state.job_id}`)" if state.job_state else ""))
+                f"catch-up starts once it has succeeded{then}")
         _check_job_plan(pg, plan, state.job_id)
     elif not state.copy_done:
         raise InvalidInput(f"{where}: the copy is not done; the catch-up starts after it")

@@ -319,12 +319,18 @@ def record_job_start(pg: Any, mconn: Any, plan: TablePlan, job_id: int) -> str |
     if state is not None and state.job_state in OWNING_JOB_STATES:
         return (f"job {state.job_id} ({state.job_state}) owns {plan.schema}.{plan.name}'s "
                 "catch-up position")
+    if state is not None and pg.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(
+            sql.Identifier(plan.schema, plan.name))).fetchone()[0]:
+        # Keep the earlier copy's position while its rows are there (this job's COPY would
+        # collide with them): only a new copy into an emptied table takes the row over.
+        return (f"{plan.schema}.{plan.name} holds the rows of job {state.job_id}'s copy, "
+                "whose catch-up position stays: empty the table before copying it again")
     try:
         check_source(mconn)
     except SourceNotReady as exc:
         return str(exc)
     pos = snapshot_position(mconn)
-    pg.execute(sql.SQL(
+    cur = pg.execute(sql.SQL(
         "INSERT INTO {} AS c (dest_schema, dest_table, source, key_columns, start_file,"
         " start_pos, applied_file, applied_pos, job_id, copy_done)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, false)"
@@ -333,9 +339,12 @@ def record_job_start(pg: Any, mconn: Any, plan: TablePlan, job_id: int) -> str |
         " start_file = EXCLUDED.start_file, start_pos = EXCLUDED.start_pos,"
         " applied_file = EXCLUDED.applied_file, applied_pos = EXCLUDED.applied_pos,"
         " applied_event_at = NULL, events_applied = 0, job_id = EXCLUDED.job_id,"
-        " updated_at = now()").format(_ckpt()),
+        " updated_at = now() WHERE c.job_id IS NOT DISTINCT FROM %s").format(_ckpt()),
         (plan.schema, plan.name, _source_name(plan), list(plan.key), pos.file, pos.pos,
-         pos.file, pos.pos, job_id))
+         pos.file, pos.pos, job_id, state.job_id if state is not None else -1))
+    if cur.rowcount != 1:   # a `mysql copy` or another job wrote the row meanwhile
+        return (f"{plan.schema}.{plan.name}'s catch-up position was taken meanwhile by "
+                "another copy")
     return None
 
 

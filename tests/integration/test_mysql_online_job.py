@@ -268,3 +268,36 @@ def test_a_source_without_a_row_binlog_copies_offline_with_a_warning(mariadb, my
     res = catch_up_cli(dsn, mariadb, mysql_db)
     assert res.returncode == 2
     assert "no copy recorded a binlog position" in res.stderr
+
+
+def test_a_new_copy_job_takes_the_position_over_only_into_an_emptied_table(
+        mariadb, mysql_db, dsn):
+    make_acct(mariadb, mysql_db, dsn, rows=30)
+    first = enqueue_acct(mariadb, mysql_db, dsn)
+    assert cli(dsn, "run", str(first), "--no-progress").returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        start = read_job_state(pg, first)[2].start
+    write_some(mariadb, mysql_db, 1)
+
+    again = enqueue_acct(mariadb, mysql_db, dsn)      # the first copy's rows are still there
+    res = cli(dsn, "run", str(again), "--no-progress")
+    assert res.returncode != 0                        # its COPY collides with them
+    shown = show_json(dsn, again)
+    assert shown["catch_up"]["state"] == "not recorded"
+    assert any("empty the table before copying it again" in (e["reason"] or "")
+               for e in shown["events"])
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        assert read_job_state(pg, first)[2].start == start    # the first job's stands
+    assert cli(dsn, "cancel", str(again)).returncode == 0
+
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        pg.execute("TRUNCATE acct")
+    third = enqueue_acct(mariadb, mysql_db, dsn)
+    assert cli(dsn, "run", str(third), "--no-progress").returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        assert read_job_state(pg, first) is None
+        assert read_job_state(pg, third)[2].start > start
+    write_some(mariadb, mysql_db, 2)
+    res = catch_up_cli(dsn, mariadb, mysql_db)
+    assert res.returncode == 0, res.stderr
+    assert dest_rows(dsn) == source_rows(mariadb, mysql_db)
