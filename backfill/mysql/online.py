@@ -78,8 +78,9 @@ def _lag(dest_dsn: str, job: Any, schema: str, name: str, timeout: float) -> Any
     from backfill.mysql.source import MySQLSource
 
     source = MySQLSource.parse(job.spec.source_dsn)
-    source = dataclasses.replace(
-        source, connect_timeout=max(1, min(source.connect_timeout, int(timeout))))
+    bound = max(1, int(timeout))
+    source = dataclasses.replace(source, connect_timeout=min(source.connect_timeout, bound),
+                                 read_timeout=bound)
     columns = [c["name"] for c in (job.spec.source_plan or {}).get("columns", [])]
     src, _ = open_job_source(job.spec, dest_schema=schema, dest_name=name,
                              dest_columns=columns, source=source)

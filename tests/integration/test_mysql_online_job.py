@@ -213,7 +213,7 @@ def test_show_stays_fast_when_the_source_hangs(mariadb, mysql_db, dsn):
                        "to_jsonb(%s::text)) WHERE id = %s", (hung, job))
         t0 = time.monotonic()
         shown = show_json(dsn, job)["catch_up"]
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() - t0 < 12   # 5 s for the lag at most, and the process
         assert shown["state"] == "unknown", shown
         assert shown["reason"]
         assert shown["binlog_start"]          # what the job store knows still shows
