@@ -165,6 +165,34 @@ def list_(
     out.print(_page_text(page, include_all))
 
 
+def _mysql_copy(rec: Any) -> bool:
+    from backfill.job.spec import source_engine
+
+    return rec.kind == "copy" and source_engine(rec.spec.source_dsn) == "mysql"
+
+
+def _catch_up(dsn: str, rec: Any) -> dict[str, Any]:
+    """A MySQL copy job's binlog catch-up (bounded in time: the source may hang)."""
+    try:
+        from backfill.mysql.online import catch_up_status
+    except ImportError as exc:   # the driver is an optional extra
+        return {"state": "unknown", "reason": str(exc)}
+    return catch_up_status(dsn, rec)
+
+
+def _catch_up_text(c: dict[str, Any]) -> str:
+    parts = [str(c["state"])]
+    if "lag_seconds" in c:
+        parts.append(f"lag {c['lag_seconds']}s / {c['lag_events']} events (source at "
+                     f"{c['binlog_source']})")
+    if "binlog_start" in c:
+        parts.append(f"from {c['binlog_start']}, applied {c['binlog_applied']} "
+                     f"({c['events_applied']} events)")
+    if c.get("reason"):
+        parts.append(str(c["reason"]))
+    return "; ".join(parts)
+
+
 def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
     from rich.table import Table
 
@@ -180,6 +208,8 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
         data["slices"] = [{"slice": s.slice_no, "lower": s.lower_bound, "upper": s.upper_bound,
                            "cursor": s.cursor, "done": s.done, "rows": s.rows_scanned,
                            "batches": s.batches} for s in slices]
+        if _mysql_copy(rec):
+            data["catch_up"] = _catch_up(bf.dsn, rec)
         data["events"] = [{"at": e.at, "kind": e.kind, "from": e.from_state, "to": e.to_state,
                            "actor": e.actor, "reason": e.reason, "details": e.details}
                           for e in evs]
@@ -224,6 +254,8 @@ def _show(ctx: typer.Context, job: str, as_json: bool, events: int) -> None:
                                        "not started" + (f": `backfill run {rec.id}` starts it"
                                                         if rec.state == "succeeded" else
                                                         ": it starts when the copy is done")))
+    if _mysql_copy(rec):
+        lines.append("  catch-up  " + escape(_catch_up_text(_catch_up(bf.dsn, rec))))
     if rec.kind == "revert":
         left = prog.rows_scanned - prog.rows_affected
         lines.append(f"  reverts   job {rec.spec.reverts}: {prog.rows_affected:,} rows restored"

@@ -1,5 +1,6 @@
 """Commands for moves from MySQL/MariaDB (a copy as a job is ``backfill enqueue --kind copy
---source mysql://…``; these are the schema, the standalone online move and its cutover):
+--source mysql://…``, which records the binlog position the catch-up below follows; these are
+the schema, the standalone copy, the catch-up and the cutover):
 
     backfill convert-schema --source mysql://… [--tables a,b] [--cast t.c=type] [--apply]
     backfill mysql copy      --source mysql://… --tables a,b [--batch-size N]
@@ -200,8 +201,12 @@ def show_cmd(
             if state is None:
                 row["state"] = "not started"
             else:
+                if state.job_id is not None:   # the copy's progress: `backfill show JOB`
+                    row.update(job=state.job_id, job_state=state.job_state)
+                else:
+                    row["rows_copied"] = state.rows_copied
                 row.update(state="caught up" if state.copy_done else "copying",
-                           rows_copied=state.rows_copied, binlog_start=str(state.start),
+                           binlog_start=str(state.start),
                            binlog_applied=str(state.applied),
                            events_applied=state.events_applied,
                            last_event_at=state.applied_event_at)

@@ -465,6 +465,13 @@ class Runner:
             if leases.slices(conn, job.id):
                 return job
             source = self._source(prepared) if prepared.remote else None
+            if source is not None:
+                # Before the range's read: a MySQL source's binlog position, from which the
+                # catch-up replays every change the batches may not have seen.
+                warning = source.begin(conn, job.id)
+                if warning:
+                    store.add_event(conn, job.id, "warning", actor=self.owner,
+                                    reason=f"no catch-up position recorded: {warning}")
             upper = (source.max_key() if source is not None
                      else prepared.keyset.max_key(self.conn))
             estimate = prepared.table.rows_estimate

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 class Source(Protocol):
     """A job's source table in another database."""
 
+    def begin(self, conn: Conn, job_id: int) -> str | None:
+        """Once, before the range is snapshotted (before :meth:`max_key`), in ``conn``'s
+        transaction that stores the slices: record what the source needs to follow later
+        changes (a MySQL table: its binlog position). Returns a warning, or None."""
+
     def max_key(self) -> Key | None:
         """The greatest key (the job's range is snapshotted up to it), or None: empty."""
 
@@ -51,6 +56,9 @@ class PgSource:
 
     prepared: PreparedJob
     read: Conn
+
+    def begin(self, conn: Conn, job_id: int) -> str | None:
+        return None   # nothing to follow: a PostgreSQL copy is not online
 
     def max_key(self) -> Key | None:
         return self.prepared.keyset.max_key(self.read)

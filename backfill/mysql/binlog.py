@@ -34,6 +34,7 @@ from backfill.core.db import connect as pg_connect
 from backfill.core.errors import BackfillError, DatabaseUnavailable, InvalidInput
 from backfill.mysql.copy import (
     CHECKPOINT_TABLE,
+    OWNING_JOB_STATES,
     BinlogPosition,
     MoveState,
     check_source,
@@ -116,6 +117,46 @@ class _Pending:
             raise refusal_error(self.plan, key, r) from None
 
 
+def ready_state(pg: Any, plan: TablePlan) -> MoveState:
+    """The table's checkpoint, if its copy is done (a ``backfill mysql copy`` finished, or
+    the copy job that recorded it succeeded, with the plan the catch-up uses): else
+    :class:`InvalidInput` saying what to do first."""
+    where = f"{plan.schema}.{plan.name}"
+    state = read_state(pg, plan)
+    if state is None:
+        raise InvalidInput(
+            f"{where}: no copy recorded a binlog position to catch up from: neither a copy "
+            "job (`backfill enqueue --kind copy --source mysql://…`, then `backfill run`; the "
+            "position is recorded when it starts) nor `backfill mysql copy`")
+    if state.job_id is not None:
+        if state.job_state != "succeeded":
+            then = (f" (`backfill run {state.job_id}`)" if state.job_state in OWNING_JOB_STATES
+                    else "; copy the table again with a new job")
+            raise InvalidInput(
+                f"{where}: copy job {state.job_id} is {state.job_state or 'gone'}; the "
+                f"catch-up starts once it has succeeded{then}")
+        _check_job_plan(pg, plan, state.job_id)
+    elif not state.copy_done:
+        raise InvalidInput(f"{where}: the copy is not done; the catch-up starts after it")
+    return state
+
+
+def _check_job_plan(pg: Any, plan: TablePlan, job_id: int) -> None:
+    """The catch-up must convert as the job did: same key, same column types."""
+    from backfill.state import store
+
+    stored = store.get_job(pg, job_id).spec.source_plan or {}
+    planned = ([(c["name"], c["type"]) for c in stored.get("columns", [])],
+               list(stored.get("key", [])))
+    mine = ([(c.name, c.pg_type) for c in plan.columns], list(plan.key))
+    if stored and planned != mine:
+        differ = sorted(f"{n} {t}" for n, t in set(planned[0]) - set(mine[0]))
+        raise InvalidInput(
+            f"{plan.schema}.{plan.name}: the catch-up plans the table differently from copy job "
+            f"{job_id} ({', '.join(differ) or 'the key'} there): give it the job's --cast "
+            f"options ({', '.join(store.get_job(pg, job_id).spec.casts) or 'none'})")
+
+
 _DDL = re.compile(r"^\s*(ALTER|DROP|RENAME|TRUNCATE|CREATE)\b", re.I)
 
 
@@ -138,11 +179,7 @@ class CatchUp:
         self.server_id = server_id or random.randint(1 << 30, (1 << 32) - 2)
         self.states: dict[str, MoveState] = {}
         for plan in self.plans:
-            state = read_state(pg, plan)
-            if state is None or not state.copy_done:
-                raise InvalidInput(f"{plan.schema}.{plan.name}: the copy is not done; the "
-                                   "catch-up starts after it")
-            self.states[plan.source.name] = state
+            self.states[plan.source.name] = ready_state(pg, plan)
 
     def start(self) -> BinlogPosition:
         return min(s.applied for s in self.states.values())

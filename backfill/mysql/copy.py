@@ -50,8 +50,18 @@ CREATE TABLE IF NOT EXISTS {} (
     applied_event_at timestamptz,         -- source time of the last applied event
     events_applied bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now(),
+    job_id bigint,                        -- the copy job whose copy this is (NULL: mysql copy)
     PRIMARY KEY (dest_schema, dest_table)
 )""").format(sql.Identifier(CHECKPOINT_TABLE))
+
+#: A checkpoint table created before the copy jobs recorded their position lacks job_id.
+_ADD_JOB_ID = sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS job_id bigint").format(
+    sql.Identifier(CHECKPOINT_TABLE))
+
+#: The states in which a copy job still owns its table's checkpoint row (a failed job can be
+#: retried from its checkpoint); a succeeded or cancelled job's row goes to a newer job.
+OWNING_JOB_STATES = frozenset({"pending", "running", "throttled", "paused",
+                               "awaiting_approval", "failed"})
 
 
 @dataclass(frozen=True, order=True)
@@ -65,7 +75,9 @@ class BinlogPosition:
 
 @dataclass(frozen=True)
 class MoveState:
-    """One row of ``backfill_mysql_checkpoint``."""
+    """One row of ``backfill_mysql_checkpoint``. A row a copy job wrote (``job_id``) holds
+    only the binlog positions: the copy's progress is the job's, and ``copy_done`` says
+    whether the job has succeeded (``job_state``)."""
 
     source: str
     key_columns: tuple[str, ...]
@@ -76,6 +88,8 @@ class MoveState:
     applied: BinlogPosition
     applied_event_at: dt.datetime | None
     events_applied: int
+    job_id: int | None = None
+    job_state: str | None = None     # the job's state, when a job copied the table
 
 
 @dataclass(frozen=True)
@@ -187,25 +201,60 @@ def _ckpt() -> sql.Identifier:
 
 def ensure_checkpoint_table(pg: Any) -> None:
     pg.execute(_CREATE_CHECKPOINT)
+    # Only when missing: the ALTER's lock, inside a job's range snapshot, would hold up the
+    # catch-ups of other tables until that transaction ends.
+    if pg.execute("SELECT NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = %s::regclass"
+                  " AND attname = 'job_id' AND NOT attisdropped)",
+                  (CHECKPOINT_TABLE,)).fetchone()[0]:
+        pg.execute(_ADD_JOB_ID)
+
+
+def _job_state(pg: Any, job_id: int) -> str | None:
+    from backfill.state import store
+
+    jobs = store.get_jobs(pg, [job_id])
+    return str(jobs[0].state) if jobs else None
 
 
 def read_state(pg: Any, plan: TablePlan) -> MoveState | None:
     """The table's checkpoint, or None (no move started, or no checkpoint table yet)."""
     if pg.execute("SELECT to_regclass(%s)", (CHECKPOINT_TABLE,)).fetchone()[0] is None:
         return None
+    return _state_where(pg, sql.SQL("dest_schema = %s AND dest_table = %s"),
+                        (plan.schema, plan.name))
+
+
+def read_job_state(pg: Any, job_id: int) -> tuple[str, str, MoveState] | None:
+    """The checkpoint row a copy job wrote: (destination schema, table, state), or None."""
+    if pg.execute("SELECT to_regclass(%s)", (CHECKPOINT_TABLE,)).fetchone()[0] is None:
+        return None
     row = pg.execute(sql.SQL(
-        "SELECT source, key_columns, last_key, copy_done, rows_copied, start_file, start_pos,"
-        " applied_file, applied_pos, applied_event_at, events_applied FROM {}"
-        " WHERE dest_schema = %s AND dest_table = %s").format(_ckpt()),
-        (plan.schema, plan.name)).fetchone()
+        "SELECT dest_schema, dest_table FROM {} c"
+        " WHERE (to_jsonb(c) ->> 'job_id')::bigint = %s").format(_ckpt()), (job_id,)).fetchone()
     if row is None:
         return None
+    state = _state_where(pg, sql.SQL("dest_schema = %s AND dest_table = %s"), (row[0], row[1]))
+    return (row[0], row[1], state) if state is not None else None
+
+
+def _state_where(pg: Any, where: sql.Composable, params: Sequence[Any]) -> MoveState | None:
+    # job_id read through to_jsonb: a table of an older version has no such column yet.
+    row = pg.execute(sql.SQL(
+        "SELECT source, key_columns, last_key, copy_done, rows_copied, start_file, start_pos,"
+        " applied_file, applied_pos, applied_event_at, events_applied,"
+        " (to_jsonb(c) ->> 'job_id')::bigint FROM {} c WHERE {}").format(_ckpt(), where),
+        params).fetchone()
+    if row is None:
+        return None
+    job_id = row[11]
+    job_state = _job_state(pg, job_id) if job_id is not None else None
     return MoveState(source=row[0], key_columns=tuple(row[1]),
                      last_key=decode_key(row[2]) if row[2] is not None else None,
-                     copy_done=row[3], rows_copied=row[4],
+                     copy_done=row[3] if job_id is None else job_state == "succeeded",
+                     rows_copied=row[4],
                      start=BinlogPosition(row[5], row[6]),
                      applied=BinlogPosition(row[7], row[8]), applied_event_at=row[9],
-                     events_applied=row[10])
+                     events_applied=row[10], job_id=job_id, job_state=job_state)
 
 
 def _source_name(plan: TablePlan) -> str:
@@ -237,12 +286,66 @@ def start_move(pg: Any, mconn: Any, plan: TablePlan) -> MoveState:
              pos.file, pos.pos))
         state = read_state(pg, plan)
         assert state is not None
+    if state.job_id is not None:
+        raise InvalidInput(
+            f"{plan.schema}.{plan.name} is copied by job {state.job_id} ({state.job_state}): "
+            "`backfill run` it; `backfill mysql copy` does not take over a job's table")
     if state.source != _source_name(plan) or state.key_columns != tuple(plan.key):
         raise InvalidInput(
             f"{plan.schema}.{plan.name} is being moved from {state.source} on key "
             f"({', '.join(state.key_columns)}), not from {_source_name(plan)} on "
             f"({', '.join(plan.key)})")
     return state
+
+
+def record_job_start(pg: Any, mconn: Any, plan: TablePlan, job_id: int) -> str | None:
+    """Record, in ``pg``'s open transaction (the one that snapshots the job's range, before
+    its first batch and before that snapshot's read of the source), the binlog position of a
+    consistent snapshot as the catch-up's start for the table a copy job copies. Every batch
+    reads the source later, so it sees at least every change before that position, and the
+    catch-up replays every change after it (upserts and deletes of whole rows by key, which
+    give the same row whether or not the batch had already seen the change).
+
+    Returns None when recorded (or already recorded for this job), or why not (the job then
+    copies without a catch-up): the source's binlog cannot feed one, or the table's row
+    belongs to ``backfill mysql copy`` or to another job that may still go on."""
+    ensure_checkpoint_table(pg)
+    state = read_state(pg, plan)
+    if state is not None and state.job_id == job_id:
+        return None
+    if state is not None and state.job_id is None:
+        return (f"{plan.schema}.{plan.name} has a `backfill mysql copy` checkpoint: that copy "
+                "owns the table's catch-up position")
+    if state is not None and state.job_state in OWNING_JOB_STATES:
+        return (f"job {state.job_id} ({state.job_state}) owns {plan.schema}.{plan.name}'s "
+                "catch-up position")
+    if state is not None and pg.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(
+            sql.Identifier(plan.schema, plan.name))).fetchone()[0]:
+        # Keep the earlier copy's position while its rows are there (this job's COPY would
+        # collide with them): only a new copy into an emptied table takes the row over.
+        return (f"{plan.schema}.{plan.name} holds the rows of job {state.job_id}'s copy, "
+                "whose catch-up position stays: empty the table before copying it again")
+    try:
+        check_source(mconn)
+    except SourceNotReady as exc:
+        return str(exc)
+    pos = snapshot_position(mconn)
+    cur = pg.execute(sql.SQL(
+        "INSERT INTO {} AS c (dest_schema, dest_table, source, key_columns, start_file,"
+        " start_pos, applied_file, applied_pos, job_id, copy_done)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, false)"
+        " ON CONFLICT (dest_schema, dest_table) DO UPDATE SET source = EXCLUDED.source,"
+        " key_columns = EXCLUDED.key_columns, last_key = NULL, rows_copied = 0,"
+        " start_file = EXCLUDED.start_file, start_pos = EXCLUDED.start_pos,"
+        " applied_file = EXCLUDED.applied_file, applied_pos = EXCLUDED.applied_pos,"
+        " applied_event_at = NULL, events_applied = 0, job_id = EXCLUDED.job_id,"
+        " updated_at = now() WHERE c.job_id IS NOT DISTINCT FROM %s").format(_ckpt()),
+        (plan.schema, plan.name, _source_name(plan), list(plan.key), pos.file, pos.pos,
+         pos.file, pos.pos, job_id, state.job_id if state is not None else -1))
+    if cur.rowcount != 1:   # a `mysql copy` or another job wrote the row meanwhile
+        return (f"{plan.schema}.{plan.name}'s catch-up position was taken meanwhile by "
+                "another copy")
+    return None
 
 
 # -- batches --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from psycopg import sql
 from backfill.core import sqltext
 from backfill.core.errors import ColumnNotFound, DatabaseUnavailable, InvalidInput, TableChanged
 from backfill.job.spec import JobSpec
-from backfill.mysql.copy import BatchReader, copy_rows
+from backfill.mysql.copy import BatchReader, copy_rows, record_job_start
 from backfill.mysql.model import TablePlan
 from backfill.mysql.schema import CastOptions, plan_table, read_tables
 from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
@@ -157,6 +157,14 @@ class MySQLJobSource:
                 return None
         return int(rows[0][0]) if rows else 0
 
+    def begin(self, conn: Any, job_id: int) -> str | None:
+        """Before the first batch, in ``conn``'s transaction that snapshots the job's range:
+        record the binlog position the catch-up starts from (:func:`record_job_start`);
+        or why the job has none (a warning: the copy goes on, offline)."""
+        result: str | None = self._call(
+            lambda r: record_job_start(conn, r.mconn, self.plan, job_id))
+        return result
+
     def batch(self, conn: Any, lo: Key | None, upper: Key,
               size: int) -> tuple[Key, bool, int, int]:
         """Copy the next ``size`` rows after ``lo`` (at most ``upper``) into the destination
@@ -275,13 +283,14 @@ def _signature(rows: Sequence[Sequence[Any]]) -> tuple[tuple[str, ...], ...]:
 
 
 def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
-                    dest_columns: Sequence[str]) -> tuple[MySQLJobSource, dict[str, Any]]:
+                    dest_columns: Sequence[str], source: MySQLSource | None = None,
+                    ) -> tuple[MySQLJobSource, dict[str, Any]]:
     """Plan ``spec``'s table (its key, ``spec.casts``) for the destination table
     ``dest_schema.dest_name`` and check it against the plan stored with the job, if any:
     (the source, the plan to store). Input errors are :class:`InvalidInput`; an unreachable
-    server :class:`DatabaseUnavailable`."""
+    server :class:`DatabaseUnavailable`. ``source``: the parsed DSN, with other timeouts."""
     assert spec.source_dsn is not None
-    source = MySQLSource.parse(spec.source_dsn)
+    source = source or MySQLSource.parse(spec.source_dsn)
     schema, name = sqltext.qualified_name(spec.table, slot="table")
     if schema is not None and schema != source.database:
         raise InvalidInput(f"the table {spec.table} is not in the source's database "

@@ -49,6 +49,9 @@ class MySQLSource:
     option_group: str | None = None
     ssl: dict[str, str] = field(default_factory=dict)
     connect_timeout: int = 10
+    #: Seconds a read may wait for the server (None: each use's own, long, default); set
+    #: short by callers that must answer quickly (``show``'s lag).
+    read_timeout: int | None = None
 
     @classmethod
     def parse(cls, dsn: str) -> MySQLSource:
@@ -114,6 +117,8 @@ class MySQLSource:
                 settings["read_default_group"] = self.option_group
         if self.ssl:
             settings["ssl"] = dict(self.ssl)
+        if self.read_timeout is not None:
+            settings["read_timeout"] = self.read_timeout
         return settings
 
 
@@ -133,7 +138,8 @@ def connect(source: MySQLSource, *, raw: bool = True, read_timeout: int = 600) -
 
     kwargs = source.connection_settings()
     kwargs.update(database=source.database, autocommit=True, charset="utf8mb4",
-                  init_command=SESSION_INIT, read_timeout=read_timeout, write_timeout=600)
+                  init_command=SESSION_INIT, write_timeout=600)
+    kwargs.setdefault("read_timeout", read_timeout)
     if raw:
         kwargs.update(use_unicode=False, conv=RAW_CONVERSIONS)
     try:
