@@ -148,8 +148,8 @@ def dispatch(dsn: str, job_id: int, *, actor: str) -> list[leases.Dispatch]:
     """Start (or resume, or re-send) a job on the workers: one task per slice that needs one,
     up to its parallelism. Refuses, changing nothing, when the broker is unreachable."""
     check_broker()
-    claims = Runner(dsn, job_id, actor=actor, owner=WORKERS,
-                    gate=first_write_gate(dsn, actor)).start_distributed()
+    claims = Runner(dsn, job_id, actor=actor, owner=WORKERS).start_distributed(
+        gate=first_write_gate(dsn, actor))
     failed = send(claims)
     if failed:
         raise TasksNotSent(

@@ -54,9 +54,9 @@ def reap(dsn: str, *, actor: str, send: Send, gate: Gate | None,
     sent: list[leases.Dispatch] = []
     for job_id, state in jobs:
         runner = Runner(dsn, job_id, actor=actor, owner=WORKERS_OWNER,
-                        dispatch_stale_s=stale_after_s, gate=gate)
+                        dispatch_stale_s=stale_after_s)
         try:
-            claims = runner.start_distributed(replace_queued=False)
+            claims = runner.start_distributed(gate=gate, replace_queued=False)
         except (IllegalTransition, JobConflict, JobNotFound):
             continue  # moved by someone else since it was listed
         except InvalidInput as exc:  # its table or key changed: it can never go on

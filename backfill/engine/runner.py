@@ -125,7 +125,6 @@ class Runner:
         reconnect_timeout_s: float = 120.0,
         lease_ttl_floor_s: float = 60.0,
         dispatch_stale_s: float = 120.0,
-        gate: Gate | None = None,
     ) -> None:
         self.dsn = dsn
         self.job_id = job_id
@@ -138,7 +137,6 @@ class Runner:
         self.reconnect_timeout_s = reconnect_timeout_s
         self.lease_ttl_floor_s = lease_ttl_floor_s
         self.dispatch_stale_s = dispatch_stale_s
-        self.gate = gate
         self._send: Callable[[list[leases.Dispatch]], None] | None = None
         self._shares: tuple[float | None, float | None] = (None, None)
         self._split_tried = False
@@ -233,12 +231,14 @@ class Runner:
 
     # -- distributed mode (the Celery tasks call these; no Celery here) ---------------------
 
-    def start_distributed(self, *, replace_queued: bool = True) -> list[leases.Dispatch]:
+    def start_distributed(self, *, gate: Gate | None,
+                          replace_queued: bool = True) -> list[leases.Dispatch]:
         """Make the job run on the workers (snapshot and slices on the first start) and claim
         the slices that need a task, up to its parallelism; the caller sends them. Dispatching
         a running job again (``replace_queued``) replaces tasks that were lost: each claimed
         slice gets a new ``dispatch_seq``, so a leftover task is dropped, and leases keep two
-        workers off one slice."""
+        workers off one slice. ``gate`` runs before the job's first write (the pre-flight
+        checks; ``None`` only where the caller has run them or means to skip them)."""
         try:
             require_current(self.conn)
             job = store.get_job(self.conn, self.job_id)
@@ -251,8 +251,8 @@ class Runner:
                     "then dispatch it to the workers")
             if job.state == S.PENDING:
                 self._prepare(job, explain=True)
-                if job.started_at is None and self.gate is not None:
-                    self.gate(self.conn, job)
+                if job.started_at is None and gate is not None:
+                    gate(self.conn, job)
                 with self.conn.transaction():
                     leases.set_runs_on(self.conn, job.id, "workers")
                     job = store.transition(self.conn, job.id, S.RUNNING, actor=self.actor,

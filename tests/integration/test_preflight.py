@@ -129,8 +129,8 @@ def test_on_the_workers_a_failing_preflight_pauses_the_job(dsn: str, monkeypatch
     monkeypatch.setenv("BACKFILL_PREFLIGHT_CONFIG",
                        str(_config(tmp_path, 'backup_command = "false"\n')))
     with pytest.raises(PreflightFailed):
-        Runner(dsn, job.id, actor="reaper:test",
-               gate=first_write_gate(dsn, "reaper:test")).start_distributed()
+        Runner(dsn, job.id, actor="reaper:test").start_distributed(
+            gate=first_write_gate(dsn, "reaper:test"))
     paused = bf.get(job.id)
     assert paused.state == JobState.PAUSED
     assert "pre-flight failed: backup" in (paused.state_reason or "")

@@ -41,7 +41,7 @@ def test_work_no_worker_starts_ages_and_stale_dispatches_are_counted(dsn: str) -
         "an inline job has no queue"
 
     # Dispatched (as `backfill dispatch` does), and no worker takes the tasks.
-    claims = Runner(dsn, job.id, actor="tester", owner=WORKERS_OWNER).start_distributed()
+    claims = Runner(dsn, job.id, actor="tester", owner=WORKERS_OWNER).start_distributed(gate=None)
     assert len(claims) == 3
     _age_dispatches(dsn, job.id, 600)
     m = collect(dsn, stale_after_s=45)

@@ -271,7 +271,7 @@ def test_inline_run_refuses_a_job_running_on_the_workers(dsn: str) -> None:
     bf = Backfill(dsn)
     job = bf.enqueue(update("items", INC, parallelism=2), workers=True)
     assert job.runs_on == "workers"
-    claims = Runner(dsn, job.id, actor="t", owner=WORKERS_OWNER).start_distributed()
+    claims = Runner(dsn, job.id, actor="t", owner=WORKERS_OWNER).start_distributed(gate=None)
     assert [c.slice_no for c in claims] == [0, 1]
     with pytest.raises(JobConflict, match="on the workers; pause it first"):
         bf.run(job.id)
