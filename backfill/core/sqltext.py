@@ -73,11 +73,30 @@ REFUSED_FUNCTIONS = frozenset({
     "pg_file_write", "pg_file_rename", "pg_file_unlink",
     "dblink", "dblink_exec", "dblink_connect", "dblink_connect_u", "dblink_send_query",
     "pg_create_physical_replication_slot", "pg_create_logical_replication_slot",
-    "pg_drop_replication_slot",
+    "pg_drop_replication_slot", "pg_replication_slot_advance",
+    "pg_copy_physical_replication_slot", "pg_copy_logical_replication_slot",
+    "pg_logical_slot_get_changes", "pg_logical_slot_peek_changes",
+    "pg_logical_slot_get_binary_changes", "pg_logical_slot_peek_binary_changes",
+    "pg_logical_emit_message",
+    "dblink_open", "dblink_fetch", "dblink_close", "dblink_disconnect", "dblink_get_result",
+    "dblink_cancel_query",
+    "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir",
+    "pg_ls_logicalsnapdir", "pg_ls_logicalmapdir", "pg_ls_replslotdir",
+    "lo_from_bytea", "lo_put", "lo_unlink", "lo_create", "lo_creat",
 })
+#: Relations no job statement may write: an UPDATE of ``pg_settings`` is ``set_config()`` by
+#: a rule (and lasts past the batch's transaction). Reading them is fine.
+REFUSED_RELATIONS = frozenset({"pg_settings"})
 
 
 def _no_refused_functions(tree: Any, slot: str, text: str) -> None:
+    written = sorted({n.relation.relname for n in _walk(tree)
+                      if type(n).__name__ in ("UpdateStmt", "InsertStmt", "DeleteStmt",
+                                              "MergeStmt") and n.relation is not None}
+                     & REFUSED_RELATIONS)
+    if written:
+        raise _fail(slot, text, f"writes {', '.join(written)}: that changes the session's "
+                                "settings, which a job may not")
     called = sorted(function_calls(tree) & REFUSED_FUNCTIONS)
     if called:
         raise _fail(slot, text, f"calls {', '.join(f'{c}()' for c in called)}: a job may not "

@@ -280,3 +280,20 @@ def test_a_statement_that_changes_the_session_is_refused_and_plain_functions_pas
     assert sqltext.expression("lower(email) || now()::text") == "lower(email) || now()::text"
     # A name in a string is not a call.
     assert sqltext.expression("'set_config(x)'") == "'set_config(x)'"
+
+
+@pytest.mark.parametrize("text", [
+    "UPDATE pg_settings SET setting = '0' WHERE name = 'lock_timeout'",
+    "WITH s AS (UPDATE pg_catalog.pg_settings SET setting = '0' WHERE name = 'lock_timeout' "
+    "RETURNING 1) UPDATE t SET n = n + 1 WHERE id BETWEEN %(lower)s AND %(upper)s",
+    "SELECT pg_replication_slot_advance('slot', pg_current_wal_lsn())",
+    "SELECT * FROM pg_logical_slot_get_changes('slot', NULL, NULL)",
+])
+def test_a_statement_that_writes_settings_or_consumes_a_slot_is_refused(text: str) -> None:
+    with pytest.raises(InvalidFragment, match=r"a job may not"):
+        sqltext.statement(text, allowed=sqltext.SQL_JOB_STATEMENTS, placeholders=True)
+
+
+def test_reading_pg_settings_is_fine() -> None:
+    text = "SELECT setting::int FROM pg_settings WHERE name = 'max_connections'"
+    assert sqltext.statement(text, allowed=sqltext.PROBE_STATEMENTS) == text
