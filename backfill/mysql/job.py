@@ -25,9 +25,18 @@ from backfill.core import sqltext
 from backfill.core.errors import ColumnNotFound, DatabaseUnavailable, InvalidInput, TableChanged
 from backfill.job.spec import JobSpec
 from backfill.mysql.copy import BatchReader, copy_rows, record_job_start
+from backfill.mysql.errors import SourceError
 from backfill.mysql.model import TablePlan
 from backfill.mysql.schema import CastOptions, plan_table, read_tables
-from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
+from backfill.mysql.source import (
+    MySQLSource,
+    connect,
+    error_code,
+    error_text,
+    is_connection_error,
+    is_server_error,
+    quote_name,
+)
 from backfill.mysql.values import source_reader
 from backfill.mysql.verify import _key_text, row_text
 
@@ -45,6 +54,9 @@ CODEC_TYPES = {
 }
 
 KEYS_PER_LOOKUP = 50_000
+#: Errors that stop a statement for its time limit: MariaDB's ``max_statement_time`` (1969),
+#: MySQL's ``MAX_EXECUTION_TIME`` (3024).
+TOO_SLOW = frozenset({1969, 3024})
 
 _SIGNATURE = """
 SELECT column_name, column_type, is_nullable FROM information_schema.columns
@@ -95,7 +107,12 @@ class MySQLJobSource:
 
     # -- connection ------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[[BatchReader], Any]) -> Any:
+    def _call(self, fn: Callable[[BatchReader], Any], *, check: bool = True) -> Any:
+        """``fn`` on the open reader. A lost connection is :class:`DatabaseUnavailable` (the
+        engine reconnects and retries); the server's own error (1054 unknown column, 1146 no
+        such table, 1205 lock wait timeout ...) is :class:`TableChanged` when the table is no
+        longer the planned one (``check``), else :class:`SourceError` naming its number:
+        retrying would only repeat it."""
         if self._conn is None or not self._conn.open:
             self.close()
             self._conn = connect(self.source)
@@ -104,11 +121,16 @@ class MySQLJobSource:
         try:
             return fn(self._reader)
         except Exception as exc:
-            if not is_connection_error(exc):
+            if is_connection_error(exc):
+                self.close()
+                raise DatabaseUnavailable(f"lost the connection to {self.describe()}: "
+                                          f"{error_text(exc)}") from exc
+            if not is_server_error(exc):
                 raise
-            self.close()
-            raise DatabaseUnavailable(f"lost the connection to {self.describe()}: "
-                                      f"{exc}") from exc
+            if check:
+                self.prove()   # a column or the table dropped: say so, not the symptom
+            raise SourceError(f"{self.describe()}: {error_text(exc)}",
+                              error_code(exc)) from None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -117,12 +139,13 @@ class MySQLJobSource:
         self._conn = None
         self._reader = None
 
-    def _rows(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _rows(self, statement: str, params: Sequence[Any] = (), *,
+              check: bool = True) -> list[tuple[Any, ...]]:
         def run(reader: BatchReader) -> list[tuple[Any, ...]]:
             with reader.mconn.cursor() as cur:
                 cur.execute(statement, params)
                 return list(cur.fetchall())
-        result: list[tuple[Any, ...]] = self._call(run)
+        result: list[tuple[Any, ...]] = self._call(run, check=check)
         return result
 
     # -- the Source interface ----------------------------------------------------------------
@@ -141,20 +164,22 @@ class MySQLJobSource:
         return tuple(read(v) for read, v in zip(readers, rows[0], strict=True))
 
     def count(self) -> int | None:
-        """Exact rows, or None when the server stops the count (10 s, MariaDB's
-        ``max_statement_time``; elsewhere unbounded, asked only of small tables)."""
+        """Exact rows, or None when the server stops the count as too slow (10 s: MariaDB's
+        ``max_statement_time``, error 1969; MySQL's ``MAX_EXECUTION_TIME`` hint, 3024)."""
+        table = self._table()
         try:
             rows = self._rows(f"SET STATEMENT max_statement_time = 10 FOR "  # noqa: S608
-                              f"SELECT count(*) FROM {self._table()}")
-        except DatabaseUnavailable:
-            raise
-        except Exception:
-            try:
-                rows = self._rows(f"SELECT count(*) FROM {self._table()}")   # noqa: S608
-            except DatabaseUnavailable:
-                raise
-            except Exception:
+                              f"SELECT count(*) FROM {table}")
+        except SourceError as exc:
+            if exc.code in TOO_SLOW:
                 return None
+            try:   # MySQL: no SET STATEMENT (1064); MariaDB ignores the optimizer hint
+                rows = self._rows(f"SELECT /*+ MAX_EXECUTION_TIME(10000) */ "  # noqa: S608
+                                  f"count(*) FROM {table}")
+            except SourceError as again:
+                if again.code in TOO_SLOW:
+                    return None
+                raise
         return int(rows[0][0]) if rows else 0
 
     def begin(self, conn: Any, job_id: int) -> str | None:
@@ -190,7 +215,7 @@ class MySQLJobSource:
     def prove(self) -> None:
         """:class:`TableChanged` when the table's columns are no longer the planned ones."""
         found = _signature(self._rows(_SIGNATURE, (self.plan.source.database,
-                                                   self.plan.source.name)))
+                                                   self.plan.source.name), check=False))
         if found != self.signature:
             raise TableChanged(f"{self.describe()} changed since the job was planned (its "
                                "columns differ): the planned casts no longer apply; cancel "

@@ -323,3 +323,41 @@ def test_pause_mid_run_then_run_again_and_an_empty_table(mariadb, mysql_db, dsn)
     empty = int(res.stdout.strip())
     assert cli(dsn, "run", str(empty), "--no-progress").returncode == 0
     assert bf.get(empty).state == JobState.SUCCEEDED
+
+
+def _run_until_changed(dsn, mariadb, mysql_db, table, change):
+    """Run the job of ``table`` in its own process, ``change`` the source table after a few
+    batches; the job's record once the run ends, and how long the run took after the change."""
+    import subprocess
+    import time
+
+    from tests.integration.helpers import wait_for
+
+    convert(dsn, mariadb, mysql_db, table)
+    res = enqueue(dsn, mariadb, mysql_db, table, table, "--batch-size", "100",
+                  "--max-batch-size", "100", "--pause", "30ms", "-q")
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.strip())
+    bf = Backfill(dsn)
+    proc = cli_popen(dsn, "run", str(job), "--no-progress", output=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: bf.progress(job).batches >= 3, timeout=60, what="3 batches")
+        mysql_exec(mariadb, mysql_db, change)
+        changed = time.monotonic()
+        assert proc.wait(timeout=60) != 0
+        took = time.monotonic() - changed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return bf.get(job), took
+
+
+def test_a_column_dropped_mid_job_fails_it_as_a_changed_table_at_once(mariadb, mysql_db, dsn):
+    mysql_exec(mariadb, mysql_db, "CREATE TABLE dc (id int PRIMARY KEY, v int, w text)",
+               "INSERT INTO dc SELECT seq, seq, 'w' FROM seq_1_to_5000")
+    rec, took = _run_until_changed(dsn, mariadb, mysql_db, "dc", "ALTER TABLE dc DROP COLUMN w")
+    assert rec.state == JobState.FAILED
+    assert "changed since the job was planned" in (rec.last_error or "")
+    assert "lost the connection" not in (rec.last_error or "")
+    assert took < 20   # not retried for the reconnect timeout

@@ -21,7 +21,13 @@ from backfill.mysql.schema import (
     render,
     sequence_statements,
 )
-from backfill.mysql.source import MySQLSource, quote_name
+from backfill.mysql.source import (
+    MySQLSource,
+    error_text,
+    is_connection_error,
+    is_server_error,
+    quote_name,
+)
 from backfill.mysql.values import RawRowConverter, Refusal, RowConverter, render_text
 
 # -- DSNs --------------------------------------------------------------------------------------
@@ -361,3 +367,37 @@ def test_binlog_changes_coalesce_per_key_last_image_wins():
     assert p.events == 7
     assert p.changes == {(1,): [1, "a2", []], (2,): None, (20,): [20, "b", []], (3,): None,
                          (4,): [4, "d", []]}
+
+
+# -- error classification ----------------------------------------------------------------------
+
+
+def test_only_a_lost_connection_is_a_connection_error():
+    pymysql = pytest.importorskip("pymysql")
+    err = pymysql.err
+    lost = [err.OperationalError(2003, "Can't connect"), err.OperationalError(2006, "gone away"),
+            err.OperationalError(2013, "Lost connection"), err.OperationalError(2055, "lost"),
+            err.OperationalError(1053, "Server shutdown in progress"),
+            err.OperationalError(1152, "Aborted connection"),
+            err.OperationalError(1927, "Connection was killed"),
+            err.OperationalError(4031, "disconnected by the server"),
+            err.InterfaceError(0, ""), err.OperationalError(), ConnectionResetError(),
+            TimeoutError()]
+    answers = [err.OperationalError(1054, "Unknown column 'v' in 'field list'"),
+               err.OperationalError(1205, "Lock wait timeout exceeded"),
+               err.OperationalError(1969, "Query execution was interrupted (max_statement_time"
+                                          " exceeded)"),
+               err.OperationalError(1317, "Query execution was interrupted"),
+               err.OperationalError(3024, "maximum statement execution time exceeded"),
+               err.ProgrammingError(1146, "Table 'shop.orders' doesn't exist"),
+               err.InternalError(1213, "Deadlock found")]
+    for exc in lost:
+        assert is_connection_error(exc), exc
+        assert not is_server_error(exc), exc
+    for exc in answers:
+        assert not is_connection_error(exc), exc
+        assert is_server_error(exc), exc
+    assert not is_connection_error(ValueError("x"))
+    assert not is_server_error(ValueError("x"))
+    assert error_text(err.OperationalError(1205, "Lock wait timeout exceeded\nmore")) == \
+        "MySQL error 1205: Lock wait timeout exceeded"
