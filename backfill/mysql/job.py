@@ -58,9 +58,18 @@ KEYS_PER_LOOKUP = 50_000
 #: MySQL's ``MAX_EXECUTION_TIME`` (3024).
 TOO_SLOW = frozenset({1969, 3024})
 
+#: What the job's batches check the table against: its columns (name, type, nullability, in
+#: order) and its indexes' columns, of which the signature keeps the ones over exactly the key
+#: (the unique index that makes the key a key: dropped, or made non-unique, the batches'
+#: ranges no longer hold each row once).
 _SIGNATURE = """
-SELECT column_name, column_type, is_nullable FROM information_schema.columns
-WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position"""
+SELECT 'c', ordinal_position, column_name, column_type, is_nullable
+FROM information_schema.columns WHERE table_schema = %s AND table_name = %s
+UNION ALL
+SELECT 'i', 0, index_name, min(non_unique),
+       group_concat(column_name ORDER BY seq_in_index SEPARATOR '\x1f')
+FROM information_schema.statistics WHERE table_schema = %s AND table_name = %s
+GROUP BY index_name"""
 
 
 def plan_json(plan: TablePlan, options: CastOptions) -> dict[str, Any]:
@@ -213,13 +222,17 @@ class MySQLJobSource:
         return []   # one slice: parallel slices of a MySQL table are not done yet
 
     def prove(self) -> None:
-        """:class:`TableChanged` when the table's columns are no longer the planned ones."""
-        found = _signature(self._rows(_SIGNATURE, (self.plan.source.database,
-                                                   self.plan.source.name), check=False))
+        """:class:`TableChanged` when the table's columns, or the unique index behind its
+        key, are no longer the planned ones."""
+        found = _signature(self._rows(_SIGNATURE, _signature_params(self.plan), check=False),
+                           self.plan.key)
         if found != self.signature:
-            raise TableChanged(f"{self.describe()} changed since the job was planned (its "
-                               "columns differ): the planned casts no longer apply; cancel "
-                               "the job, re-plan (convert-schema) and enqueue a new one")
+            what = ("its columns differ" if _part(found, "c") != _part(self.signature, "c")
+                    else f"the unique index on its key ({', '.join(self.plan.key)}) was "
+                         "dropped or changed")
+            raise TableChanged(f"{self.describe()} changed since the job was planned ({what}): "
+                               "the planned casts and key no longer apply; cancel the job, "
+                               "re-plan (convert-schema) and enqueue a new one")
 
     def verify_range(self, conn: Any, lo: Key | None, hi: Key,
                      chunk: int) -> tuple[int, list[str]]:
@@ -303,8 +316,23 @@ def _text(v: Any) -> str:
     return v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
 
 
-def _signature(rows: Sequence[Sequence[Any]]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(_text(v) for v in r) for r in rows)
+def _signature(rows: Sequence[Sequence[Any]],
+               key: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """The rows of :data:`_SIGNATURE` as text, in a fixed order: every column, and the
+    indexes over exactly ``key`` (name, non-unique flag, columns)."""
+    key_text = "\x1f".join(key)
+    ordered = sorted(rows, key=lambda r: (_text(r[0]), int(r[1]), _text(r[2])))
+    text = [(_text(r[0]), *(_text(v) for v in r[2:])) for r in ordered]
+    return tuple(r for r in text if r[0] == "c" or r[-1] == key_text)
+
+
+def _signature_params(plan: TablePlan) -> tuple[str, str, str, str]:
+    database, name = plan.source.database, plan.source.name
+    return database, name, database, name
+
+
+def _part(signature: tuple[tuple[str, ...], ...], kind: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(r for r in signature if r[0] == kind)
 
 
 def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
@@ -328,8 +356,7 @@ def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
     conn = connect(source, raw=False)
     try:
         table, = read_tables(conn, source.database, [name])
-        signature = _signature(
-            _query(conn, _SIGNATURE, (source.database, table.name)))
+        shape = _query(conn, _SIGNATURE, (source.database, table.name) * 2)
         estimate = _query(conn, "SELECT table_rows FROM information_schema.tables WHERE "
                           "table_schema = %s AND table_name = %s", (source.database, table.name))
     finally:
@@ -350,7 +377,7 @@ def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
             f"the plan for {table.name}: create it with `backfill convert-schema --source … "
             f"--tables {table.name} --apply` (with the same --cast options as the job)")
     rows = int(estimate[0][0]) if estimate and estimate[0][0] is not None else None
-    return MySQLJobSource(source, plan, signature, rows), planned
+    return MySQLJobSource(source, plan, _signature(shape, plan.key), rows), planned
 
 
 def _query(conn: Any, statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -361,3 +361,12 @@ def test_a_column_dropped_mid_job_fails_it_as_a_changed_table_at_once(mariadb, m
     assert "changed since the job was planned" in (rec.last_error or "")
     assert "lost the connection" not in (rec.last_error or "")
     assert took < 20   # not retried for the reconnect timeout
+
+
+def test_the_key_index_dropped_mid_job_fails_it_naming_the_change(mariadb, mysql_db, dsn):
+    mysql_exec(mariadb, mysql_db, "CREATE TABLE dk (id int NOT NULL, v int, UNIQUE KEY uk (id))",
+               "INSERT INTO dk SELECT seq, seq FROM seq_1_to_5000")
+    rec, took = _run_until_changed(dsn, mariadb, mysql_db, "dk", "ALTER TABLE dk DROP KEY uk")
+    assert rec.state == JobState.FAILED
+    assert "the unique index on its key (id) was dropped or changed" in (rec.last_error or "")
+    assert took < 20
