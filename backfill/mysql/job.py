@@ -24,7 +24,7 @@ from psycopg import sql
 from backfill.core import sqltext
 from backfill.core.errors import ColumnNotFound, DatabaseUnavailable, InvalidInput, TableChanged
 from backfill.job.spec import JobSpec
-from backfill.mysql.copy import BatchReader, copy_rows, record_job_start
+from backfill.mysql.copy import BatchReader, copy_rows, read_key, record_job_start
 from backfill.mysql.errors import SourceError
 from backfill.mysql.model import TablePlan
 from backfill.mysql.schema import CastOptions, plan_table, read_tables
@@ -37,7 +37,6 @@ from backfill.mysql.source import (
     is_server_error,
     quote_name,
 )
-from backfill.mysql.values import source_reader
 from backfill.mysql.verify import _key_text, row_text
 
 Key = tuple[Any, ...]
@@ -169,8 +168,7 @@ class MySQLJobSource:
                           f"ORDER BY {desc} LIMIT 1")
         if not rows:
             return None
-        readers = [source_reader(c.source) for c in self.plan.key_casts]
-        return tuple(read(v) for read, v in zip(readers, rows[0], strict=True))
+        return read_key(self.plan, rows[0])   # a zero date: ValueRefused
 
     def count(self) -> int | None:
         """Exact rows, or None when the server stops the count as too slow (10 s: MariaDB's

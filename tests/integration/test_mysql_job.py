@@ -370,3 +370,28 @@ def test_the_key_index_dropped_mid_job_fails_it_naming_the_change(mariadb, mysql
     assert rec.state == JobState.FAILED
     assert "the unique index on its key (id) was dropped or changed" in (rec.last_error or "")
     assert took < 20
+
+
+@pytest.mark.parametrize(("rows", "shown"), [
+    ("('2024-01-01', 1), ('0000-00-00', 2), ('2024-01-02', 3)", "d='0000-00-00', n=2"),
+    ("('0000-00-00', 1)", "d='0000-00-00', n=1"),   # the whole range's upper key
+])
+def test_a_zero_date_in_a_key_fails_the_job_naming_the_row(rows, shown, mariadb, mysql_db, dsn):
+    mysql_exec(mariadb, mysql_db, "SET SESSION sql_mode = ''",
+               "CREATE TABLE zd (d date NOT NULL, n int NOT NULL, v int, PRIMARY KEY (d, n))",
+               f"INSERT INTO zd (d, n) VALUES {rows}")
+    convert(dsn, mariadb, mysql_db, "zd")
+    res = enqueue(dsn, mariadb, mysql_db, "zd", "zd", "-q")
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.strip())
+    res = cli(dsn, "run", str(job), "--no-progress")
+    assert res.returncode != 0
+    want = (f"zd row ({shown}), column d: a zero date in a key column, which has no "
+            "PostgreSQL date")
+    assert want in " ".join(res.stderr.split()), res.stderr
+    assert "UPDATE zd SET d = ... WHERE d = '0000-00-00' AND n = " in " ".join(res.stderr.split())
+    if "2024" in rows:   # refused in a batch: the job fails (a refused upper key is refused
+        rec = Backfill(dsn).get(job)   # before the range is snapshotted, by the runner)
+        assert rec.state == JobState.FAILED
+        assert want in (rec.last_error or "")
+    assert scalar(dsn, "SELECT count(*) FROM zd") == 0
