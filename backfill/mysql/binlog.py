@@ -101,7 +101,13 @@ class _Pending:
                     "updates (binlog_row_value_options='')")
         names = [c.source.name for c in self.plan.columns]
         if names[0] not in values and "UNKNOWN_COL0" in values:
-            # No column names in the binlog (row metadata not FULL): by position.
+            # No column names in the binlog (row metadata not FULL): by position, so the
+            # image must have the planned number of columns (else a column was added or
+            # dropped, and positions no longer mean the planned columns).
+            if len(values) != len(names):
+                raise SourceSchemaChanged(
+                    f"{self.plan.source.name}: a binlog row has {len(values)} columns, the "
+                    f"plan {len(names)}: the table changed since it was planned")
             ordered = [values.get(f"UNKNOWN_COL{i}") for i in range(len(names))]
         else:
             try:
@@ -157,12 +163,43 @@ def _check_job_plan(pg: Any, plan: TablePlan, job_id: int) -> None:
             f"options ({', '.join(store.get_job(pg, job_id).spec.casts) or 'none'})")
 
 
-_DDL = re.compile(r"^\s*(ALTER|DROP|RENAME|TRUNCATE|CREATE)\b", re.I)
+_DDL = re.compile(r"(ALTER|DROP|RENAME|TRUNCATE|CREATE)\b", re.I)
+#: What may come before a statement's verb: whitespace, ``/* ... */`` comments (a tool's tag,
+#: ``/* gh-ost */``), ``-- ...`` and ``# ...`` lines, and the opener of an executable
+#: comment (``/*!40101 ALTER ...``, ``/*M!100100 ...``), whose text the server runs.
+_LEADING = re.compile(r"(?:\s+|/\*(?![M]?!)[\s\S]*?\*/|--[^\n]*(?:\n|$)|#[^\n]*(?:\n|$)"
+                      r"|/\*M?!\d*)*")
+_IDENT = r"(?:`(?:[^`]|``)+`|[\w$]+)"
 
 
-def _mentions(query_text: str, table: str) -> bool:
-    return re.search(r"(^|[^\w$])`?" + re.escape(table) + r"`?($|[^\w$])", query_text,
-                     re.I) is not None
+def _statement(query_text: str) -> str:
+    """The statement without the comments and whitespace before it."""
+    return query_text[_LEADING.match(query_text).end():]   # type: ignore[union-attr]
+
+
+def _is_ddl(query_text: str) -> bool:
+    return _DDL.match(_statement(query_text)) is not None
+
+
+def _unquote(ident: str) -> str:
+    return ident[1:-1].replace("``", "`") if ident.startswith("`") else ident
+
+
+def _mentions(query_text: str, table: str, database: str | None = None,
+              session: str = "") -> bool:
+    """Whether the statement names ``table`` of ``database``: qualified with it (whatever
+    the issuing session's default database), or unqualified from a session whose default
+    database is it (or none: said conservatively). Without ``database``: any mention."""
+    name = "(?:`" + re.escape(table.replace("`", "``")) + "`|" + re.escape(table) + ")"
+    pattern = r"(?<![\w$.`])(?:(" + _IDENT + r")\s*\.\s*)?" + name + r"(?![\w$`])"
+    for m in re.finditer(pattern, query_text, re.I):
+        if database is None:
+            return True
+        qualifier = m.group(1)
+        where = _unquote(qualifier) if qualifier is not None else session
+        if (where == "" and qualifier is None) or where.lower() == database.lower():
+            return True
+    return False
 
 
 class CatchUp:
@@ -300,8 +337,8 @@ class CatchUp:
     def _check_ddl(self, ev: Any, pos: BinlogPosition) -> None:
         text = _query(ev)
         schema = ev.schema.decode() if isinstance(ev.schema, bytes) else (ev.schema or "")
-        if (_DDL.match(text) and schema in ("", self.source.database)
-                and any(_mentions(text, name) for name in self.by_name)):
+        if _is_ddl(text) and any(_mentions(_statement(text), name, self.source.database,
+                                           schema) for name in self.by_name):
             raise SourceSchemaChanged(
                 f"the source ran DDL on a table being moved, at {pos}: {text[:200]!r}; the "
                 "applied position stays before it")

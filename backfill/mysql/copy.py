@@ -389,6 +389,31 @@ def refusal_error(plan: TablePlan, key: Sequence[Any], r: Refusal) -> ValueRefus
         f"--cast '{plan.source.name}.{column}={r.fix}' would move it")
 
 
+def read_key(plan: TablePlan, raw: Sequence[Any]) -> tuple[Any, ...]:
+    """The canonical key of a row whose key columns' raw values are ``raw`` (in key order);
+    :class:`ValueRefused` for a zero date in a key column (``0000-00-00``, a zero month or
+    day, which NOT NULL allows without NO_ZERO_DATE): it reads as no value, which neither
+    orders a batch nor has a PostgreSQL date."""
+    key = tuple(source_reader(c.source)(v) for c, v in zip(plan.key_casts, raw, strict=True))
+    if None not in key:
+        return key
+    column = plan.key[key.index(None)]
+    shown = ", ".join(f"{k}={_raw_text(v)}" for k, v in zip(plan.key, raw, strict=True))
+    where = " AND ".join(f"{k} = {_raw_text(v)}" for k, v in zip(plan.key, raw, strict=True))
+    raise ValueRefused(
+        f"{plan.source.name} row ({shown}), column {column}: a zero date in a key column, "  # noqa: S608 - a message
+        "which has no PostgreSQL date and cannot order the copy's batches; give the row a "
+        f"real date on the source (UPDATE {plan.source.name} SET {column} = ... WHERE "
+        f"{where}) or enqueue the job with another unique key (--key)")
+
+
+def _raw_text(v: Any) -> str:
+    """A raw key value as SQL shows it: text quoted, numbers bare."""
+    if isinstance(v, bytes | bytearray):
+        return repr(v.decode("utf-8", "replace"))
+    return repr(v) if isinstance(v, str) else str(v)
+
+
 class BatchReader:
     """Keyset batches from the source, as (raw rows, key of the last row)."""
 
@@ -397,13 +422,20 @@ class BatchReader:
         self.plan = plan
         self.converter = RawRowConverter(plan.columns)   # rows of a raw SELECT
         self._keys = [(i, source_reader(plan.columns[i].source)) for i in plan.key_positions]
+        self._date_keys = [i for i in plan.key_positions
+                           if plan.columns[i].source.data_type in ("date", "datetime",
+                                                                   "timestamp")]
         self._first = _select(plan, after=False)
         self._next = _select(plan, after=True)
         self._upto = {after: _select(plan, after=after, upto=True) for after in (False, True)}
 
     def key_of(self, row: Sequence[Any]) -> tuple[Any, ...]:
-        """The row's key as canonical source values (what the next batch starts after)."""
-        return tuple(read(row[i]) for i, read in self._keys)
+        """The row's key as canonical source values (what the next batch starts after);
+        :class:`ValueRefused` for a zero date (:func:`read_key`)."""
+        key = tuple(read(row[i]) for i, read in self._keys)
+        if None in key:
+            return read_key(self.plan, [row[i] for i, _ in self._keys])
+        return key
 
     def read(self, last: Sequence[Any] | None, limit: int,
              upper: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
@@ -419,10 +451,15 @@ class BatchReader:
 
     def convert(self, rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
         try:
-            return self.converter.convert_rows(rows)
+            out = self.converter.convert_rows(rows)
         except Refusal as r:
             row = rows[r.row_index]  # type: ignore[attr-defined]
             raise refusal_error(self.plan, self.key_of(row), r) from None
+        for i in self._date_keys:   # a zero date reads as None: refused, not a NULL key
+            for raw, row in zip(rows, out, strict=True):
+                if row[i] is None:
+                    self.key_of(raw)
+        return out
 
 
 def _copy_sql(plan: TablePlan) -> sql.Composed:

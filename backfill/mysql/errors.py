@@ -30,3 +30,13 @@ class SourceNotReady(InvalidInput):
 class CheckpointConflict(BackfillError):
     """Raised when the checkpoint row moved under a batch (another runner works on the same
     table, or the table was reset): the batch commits nothing."""
+
+
+class SourceError(BackfillError):
+    """Raised when the source server refuses a statement of a job with an error of its own
+    (not a lost connection, which is retried): a lock wait timeout, a statement time limit, a
+    privilege. The message names the MySQL error number; ``code`` holds it."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code

@@ -24,11 +24,19 @@ from psycopg import sql
 from backfill.core import sqltext
 from backfill.core.errors import ColumnNotFound, DatabaseUnavailable, InvalidInput, TableChanged
 from backfill.job.spec import JobSpec
-from backfill.mysql.copy import BatchReader, copy_rows, record_job_start
+from backfill.mysql.copy import BatchReader, copy_rows, read_key, record_job_start
+from backfill.mysql.errors import SourceError
 from backfill.mysql.model import TablePlan
 from backfill.mysql.schema import CastOptions, plan_table, read_tables
-from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
-from backfill.mysql.values import source_reader
+from backfill.mysql.source import (
+    MySQLSource,
+    connect,
+    error_code,
+    error_text,
+    is_connection_error,
+    is_server_error,
+    quote_name,
+)
 from backfill.mysql.verify import _key_text, row_text
 
 Key = tuple[Any, ...]
@@ -45,10 +53,22 @@ CODEC_TYPES = {
 }
 
 KEYS_PER_LOOKUP = 50_000
+#: Errors that stop a statement for its time limit: MariaDB's ``max_statement_time`` (1969),
+#: MySQL's ``MAX_EXECUTION_TIME`` (3024).
+TOO_SLOW = frozenset({1969, 3024})
 
+#: What the job's batches check the table against: its columns (name, type, nullability, in
+#: order) and its indexes' columns, of which the signature keeps the ones over exactly the key
+#: (the unique index that makes the key a key: dropped, or made non-unique, the batches'
+#: ranges no longer hold each row once).
 _SIGNATURE = """
-SELECT column_name, column_type, is_nullable FROM information_schema.columns
-WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position"""
+SELECT 'c', ordinal_position, column_name, column_type, is_nullable
+FROM information_schema.columns WHERE table_schema = %s AND table_name = %s
+UNION ALL
+SELECT 'i', 0, index_name, min(non_unique),
+       group_concat(column_name ORDER BY seq_in_index SEPARATOR '\x1f')
+FROM information_schema.statistics WHERE table_schema = %s AND table_name = %s
+GROUP BY index_name"""
 
 
 def plan_json(plan: TablePlan, options: CastOptions) -> dict[str, Any]:
@@ -95,7 +115,12 @@ class MySQLJobSource:
 
     # -- connection ------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[[BatchReader], Any]) -> Any:
+    def _call(self, fn: Callable[[BatchReader], Any], *, check: bool = True) -> Any:
+        """``fn`` on the open reader. A lost connection is :class:`DatabaseUnavailable` (the
+        engine reconnects and retries); the server's own error (1054 unknown column, 1146 no
+        such table, 1205 lock wait timeout ...) is :class:`TableChanged` when the table is no
+        longer the planned one (``check``), else :class:`SourceError` naming its number:
+        retrying would only repeat it."""
         if self._conn is None or not self._conn.open:
             self.close()
             self._conn = connect(self.source)
@@ -104,11 +129,16 @@ class MySQLJobSource:
         try:
             return fn(self._reader)
         except Exception as exc:
-            if not is_connection_error(exc):
+            if is_connection_error(exc):
+                self.close()
+                raise DatabaseUnavailable(f"lost the connection to {self.describe()}: "
+                                          f"{error_text(exc)}") from exc
+            if not is_server_error(exc):
                 raise
-            self.close()
-            raise DatabaseUnavailable(f"lost the connection to {self.describe()}: "
-                                      f"{exc}") from exc
+            if check:
+                self.prove()   # a column or the table dropped: say so, not the symptom
+            raise SourceError(f"{self.describe()}: {error_text(exc)}",
+                              error_code(exc)) from None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -117,12 +147,13 @@ class MySQLJobSource:
         self._conn = None
         self._reader = None
 
-    def _rows(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _rows(self, statement: str, params: Sequence[Any] = (), *,
+              check: bool = True) -> list[tuple[Any, ...]]:
         def run(reader: BatchReader) -> list[tuple[Any, ...]]:
             with reader.mconn.cursor() as cur:
                 cur.execute(statement, params)
                 return list(cur.fetchall())
-        result: list[tuple[Any, ...]] = self._call(run)
+        result: list[tuple[Any, ...]] = self._call(run, check=check)
         return result
 
     # -- the Source interface ----------------------------------------------------------------
@@ -137,24 +168,25 @@ class MySQLJobSource:
                           f"ORDER BY {desc} LIMIT 1")
         if not rows:
             return None
-        readers = [source_reader(c.source) for c in self.plan.key_casts]
-        return tuple(read(v) for read, v in zip(readers, rows[0], strict=True))
+        return read_key(self.plan, rows[0])   # a zero date: ValueRefused
 
     def count(self) -> int | None:
-        """Exact rows, or None when the server stops the count (10 s, MariaDB's
-        ``max_statement_time``; elsewhere unbounded, asked only of small tables)."""
+        """Exact rows, or None when the server stops the count as too slow (10 s: MariaDB's
+        ``max_statement_time``, error 1969; MySQL's ``MAX_EXECUTION_TIME`` hint, 3024)."""
+        table = self._table()
         try:
             rows = self._rows(f"SET STATEMENT max_statement_time = 10 FOR "  # noqa: S608
-                              f"SELECT count(*) FROM {self._table()}")
-        except DatabaseUnavailable:
-            raise
-        except Exception:
-            try:
-                rows = self._rows(f"SELECT count(*) FROM {self._table()}")   # noqa: S608
-            except DatabaseUnavailable:
-                raise
-            except Exception:
+                              f"SELECT count(*) FROM {table}")
+        except SourceError as exc:
+            if exc.code in TOO_SLOW:
                 return None
+            try:   # MySQL: no SET STATEMENT (1064); MariaDB ignores the optimizer hint
+                rows = self._rows(f"SELECT /*+ MAX_EXECUTION_TIME(10000) */ "  # noqa: S608
+                                  f"count(*) FROM {table}")
+            except SourceError as again:
+                if again.code in TOO_SLOW:
+                    return None
+                raise
         return int(rows[0][0]) if rows else 0
 
     def begin(self, conn: Any, job_id: int) -> str | None:
@@ -188,13 +220,17 @@ class MySQLJobSource:
         return []   # one slice: parallel slices of a MySQL table are not done yet
 
     def prove(self) -> None:
-        """:class:`TableChanged` when the table's columns are no longer the planned ones."""
-        found = _signature(self._rows(_SIGNATURE, (self.plan.source.database,
-                                                   self.plan.source.name)))
+        """:class:`TableChanged` when the table's columns, or the unique index behind its
+        key, are no longer the planned ones."""
+        found = _signature(self._rows(_SIGNATURE, _signature_params(self.plan), check=False),
+                           self.plan.key)
         if found != self.signature:
-            raise TableChanged(f"{self.describe()} changed since the job was planned (its "
-                               "columns differ): the planned casts no longer apply; cancel "
-                               "the job, re-plan (convert-schema) and enqueue a new one")
+            what = ("its columns differ" if _part(found, "c") != _part(self.signature, "c")
+                    else f"the unique index on its key ({', '.join(self.plan.key)}) was "
+                         "dropped or changed")
+            raise TableChanged(f"{self.describe()} changed since the job was planned ({what}): "
+                               "the planned casts and key no longer apply; cancel the job, "
+                               "re-plan (convert-schema) and enqueue a new one")
 
     def verify_range(self, conn: Any, lo: Key | None, hi: Key,
                      chunk: int) -> tuple[int, list[str]]:
@@ -278,8 +314,23 @@ def _text(v: Any) -> str:
     return v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
 
 
-def _signature(rows: Sequence[Sequence[Any]]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(_text(v) for v in r) for r in rows)
+def _signature(rows: Sequence[Sequence[Any]],
+               key: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """The rows of :data:`_SIGNATURE` as text, in a fixed order: every column, and the
+    indexes over exactly ``key`` (name, non-unique flag, columns)."""
+    key_text = "\x1f".join(key)
+    ordered = sorted(rows, key=lambda r: (_text(r[0]), int(r[1]), _text(r[2])))
+    text = [(_text(r[0]), *(_text(v) for v in r[2:])) for r in ordered]
+    return tuple(r for r in text if r[0] == "c" or r[-1] == key_text)
+
+
+def _signature_params(plan: TablePlan) -> tuple[str, str, str, str]:
+    database, name = plan.source.database, plan.source.name
+    return database, name, database, name
+
+
+def _part(signature: tuple[tuple[str, ...], ...], kind: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(r for r in signature if r[0] == kind)
 
 
 def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
@@ -303,8 +354,7 @@ def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
     conn = connect(source, raw=False)
     try:
         table, = read_tables(conn, source.database, [name])
-        signature = _signature(
-            _query(conn, _SIGNATURE, (source.database, table.name)))
+        shape = _query(conn, _SIGNATURE, (source.database, table.name) * 2)
         estimate = _query(conn, "SELECT table_rows FROM information_schema.tables WHERE "
                           "table_schema = %s AND table_name = %s", (source.database, table.name))
     finally:
@@ -325,7 +375,7 @@ def open_job_source(spec: JobSpec, *, dest_schema: str, dest_name: str,
             f"the plan for {table.name}: create it with `backfill convert-schema --source … "
             f"--tables {table.name} --apply` (with the same --cast options as the job)")
     rows = int(estimate[0][0]) if estimate and estimate[0][0] is not None else None
-    return MySQLJobSource(source, plan, signature, rows), planned
+    return MySQLJobSource(source, plan, _signature(shape, plan.key), rows), planned
 
 
 def _query(conn: Any, statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

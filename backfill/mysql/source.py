@@ -182,8 +182,45 @@ def query(conn: Any, statement: str, params: Any = None) -> list[tuple[Any, ...]
         return list(cur.fetchall())
 
 
+#: Server error numbers that mean the connection is gone, not that a statement was refused:
+#: 1053 the server shutting down, 1152 the connection aborted, 1927 the connection killed
+#: (MariaDB), 4031 the client disconnected for inactivity (MySQL 8.0.24+). Client-side errors
+#: (2000-2999: 2003 cannot connect, 2006 gone away, 2013 lost during a query, 2055 ...) too.
+CONNECTION_LOST_CODES = frozenset({1053, 1152, 1927, 4031})
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The MySQL error number a PyMySQL error carries (its first argument), or None."""
+    args: tuple[Any, ...] = tuple(getattr(exc, "args", ()))
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def error_text(exc: BaseException) -> str:
+    """One line: ``MySQL error 1054: Unknown column 'x' in 'field list'``."""
+    code = error_code(exc)
+    return f"MySQL error {code}: {_first_line(exc)}" if code else _first_line(exc)
+
+
 def is_connection_error(exc: BaseException) -> bool:
-    """A lost or refused connection (the server restarting), worth a reconnect and a retry."""
+    """A lost or refused connection (the server restarting), worth a reconnect and a retry.
+
+    Decided by the error number, not PyMySQL's class: PyMySQL raises ``OperationalError`` for
+    most of the server's own answers too (1054 unknown column, 1205 lock wait timeout, 1969
+    ``max_statement_time`` exceeded), which a retry would only repeat."""
     import pymysql  # type: ignore[import-untyped]
 
-    return isinstance(exc, pymysql.err.OperationalError | pymysql.err.InterfaceError | OSError)
+    if isinstance(exc, pymysql.err.InterfaceError | OSError):
+        return True
+    if not isinstance(exc, pymysql.err.MySQLError):
+        return False
+    code = error_code(exc)
+    if code is None or code == 0:   # no number: PyMySQL's own "connection broken"
+        return isinstance(exc, pymysql.err.OperationalError)
+    return 2000 <= code <= 2999 or code in CONNECTION_LOST_CODES
+
+
+def is_server_error(exc: BaseException) -> bool:
+    """The server's answer to a statement (an error number, not a lost connection)."""
+    import pymysql  # type: ignore[import-untyped]
+
+    return isinstance(exc, pymysql.err.MySQLError) and not is_connection_error(exc)

@@ -152,6 +152,21 @@ def test_ddl_on_the_source_stops_the_catch_up(mariadb, mysql_db, bare_dsn):
         catch_up(source, bare_dsn, [plan])
 
 
+@pytest.mark.parametrize("ddl", ["/* gh-ost */ ALTER TABLE acct ADD COLUMN extra int",
+                                 "USE information_schema",
+                                 ])
+def test_ddl_behind_a_comment_or_from_another_database_stops_the_catch_up(
+        ddl, mariadb, mysql_db, bare_dsn):
+    source, plan = setup(mariadb, mysql_db, bare_dsn, rows=10)
+    copy_table(source, bare_dsn, plan)
+    if ddl.startswith("USE"):   # the session's default database is not the source's
+        mysql_exec(mariadb, mysql_db, ddl, f"ALTER TABLE `{mysql_db}`.acct ADD COLUMN extra int")
+    else:
+        mysql_exec(mariadb, mysql_db, ddl)
+    with pytest.raises(SourceSchemaChanged, match="ALTER TABLE"):
+        catch_up(source, bare_dsn, [plan])
+
+
 def test_statement_binlog_is_refused(mariadb, mysql_db, bare_dsn):
     source, plan = setup(mariadb, mysql_db, bare_dsn, rows=10)
     copy_table(source, bare_dsn, plan)

@@ -323,3 +323,75 @@ def test_pause_mid_run_then_run_again_and_an_empty_table(mariadb, mysql_db, dsn)
     empty = int(res.stdout.strip())
     assert cli(dsn, "run", str(empty), "--no-progress").returncode == 0
     assert bf.get(empty).state == JobState.SUCCEEDED
+
+
+def _run_until_changed(dsn, mariadb, mysql_db, table, change):
+    """Run the job of ``table`` in its own process, ``change`` the source table after a few
+    batches; the job's record once the run ends, and how long the run took after the change."""
+    import subprocess
+    import time
+
+    from tests.integration.helpers import wait_for
+
+    convert(dsn, mariadb, mysql_db, table)
+    res = enqueue(dsn, mariadb, mysql_db, table, table, "--batch-size", "100",
+                  "--max-batch-size", "100", "--pause", "30ms", "-q")
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.strip())
+    bf = Backfill(dsn)
+    proc = cli_popen(dsn, "run", str(job), "--no-progress", output=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: bf.progress(job).batches >= 3, timeout=60, what="3 batches")
+        mysql_exec(mariadb, mysql_db, change)
+        changed = time.monotonic()
+        assert proc.wait(timeout=60) != 0
+        took = time.monotonic() - changed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return bf.get(job), took
+
+
+def test_a_column_dropped_mid_job_fails_it_as_a_changed_table_at_once(mariadb, mysql_db, dsn):
+    mysql_exec(mariadb, mysql_db, "CREATE TABLE dc (id int PRIMARY KEY, v int, w text)",
+               "INSERT INTO dc SELECT seq, seq, 'w' FROM seq_1_to_5000")
+    rec, took = _run_until_changed(dsn, mariadb, mysql_db, "dc", "ALTER TABLE dc DROP COLUMN w")
+    assert rec.state == JobState.FAILED
+    assert "changed since the job was planned" in (rec.last_error or "")
+    assert "lost the connection" not in (rec.last_error or "")
+    assert took < 20   # not retried for the reconnect timeout
+
+
+def test_the_key_index_dropped_mid_job_fails_it_naming_the_change(mariadb, mysql_db, dsn):
+    mysql_exec(mariadb, mysql_db, "CREATE TABLE dk (id int NOT NULL, v int, UNIQUE KEY uk (id))",
+               "INSERT INTO dk SELECT seq, seq FROM seq_1_to_5000")
+    rec, took = _run_until_changed(dsn, mariadb, mysql_db, "dk", "ALTER TABLE dk DROP KEY uk")
+    assert rec.state == JobState.FAILED
+    assert "the unique index on its key (id) was dropped or changed" in (rec.last_error or "")
+    assert took < 20
+
+
+@pytest.mark.parametrize(("rows", "shown"), [
+    ("('2024-01-01', 1), ('0000-00-00', 2), ('2024-01-02', 3)", "d='0000-00-00', n=2"),
+    ("('0000-00-00', 1)", "d='0000-00-00', n=1"),   # the whole range's upper key
+])
+def test_a_zero_date_in_a_key_fails_the_job_naming_the_row(rows, shown, mariadb, mysql_db, dsn):
+    mysql_exec(mariadb, mysql_db, "SET SESSION sql_mode = ''",
+               "CREATE TABLE zd (d date NOT NULL, n int NOT NULL, v int, PRIMARY KEY (d, n))",
+               f"INSERT INTO zd (d, n) VALUES {rows}")
+    convert(dsn, mariadb, mysql_db, "zd")
+    res = enqueue(dsn, mariadb, mysql_db, "zd", "zd", "-q")
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.strip())
+    res = cli(dsn, "run", str(job), "--no-progress")
+    assert res.returncode != 0
+    want = (f"zd row ({shown}), column d: a zero date in a key column, which has no "
+            "PostgreSQL date")
+    assert want in " ".join(res.stderr.split()), res.stderr
+    assert "UPDATE zd SET d = ... WHERE d = '0000-00-00' AND n = " in " ".join(res.stderr.split())
+    if "2024" in rows:   # refused in a batch: the job fails (a refused upper key is refused
+        rec = Backfill(dsn).get(job)   # before the range is snapshotted, by the runner)
+        assert rec.state == JobState.FAILED
+        assert want in (rec.last_error or "")
+    assert scalar(dsn, "SELECT count(*) FROM zd") == 0

@@ -21,7 +21,13 @@ from backfill.mysql.schema import (
     render,
     sequence_statements,
 )
-from backfill.mysql.source import MySQLSource, quote_name
+from backfill.mysql.source import (
+    MySQLSource,
+    error_text,
+    is_connection_error,
+    is_server_error,
+    quote_name,
+)
 from backfill.mysql.values import RawRowConverter, Refusal, RowConverter, render_text
 
 # -- DSNs --------------------------------------------------------------------------------------
@@ -361,3 +367,72 @@ def test_binlog_changes_coalesce_per_key_last_image_wins():
     assert p.events == 7
     assert p.changes == {(1,): [1, "a2", []], (2,): None, (20,): [20, "b", []], (3,): None,
                          (4,): [4, "d", []]}
+
+
+# -- error classification ----------------------------------------------------------------------
+
+
+def test_only_a_lost_connection_is_a_connection_error():
+    pymysql = pytest.importorskip("pymysql")
+    err = pymysql.err
+    lost = [err.OperationalError(2003, "Can't connect"), err.OperationalError(2006, "gone away"),
+            err.OperationalError(2013, "Lost connection"), err.OperationalError(2055, "lost"),
+            err.OperationalError(1053, "Server shutdown in progress"),
+            err.OperationalError(1152, "Aborted connection"),
+            err.OperationalError(1927, "Connection was killed"),
+            err.OperationalError(4031, "disconnected by the server"),
+            err.InterfaceError(0, ""), err.OperationalError(), ConnectionResetError(),
+            TimeoutError()]
+    answers = [err.OperationalError(1054, "Unknown column 'v' in 'field list'"),
+               err.OperationalError(1205, "Lock wait timeout exceeded"),
+               err.OperationalError(1969, "Query execution was interrupted (max_statement_time"
+                                          " exceeded)"),
+               err.OperationalError(1317, "Query execution was interrupted"),
+               err.OperationalError(3024, "maximum statement execution time exceeded"),
+               err.ProgrammingError(1146, "Table 'shop.orders' doesn't exist"),
+               err.InternalError(1213, "Deadlock found")]
+    for exc in lost:
+        assert is_connection_error(exc), exc
+        assert not is_server_error(exc), exc
+    for exc in answers:
+        assert not is_connection_error(exc), exc
+        assert is_server_error(exc), exc
+    assert not is_connection_error(ValueError("x"))
+    assert not is_server_error(ValueError("x"))
+    assert error_text(err.OperationalError(1205, "Lock wait timeout exceeded\nmore")) == \
+        "MySQL error 1205: Lock wait timeout exceeded"
+
+
+def test_ddl_is_told_behind_comments_and_by_the_table_it_names():
+    from backfill.mysql.binlog import _is_ddl, _mentions, _statement
+
+    for text in ("/* gh-ost */ ALTER TABLE shop.orders ADD c int",
+                 "-- tool\n  # more\n DROP TABLE orders", "/*!40000 ALTER TABLE orders */",
+                 "  /* a */ /* b */rename table orders to o2", "TRUNCATE orders"):
+        assert _is_ddl(text), text
+    for text in ("/* ALTER */ SELECT 1", "INSERT INTO orders VALUES (1)", "COMMIT", "BEGIN"):
+        assert not _is_ddl(text), text
+    assert _statement("/* x */ ALTER TABLE t") == "ALTER TABLE t"
+    cases = [("ALTER TABLE shop.orders ADD c int", "other", True),
+             ("ALTER TABLE `shop`.`orders` ADD c int", "other", True),
+             ("ALTER TABLE `Shop` . orders ADD c int", "", True),
+             ("ALTER TABLE orders ADD c int", "shop", True),
+             ("ALTER TABLE orders ADD c int", "", True),
+             ("ALTER TABLE orders ADD c int", "other", False),
+             ("ALTER TABLE other.orders ADD c int", "shop", False),
+             ("ALTER TABLE shop.orders_old ADD c int", "shop", False),
+             ("ALTER TABLE shop.my_orders ADD c int", "shop", False),
+             ("RENAME TABLE shop.tmp TO shop.orders", "other", True)]
+    for text, session, want in cases:
+        assert _mentions(text, "orders", "shop", session) is want, (text, session)
+
+
+def test_a_positional_row_image_of_another_width_is_a_changed_table():
+    from backfill.mysql.binlog import SourceSchemaChanged, _Pending
+
+    plan = plan_table(table(col("id", "int", nullable=False), col("v", "int")), CastOptions())
+    p = _Pending(plan, RowConverter(plan.columns))
+    assert p.convert({"UNKNOWN_COL0": 1, "UNKNOWN_COL1": 2}, {}) == [1, 2]
+    for image in ({"UNKNOWN_COL0": 1}, {"UNKNOWN_COL0": 1, "UNKNOWN_COL1": 2, "UNKNOWN_COL2": 3}):
+        with pytest.raises(SourceSchemaChanged, match="columns, the plan 2"):
+            p.convert(image, {})
