@@ -32,12 +32,14 @@ from tenacity import (
 )
 
 from backfill.core.catalog import Conn
-from backfill.core.db import canonical_text, connect
+from backfill.core.db import canonical_text, connect, redact_text
 from backfill.core.errors import (
+    BackfillError,
     DatabaseUnavailable,
     IllegalTransition,
     InvalidInput,
     JobConflict,
+    JobNotFound,
     LeaseLost,
 )
 from backfill.core.logs import get_logger
@@ -221,13 +223,31 @@ class Runner:
             job = self._acquire()
             if job.state not in (S.RUNNING, S.THROTTLED):
                 return job
-            prepared = self._prepare(job, explain=False)
-            job = self._ensure_slices(job, prepared)
+            try:
+                prepared = self._prepare(job, explain=False)
+                job = self._ensure_slices(job, prepared)
+            except _TRANSIENT:
+                raise
+            except BackfillError as exc:
+                # Its table, key or source can no longer be read as planned: the job cannot
+                # go on, and must not be left "running" under an owner that has gone.
+                self._fail_at_start(job, exc)
+                raise
             if job.state not in (S.RUNNING, S.THROTTLED):
                 return job
             return self._loop(job, prepared)
         finally:
             self._drop_conn()
+
+    def _fail_at_start(self, job: store.JobRecord, exc: BackfillError) -> None:
+        error = describe_error(exc)
+        self.log.error("job.failed", error=error, at="start")
+        self._drop_conn()
+        try:
+            self._db(lambda: self._end(job.id, S.FAILED, reason=f"cannot start: {error}",
+                                       error=(error, None)))
+        except (BackfillError, psycopg.Error) as end_exc:   # the original error is the news
+            self.log.warning("job.not_failed", error=redact_text(str(end_exc)))
 
     # -- distributed mode (the Celery tasks call these; no Celery here) ---------------------
 
@@ -948,6 +968,11 @@ class Runner:
 
 def _connection_trouble(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | DatabaseUnavailable)
+
+
+#: Errors that say "not now" rather than "never": a run that meets one at its start leaves the
+#: job as it is (another owner, an operator's pause, a database that is away for a moment).
+_TRANSIENT = (DatabaseUnavailable, LeaseLost, IllegalTransition, JobConflict, JobNotFound)
 
 
 class _SliceMoved(Exception):
