@@ -13,9 +13,12 @@ DEAD_BAND = 0.15
 #: Largest growth factor per batch; shrinking is faster so an overload is left quickly.
 MAX_GROWTH = 1.5
 MAX_SHRINK = 0.5
-#: Growth of the lock-wait ceiling per batch that blocked nobody: a slow probe back up
-#: (additive-increase, multiplicative-decrease, as TCP does).
-CEILING_GROWTH = 1.05
+#: Once a batch has blocked an application session, batches are held to the lock-wait budget
+#: in duration until this much batch time has passed without blocking anyone (the
+#: application stopped writing the table): then they may grow to the target again. Blocking
+#: is rare per batch even on a busy table (a 30 ms batch of 10k rows in 5M, 200 app writes/s:
+#: about one batch in 75), so a per-batch probe upwards would climb back between two blocks.
+QUIET_LIFT_MS = 60_000.0
 #: The deepest cut of the ceiling after one batch: a proportional cut, so a 500 ms batch
 #: under a 30 ms budget comes down in one step, not four halvings (each one blocking the app).
 CEILING_MIN_CUT = 0.1
@@ -47,10 +50,13 @@ class BatchSizer:
     #: rows, below ``min_batch_size`` if need be: a low rate gives small, frequent batches
     #: (locks held briefly, the cap true over any minute), not one huge batch and a long sleep.
     rate: float | None = None
-    #: The largest batch the lock-wait budget allows (``None``: no session blocked beyond
-    #: it yet). Set to the rows that fit the budget after an overrun, raised by
-    #: ``CEILING_GROWTH`` per batch that blocked nobody.
+    #: The largest batch the lock-wait budget allows (``None``: no session blocked yet, or
+    #: not for ``QUIET_LIFT_MS`` of batch time). While ``held``: the rows that fit the budget
+    #: at the measured per-row time (after an overrun, at most ``rows * budget / duration``).
     ceiling: int | None = None
+    held: bool = False
+    #: Batch time since a batch last blocked a session, while held.
+    quiet_ms: float = 0.0
 
     def observe(self, rows: int, duration_ms: float, options: JobOptions,
                 waits: LockWaits | None = None) -> int:
@@ -59,17 +65,23 @@ class BatchSizer:
         Throughput is maximised under a latency bound: the size moves toward the target
         duration, but never above the ceiling the lock-wait budget sets. A session blocked
         by a batch waits for its COMMIT, at worst the whole batch (its first row is locked
-        from the start): when a batch blocked anyone and took longer than
-        ``lock_wait_budget_ms``, the ceiling becomes the rows that fit the budget
-        (``rows * budget / duration``); batches that block nobody raise it slowly.
+        from the start): once a batch has blocked anyone, batches are held to the budget in
+        duration (the rows that fit it at the measured per-row time; right after an
+        overrun, at most ``rows * budget / duration``), until ``QUIET_LIFT_MS`` of batch
+        time passes without blocking anyone.
         """
-        self._observe_waits(rows, duration_ms, waits, options)
+        cut = self._observe_waits(rows, duration_ms, waits, options)
         if rows > 0 and duration_ms >= 0:
             sample = max(duration_ms, 0.01) / rows
             if self.ms_per_row is None:
                 self.ms_per_row = sample
             else:
                 self.ms_per_row = SMOOTHING * sample + (1 - SMOOTHING) * self.ms_per_row
+        if self.held and self.ms_per_row:
+            fit = max(1, int(options.lock_wait_budget_ms / self.ms_per_row))
+            if self.ceiling is not None:   # one slow batch does not cut deeper than tenfold
+                fit = max(fit, int(self.ceiling * CEILING_MIN_CUT))
+            self.ceiling = min(fit, cut) if cut is not None else fit
         if self.ms_per_row is None or rows < self.size // 2:
             # A short last batch says little about the per-row cost at full size.
             return self.clamp(options)
@@ -81,25 +93,26 @@ class BatchSizer:
         return self.clamp(options)
 
     def _observe_waits(self, rows: int, duration_ms: float, waits: LockWaits | None,
-                       options: JobOptions) -> None:
+                       options: JobOptions) -> int | None:
+        """Hold or release the budget; return the rows an overrun cuts the ceiling to."""
         budget = options.lock_wait_budget_ms
         if not budget:
-            self.ceiling = None   # turned off (tuned to 0): no cap left over
-            return
+            self.ceiling, self.held = None, False   # turned off (tuned to 0): no cap left over
+            return None
         if waits is None or rows <= 0:
-            return
+            return None
         if waits.sessions > 0:
+            self.held, self.quiet_ms = True, 0.0
             longest = max(duration_ms, waits.max_wait_ms)
             if longest > budget:
-                cut = max(budget / longest, CEILING_MIN_CUT)
+                scale = max(budget / longest, CEILING_MIN_CUT)
                 base = min(rows, self.ceiling) if self.ceiling is not None else rows
-                self.ceiling = max(1, int(base * cut))
-            # Blocked within budget: the ceiling holds (this is the size the app tolerates).
-        elif self.ceiling is not None and rows >= self.ceiling:
-            # Nobody blocked at the ceiling: probe upwards; far below it there is no news.
-            self.ceiling = int(self.ceiling * CEILING_GROWTH) + 1
-            if self.ceiling >= options.max_batch_size:
-                self.ceiling = None
+                return max(1, int(base * scale))
+        elif self.held:
+            self.quiet_ms += max(duration_ms, 0.0)
+            if self.quiet_ms >= QUIET_LIFT_MS:   # the application stopped writing here
+                self.ceiling, self.held, self.quiet_ms = None, False, 0.0
+        return None
 
     def shrink(self, options: JobOptions) -> int:
         """After a statement timeout: halve the size (and forget the per-row estimate)."""

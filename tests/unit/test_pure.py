@@ -99,29 +99,42 @@ def test_sizer_ignores_one_slow_batch_and_shrinks_on_timeout() -> None:
 
 
 def test_blocked_sessions_over_budget_cap_the_batch_size() -> None:
-    """Throughput under a latency bound: a batch that blocked an application session and
-    took longer than the lock-wait budget caps the next ones at the rows that fit the budget
-    (a blocked session waits up to the whole batch); blocked within budget, the cap holds;
-    batches that block nobody raise it by 5 %; a budget of 0 turns it off."""
+    """Throughput under a latency bound: once a batch has blocked an application session,
+    batches are held to the lock-wait budget in duration (a blocked session waits up to the
+    whole batch): right after an overrun at most the rows that fit it, then the rows the
+    measured per-row time fits in it; batches that block nobody do not climb back above it
+    until QUIET_LIFT_MS of batch time has passed without a block; a budget of 0 turns it off."""
     opts = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=100)
     sizer = BatchSizer(size=40_000)
     assert sizer.observe(40_000, 500, opts, LockWaits(0, 0.0)) == 40_000  # nobody blocked
     assert sizer.ceiling is None
+    assert not sizer.held
     assert sizer.observe(40_000, 500, opts, LockWaits(1, 20.0)) == 8_000  # 500 ms > 100 ms
+    assert sizer.held
     assert sizer.ceiling == 8_000
-    # Blocked, but within budget: the cap holds although 50k rows would fit 500 ms.
-    assert sizer.observe(8_000, 80, opts, LockWaits(2, 60.0)) == 8_000
-    # Nobody blocked at the cap: it climbs slowly; far below it says nothing.
-    sizes = [sizer.observe(sizer.size, sizer.size * 0.01, opts, LockWaits()) for _ in range(3)]
-    assert sizes == [8_401, 8_822, 9_264]
-    sizer.observe(10, 0.1, opts, LockWaits())
-    assert sizer.ceiling == 9_264
+    # Held: the next batches fit the budget at the measured per-row time (0.0125 ms here,
+    # then less), never the 500 ms target, blocked or not.
+    for _ in range(40):
+        size = sizer.observe(sizer.size, sizer.size * 0.01, opts, LockWaits())
+        assert sizer.ms_per_row is not None
+        assert size * sizer.ms_per_row <= 100.0 + 1e-6
+    assert sizer.size == 9_999          # 100 ms at 0.01 ms a row, after smoothing
     # A long wait (the batch blocked by something else first) counts as it is.
-    assert sizer.observe(9_264, 90, opts, LockWaits(1, 200.0)) == 4_632
+    assert sizer.observe(9_999, 100, opts, LockWaits(1, 200.0)) == 4_999
     # At most a tenfold cut in one step.
-    assert sizer.observe(4_632, 50_000, opts, LockWaits(1, 10.0)) == 463
+    assert sizer.observe(4_999, 50_000, opts, LockWaits(1, 10.0)) == 499
+    # A quiet minute of batch time (the application stopped writing here): the cap lifts.
+    quiet = BatchSizer(size=8_000, ms_per_row=0.01, ceiling=8_000, held=True)
+    for _ in range(749):
+        quiet.observe(8_000, 80, opts, LockWaits())
+    assert quiet.held
+    quiet.observe(8_000, 80, opts, LockWaits())
+    assert not quiet.held
+    assert quiet.ceiling is None
+    # Growing towards the target again, past the 10,000 rows the budget fits.
+    assert quiet.observe(quiet.size, quiet.size * 0.01, opts, LockWaits()) > 10_000
     off = JobOptions(batch_size=40_000, target_duration_ms=500, lock_wait_budget_ms=0)
-    capped = BatchSizer(size=40_000, ceiling=5_000)
+    capped = BatchSizer(size=40_000, ceiling=5_000, held=True)
     assert capped.clamp(opts) == 5_000
     capped.size = 40_000
     assert capped.clamp(off) == 40_000     # tuned to 0: the cap no longer holds
