@@ -2,5 +2,6 @@
 
 import importlib
 
-# Through the imported module, so plugins register their commands on that module's app.
-importlib.import_module("backfill.cli.main").main()
+if __name__ == "__main__":
+    # Through the imported module, so plugins register their commands on that module's app.
+    importlib.import_module("backfill.cli.main").main()
