@@ -27,11 +27,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from backfill.core.db import connect as pg_connect
-from backfill.core.errors import BackfillError, DatabaseUnavailable, InvalidInput
+from backfill.core.errors import BackfillError, InvalidInput
 from backfill.mysql.copy import (
     CHECKPOINT_TABLE,
     OWNING_JOB_STATES,
@@ -44,7 +43,7 @@ from backfill.mysql.copy import (
 )
 from backfill.mysql.errors import SourceNotReady
 from backfill.mysql.model import TablePlan
-from backfill.mysql.source import MySQLSource, connect, is_connection_error, query
+from backfill.mysql.source import MySQLSource, Outage, connect, connection_lost, query
 from backfill.mysql.values import Refusal, RowConverter
 
 #: PostgreSQL's limit on a statement's parameters.
@@ -451,11 +450,6 @@ def _upsert(cur: Any, plan: TablePlan, rows: Sequence[Sequence[Any]]) -> int:
     return n
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError
-                      | DatabaseUnavailable) or is_connection_error(exc)
-
-
 def catch_up(source: MySQLSource, dest_dsn: str, plans: Sequence[TablePlan], *,
              batch_events: int = 10_000, batch_seconds: float = 1.0, follow: bool = False,
              stop: Callable[[], bool] | None = None, retry_for: float = 120.0,
@@ -464,7 +458,7 @@ def catch_up(source: MySQLSource, dest_dsn: str, plans: Sequence[TablePlan], *,
     """Apply the binlog to the tables of ``plans`` from their applied positions: to the end
     of the binlog, or with ``follow`` until ``stop()``. Lost connections to either server are
     retried from the committed position while they fail for less than ``retry_for`` s."""
-    failing_since: float | None = None
+    outage = Outage(retry_for)
     done = CatchUpResult(0, 0, 0, BinlogPosition("", 0))
     while True:
         try:
@@ -472,8 +466,7 @@ def catch_up(source: MySQLSource, dest_dsn: str, plans: Sequence[TablePlan], *,
                 session = CatchUp(source, pg, plans, server_id=server_id)
 
                 def seen(res: CatchUpResult) -> None:
-                    nonlocal failing_since
-                    failing_since = None
+                    outage.over()
                     if on_batch is not None:
                         on_batch(res)
 
@@ -483,13 +476,8 @@ def catch_up(source: MySQLSource, dest_dsn: str, plans: Sequence[TablePlan], *,
                                      done.rows_written + res.rows_written,
                                      done.batches + res.batches, res.position)
         except Exception as exc:
-            if not _retryable(exc):
+            if not connection_lost(exc) or not outage.wait():
                 raise
-            now = time.monotonic()
-            failing_since = failing_since or now
-            if now - failing_since > retry_for:
-                raise
-            time.sleep(min(2.0, 0.1 * 2 ** min(5, int(now - failing_since))))
 
 
 def measure_lag(source: MySQLSource, dest_dsn: str, plans: Sequence[TablePlan]) -> Lag:

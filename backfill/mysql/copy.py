@@ -22,14 +22,20 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from backfill.core.db import connect as pg_connect
 from backfill.core.errors import InvalidInput, TableNotFound
+from backfill.job.states import ACTIVE, JobState
 from backfill.mysql.errors import CheckpointConflict, SourceNotReady, ValueRefused
 from backfill.mysql.model import TablePlan
-from backfill.mysql.source import MySQLSource, connect, is_connection_error, quote_name
+from backfill.mysql.source import (
+    MySQLSource,
+    Outage,
+    connect,
+    connection_lost,
+    quote_name,
+)
 from backfill.mysql.values import RawRowConverter, Refusal, source_reader
 
 CHECKPOINT_TABLE = "backfill_mysql_checkpoint"
@@ -60,8 +66,7 @@ _ADD_JOB_ID = sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS job_id bigint").f
 
 #: The states in which a copy job still owns its table's checkpoint row (a failed job can be
 #: retried from its checkpoint); a succeeded or cancelled job's row goes to a newer job.
-OWNING_JOB_STATES = frozenset({"pending", "running", "throttled", "paused",
-                               "awaiting_approval", "failed"})
+OWNING_JOB_STATES = ACTIVE | {JobState.FAILED}
 
 
 @dataclass(frozen=True, order=True)
@@ -501,13 +506,6 @@ def write_batch(pg: Any, plan: TablePlan, rows: Sequence[Sequence[Any]],
                 "(another runner?): nothing committed")
 
 
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
-    from backfill.core.errors import DatabaseUnavailable
-    return isinstance(exc, DatabaseUnavailable) or is_connection_error(exc)
-
-
 def copy_table(source: MySQLSource, dest_dsn: str, plan: TablePlan, *,
                batch_size: int = 10_000, pause: float = 0.0, retry_for: float = 120.0,
                on_batch: Callable[[int, int], None] | None = None) -> CopyResult:
@@ -519,7 +517,7 @@ def copy_table(source: MySQLSource, dest_dsn: str, plan: TablePlan, *,
         raise InvalidInput("batch_size must be at least 1")
     t0 = time.monotonic()
     rows_done = batches = 0
-    failing_since: float | None = None
+    outage = Outage(retry_for)
     started = False      # before the first checkpoint read, nothing is retried: bad input
     while True:
         try:
@@ -543,7 +541,7 @@ def copy_table(source: MySQLSource, dest_dsn: str, plan: TablePlan, *,
                             ahead = None if done else pool.submit(reader.read, nxt, batch_size)
                             rows = reader.convert(raw)
                             write_batch(pg, plan, rows, last, None if done and not raw else nxt)
-                            failing_since = None
+                            outage.over()
                             rows_done += len(rows)
                             total += len(rows)
                             batches += 1
@@ -560,10 +558,5 @@ def copy_table(source: MySQLSource, dest_dsn: str, plan: TablePlan, *,
                 finally:
                     mconn.close()
         except Exception as exc:
-            if not started or not _retryable(exc):
+            if not started or not connection_lost(exc) or not outage.wait():
                 raise
-            now = time.monotonic()
-            failing_since = failing_since or now
-            if now - failing_since > retry_for:
-                raise
-            time.sleep(min(2.0, 0.1 * 2 ** min(5, int(now - failing_since))))

@@ -9,12 +9,15 @@ A password in the DSN is refused: DSNs end up in job specs, logs and process lis
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+import psycopg
 
 from backfill.core.errors import DatabaseUnavailable, InvalidDsn, InvalidInput
 
@@ -224,3 +227,31 @@ def is_server_error(exc: BaseException) -> bool:
     import pymysql  # type: ignore[import-untyped]
 
     return isinstance(exc, pymysql.err.MySQLError) and not is_connection_error(exc)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Either server went away (PostgreSQL's connection errors, or MySQL's by number): the
+    copy and the catch-up reconnect and go on from their committed position."""
+    return (isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError
+                       | DatabaseUnavailable) or is_connection_error(exc))
+
+
+class Outage:
+    """How long the servers have failed in a row, and the backoff before the next attempt."""
+
+    def __init__(self, retry_for: float) -> None:
+        self.retry_for = retry_for
+        self.since: float | None = None
+
+    def over(self) -> None:
+        """An attempt succeeded: the next failure starts a new outage."""
+        self.since = None
+
+    def wait(self) -> bool:
+        """Sleep before the next attempt; False (no sleep) once it has lasted ``retry_for``."""
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > self.retry_for:
+            return False
+        time.sleep(min(2.0, 0.1 * 2 ** min(5, int(now - self.since))))
+        return True
