@@ -61,6 +61,9 @@ class MariaDB:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.base / "server.log"
 
+    #: Memory and connections; the benchmark's source holds its whole table in memory.
+    sizing: tuple[str, ...] = ("--innodb-buffer-pool-size=64M", "--innodb-log-file-size=48M")
+
     def _user_args(self) -> list[str]:
         return ["--user=root"] if os.geteuid() == 0 else []
 
@@ -81,10 +84,9 @@ class MariaDB:
              f"--pid-file={self.base / 'mysqld.pid'}", "--skip-name-resolve",
              "--log-bin=binlog", "--binlog-format=ROW", "--binlog-row-image=FULL",
              "--binlog-row-metadata=FULL", "--server-id=1", "--skip-log-error",
-             "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=48M",
              "--innodb-flush-log-at-trx-commit=2", "--sync-binlog=0",
              "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci",
-             *self._user_args()],
+             *self.sizing, *self._user_args()],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()

@@ -23,7 +23,7 @@ pytest_plugins = ["tests.integration.mysqlserver"]
 COLUMNS = "id, tenant, name, bal, at, tags"
 
 
-def setup(mariadb, db, dest, rows=3000):
+def create_acct(mariadb, db, rows):
     mysql_exec(mariadb, db, """
         CREATE TABLE acct (id int NOT NULL AUTO_INCREMENT, tenant int NOT NULL,
           name varchar(40) NOT NULL, bal decimal(14,2), at datetime(6), tags set('a','b','c'),
@@ -32,6 +32,10 @@ def setup(mariadb, db, dest, rows=3000):
         SELECT seq % 5, concat('n', seq), seq * 1.25, '2024-01-01' + INTERVAL seq SECOND,
                IF(seq % 3 = 0, 'a,c', '')
         FROM seq_1_to_{rows}""")
+
+
+def setup(mariadb, db, dest, rows=3000):
+    create_acct(mariadb, db, rows)
     source = MySQLSource.parse(mariadb.dsn(db))
     conn = connect(source, raw=False)
     try:

@@ -17,21 +17,14 @@ from backfill import Backfill, JobState
 from backfill.mysql.copy import read_job_state
 from tests.integration.helpers import cli, cli_popen, kill_run_after, scalar, wait_for
 from tests.integration.mysqlhelpers import mysql_exec, mysql_rows
-from tests.integration.test_mysql_binlog import dest_rows, source_rows, write_some
+from tests.integration.test_mysql_binlog import create_acct, dest_rows, source_rows, write_some
 
 pytest_plugins = ["tests.integration.mysqlserver"]
 pytestmark = pytest.mark.timeout(300)
 
 
 def make_acct(mariadb, db, dsn, rows):
-    mysql_exec(mariadb, db, """
-        CREATE TABLE acct (id int NOT NULL AUTO_INCREMENT, tenant int NOT NULL,
-          name varchar(40) NOT NULL, bal decimal(14,2), at datetime(6), tags set('a','b','c'),
-          PRIMARY KEY (id), KEY (tenant))""", f"""
-        INSERT INTO acct (tenant, name, bal, at, tags)
-        SELECT seq % 5, concat('n', seq), seq * 1.25, '2024-01-01' + INTERVAL seq SECOND,
-               IF(seq % 3 = 0, 'a,c', '')
-        FROM seq_1_to_{rows}""")
+    create_acct(mariadb, db, rows)
     res = cli(dsn, "convert-schema", "--source", mariadb.dsn(db), "--tables", "acct", "--apply")
     assert res.returncode == 0, res.stderr
 
