@@ -4,6 +4,7 @@ guard that turns an error into one line and an exit code."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -103,6 +104,10 @@ app = typer.Typer(
 
 
 
+#: Environment variables that make rich treat a pipe as a terminal.
+_RICH_TERMINAL_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+
+
 class _Console:
     """rich's Console for stdout or stderr, made when first used: `--help` never prints
     through it, and rich.console takes about 15 ms to import (fixed costs, issue 16)."""
@@ -122,11 +127,23 @@ class _Console:
                                     width=None if stream.isatty() else 200)
         return self._console
 
+    def _plain(self) -> bool:
+        """Output goes to a file or pipe and rich is not asked to treat it as a terminal."""
+        stream = sys.stderr if self._stderr else sys.stdout
+        return (self._console is None and not stream.isatty()
+                and not any(os.environ.get(v) for v in _RICH_TERMINAL_ENV))
+
     @property
     def is_terminal(self) -> bool:
-        return self.console.is_terminal
+        return False if self._plain() else self.console.is_terminal
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
+        text = str(objects[0]) if len(objects) == 1 and isinstance(objects[0], str | int) else None
+        if not kwargs and text is not None and "[" not in text and self._plain():
+            # A plain line off a terminal is what rich would print (no markup, no colour, no
+            # wrapping at our width): skip importing rich for it (~15 ms per process).
+            (sys.stderr if self._stderr else sys.stdout).write(text + "\n")
+            return
         self.console.print(*objects, **kwargs)
 
     def print_json(self, json: str | None = None, **kwargs: Any) -> None:
@@ -139,6 +156,8 @@ err = _Console(stderr=True)
 
 def escape(markup: str) -> str:
     """rich's markup escape (rich is imported by the first command that prints)."""
+    if "[" not in markup:
+        return markup  # nothing to escape: no need to import rich for it
     from rich.markup import escape as rich_escape
 
     return rich_escape(markup)

@@ -37,9 +37,25 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
         _apply(json=json, level=level)
 
 
-def _apply(*, json: bool | None, level: str) -> None:
+def _import_structlog(json: bool | None) -> Any:
+    """structlog, imported without rich when lines are rendered as JSON: structlog.dev loads
+    rich's console and traceback (~25 ms) for its console renderer, which JSON lines never use;
+    a command that prints plain lines then runs without rich at all (fixed costs, issue 16)."""
+    if "structlog" not in sys.modules and "rich" not in sys.modules and (
+            json if json is not None else not sys.stderr.isatty()):
+        sys.modules["rich"] = None  # type: ignore[assignment]  # structlog.dev: rich = None
+        try:
+            import structlog
+        finally:
+            del sys.modules["rich"]
+        return structlog
     import structlog
 
+    return structlog
+
+
+def _apply(*, json: bool | None, level: str) -> None:
+    structlog = _import_structlog(json)
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
@@ -75,7 +91,7 @@ class _Logger:
 
     def __getattr__(self, name: str) -> Any:
         if self._proxy is None:
-            import structlog
+            structlog = _import_structlog(_wanted.get("json"))
 
             # Scripts using the API without configuring logging get info-level lines on
             # stderr, not structlog's default of every debug line on stdout; the CLI's

@@ -181,3 +181,21 @@ def _outcome(runtime: Any, value: Any, param: Any, ctx: Any) -> tuple[str, Any]:
         return "ok", runtime.coerce(value, param=param, ctx=ctx)
     except typer.BadParameter as exc:
         return "error", exc.format_message()
+
+
+def test_plain_lines_and_json_logs_off_a_terminal_load_no_rich() -> None:
+    # `enqueue -q`, `db upgrade` and `run` off a terminal print plain lines and log JSON:
+    # rich (and structlog's rich console) stay unloaded; markup still goes through rich.
+    out = _python("""
+import sys
+from backfill.cli.base import escape, out
+from backfill.core import logs
+logs.configure(json=True)
+out.print("job 1 succeeded"); out.print(7); print(escape("no tag"), out.is_terminal)
+logs.get_logger().info("a line")
+print("rich" in sys.modules, "structlog" in sys.modules)
+out.print("[bold]x[/bold] " + escape("[b]"))
+print("rich" in sys.modules)
+""")
+    assert out[:4] == ["job 1 succeeded", "7", "no tag False", "False True"]
+    assert out[4:6] == ["x [b]", "True"]
