@@ -49,7 +49,9 @@ ensure_venv() {
     # Reinstall only when pyproject.toml or the requested extras changed since the last install.
     stamp="$VENV_DIR/.backfill-install-stamp"
     want="$(cat pyproject.toml; echo "extras=$extras")"
-    want="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
+    # hashlib, not sha256sum (GNU coreutils, missing on older macOS); the digest is the same.
+    want="$(printf '%s' "$want" | "$VENV_DIR/bin/python" -c \
+        'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
     if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
         step "pip install -e '$spec'"
         "$VENV_DIR/bin/python" -m pip install -q -e "$spec"
@@ -92,7 +94,7 @@ ensure_redis() {
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing redis-server with apt-get"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove redis-server
         # The package starts a system service; the tests start their own server on a free port.
         if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server 2>/dev/null || true; fi
         return 0
@@ -109,7 +111,7 @@ ensure_mariadb() {
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing mariadb-server with apt-get"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mariadb-server
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove mariadb-server
         # The package may start its system service (nothing ran before: it was not installed);
         # the tests start their own server on a free port.
         if command -v systemctl >/dev/null 2>&1 && systemctl stop mariadb 2>/dev/null; then :
@@ -131,7 +133,7 @@ ensure_prometheus() {
         local before pid
         before=" $(pgrep -x prometheus | tr '\n' ' ') "
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove prometheus
         # The package starts a system service; the tests start their own server on a free port.
         # Stop what the install started, and only that: a Prometheus running before stays.
         if [[ "$before" == "  " ]] && command -v systemctl >/dev/null 2>&1; then

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Lint, type-check and test. Extra arguments go to pytest, e.g. scripts/test.sh -k keyset -x
+# (${@+"$@"}: bash 3.2, macOS's, calls an empty "$@" unbound under set -u.)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/_venv.sh
@@ -30,7 +31,7 @@ lint-imports
 # BACKFILL_TEST_PG="18" runs only the listed majors.
 if [[ -n "${PG_BINDIR:-}" ]]; then
     step "pytest (PostgreSQL from PG_BINDIR=$PG_BINDIR)"
-    pytest -q "$@"
+    pytest -q ${@+"$@"}
     exit 0
 fi
 ran=0
@@ -39,7 +40,7 @@ while read -r major bindir <&3; do
         continue
     fi
     step "pytest on PostgreSQL $major ($bindir)"
-    PG_BINDIR="$bindir" pytest -q "$@"
+    PG_BINDIR="$bindir" pytest -q ${@+"$@"}
     ran=$((ran + 1))
 done 3< <(python -c 'from backfill_dev.localpg import available_servers
 for major, bindir in available_servers():
