@@ -4,15 +4,15 @@ the compose file checked for what would break them at `docker compose up`."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.conftest import missing_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
@@ -21,9 +21,7 @@ PROM = ROOT / "deploy" / "prometheus"
 def _promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
-        if os.environ.get("BACKFILL_REQUIRE_PG"):
-            pytest.fail("promtool is not installed (scripts/test.sh installs prometheus)")
-        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
+        missing_tool("prometheus", "promtool is not installed (apt-get install -y prometheus)")
     return found
 
 

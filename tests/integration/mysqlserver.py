@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import missing_tool
 from tests.integration.helpers import wait_for
 from tests.integration.servers import free_port
 
@@ -46,10 +47,7 @@ class MariaDB:
         server = _binary("mariadbd", "mysqld")
         install = _binary("mariadb-install-db", "mysql_install_db")
         if server is None or install is None:
-            msg = "MariaDB is not installed (apt-get install -y mariadb-server)"
-            if os.environ.get("BACKFILL_REQUIRE_PG") == "1":
-                pytest.fail(msg)
-            pytest.skip(msg)
+            missing_tool("mariadb", "MariaDB is not installed (apt-get install -y mariadb-server)")
         self.server_bin = server
         self.install_bin = install
         self.base = base or Path(tempfile.mkdtemp(prefix="backfill-test-mariadb-", dir="/tmp"))

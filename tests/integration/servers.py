@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
+from tests.conftest import missing_tool
 from tests.integration.helpers import ROOT, wait_for
 
 #: What ``pip install .`` needs from the repository (the Dockerfile copies the same).
@@ -98,9 +97,7 @@ class RedisServer:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            if os.environ.get("BACKFILL_REQUIRE_PG"):
-                pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
-            pytest.skip("redis-server is not installed")
+            missing_tool("redis", "redis-server is not installed (apt-get install -y redis-server)")
         self.binary = binary
         self.port = free_port()
         self.workdir = tempfile.mkdtemp(prefix="backfill-test-redis-")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from backfill import Backfill, JobState, update
 from backfill.observe.metrics import serve
+from tests.conftest import missing_tool
 from tests.integration.helpers import ROOT, make_counter_table, wait_for
 from tests.integration.servers import free_port
 
@@ -30,9 +28,7 @@ def test_prometheus_scrapes_the_exporter_and_a_failed_job_fires(dsn: str,
                                                                  tmp_path: Path) -> None:
     binary = shutil.which("prometheus")
     if binary is None:
-        if os.environ.get("BACKFILL_REQUIRE_PG"):
-            pytest.fail("prometheus is not installed (scripts/test.sh installs it)")
-        pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+        missing_tool("prometheus", "prometheus is not installed (apt-get install -y prometheus)")
     make_counter_table(dsn, 2_000)
     bf = Backfill(dsn)
     done = bf.enqueue(update("items", {"counter": "counter + 1"}, batch_size=500))
