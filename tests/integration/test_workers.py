@@ -170,6 +170,33 @@ def test_worker_refuses_a_mismatched_state_schema(dsn: str, redis_url: str) -> N
     assert "newer than this backfill" in raw.stdout + raw.stderr
 
 
+def test_worker_refuses_a_broker_client_it_cannot_load(dsn: str) -> None:
+    """A plain install once lacked `packaging` (kombu's Redis transport imports it): `backfill
+    worker` died with a traceback. It refuses at once and says what is wrong, not
+    "unreachable": a module missing from the install, an unknown or malformed broker URL."""
+    from tests.unit.test_worker_config import NO_PACKAGING
+
+    worker = ("import sys\nsys.argv = ['backfill', 'worker']\n"
+              "from backfill.cli.main import main\nmain()\n")
+    cases = [(NO_PACKAGING + worker, f"redis://127.0.0.1:{free_port()}/0",
+              "No module named 'packaging"),
+             (worker, "nosuchtransport://host/0", "fix BACKFILL_BROKER_URL"),
+             (worker, "redis://127.0.0.1:notaport/0", "fix BACKFILL_BROKER_URL")]
+    for code, url, want in cases:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "CELERY_"))}
+        env.update(PYTHONPATH=str(ROOT), BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=url,
+                   BACKFILL_LOG_FORMAT="json")
+        # Without the check, Celery starts (packaging is there after the exec) and retries
+        # the broker for ever, or dies with a traceback: the timeout fails the test.
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=30, env=env, cwd=ROOT, check=False)
+        text = " ".join(res.stderr.split())
+        assert res.returncode == 1, (url, res.stdout + res.stderr)
+        assert want in text, (url, text)
+        assert "unreachable" not in text, url
+        assert "Traceback" not in res.stdout + res.stderr, url
+
+
 def test_a_throttled_job_gives_its_workers_back_and_resumes_from_the_checkpoints(
         dsn: str, workers: Workers) -> None:
     from backfill.core.db import connect
