@@ -197,6 +197,46 @@ def test_worker_refuses_a_broker_client_it_cannot_load(dsn: str) -> None:
         assert "Traceback" not in res.stdout + res.stderr, url
 
 
+def test_backfill_worker_consumes_the_queue_a_config_module_names(
+        dsn: str, redis_url: str, tmp_path: Path) -> None:
+    """BACKFILL_CELERY_CONFIG may rename the queue tasks are sent to (task_default_queue):
+    `backfill worker` listens there, not on a hard-coded `backfill`, so the job runs."""
+    (tmp_path / "myqueueconf.py").write_text("task_default_queue = 'elsewhere'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "CELERY_"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]), BACKFILL_DSN=dsn,
+               BACKFILL_BROKER_URL=redis_url, BACKFILL_CELERY_CONFIG="myqueueconf",
+               BACKFILL_LOG_FORMAT="json", BACKFILL_SLICE_BUDGET_S="0.5")
+    make_counter_table(dsn, 1_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=250))
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "backfill.cli.main", "worker", "--concurrency", "1"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        res = subprocess.run([sys.executable, "-m", "backfill.cli.main", "dispatch", str(job.id)],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+                             check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+        def ended() -> bool:
+            assert worker.poll() is None, log_path.read_text()[-3000:]
+            return bf.get(job.id).state in (JobState.SUCCEEDED, JobState.FAILED)
+
+        wait_for(ended, timeout=60, interval=0.25, what=f"the job to end ({log_path})")
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=30)
+    assert bf.get(job.id).state == JobState.SUCCEEDED, log_path.read_text()[-3000:]
+    assert counter_histogram(dsn) == {1: 1_000}
+    assert ".> elsewhere" in log_path.read_text()  # Celery's banner lists the queues it reads
+
+
 def test_a_throttled_job_gives_its_workers_back_and_resumes_from_the_checkpoints(
         dsn: str, workers: Workers) -> None:
     from backfill.core.db import connect
