@@ -170,6 +170,73 @@ def test_worker_refuses_a_mismatched_state_schema(dsn: str, redis_url: str) -> N
     assert "newer than this backfill" in raw.stdout + raw.stderr
 
 
+def test_worker_refuses_a_broker_client_it_cannot_load(dsn: str) -> None:
+    """A plain install once lacked `packaging` (kombu's Redis transport imports it): `backfill
+    worker` died with a traceback. It refuses at once and says what is wrong, not
+    "unreachable": a module missing from the install, an unknown or malformed broker URL."""
+    from tests.unit.test_worker_config import NO_PACKAGING
+
+    worker = ("import sys\nsys.argv = ['backfill', 'worker']\n"
+              "from backfill.cli.main import main\nmain()\n")
+    cases = [(NO_PACKAGING + worker, f"redis://127.0.0.1:{free_port()}/0",
+              "No module named 'packaging"),
+             (worker, "nosuchtransport://host/0", "fix BACKFILL_BROKER_URL"),
+             (worker, "redis://127.0.0.1:notaport/0", "fix BACKFILL_BROKER_URL")]
+    for code, url, want in cases:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "CELERY_"))}
+        env.update(PYTHONPATH=str(ROOT), BACKFILL_DSN=dsn, BACKFILL_BROKER_URL=url,
+                   BACKFILL_LOG_FORMAT="json")
+        # Without the check, Celery starts (packaging is there after the exec) and retries
+        # the broker for ever, or dies with a traceback: the timeout fails the test.
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=30, env=env, cwd=ROOT, check=False)
+        text = " ".join(res.stderr.split())
+        assert res.returncode == 1, (url, res.stdout + res.stderr)
+        assert want in text, (url, text)
+        assert "unreachable" not in text, url
+        assert "Traceback" not in res.stdout + res.stderr, url
+
+
+def test_backfill_worker_consumes_the_queue_a_config_module_names(
+        dsn: str, redis_url: str, tmp_path: Path) -> None:
+    """BACKFILL_CELERY_CONFIG may rename the queue tasks are sent to (task_default_queue):
+    `backfill worker` listens there, not on a hard-coded `backfill`, so the job runs."""
+    (tmp_path / "myqueueconf.py").write_text("task_default_queue = 'elsewhere'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "CELERY_"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]), BACKFILL_DSN=dsn,
+               BACKFILL_BROKER_URL=redis_url, BACKFILL_CELERY_CONFIG="myqueueconf",
+               BACKFILL_LOG_FORMAT="json", BACKFILL_SLICE_BUDGET_S="0.5")
+    make_counter_table(dsn, 1_000)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, batch_size=250))
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "backfill.cli.main", "worker", "--concurrency", "1"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        res = subprocess.run([sys.executable, "-m", "backfill.cli.main", "dispatch", str(job.id)],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+                             check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+        def ended() -> bool:
+            assert worker.poll() is None, log_path.read_text()[-3000:]
+            return bf.get(job.id).state in (JobState.SUCCEEDED, JobState.FAILED)
+
+        wait_for(ended, timeout=60, interval=0.25, what=f"the job to end ({log_path})")
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=30)
+    assert bf.get(job.id).state == JobState.SUCCEEDED, log_path.read_text()[-3000:]
+    assert counter_histogram(dsn) == {1: 1_000}
+    assert ".> elsewhere" in log_path.read_text()  # Celery's banner lists the queues it reads
+
+
 def test_a_throttled_job_gives_its_workers_back_and_resumes_from_the_checkpoints(
         dsn: str, workers: Workers) -> None:
     from backfill.core.db import connect

@@ -132,7 +132,9 @@ def test_celery_broker_url_in_the_environment_wins(tmp_path: Path) -> None:
 
 # -- broker errors: only connection errors are "unreachable" -------------------------------------
 
-_NO_PACKAGING = """
+#: Prepended to a script: imports of `packaging` fail, as in an install without it (what
+#: kombu's Redis transport needs; only celery[redis] brings it).
+NO_PACKAGING = """
 import importlib.abc, sys
 
 class NoPackaging(importlib.abc.MetaPathFinder):
@@ -146,7 +148,7 @@ sys.meta_path.insert(0, NoPackaging())
 
 
 def _dispatch(tmp_path: Path, broker: str, *, block_packaging: bool) -> subprocess.CompletedProcess[str]:
-    code = (_NO_PACKAGING if block_packaging else "") + (
+    code = (NO_PACKAGING if block_packaging else "") + (
         "import sys\nsys.argv = ['backfill', 'dispatch', '1']\n"
         "from backfill.cli.main import main\nmain()\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "CELERY_"))}
