@@ -503,6 +503,50 @@ def test_merges_complete_locks_the_target_before_the_source_as_the_new_versions_
         assert c.execute("SELECT bio FROM users WHERE id = 1").fetchone() == ("held",)
 
 
+def test_splits_complete_cannot_deadlock_with_a_new_version_write_of_the_new_table(
+        dsn: str) -> None:
+    """Issue 14, item 2, at complete: a new-version write to the new table locks it, then (its
+    trigger, and the foreign key's check) the source; a new-version delete of a source row
+    locks the source, then (its trigger) the new table. No order of the two suits both, so
+    complete drops the new table's trigger in a transaction of its own, before the source's.
+    Forced: a new-version transaction holds its profile row, complete waits for it, then the
+    transaction updates the profile."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP_USERS.replace(str(ROWS), "50"))
+    mid = "one-split-lock"
+    m = Migrator(dsn, actor="tester")
+    m.start(parse(f'id = "{mid}"\n{SETTINGS.replace("500ms", "20s")}\n{CASES[0].operations}'))
+    errors: list[BaseException] = []
+
+    def complete() -> None:
+        try:
+            Migrator(dsn, actor="tester").complete(mid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def waiting() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                            "'Lock' AND (query LIKE 'DROP TRIGGER%%' OR query LIKE "
+                            "'LOCK TABLE%%')").fetchone()
+            return row == (1,)
+
+    with psycopg.connect(dsn, options=f"-c search_path={version_schema(mid)},public") as new:
+        new.execute("SELECT bio FROM user_profiles WHERE id = 1 FOR UPDATE")
+        step = threading.Thread(target=complete, daemon=True)
+        step.start()
+        wait_for(waiting, timeout=20, what="complete's step waiting for a lock")
+        new.execute("UPDATE user_profiles SET bio = 'held' WHERE id = 1")
+        new.commit()
+    step.join(60)
+    assert errors == []
+    with psycopg.connect(dsn, autocommit=True) as c:
+        retries = c.execute("SELECT message FROM backfill.migration_events WHERE migration_id "
+                            "= %s AND kind = 'retry'", (mid,)).fetchall()
+        assert retries == []
+        assert c.execute("SELECT bio FROM user_profiles WHERE id = 1").fetchone() == ("held",)
+
+
 def test_a_type_change_is_the_new_versions_from_start_and_its_prepared_queries_survive_complete(
         dsn: str) -> None:
     """Issue 14, item 5: a prepared SELECT of the retyped column, in a new-version session
