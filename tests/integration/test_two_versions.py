@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from backfill.migrate.executor import Migrator
 from backfill.migrate.file import parse
 from backfill.migrate.plan import version_schema
 from backfill_dev.localpg import find_pg_bindir
+from tests.integration.helpers import wait_for
 
 # bench/bench_two_versions.py runs this test on a larger table through these variables.
 _ENV = "BACKFILL_TWO_VERSION_"
@@ -458,6 +460,93 @@ def test_split_each_version_writes_its_own_shape_and_reads_the_others(dsn: str) 
     m.complete(mid)
 
 
+def test_merges_complete_locks_the_target_before_the_source_as_the_new_versions_writes_do(
+        dsn: str) -> None:
+    """Issue 14, item 2, at complete: the new version updates the merged table (locking it),
+    then its trigger writes the source. Complete's step must take the target first too: taking
+    the source first (dropping its trigger) and then waiting for the target deadlocks with
+    such a write, forced here: a new-version transaction holds the target, complete waits,
+    then the transaction writes a merged column."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP_PROFILES.replace(str(ROWS), "50"))
+    mid = "one-merge-lock"
+    m = Migrator(dsn, actor="tester")
+    m.start(parse(f'id = "{mid}"\n{SETTINGS.replace("500ms", "20s")}\n{CASES[1].operations}'))
+    errors: list[BaseException] = []
+
+    def complete() -> None:
+        try:
+            Migrator(dsn, actor="tester").complete(mid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def waiting() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                            "'Lock' AND (query LIKE 'DROP TRIGGER%%' OR query LIKE "
+                            "'LOCK TABLE%%')").fetchone()
+            return row == (1,)
+
+    with psycopg.connect(dsn, options=f"-c search_path={version_schema(mid)},public") as new:
+        new.execute("UPDATE users SET email = email WHERE id = 1")   # holds users only
+        step = threading.Thread(target=complete, daemon=True)
+        step.start()
+        wait_for(waiting, timeout=20, what="complete's step waiting for a lock")
+        new.execute("UPDATE users SET bio = 'held' WHERE id = 1")   # its trigger writes the source
+        new.commit()
+    step.join(60)
+    assert errors == []
+    with psycopg.connect(dsn, autocommit=True) as c:
+        retries = c.execute("SELECT message FROM backfill.migration_events WHERE migration_id "
+                            "= %s AND kind = 'retry'", (mid,)).fetchall()
+        assert retries == []
+        assert c.execute("SELECT bio FROM users WHERE id = 1").fetchone() == ("held",)
+
+
+def test_splits_complete_cannot_deadlock_with_a_new_version_write_of_the_new_table(
+        dsn: str) -> None:
+    """Issue 14, item 2, at complete: a new-version write to the new table locks it, then (its
+    trigger, and the foreign key's check) the source; a new-version delete of a source row
+    locks the source, then (its trigger) the new table. No order of the two suits both, so
+    complete drops the new table's trigger in a transaction of its own, before the source's.
+    Forced: a new-version transaction holds its profile row, complete waits for it, then the
+    transaction updates the profile."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP_USERS.replace(str(ROWS), "50"))
+    mid = "one-split-lock"
+    m = Migrator(dsn, actor="tester")
+    m.start(parse(f'id = "{mid}"\n{SETTINGS.replace("500ms", "20s")}\n{CASES[0].operations}'))
+    errors: list[BaseException] = []
+
+    def complete() -> None:
+        try:
+            Migrator(dsn, actor="tester").complete(mid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def waiting() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                            "'Lock' AND (query LIKE 'DROP TRIGGER%%' OR query LIKE "
+                            "'LOCK TABLE%%')").fetchone()
+            return row == (1,)
+
+    with psycopg.connect(dsn, options=f"-c search_path={version_schema(mid)},public") as new:
+        new.execute("SELECT bio FROM user_profiles WHERE id = 1 FOR UPDATE")
+        step = threading.Thread(target=complete, daemon=True)
+        step.start()
+        wait_for(waiting, timeout=20, what="complete's step waiting for a lock")
+        new.execute("UPDATE user_profiles SET bio = 'held' WHERE id = 1")
+        new.commit()
+    step.join(60)
+    assert errors == []
+    with psycopg.connect(dsn, autocommit=True) as c:
+        retries = c.execute("SELECT message FROM backfill.migration_events WHERE migration_id "
+                            "= %s AND kind = 'retry'", (mid,)).fetchall()
+        assert retries == []
+        assert c.execute("SELECT bio FROM user_profiles WHERE id = 1").fetchone() == ("held",)
+
+
 def test_a_type_change_is_the_new_versions_from_start_and_its_prepared_queries_survive_complete(
         dsn: str) -> None:
     """Issue 14, item 5: a prepared SELECT of the retyped column, in a new-version session
@@ -494,11 +583,21 @@ def test_a_computed_column_follows_the_old_versions_writes_and_keeps_the_new_ver
                   'value = "lower(email)"\nnot_null = true\n'))
     old, new = _sessions(dsn, version_schema(mid))
     with old, new:
+        # The new version reads and writes users through the version schema's view (and the
+        # fill trigger knows it by its search_path); the old one reads the table.
+        assert new.execute("SELECT relkind FROM pg_class WHERE oid = 'users'::regclass") \
+            .fetchone() == ("v",)
+        assert old.execute("SELECT relkind FROM pg_class WHERE oid = 'users'::regclass") \
+            .fetchone() == ("r",)
         old.execute("UPDATE users SET email = 'Changed@X' WHERE id = 3")
         assert new.execute("SELECT email_lower FROM users WHERE id = 3").fetchone() \
             == ("changed@x",)
         new.execute("UPDATE users SET email = 'Mixed@X', email_lower = 'own' WHERE id = 4")
         assert new.execute("SELECT email_lower FROM users WHERE id = 4").fetchone() == ("own",)
+        # The new version owns the column: its write of the input alone is not recomputed
+        # over it (the trigger tells the versions apart), as the old version's is.
+        new.execute("UPDATE users SET email = 'Only@X' WHERE id = 6")
+        assert old.execute("SELECT email_lower FROM users WHERE id = 6").fetchone() == ("u6@x",)
         new.execute("INSERT INTO users (id, email, name) VALUES (1000, 'A@B', 'n')")
         assert old.execute("SELECT email_lower FROM users WHERE id = 1000").fetchone() \
             == ("a@b",)

@@ -129,7 +129,13 @@ class MergeTables(_Op):
                  *self.drop_trigger_statements(t, self.pull),
                  *self.drop_trigger_statements(t, self.back),
                  *self.drop_trigger_statements(t, self.back_del),
-                 sql.SQL("DROP TABLE IF EXISTS {}").format(src.ident), lock=self.brief(src),
+                 sql.SQL("DROP TABLE IF EXISTS {}").format(src.ident),
+                 # The new version's writes lock the target, then (its trigger) the source:
+                 # take them in that order, or dropping the source's trigger first and then
+                 # waiting for the target deadlocks with such a write.
+                 lock=f"ACCESS EXCLUSIVE on {t.qualified}, then {src.qualified} (as the new "
+                      "version's writes take them; brief, under lock_timeout)",
+                 lock_order=tuple((x.schema, x.name, "ACCESS EXCLUSIVE") for x in (t, src)),
                  risk="high")
         self.shape.drop(src)
         self.src = src

@@ -119,15 +119,20 @@ class SplitTable(_Op):
                  {"kind": "copy", "dest": new.qualified, "columns": list(every),
                   "on_conflict": "update"})
         self.dropped = not keep
+        # The new version's writes to the new table lock it, then the source (its trigger,
+        # the foreign key's check); its deletes of source rows lock the source, then the new
+        # table. No order of the two suits both, so complete locks one table per transaction:
+        # the new table's trigger first (the old version, the only one its copy served, is
+        # gone), then the source's triggers and columns.
+        self.drop_trigger(new, self.trg_back, "complete")
         stmts = [*self.drop_trigger_statements(t, self.trg),
-                 *self.drop_trigger_statements(t, self.trg_del),
-                 *self.drop_trigger_statements(new, self.trg_back)]
+                 *self.drop_trigger_statements(t, self.trg_del)]
         if not keep:
             stmts.append(sql.SQL("ALTER TABLE {} {}").format(t.ident, ids(
                 sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(c)) for c in cols)))
             for c in cols:
                 del t.columns[c]
-        self.add("complete", f"drop triggers {self.trg}, {self.trg_del}, {self.trg_back}"
+        self.add("complete", f"drop triggers {self.trg}, {self.trg_del}"
                  + (f", drop {', '.join(cols)} from {t.qualified}" if not keep else "")
                  + " (one transaction)", "tx", *stmts, lock=self.brief(t),
                  risk="high" if not keep else "low")
