@@ -426,6 +426,9 @@ class Migrator:
         who = "; ".join(f"pid {h['pid']} ({h['state']}, transaction open "
                         f"{format_duration(h['xact_s'])}: {h['query']})" for h in holders)
         reason = type(exc).__name__
+        # A deadlock is not a lock timeout: say which of the two made this step give way.
+        what = ("chosen as a deadlock's victim" if isinstance(exc, pgerrors.DeadlockDetected)
+                else f"lock not granted within {int(rec.settings.lock_timeout_ms)}ms")
         if attempt > rec.settings.lock_retries:
             raise self._fail(conn, rec, s, (
                 f"could not take its lock in {attempt} attempts of "
@@ -435,14 +438,13 @@ class Migrator:
                 "table is quieter, or raise lock_retries"))
         delay = self._backoff(rec, attempt)
         self._event(conn, rec.id, "retry",
-                    f"{reason}: lock not granted within "
-                    f"{int(rec.settings.lock_timeout_ms)}ms, retry {attempt} in {delay:.1f}s",
+                    f"{reason}: {what}, retry {attempt} in {delay:.1f}s",
                     phase=s.phase, step_no=s.step_no,
                     details={"attempt": attempt, "delay_s": round(delay, 3),
                              "holders": holders})
         log.info("migration.lock_retry", migration=rec.id, phase=s.phase, step=s.step_no,
                  attempt=attempt, delay_s=round(delay, 3), holders=who or None)
-        self.notify(f"  lock not granted ({reason}); retry {attempt} in {delay:.1f}s"
+        self.notify(f"  {what} ({reason}); retry {attempt} in {delay:.1f}s"
                     + (f" — held by {who}" if who else ""))
         if self.stop.wait(delay):
             raise MigrationWaiting(f"migration {rec.id} interrupted while waiting for a lock; "
