@@ -155,6 +155,9 @@ class Runner:
         self._worker = False  # distributed mode: one slice, no job-level ownership
         self._deadline: float | None = None
         self._yielded = False
+        #: When this chain's next batch is due (monotonic), owed by the last batch of a slice:
+        #: inline, the next slice's first batch waits for it (see _run_slice).
+        self._due: float | None = None
         self._window: list[tuple[float, int]] = []  # (monotonic end, rows) of recent batches
         self._batches = 0
         self._last_heartbeat = time.monotonic()
@@ -551,6 +554,7 @@ class Runner:
         for slc in leases.slices(self.conn, job.id):
             if slc.done:
                 continue
+            self._wait_due(job.id)
             lease = self._db(functools.partial(
                 self._acquire_lease, job.id, slc.slice_no, self._lease_ttl(self._options)))
             if lease is None:  # finished meanwhile
@@ -707,10 +711,14 @@ class Runner:
                            rows=outcome.rows_scanned, affected=outcome.rows_affected,
                            ms=round(outcome.duration_ms, 1), next_size=sizer.size,
                            app_waiters=outcome.waits.sessions if outcome.waits else None)
-            if outcome.done:
-                return None
             delay = self._delay_after(outcome.rows_scanned, outcome.duration_ms / 1000.0,
                                       options)
+            if outcome.done:
+                # The pacing of the slice's last batch is owed by the chain's next batch (the
+                # next slice's, inline), not dropped: else each slice end ran one batch unpaced
+                # and --rate on one-batch slices was not a cap at all.
+                self._due = time.monotonic() + delay
+                return None
             if delay > 0:
                 self._pace(job.id, delay)
         return None
@@ -737,6 +745,13 @@ class Runner:
         if batches_share:
             delay = max(delay, self._slots(options) / batches_share - seconds)
         return delay + options.pause_ms / 1000.0
+
+    def _wait_due(self, job_id: int) -> None:
+        """Before another slice of an inline run: wait out what the last batch's pacing
+        still asks for (:attr:`_due`)."""
+        due, self._due = self._due, None
+        if due is not None and due > time.monotonic():
+            self._pace(job_id, due - time.monotonic())
 
     def _pace(self, job_id: int, delay: float) -> None:
         """Sleep ``delay`` seconds between batches, keeping the heartbeat fresh and waking

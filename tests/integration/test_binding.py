@@ -1,6 +1,6 @@
 """A job writes only the relations it was bound to: a table dropped and recreated (same name,
-same rows) while the job runs gets no write, inline or on the workers, for the source, the
-destination of a copy, and the undo log."""
+same rows) while the job runs gets no write, inline or on the workers, for the source (in this
+database or another), the destination of a copy or move, and the undo log."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backfill import Backfill, JobState, copy, update
+from backfill import Backfill, JobState, copy, move, update
+from backfill.job.spec import JobSpec
+from tests.conftest import _create_db, _db_dsn, _drop_db
 from tests.integration.helpers import counter_histogram, make_counter_table, scalar, wait_for
 from tests.integration.servers import RedisServer, Workers, broker
 
@@ -19,13 +21,13 @@ INC = {"counter": "counter + 1"}
 FIXED = {"batch_size": 200, "min_batch_size": 200, "max_batch_size": 200}
 
 
-def _recreate(dsn: str, table: str = "items", rows: int = 5_000) -> None:
+def _recreate(dsn: str, table: str = "items", rows: int = 5_000, val: str = "i %% 100") -> None:
     """DROP and CREATE the same table with the same rows, in one transaction."""
     with psycopg.connect(dsn, autocommit=True) as c, c.transaction():
         c.execute(f"DROP TABLE {table}")
         c.execute(f"""CREATE TABLE {table} (id bigint PRIMARY KEY, val int NOT NULL,
                       counter int NOT NULL DEFAULT 0, note text)""")
-        c.execute(f"INSERT INTO {table} (id, val) SELECT i, i %% 100 FROM generate_series(1, %s) i",
+        c.execute(f"INSERT INTO {table} (id, val) SELECT i, {val} FROM generate_series(1, %s) i",
                   (rows,))
 
 
@@ -86,6 +88,60 @@ def test_copy_destination_recreated_mid_run_gets_no_write(dsn: str) -> None:
     assert "destination table public.items_copy was dropped and recreated" in (
         job_after.state_reason or "")
     assert scalar(dsn, "SELECT count(*) FROM items_copy") == 0
+
+
+def test_move_destination_recreated_mid_run_gets_no_write(dsn: str) -> None:
+    make_counter_table(dsn, 5_000)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE items_copy (LIKE items INCLUDING ALL)")
+    bf = Backfill(dsn)
+    job = bf.enqueue(move("items", "items_copy", rate=1000, **FIXED))
+    t, out = _run_in_thread(bf, job.id)
+    wait_for(lambda: bf.progress(job.id).batches >= 3, timeout=30, what="three batches")
+    with psycopg.connect(dsn, autocommit=True) as c, c.transaction():
+        c.execute("DROP TABLE items_copy")
+        c.execute("CREATE TABLE items_copy (LIKE items INCLUDING ALL)")
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert [getattr(r, "state", r) for r in out] == [JobState.FAILED], "run returns the job"
+    failed = bf.get(job.id)
+    assert "destination table public.items_copy was dropped and recreated" in (
+        failed.state_reason or ""), failed.state_reason
+    assert scalar(dsn, "SELECT count(*) FROM items_copy") == 0
+    # Only the batches that committed into the old destination took their rows from the source.
+    assert scalar(dsn, "SELECT count(*) FROM items") == 5_000 - bf.progress(job.id).rows_scanned
+
+
+@pytest.fixture
+def source(admin_dsn: str) -> Iterator[str]:
+    """Another database on the same server, holding ``items`` (5,000 rows)."""
+    name = _create_db(admin_dsn, "template0")
+    src = _db_dsn(admin_dsn, name)
+    make_counter_table(src, 5_000)
+    try:
+        yield src
+    finally:
+        _drop_db(admin_dsn, name)
+
+
+def test_cross_database_source_recreated_mid_run_gives_no_row_of_it(dsn: str,
+                                                                     source: str) -> None:
+    """The source is proven on the source's connection, in the transaction that read it."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("""CREATE TABLE items (id bigint PRIMARY KEY, val int NOT NULL,
+                     counter int NOT NULL DEFAULT 0, note text)""")
+    bf = Backfill(dsn)
+    job = bf.enqueue(JobSpec("copy", "items", dest="items", source_dsn=source).with_options(
+        rate=1000, **FIXED))
+    t, out = _run_in_thread(bf, job.id)
+    wait_for(lambda: bf.progress(job.id).batches >= 3, timeout=30, what="three batches")
+    _recreate(source, val="-1")   # the new table's rows are told apart by val = -1
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert [getattr(r, "state", r) for r in out] == [JobState.FAILED], "run returns the job"
+    _assert_failed_naming_the_change(bf, job.id)
+    assert scalar(dsn, "SELECT count(*) FROM items WHERE val = -1") == 0
+    assert scalar(dsn, "SELECT count(*) FROM items") == bf.progress(job.id).rows_scanned < 5_000
 
 
 def test_undo_log_recreated_mid_run_fails_the_job(dsn: str) -> None:

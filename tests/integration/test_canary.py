@@ -15,7 +15,7 @@ from backfill.engine.reaper import reap
 from backfill.engine.runner import Runner
 from backfill.job.spec import JobSpec
 from backfill.job.states import JobState
-from backfill.state import checkpoints
+from backfill.state import checkpoints, store
 from tests.integration.helpers import cli, counter_histogram, make_counter_table, scalar, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -196,3 +196,59 @@ def test_a_canary_rate_counts_only_the_time_it_ran(dsn: str) -> None:
     assert report is not None
     assert 0 < report["canary_seconds"] < 3.0, report
     assert report["canary_rows_per_s"] > report["canary_rows"] / 3.0
+
+
+def test_a_canary_rate_leaves_out_throttled_and_failed_stretches(dsn: str) -> None:
+    """Was: after a failure and its retry, a 3 s rest was projected at 4m38s. A throttle by
+    the controller (3 s) and a failure left 3 s before its retry are no part of the canary's
+    seconds, as a pause is not (above)."""
+    make_counter_table(dsn, 20_000)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE fail_switch (on_id bigint)")
+        c.execute("INSERT INTO fail_switch VALUES (1001)")
+        c.execute("""CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN
+                       IF EXISTS (SELECT FROM fail_switch WHERE on_id = NEW.id) THEN
+                         RAISE EXCEPTION 'switched off';
+                       END IF;
+                       RETURN NEW;
+                     END $$""")
+        c.execute("CREATE TRIGGER boom BEFORE UPDATE ON items FOR EACH ROW EXECUTE FUNCTION boom()")
+    bf = Backfill(dsn)
+    job = bf.enqueue(dataclasses.replace(
+        update("items", FILL, batch_size=200, min_batch_size=200, max_batch_size=200,
+               rate=1000, max_retries=0), canary="2000"))
+    assert bf.run(job.id, skip_preflight=True).state == JobState.FAILED   # at row 1,001
+    failed_at = scalar(dsn, "SELECT clock_timestamp()")
+    wait_for(lambda: scalar(dsn, "SELECT clock_timestamp() - %s > interval '3 seconds'",
+                            (failed_at,)), timeout=10, what="3 s failed")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DELETE FROM fail_switch")
+    bf.retry(job.id)
+
+    def throttle_for_3_s() -> None:
+        wait_for(lambda: bf.progress(job.id).rows_scanned >= 1_200, timeout=30,
+                 what="a batch after the retry")
+        with psycopg.connect(dsn, autocommit=True) as c:
+            store.transition(c, job.id, JobState.THROTTLED, actor="controller:test",
+                             reason="test throttle", expect=frozenset({JobState.RUNNING}))
+            throttled_at = scalar(dsn, "SELECT clock_timestamp()")
+            wait_for(lambda: scalar(dsn, "SELECT clock_timestamp() - %s > interval '3 seconds'",
+                                    (throttled_at,)), timeout=10, what="3 s throttled")
+            store.transition(c, job.id, JobState.RUNNING, actor="controller:test",
+                             reason="test resume", expect=frozenset({JobState.THROTTLED}))
+
+    throttler = threading.Thread(target=throttle_for_3_s, daemon=True)
+    throttler.start()
+    assert bf.run(job.id, skip_preflight=True).state == JobState.AWAITING_APPROVAL
+    throttler.join(timeout=30)
+    assert not throttler.is_alive()
+    kinds = [(e.from_state, e.to_state) for e in bf.events(job.id) if e.kind == "transition"]
+    assert ("running", "throttled") in kinds
+    assert ("throttled", "running") in kinds
+    with psycopg.connect(dsn) as c:
+        report = checkpoints.canary_report(c, job.id)
+    assert report is not None
+    # 2,000 rows at 1,000 rows/s: about 2 s of running; 6 s more were throttled or failed.
+    assert 0 < report["canary_seconds"] < 4.0, report
+    assert report["canary_rows_per_s"] > 2_000 / 6.0

@@ -339,6 +339,23 @@ def test_a_low_rate_gives_small_frequent_batches_and_holds(dsn: str) -> None:
     assert counter_histogram(dsn) == {1: 600}
 
 
+def test_a_rate_cap_holds_across_the_slices_of_an_inline_run(dsn: str) -> None:
+    """Inline, a job's slices run one after another as one chain of batches: the wait after
+    a slice's last batch is owed before the next slice's first. Was: skipped, so --rate 400 on
+    6 one-batch slices (--parallelism 6) ran unpaced, 1,200 rows in a fraction of a second."""
+    make_counter_table(dsn, 1_200)
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("items", INC, rate=400, parallelism=6))
+    started = time.monotonic()
+    assert bf.run(job.id, skip_preflight=True).state == JobState.SUCCEEDED
+    elapsed = time.monotonic() - started
+    assert scalar(dsn, "SELECT count(*) FROM backfill.slices WHERE job_id = %s",
+                  (job.id,)) == 6
+    # 1,200 rows at 400 rows/s, no wait after the last batch: at least 1,000 rows' worth.
+    assert elapsed >= 1_000 / 400 * 0.95, elapsed
+    assert counter_histogram(dsn) == {1: 1_200}
+
+
 def test_batch_stats_are_pruned(dsn: str) -> None:
     make_counter_table(dsn, 1_500)
     bf = Backfill(dsn)
