@@ -152,6 +152,13 @@ def _names(type_name: Any) -> list[str]:
     return [n.sval for n in (type_name.names or ())]
 
 
+def _is_null(expr: Any) -> bool:
+    """A NULL constant, cast or not (``NULL``, ``NULL::int``, ``CAST(NULL AS int)``)."""
+    while type(expr).__name__ == "TypeCast":
+        expr = expr.arg
+    return type(expr).__name__ == "A_Const" and bool(getattr(expr, "isnull", False))
+
+
 def _relname(rel: Any) -> str:
     return f"{rel.schemaname}.{rel.relname}" if rel.schemaname else rel.relname
 
@@ -255,7 +262,9 @@ def lint_sql(sql: str, filename: str = "<sql>") -> list[Finding]:
             for cmd in st.cmds or ():
                 sub, d = cmd.subtype, cmd.def_
                 if sub == AT.AT_AddColumn and d is not None:
-                    kinds = {c.contype for c in d.constraints or ()}
+                    # DEFAULT NULL (or NULL::type) is no default: the rows still get NULL.
+                    kinds = {c.contype for c in d.constraints or ()
+                             if not (c.contype == CT.CONSTR_DEFAULT and _is_null(c.raw_expr))}
                     serial = bool(set(_names(d.typeName)[-1:]) & _SERIALS)
                     if not new_table and (
                             serial or kinds & {CT.CONSTR_IDENTITY, CT.CONSTR_GENERATED}):
