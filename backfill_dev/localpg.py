@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -194,7 +195,11 @@ def server_version(bindir: Path) -> str:
     """``postgres --version``'s number (``18.6``) of the binaries in ``bindir``."""
     out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
                          text=True, timeout=_SHORT_TIMEOUT, check=True).stdout
-    return out.strip().rsplit(" ", 1)[-1]
+    # "postgres (PostgreSQL) 14.9 (Homebrew)", "... 15.18 (Debian 15.18-0+deb12u1)"
+    found = re.search(r"\(PostgreSQL\)\s+(\d+(?:\.\d+)?)", out)
+    if found is None:
+        raise ValueError(f"not a PostgreSQL version: {out.strip()!r}")
+    return found.group(1)
 
 
 def _free_port() -> int:

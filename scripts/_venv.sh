@@ -93,8 +93,8 @@ ensure_redis() {
     fi
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing redis-server with apt-get"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove redis-server
+        apt-get update -qq || return 1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove redis-server || return 1
         # The package starts a system service; the tests start their own server on a free port.
         if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server 2>/dev/null || true; fi
         return 0
@@ -110,8 +110,8 @@ ensure_mariadb() {
     fi
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing mariadb-server with apt-get"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove mariadb-server
+        apt-get update -qq || return 1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove mariadb-server || return 1
         # The package may start its system service (nothing ran before: it was not installed);
         # the tests start their own server on a free port.
         if command -v systemctl >/dev/null 2>&1 && systemctl stop mariadb 2>/dev/null; then :
@@ -131,15 +131,15 @@ ensure_prometheus() {
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         step "installing prometheus (and promtool) with apt-get"
         local before pid
-        before=" $(pgrep -x prometheus | tr '\n' ' ') "
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove prometheus
+        before=" $(pgrep -x prometheus | tr '\n' ' ' || true) "
+        apt-get update -qq || return 1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove prometheus || return 1
         # The package starts a system service; the tests start their own server on a free port.
         # Stop what the install started, and only that: a Prometheus running before stays.
         if [[ "$before" == "  " ]] && command -v systemctl >/dev/null 2>&1; then
             systemctl stop prometheus 2>/dev/null || true
         fi
-        for pid in $(pgrep -x prometheus); do
+        for pid in $(pgrep -x prometheus || true); do
             [[ "$before" == *" $pid "* ]] || kill "$pid" 2>/dev/null || true
         done
         return 0

@@ -11,7 +11,8 @@ step "PostgreSQL binaries"
 ensure_postgres
 # Redis, MariaDB and Prometheus come from apt-get, as root on Debian. Elsewhere (no root, macOS)
 # what cannot be installed is named in BACKFILL_SKIP_MISSING and the tests that need it are
-# skipped, loudly; CI (BACKFILL_CI=1, set by .ci/run) runs everything and fails instead.
+# skipped, loudly (pytest's -ra summary lists each skip); CI (BACKFILL_CI=1, set by .ci/run)
+# runs everything and fails instead. Each ensure_* returns 1 when apt fails too.
 missing=""
 need() {  # need TOOL ensure_function
     if ! "$2"; then
@@ -45,7 +46,7 @@ lint-imports
 # BACKFILL_TEST_PG="18" runs only the listed majors.
 if [[ -n "${PG_BINDIR:-}" ]]; then
     step "pytest (PostgreSQL from PG_BINDIR=$PG_BINDIR)"
-    pytest -q -rs ${@+"$@"}
+    pytest -q ${@+"$@"}
     exit 0
 fi
 ran=0
@@ -54,7 +55,7 @@ while read -r major bindir <&3; do
         continue
     fi
     step "pytest on PostgreSQL $major ($bindir)"
-    PG_BINDIR="$bindir" pytest -q -rs ${@+"$@"}
+    PG_BINDIR="$bindir" pytest -q ${@+"$@"}
     ran=$((ran + 1))
 done 3< <(python -c 'from backfill_dev.localpg import available_servers
 for major, bindir in available_servers():

@@ -156,7 +156,7 @@ err = _Console(stderr=True)
 
 def escape(markup: str) -> str:
     """rich's markup escape (rich is imported by the first command that prints)."""
-    if "[" not in markup:
+    if "[" not in markup and not markup.endswith("\\"):
         return markup  # nothing to escape: no need to import rich for it
     from rich.markup import escape as rich_escape
 

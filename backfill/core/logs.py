@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -15,6 +16,8 @@ _SECRET_KEYS = {"password", "dsn", "conninfo"}
 
 #: The configuration the process asked for (``configure``), applied when structlog is loaded.
 _wanted: dict[str, Any] = {}
+#: Two threads logging their first line at once import structlog once.
+_import_lock = threading.Lock()
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -38,17 +41,20 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
 
 
 def _import_structlog(json: bool | None) -> Any:
-    """structlog, imported without rich when lines are rendered as JSON: structlog.dev loads
-    rich's console and traceback (~25 ms) for its console renderer, which JSON lines never use;
-    a command that prints plain lines then runs without rich at all (fixed costs, issue 16)."""
-    if "structlog" not in sys.modules and "rich" not in sys.modules and (
-            json if json is not None else not sys.stderr.isatty()):
-        sys.modules["rich"] = None  # type: ignore[assignment]  # structlog.dev: rich = None
-        try:
-            import structlog
-        finally:
-            del sys.modules["rich"]
-        return structlog
+    """structlog, imported without rich when this process (our CLI or worker: it called
+    :func:`configure`) renders JSON lines: structlog.dev loads rich's console and traceback
+    (~25 ms) for its console renderer, which JSON lines never use; a command that prints plain
+    lines then runs without rich at all (fixed costs, issue 16). A program that uses the API
+    without :func:`configure` imports structlog as it is."""
+    with _import_lock:
+        if "structlog" not in sys.modules and "rich" not in sys.modules and _wanted and (
+                json if json is not None else not sys.stderr.isatty()):
+            sys.modules["rich"] = None  # type: ignore[assignment]  # structlog.dev: rich = None
+            try:
+                import structlog
+            finally:
+                sys.modules.pop("rich", None)
+            return structlog
     import structlog
 
     return structlog

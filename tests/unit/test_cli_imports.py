@@ -45,7 +45,9 @@ print(code)
 
 
 def _python(code: str) -> list[str]:
-    env = {**os.environ, "BACKFILL_DSN": "", "DATABASE_URL": ""}
+    env = {k: v for k, v in os.environ.items()   # rich would treat the pipe as a terminal
+           if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+    env.update(BACKFILL_DSN="", DATABASE_URL="")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True, env=env).stdout.split("\n")
 
@@ -194,8 +196,8 @@ logs.configure(json=True)
 out.print("job 1 succeeded"); out.print(7); print(escape("no tag"), out.is_terminal)
 logs.get_logger().info("a line")
 print("rich" in sys.modules, "structlog" in sys.modules)
-out.print("[bold]x[/bold] " + escape("[b]"))
+out.print("[bold]x[/bold] " + escape("[b]") + " [red]" + escape("C:\\\\") + "[/]")
 print("rich" in sys.modules)
 """)
     assert out[:4] == ["job 1 succeeded", "7", "no tag False", "False True"]
-    assert out[4:6] == ["x [b]", "True"]
+    assert out[4:6] == ["x [b] C:\\", "True"]

@@ -65,12 +65,13 @@ def test_a_system_server_older_than_15_is_passed_over_for_the_wheel(
     brew = _fake_bindir(tmp_path / "brew" / "bin")
     (brew / "initdb").write_text("")
     postgres = brew / "postgres"
-    postgres.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 14.9'\n")
+    postgres.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 14.9 (Homebrew)'\n")
     postgres.chmod(0o755)
     monkeypatch.setenv("PATH", str(brew))
     assert find_pg_bindir() == wheel
-    postgres.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 16.2'\n")
+    postgres.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 16.2 (Homebrew)'\n")
     assert find_pg_bindir() == brew
+    assert localpg.server_version(brew) == "16.2"
 
 
 def test_find_pg_bindir_missing_says_how_to_install(no_system_pg: Path) -> None:
