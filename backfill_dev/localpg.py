@@ -715,6 +715,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"localpg: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:   # e.g. a data directory another user left behind
+        print(f"localpg: error: cannot use {args.dir}: {exc.strerror or exc}"
+              + (f" ({exc.filename})" if exc.filename else "")
+              + "; choose another directory (scripts/demo.sh: BACKFILL_DEMO_DIR=...)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

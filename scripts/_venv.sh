@@ -99,7 +99,7 @@ ensure_redis() {
         if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server 2>/dev/null || true; fi
         return 0
     fi
-    echo "error: redis-server not found; install Redis 7 (e.g. apt-get install redis-server)" >&2
+    echo "redis-server not found; install Redis 7 (e.g. apt-get install redis-server)" >&2
     return 1
 }
 
@@ -119,7 +119,7 @@ ensure_mariadb() {
         fi
         return 0
     fi
-    echo "error: mariadbd not found; install MariaDB 10.11 (apt-get install mariadb-server)" >&2
+    echo "mariadbd not found; install MariaDB 10.11 (apt-get install mariadb-server)" >&2
     return 1
 }
 
@@ -144,6 +144,6 @@ ensure_prometheus() {
         done
         return 0
     fi
-    echo "error: prometheus/promtool not found; install them (e.g. apt-get install prometheus)" >&2
+    echo "prometheus/promtool not found; install them (e.g. apt-get install prometheus)" >&2
     return 1
 }

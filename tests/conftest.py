@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ def missing_tool(tool: str, message: str) -> NoReturn:
     """A server or tool the test needs is not installed: fail under ``scripts/test.sh``
     (``BACKFILL_REQUIRE_PG=1``), which installs it, unless it could not and said so by naming
     ``tool`` in ``BACKFILL_SKIP_MISSING``; skip otherwise."""
+    caller = sys._getframe(1).f_code.co_filename   # where the skip is reported from: the test's
+    message = f"{message} ({Path(caller).name})"   # helper, not this function
     if (os.environ.get("BACKFILL_REQUIRE_PG") == "1"
             and tool not in os.environ.get("BACKFILL_SKIP_MISSING", "").split()):
         pytest.fail(f"{message} (scripts/test.sh installs it)")
