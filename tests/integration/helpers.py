@@ -132,3 +132,15 @@ def sliced_and_running(dsn: str, job_id: int) -> Any:
     conn = connect(dsn)
     store.transition(conn, job_id, JobState.RUNNING, actor="test")
     return conn
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)

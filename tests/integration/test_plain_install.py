@@ -11,7 +11,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.integration.helpers import ROOT, counter_histogram, make_counter_table, scalar, wait_for
+from tests.integration.helpers import (
+    ROOT,
+    counter_histogram,
+    make_counter_table,
+    scalar,
+    stop_process,
+    wait_for,
+)
 from tests.integration.servers import RedisServer, clean_env
 
 
@@ -70,13 +77,8 @@ def test_a_plain_install_runs_a_job_on_its_workers(plain_venv: Path, bare_dsn: s
         state = scalar(bare_dsn, "SELECT state FROM backfill.jobs WHERE id = %s", (int(job_id),))
         assert state == "succeeded", log_path.read_text()[-3000:]
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(timeout=30)
+        if worker is not None:
+            stop_process(worker)
         redis.stop()
     assert counter_histogram(bare_dsn) == {1: 3_000}
     assert "backfill.run_slice" in log_path.read_text()

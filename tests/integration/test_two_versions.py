@@ -460,18 +460,16 @@ def test_split_each_version_writes_its_own_shape_and_reads_the_others(dsn: str) 
     m.complete(mid)
 
 
-def test_merges_complete_locks_the_target_before_the_source_as_the_new_versions_writes_do(
-        dsn: str) -> None:
-    """Issue 14, item 2, at complete: the new version updates the merged table (locking it),
-    then its trigger writes the source. Complete's step must take the target first too: taking
-    the source first (dropping its trigger) and then waiting for the target deadlocks with
-    such a write, forced here: a new-version transaction holds the target, complete waits,
-    then the transaction writes a merged column."""
+def _complete_meets_a_new_version_transaction(dsn: str, setup: str, case: int, mid: str,
+                                              hold: str, write: str) -> None:
+    """Start migration ``case`` on a 50-row table, then force the interleaving: a new-version
+    transaction runs ``hold``, complete starts and waits for a lock, the transaction runs
+    ``write`` and commits. Complete must finish without an error or a retry (a deadlock
+    would make one of the two its victim)."""
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute(SETUP_PROFILES.replace(str(ROWS), "50"))
-    mid = "one-merge-lock"
+        c.execute(setup.replace(str(ROWS), "50"))
     m = Migrator(dsn, actor="tester")
-    m.start(parse(f'id = "{mid}"\n{SETTINGS.replace("500ms", "20s")}\n{CASES[1].operations}'))
+    m.start(parse(f'id = "{mid}"\n{SETTINGS.replace("500ms", "20s")}\n{CASES[case].operations}'))
     errors: list[BaseException] = []
 
     def complete() -> None:
@@ -488,11 +486,11 @@ def test_merges_complete_locks_the_target_before_the_source_as_the_new_versions_
             return row == (1,)
 
     with psycopg.connect(dsn, options=f"-c search_path={version_schema(mid)},public") as new:
-        new.execute("UPDATE users SET email = email WHERE id = 1")   # holds users only
+        new.execute(hold)
         step = threading.Thread(target=complete, daemon=True)
         step.start()
         wait_for(waiting, timeout=20, what="complete's step waiting for a lock")
-        new.execute("UPDATE users SET bio = 'held' WHERE id = 1")   # its trigger writes the source
+        new.execute(write)
         new.commit()
     step.join(60)
     assert errors == []
@@ -500,6 +498,20 @@ def test_merges_complete_locks_the_target_before_the_source_as_the_new_versions_
         retries = c.execute("SELECT message FROM backfill.migration_events WHERE migration_id "
                             "= %s AND kind = 'retry'", (mid,)).fetchall()
         assert retries == []
+
+
+def test_merges_complete_locks_the_target_before_the_source_as_the_new_versions_writes_do(
+        dsn: str) -> None:
+    """Issue 14, item 2, at complete: the new version updates the merged table (locking it),
+    then its trigger writes the source. Complete's step must take the target first too: taking
+    the source first (dropping its trigger) and then waiting for the target deadlocks with
+    such a write, forced here: a new-version transaction holds the target, complete waits,
+    then the transaction writes a merged column."""
+    _complete_meets_a_new_version_transaction(
+        dsn, SETUP_PROFILES, 1, "one-merge-lock",
+        hold="UPDATE users SET email = email WHERE id = 1",     # holds users only
+        write="UPDATE users SET bio = 'held' WHERE id = 1")     # its trigger writes the source
+    with psycopg.connect(dsn, autocommit=True) as c:
         assert c.execute("SELECT bio FROM users WHERE id = 1").fetchone() == ("held",)
 
 
@@ -511,39 +523,11 @@ def test_splits_complete_cannot_deadlock_with_a_new_version_write_of_the_new_tab
     complete drops the new table's trigger in a transaction of its own, before the source's.
     Forced: a new-version transaction holds its profile row, complete waits for it, then the
     transaction updates the profile."""
+    _complete_meets_a_new_version_transaction(
+        dsn, SETUP_USERS, 0, "one-split-lock",
+        hold="SELECT bio FROM user_profiles WHERE id = 1 FOR UPDATE",
+        write="UPDATE user_profiles SET bio = 'held' WHERE id = 1")
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute(SETUP_USERS.replace(str(ROWS), "50"))
-    mid = "one-split-lock"
-    m = Migrator(dsn, actor="tester")
-    m.start(parse(f'id = "{mid}"\n{SETTINGS.replace("500ms", "20s")}\n{CASES[0].operations}'))
-    errors: list[BaseException] = []
-
-    def complete() -> None:
-        try:
-            Migrator(dsn, actor="tester").complete(mid)
-        except BaseException as exc:
-            errors.append(exc)
-
-    def waiting() -> bool:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            row = c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
-                            "'Lock' AND (query LIKE 'DROP TRIGGER%%' OR query LIKE "
-                            "'LOCK TABLE%%')").fetchone()
-            return row == (1,)
-
-    with psycopg.connect(dsn, options=f"-c search_path={version_schema(mid)},public") as new:
-        new.execute("SELECT bio FROM user_profiles WHERE id = 1 FOR UPDATE")
-        step = threading.Thread(target=complete, daemon=True)
-        step.start()
-        wait_for(waiting, timeout=20, what="complete's step waiting for a lock")
-        new.execute("UPDATE user_profiles SET bio = 'held' WHERE id = 1")
-        new.commit()
-    step.join(60)
-    assert errors == []
-    with psycopg.connect(dsn, autocommit=True) as c:
-        retries = c.execute("SELECT message FROM backfill.migration_events WHERE migration_id "
-                            "= %s AND kind = 'retry'", (mid,)).fetchall()
-        assert retries == []
         assert c.execute("SELECT bio FROM user_profiles WHERE id = 1").fetchone() == ("held",)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backfill import Backfill, JobState, update
-from tests.integration.helpers import ROOT, counter_histogram, make_counter_table, wait_for
+from tests.integration.helpers import ROOT, counter_histogram, make_counter_table, stop_process, wait_for
 from tests.integration.servers import RedisServer, Workers, broker, free_port
 
 INC = {"counter": "counter + 1"}
@@ -226,12 +226,7 @@ def test_backfill_worker_consumes_the_queue_a_config_module_names(
 
         wait_for(ended, timeout=60, interval=0.25, what=f"the job to end ({log_path})")
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=30)
+        stop_process(worker)
     assert bf.get(job.id).state == JobState.SUCCEEDED, log_path.read_text()[-3000:]
     assert counter_histogram(dsn) == {1: 1_000}
     assert ".> elsewhere" in log_path.read_text()  # Celery's banner lists the queues it reads
