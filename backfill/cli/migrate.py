@@ -134,7 +134,7 @@ def plan(
     from backfill.core.sqltext import qualified_name
     from backfill.migrate.estimates import estimate_rows_per_s, sample_rows_per_s
     from backfill.migrate.file import load_file
-    from backfill.migrate.records import _get
+    from backfill.migrate.records import find_migration
     from backfill.migrate.steps import PHASES, ordered_steps
     from backfill.safety.rehearsal import latest_for_table
 
@@ -164,7 +164,7 @@ def plan(
                         rates[s.table] = (sampled, "sampled: a rolled-back update of 1,000 "
                                                    "rows, triggers and pacing not counted")
             for d in mig.depends_on:
-                rec = _get(conn, d)
+                rec = find_migration(conn, d)
                 deps[d] = rec.state if rec else "never run here"
 
     guard(read)

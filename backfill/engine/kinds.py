@@ -23,7 +23,7 @@ from backfill.engine.keyset import Key, KeyCodec, Keyset, render_key
 from backfill.job.spec import JobSpec, TransformFn
 
 
-def _user_sql(text: str, *, placeholders: bool = False) -> sql.SQL:
+def user_sql(text: str, *, placeholders: bool = False) -> sql.SQL:
     """Operator-written SQL, through the gate (:mod:`backfill.core.sqltext`) again where it is
     used, so a spec stored earlier is checked too: a SET value or a predicate must be one
     expression (put in parentheses), a sql job's statement one statement of a DML kind.
@@ -38,7 +38,7 @@ def _user_sql(text: str, *, placeholders: bool = False) -> sql.SQL:
     return sqltext.expression_sql(text)
 
 
-def _ident(table: Table) -> sql.Identifier:
+def table_ident(table: Table) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)
 
 
@@ -103,7 +103,7 @@ class PreparedJob:
             rows = read.execute(sql.SQL(
                 "SELECT s.ctid, {keys}, {h} FROM {t} AS s WHERE {p}{f} FOR UPDATE").format(
                     keys=sql.SQL(", ").join(sql.Identifier("s", k) for k in self.key),
-                    h=self.source_hash("s"), t=_ident(self.table),
+                    h=self.source_hash("s"), t=table_ident(self.table),
                     p=self.keyset.predicate(lower=lo is not None, alias="s"),
                     f=self.extra_filter()), params).fetchall()
             if not rows:
@@ -117,7 +117,7 @@ class PreparedJob:
             there = conn.execute(sql.SQL(
                 "SELECT count(*), coalesce(sum({h}), 0) FROM {d} AS d WHERE EXISTS "
                 "(SELECT 1 FROM jsonb_array_elements(%s) AS e WHERE {pick})").format(
-                    h=row_hash(self.copy_columns, "d"), d=_ident(self.dest), pick=pick),
+                    h=row_hash(self.copy_columns, "d"), d=table_ident(self.dest), pick=pick),
                 (Jsonb(keys),)).fetchone()
             if self.binding is not None:
                 # Before the source's rows go: the destination checked is the bound one.
@@ -130,7 +130,7 @@ class PreparedJob:
                     "those keys, and their contents differ: changed since the copy, or never "
                     "copied. Nothing was deleted; reconcile the two, then retry")
             cur = read.execute(sql.SQL("DELETE FROM {t} WHERE ctid = ANY (%s::tid[])").format(
-                t=_ident(self.table)), ([r[0] for r in rows],))
+                t=table_ident(self.table)), ([r[0] for r in rows],))
             if self.source_binding is not None:
                 self.source_binding.prove(read)   # the rows deleted are the bound table's
             return max(cur.rowcount, 0)
@@ -142,12 +142,12 @@ class PreparedJob:
         assert self.dest is not None
         select = sql.SQL("COPY (SELECT {c} FROM {t} WHERE {p}{f} ORDER BY {o}) TO STDOUT").format(
             c=sql.SQL(", ").join(map(sql.Identifier, self.source_columns)),
-            t=_ident(self.table), p=self.keyset.predicate(lower=lo is not None),
+            t=table_ident(self.table), p=self.keyset.predicate(lower=lo is not None),
             f=self.extra_filter(), o=self.keyset.order_by())
         with psycopg.ClientCursor(read) as cc:   # COPY takes no parameters: bind them here
             query = cc.mogrify(select, Keyset.params(lo, hi))
         into = sql.SQL("COPY {d} ({c}) FROM STDIN").format(
-            d=_ident(self.dest), c=sql.SQL(", ").join(map(sql.Identifier, self.copy_columns)))
+            d=table_ident(self.dest), c=sql.SQL(", ").join(map(sql.Identifier, self.copy_columns)))
         with read.transaction(), read.cursor() as rcur, conn.cursor() as wcur:
             rcur.execute("SELECT set_config('statement_timeout', %s, true)",
                          (f"{max(1, int(self.spec.options.statement_timeout_ms))}ms",))
@@ -160,7 +160,7 @@ class PreparedJob:
 
     @property
     def keyset(self) -> Keyset:
-        return Keyset(_ident(self.table), self.key)
+        return Keyset(table_ident(self.table), self.key)
 
     def conflict_key(self) -> str:
         """What this job writes, for the one-active-job-per-table-and-columns rule: a JSON
@@ -191,14 +191,14 @@ class PreparedJob:
     def extra_filter(self) -> sql.Composable:
         """`` AND (where)`` when the job has an extra predicate, else nothing."""
         if self.spec.where:
-            return sql.SQL(" AND {}").format(_user_sql(self.spec.where))
+            return sql.SQL(" AND {}").format(user_sql(self.spec.where))
         return sql.SQL("")
 
     def write_statement(self, *, lower: bool) -> sql.Composed:
         """The statement of one batch over ``(lo, hi]`` (``lower=False``: from the first key)."""
         s = self.spec
         pred = self.keyset.predicate(lower=lower)
-        t = _ident(self.table)
+        t = table_ident(self.table)
         if s.kind == "update":
             assignments = self._assignments()
             if self.undo is not None:
@@ -228,12 +228,12 @@ class PreparedJob:
                     if s.on_conflict == "update" else sql.SQL("")
                 return sql.SQL(
                     "INSERT INTO {d} ({c}) SELECT {c} FROM {t} WHERE {p}{f}{lock}{conflict}"
-                ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
+                ).format(d=table_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
                          lock=lock, conflict=conflict)
             return sql.SQL(
                 "WITH moved AS (DELETE FROM {t} WHERE {p}{f} RETURNING {c}) "
                 "INSERT INTO {d} ({c}) SELECT {c} FROM moved{conflict}"
-            ).format(d=_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
+            ).format(d=table_ident(self.dest), c=cols, t=t, p=pred, f=self.extra_filter(),
                      conflict=conflict)
         if s.kind == "transform":
             read = sql.SQL(", ").join(sql.Identifier(c) for c in self._transform_reads())
@@ -241,7 +241,7 @@ class PreparedJob:
                 "SELECT {r} FROM {t} WHERE {p}{f} ORDER BY {o} FOR NO KEY UPDATE"
             ).format(r=read, t=t, p=pred, f=self.extra_filter(), o=self.keyset.order_by())
         assert s.statement is not None
-        return sql.Composed([_user_sql(s.statement, placeholders=True)])
+        return sql.Composed([user_sql(s.statement, placeholders=True)])
 
     def _transform_reads(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((*self.key, *self.spec.columns)))
@@ -259,7 +259,7 @@ class PreparedJob:
     def create_undo_table(self, conn: Conn, job_id: int) -> sql.Identifier:
         """``backfill.undo_<job_id>``, typed like the table, keyed like the job."""
         undo = undo_table(job_id)
-        t = _ident(self.table)
+        t = table_ident(self.table)
         if self.spec.kind == "delete":
             select = sql.SQL(", ").join(map(sql.Identifier, self.undo_columns()))
         else:
@@ -282,7 +282,7 @@ class PreparedJob:
 
     def _assignments(self) -> sql.Composed:
         return sql.SQL(", ").join(
-            sql.SQL("{} = {}").format(sql.Identifier(c), _user_sql(e)) for c, e in self.spec.set)
+            sql.SQL("{} = {}").format(sql.Identifier(c), user_sql(e)) for c, e in self.spec.set)
 
     @property
     def optimistic_log(self) -> bool:
@@ -302,7 +302,7 @@ class PreparedJob:
         (rows read, rows logged) for :meth:`write_batch` to see that it must redo the batch
         with ``FOR NO KEY UPDATE``. The CTE's columns are renamed so the user's SET
         expressions still name the table's columns."""
-        t = _ident(self.table)
+        t = table_ident(self.table)
         writes = self.spec.write_columns()
         ids = sql.SQL(", ").join
         if self.server_version >= 180000:
@@ -362,7 +362,7 @@ class PreparedJob:
         update: whatever it holds now). Deleted rows: inserted back, skipped when the key is
         taken again (update: overwritten)."""
         assert self.dest is not None
-        u, d = _ident(self.table), _ident(self.dest)
+        u, d = table_ident(self.table), table_ident(self.dest)
         pred = self.keyset.predicate(lower=lower, alias="u")
         ids = sql.SQL(", ").join
         if self.reverted_kind == "delete":
@@ -504,7 +504,7 @@ class PreparedJob:
                where: sql.Composable) -> None:
         for cols, arg_rows in by_cols.items():
             stmt = sql.SQL("UPDATE {t} SET {s} WHERE {w}").format(
-                t=_ident(self.table),
+                t=table_ident(self.table),
                 s=sql.SQL(", ").join(
                     sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder()) for c in cols
                 ),
@@ -519,7 +519,7 @@ class PreparedJob:
         trip through Python): every row of the (locked) batch before the updates, its values
         after, then the rows the transform left as they were are dropped."""
         assert self.undo is not None
-        t, u = _ident(self.table), self.undo
+        t, u = table_ident(self.table), self.undo
         writes = self.spec.write_columns()
         ids = sql.SQL(", ").join
         lower = "lo0" in params
@@ -575,7 +575,7 @@ class PreparedJob:
                 rows = conn.execute(sql.SQL("EXPLAIN {}").format(stmt), params).fetchall()
         # Syntax and name errors (class 42), bad literals (22), unsupported features (0A).
         except (psycopg.ProgrammingError, psycopg.DataError, psycopg.NotSupportedError) as exc:
-            raise InvalidStatement(_explain_error(self.spec, exc)) from exc
+            raise InvalidStatement(explain_write_error(self.spec, exc)) from exc
         return "\n".join(str(r[0]) for r in rows)
 
 
@@ -608,7 +608,7 @@ def index_undo_table(conn: Conn, job_id: int, key: tuple[str, ...]) -> bool:
     return True
 
 
-def _explain_error(spec: JobSpec, exc: Exception) -> str:
+def explain_write_error(spec: JobSpec, exc: Exception) -> str:
     what = {
         "update": "the SET expression or WHERE",
         "sql": "the statement",

@@ -13,7 +13,7 @@ from backfill.core import sqltext
 from backfill.core.catalog import Column, Conn, Table, resolve_key, resolve_table
 from backfill.core.errors import ColumnNotFound, InvalidInput, InvalidKey, InvalidStatement
 from backfill.engine.binding import Binding, Relation, bind
-from backfill.engine.kinds import PreparedJob, _explain_error, _ident, undo_table
+from backfill.engine.kinds import PreparedJob, explain_write_error, table_ident, undo_table
 from backfill.job.spec import JobSpec, TransformFn, load_function, source_engine
 
 
@@ -212,9 +212,9 @@ def prepare(conn: Conn, spec: JobSpec, *, explain: bool = True,
                 # {}: the filter's % is escaped as %%; sent alone, on the extended protocol.
                 sqltext.execute_one(read, sql.SQL("EXPLAIN SELECT {c} FROM {t} WHERE true{f}").format(
                     c=sql.SQL(", ").join(map(sql.Identifier, source_columns)),
-                    t=_ident(table), f=prepared.extra_filter()), {})
+                    t=table_ident(table), f=prepared.extra_filter()), {})
         except (psycopg.ProgrammingError, psycopg.DataError) as exc:
-            raise InvalidStatement(_explain_error(spec, exc)) from exc
+            raise InvalidStatement(explain_write_error(spec, exc)) from exc
     elif explain:
         try:
             prepared.dry_explain(conn, prepared.first_batch(conn))

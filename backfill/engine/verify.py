@@ -11,7 +11,7 @@ from psycopg import sql
 
 from backfill.core.catalog import Conn
 from backfill.engine.keyset import Key, KeyCodec, render_key
-from backfill.engine.kinds import PreparedJob, _ident, _user_sql, row_hash
+from backfill.engine.kinds import PreparedJob, row_hash, table_ident, user_sql
 from backfill.engine.prepare import prepare_stored
 from backfill.job.spec import source_engine
 from backfill.state import leases, store
@@ -60,10 +60,10 @@ class _Checker:
         kind = self.p.spec.kind
         params = self.ks.params(lo, hi)
         pred = self.ks.predicate(lower=lo is not None)
-        t = _ident(self.p.table)
+        t = table_ident(self.p.table)
         if kind == "update":
             ok = sql.SQL(" AND ").join(
-                sql.SQL("{} IS NOT DISTINCT FROM {}").format(sql.Identifier(c), _user_sql(e))
+                sql.SQL("{} IS NOT DISTINCT FROM {}").format(sql.Identifier(c), user_sql(e))
                 for c, e in self.p.spec.set
             )
             q = sql.SQL("SELECT count(*) FROM {t} WHERE {p}{f} AND NOT ({ok})").format(
@@ -78,7 +78,7 @@ class _Checker:
             return f"{n} rows still match the delete predicate" if n else None
         if kind in ("copy", "move"):
             assert self.p.dest is not None
-            d = _ident(self.p.dest)
+            d = table_ident(self.p.dest)
             cols = self.p.copy_columns
             dpred = self.ks.predicate(lower=lo is not None, alias="d")
             spred = self.ks.predicate(lower=lo is not None, alias="s")
@@ -123,7 +123,7 @@ class _Checker:
         """Rows of the undo log still as the reverted job left them (a plain revert leaves
         rows changed since alone, so those count as done); deleted rows still missing."""
         assert self.p.dest is not None
-        d = _ident(self.p.dest)
+        d = table_ident(self.p.dest)
         pred = self.ks.predicate(lower=lo is not None, alias="u")
         params = self.ks.params(lo, hi)
         join = sql.SQL(" AND ").join(sql.SQL("{d}.{k} = u.{k}").format(d=d, k=sql.Identifier(k))
@@ -132,7 +132,7 @@ class _Checker:
         if self.p.reverted_kind == "delete":
             q = sql.SQL("SELECT count(*) FROM {u} AS u WHERE {p} AND NOT EXISTS "
                         "(SELECT 1 FROM {d} WHERE {j})").format(
-                u=_ident(self.p.table), p=pred, d=d, j=join)
+                u=table_ident(self.p.table), p=pred, d=d, j=join)
             n = self._scalar(q, params)
             return f"{n} deleted rows are still missing" if n else None
         cols = self.p.copy_columns
@@ -144,7 +144,7 @@ class _Checker:
         q = sql.SQL("SELECT count(*) FROM {u} AS u JOIN {d} ON {j} WHERE {p} "
                     "AND {cmp}((SELECT ROW({now})) *= (SELECT ROW({vals}))) "
                     "AND NOT ((SELECT ROW({new})) *= (SELECT ROW({old})))").format(
-            u=_ident(self.p.table), d=d, j=join, p=pred, now=now, cmp=sql.SQL(cmp),
+            u=table_ident(self.p.table), d=d, j=join, p=pred, now=now, cmp=sql.SQL(cmp),
             vals=ids(sql.SQL("u.{}").format(sql.Identifier(f"{target}:{c}")) for c in cols),
             new=ids(sql.SQL("u.{}").format(sql.Identifier(f"new:{c}")) for c in cols),
             old=ids(sql.SQL("u.{}").format(sql.Identifier(f"old:{c}")) for c in cols))

@@ -61,10 +61,10 @@ from backfill.migrate.records import (
     MigrationRecord,
     Status,
     StepRecord,
-    _get,
-    _record,
-    _require,
-    _steps,
+    find_migration,
+    record_of,
+    require_migration,
+    steps_of,
 )
 from backfill.migrate.steps import PHASES, OpPlan, ordered_steps
 from backfill.state import checkpoints, store
@@ -117,18 +117,18 @@ class Migrator:
 
     def get(self, ref: str) -> MigrationRecord | None:
         with self._conn() as conn:
-            return _get(conn, ref)
+            return find_migration(conn, ref)
 
     def list(self) -> list[MigrationRecord]:
         with self._conn() as conn:
             rows = conn.cursor(row_factory=dict_row).execute(
                 "SELECT * FROM backfill.migrations ORDER BY created_at DESC, id").fetchall()
-            return [_record(r) for r in rows]
+            return [record_of(r) for r in rows]
 
     def status(self, ref: str) -> Status:
         with self._conn() as conn:
-            rec = _require(conn, ref)
-            steps = _steps(conn, rec.id)
+            rec = require_migration(conn, ref)
+            steps = steps_of(conn, rec.id)
             events = [MigrationEvent(**r) for r in conn.cursor(row_factory=dict_row).execute(
                 """SELECT id, at, actor, kind, phase, step_no, message, details
                    FROM backfill.migration_events WHERE migration_id = %s ORDER BY id""",
@@ -144,7 +144,7 @@ class Migrator:
         """The migration's version schema when it exists (between start and complete): the
         new application version's ``search_path`` names it first."""
         with self._conn() as conn:
-            rec = _get(conn, ref)
+            rec = find_migration(conn, ref)
             name = version_schema(rec.id if rec else ref)
             row = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
                                (name,)).fetchone()
@@ -156,7 +156,7 @@ class Migrator:
               wait: bool = True) -> MigrationRecord:
         """Expand: run the start steps (DDL, backfills, checks) from wherever they stopped."""
         with self._locked(mig.id) as conn:
-            rec = _get(conn, mig.id)
+            rec = find_migration(conn, mig.id)
             if rec is not None and rec.state in ("completing", "completed"):
                 raise MigrationError(f"migration {mig.id} is {rec.state}: start has nothing "
                                      "left to do")
@@ -183,7 +183,7 @@ class Migrator:
         """Contract, behind the gate: every backfill succeeded and verifies, and every check of
         start still holds."""
         with self._locked(ref) as conn:
-            rec = _require(conn, ref)
+            rec = require_migration(conn, ref)
             if rec.state == "completed":
                 self.notify(f"migration {rec.id} is already completed")
                 return rec
@@ -205,7 +205,7 @@ class Migrator:
     def rollback(self, ref: str) -> MigrationRecord:
         """Undo start: cancel its backfills, then run the rollback steps (all idempotent)."""
         with self._locked(ref) as conn:
-            rec = _require(conn, ref)
+            rec = require_migration(conn, ref)
             if rec.state == "rolled_back":
                 self.notify(f"migration {rec.id} is already rolled back")
                 return rec
@@ -217,7 +217,7 @@ class Migrator:
             if rec.state != "rolling_back":
                 rec = self._set_state(conn, rec.id, "rolling_back", "rollback requested")
             bf = Backfill(self.dsn, actor=self.actor)
-            for s in _steps(conn, rec.id, "start"):
+            for s in steps_of(conn, rec.id, "start"):
                 if s.job_id is None:
                     continue
                 job = store.get_job(conn, s.job_id)
@@ -237,7 +237,7 @@ class Migrator:
         are as large as the column. A ``backfill`` operation's log is kept: its old values are
         the application's data, and ``backfill revert`` can still restore them."""
         ops = rec.definition.get("operations") or []
-        for s in _steps(conn, rec.id, "start"):
+        for s in steps_of(conn, rec.id, "start"):
             if s.job_id is None or not undo_log_exists(conn, s.job_id):
                 continue
             if s.step.op < len(ops) and ops[s.step.op].get("op") == "backfill":
@@ -287,7 +287,7 @@ class Migrator:
                 previous: MigrationRecord | None) -> MigrationRecord:
         missing = []
         for dep in mig.depends_on:
-            d = _get(conn, dep)
+            d = find_migration(conn, dep)
             if d is None or d.state != "completed":
                 missing.append(f"{dep} ({d.state if d else 'never run here'})")
         if missing:
@@ -327,7 +327,7 @@ class Migrator:
                         f"{counts['rollback']} rollback steps",
                         details={"from": previous.state if previous else None,
                                  "to": "starting", "checksum": mig.checksum})
-        rec = _get(conn, mig.id)
+        rec = find_migration(conn, mig.id)
         assert rec is not None
         return rec
 
@@ -342,7 +342,7 @@ class Migrator:
         log.info("migration.state", migration=mid, to_state=state, actor=self.actor,
                  reason=message)
         self.notify(f"migration {mid}: {state} ({message})")
-        rec = _get(conn, mid)
+        rec = find_migration(conn, mid)
         assert rec is not None
         return rec
 
@@ -386,7 +386,7 @@ class Migrator:
 
     def _run_phase(self, conn: Conn, rec: MigrationRecord, phase: str, *,
                    workers: bool = False, wait: bool = True) -> None:
-        steps = _steps(conn, rec.id, phase)
+        steps = steps_of(conn, rec.id, phase)
         total = len(steps)
         for s in steps:
             if s.state == "done":
@@ -644,7 +644,7 @@ class Migrator:
         check of start still holds (an index dropped by hand since, a constraint gone)."""
         reasons = []
         bf = Backfill(self.dsn, actor=self.actor)
-        for s in _steps(conn, rec.id, "start"):
+        for s in steps_of(conn, rec.id, "start"):
             if s.state != "done":
                 reasons.append(f"start step {s.step_no} ({s.step.description}) is {s.state}")
             elif s.step.mode == "backfill" and s.job_id is not None:

@@ -14,7 +14,7 @@ from backfill.core.catalog import Conn
 from backfill.core.errors import InvalidInput
 from backfill.migrate.file import MigrationFile
 from backfill.migrate.operations import OPERATIONS
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 from backfill.migrate.shape import Shape, TableShape
 from backfill.migrate.steps import OpPlan
 
@@ -68,7 +68,7 @@ def _version_plan(conn: Conn, shape: Shape, mig: MigrationFile, index: int) -> O
     that path. Complete drops the views last, in one transaction: by then the tables have
     exactly the views' shape, so the new application's queries (prepared ones too) fall
     through to the tables unchanged."""
-    op = _Op(index, {"op": "version_schema"}, shape, conn, mig)
+    op = Operation(index, {"op": "version_schema"}, shape, conn, mig)
     schema = shape.version_schema
     where = "the version schema"
     shape.claim("schema", shape.to_version()[0], schema, where)

@@ -76,25 +76,25 @@ class Status:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _record(r: dict[str, Any]) -> MigrationRecord:
+def record_of(r: dict[str, Any]) -> MigrationRecord:
     return MigrationRecord(**r)
 
 
-def _get(conn: Conn, ref: str) -> MigrationRecord | None:
+def find_migration(conn: Conn, ref: str) -> MigrationRecord | None:
     row = conn.cursor(row_factory=dict_row).execute(
         "SELECT * FROM backfill.migrations WHERE id = %s", (ref,)).fetchone()
-    return _record(row) if row else None
+    return record_of(row) if row else None
 
 
-def _require(conn: Conn, ref: str) -> MigrationRecord:
-    rec = _get(conn, ref)
+def require_migration(conn: Conn, ref: str) -> MigrationRecord:
+    rec = find_migration(conn, ref)
     if rec is None:
         raise InvalidInput(f"no migration {ref!r} on this database (`backfill migrate status` "
                            "lists them; `backfill migrate start FILE` begins one)")
     return rec
 
 
-def _steps(conn: Conn, mid: str, phase: str | None = None) -> list[StepRecord]:
+def steps_of(conn: Conn, mid: str, phase: str | None = None) -> list[StepRecord]:
     rows = conn.cursor(row_factory=dict_row).execute(
         """SELECT phase, step_no, step, state, attempts, job_id, started_at, finished_at,
                   last_error

@@ -37,7 +37,7 @@ from backfill.mysql.source import (
     is_server_error,
     quote_name,
 )
-from backfill.mysql.verify import _key_text, row_text
+from backfill.mysql.verify import key_repr, row_text
 
 Key = tuple[Any, ...]
 
@@ -262,11 +262,11 @@ class MySQLJobSource:
                          for i in range(0, len(keys), KEYS_PER_LOOKUP)):
                 arrays = [[k[j] for k in part] for j in range(len(key_pos))]
                 for r in conn.execute(lookup, arrays).fetchall():
-                    found[_key_text(casts, key_pos, tuple(r[i] for i in key_pos))] = \
+                    found[key_repr(casts, key_pos, tuple(r[i] for i in key_pos))] = \
                         row_text(casts, r)
-            missing = [k for k, _ in src if _key_text(casts, key_pos, k) not in found]
+            missing = [k for k, _ in src if key_repr(casts, key_pos, k) not in found]
             differ = [k for k, line in src
-                      if found.get(_key_text(casts, key_pos, k), line) != line]
+                      if found.get(key_repr(casts, key_pos, k), line) != line]
             if missing or differ:
                 src_md5 = hashlib.md5("\n".join(t for _, t in src).encode(),
                                       usedforsecurity=False).hexdigest()

@@ -158,13 +158,13 @@ def verify_table(source: MySQLSource, dest_dsn: str, plan: TablePlan, *,
                     for r in pg.execute(_select_by_keys(plan, len(chunk)),
                                         [v for k in chunk for v in k]).fetchall():
                         k = tuple(r[i] for i in key_pos)
-                        found[_key_text(casts, key_pos, k)] = row_text(casts, r)
+                        found[key_repr(casts, key_pos, k)] = row_text(casts, r)
                 src_md5, dst_md5 = hashlib.md5(usedforsecurity=False), hashlib.md5(
                     usedforsecurity=False)
                 diffs: list[tuple[Any, ...]] = []
                 for k, line in src_lines:
                     src_md5.update(line.encode() + b"\n")
-                    other = found.get(_key_text(casts, key_pos, k))
+                    other = found.get(key_repr(casts, key_pos, k))
                     if other is not None:
                         dst_md5.update(other.encode() + b"\n")
                     if other != line and len(diffs) < MAX_SHOWN:
@@ -188,5 +188,5 @@ def verify_table(source: MySQLSource, dest_dsn: str, plan: TablePlan, *,
     return VerifyReport(plan.name, ranges, source_total, dest_total, mismatched)
 
 
-def _key_text(casts: Sequence[ColumnCast], key_pos: Sequence[int], key: Sequence[Any]) -> str:
+def key_repr(casts: Sequence[ColumnCast], key_pos: Sequence[int], key: Sequence[Any]) -> str:
     return json.dumps([normal_text(casts[i].kind, v) for i, v in zip(key_pos, key, strict=True)])

@@ -9,7 +9,7 @@ import pytest
 
 from backfill.core import sqltext
 from backfill.core.errors import InvalidFragment, InvalidInput
-from backfill.engine.kinds import _user_sql
+from backfill.engine.kinds import user_sql
 from backfill.job.spec import JobSpec, copy, delete, parse_set, sql_job, update
 
 # Each would break out of the slot it is put in (`... AND (<where>)`, `SET c = (<expr>)`,
@@ -225,7 +225,7 @@ def test_specs_refuse_smuggled_text_before_any_database() -> None:
     stored["where"] = "true) OR (true"
     spec = JobSpec.from_json(stored)
     with pytest.raises(InvalidFragment):
-        _user_sql(cast(str, spec.where))
+        user_sql(cast(str, spec.where))
     with pytest.raises(InvalidFragment):
         spec.with_options(batch_size=10)
 

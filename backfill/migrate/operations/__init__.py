@@ -7,7 +7,7 @@ from backfill.migrate.operations.add_column import AddColumn
 from backfill.migrate.operations.add_foreign_key import AddForeignKey
 from backfill.migrate.operations.add_unique import AddUnique
 from backfill.migrate.operations.backfill import Backfill
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 from backfill.migrate.operations.change_type import ChangeType
 from backfill.migrate.operations.copy_from import CopyFrom
 from backfill.migrate.operations.create_index import CreateIndex
@@ -20,7 +20,7 @@ from backfill.migrate.operations.raw_sql import RawSql
 from backfill.migrate.operations.rename_column import RenameColumn
 from backfill.migrate.operations.split_table import SplitTable
 
-OPERATIONS: dict[str, type[_Op]] = {
+OPERATIONS: dict[str, type[Operation]] = {
     "create_table": CreateTable, "drop_table": DropTable,
     "add_column": AddColumn, "drop_column": DropColumn,
     "rename_column": RenameColumn, "change_type": ChangeType,

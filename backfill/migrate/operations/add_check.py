@@ -5,10 +5,10 @@ from __future__ import annotations
 from psycopg import sql
 
 from backfill.core import sqltext
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 
 
-class AddCheck(_Op):
+class AddCheck(Operation):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         name = self.claim("constraint", t, self.ident("name"))

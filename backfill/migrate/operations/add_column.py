@@ -9,11 +9,11 @@ from psycopg import sql
 from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
 from backfill.core.sqltext import column_names
-from backfill.migrate.operations.base import _changed, _Op, object_name
+from backfill.migrate.operations.base import Operation, any_changed, object_name
 from backfill.migrate.shape import ColumnShape, quote
 
 
-class AddColumn(_Op):
+class AddColumn(Operation):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         col = self.ident("column")
@@ -72,7 +72,7 @@ class AddColumn(_Op):
                     "FROM OLD.{c}\n          AND ({changed}) THEN NEW.{c} := ({v});").format(
                     new_app=self.from_new(), c=cident,
                     v=sqltext.expression_sql(fill, percent=False),
-                    changed=_changed(inputs))
+                    changed=any_changed(inputs))
             self.trigger(t, trig, "BEFORE", "INSERT OR UPDATE", sql.SQL(
                 "    IF NEW.{c} IS NULL THEN NEW.{c} := ({v});{follow}\n    END IF;\n"
                 "    RETURN NEW;").format(

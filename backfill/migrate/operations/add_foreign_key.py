@@ -5,11 +5,11 @@ from __future__ import annotations
 from psycopg import sql
 
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _Op, object_name
+from backfill.migrate.operations.base import Operation, object_name
 from backfill.migrate.shape import TableShape
 
 
-class AddForeignKey(_Op):
+class AddForeignKey(Operation):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         cols = self.names("columns")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from backfill.migrate.operations.base import _Op, object_name
+from backfill.migrate.operations.base import Operation, object_name
 
 
-class AddUnique(_Op):
+class AddUnique(Operation):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         cols = self.names("columns")

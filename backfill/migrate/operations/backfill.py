@@ -6,10 +6,10 @@ from typing import Any
 
 from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 
 
-class Backfill(_Op):
+class Backfill(Operation):
     """A data change of its own (transform a format, fill a column): an update job."""
 
     def build(self) -> str:

@@ -31,7 +31,7 @@ _PLPGSQL_RESERVED = {"new", "old", "found"}
 # -- operations -------------------------------------------------------------------------------
 
 
-class _Op:
+class Operation:
     """Reads one ``[[operations]]`` table; unknown or missing fields are errors."""
 
     def __init__(self, index: int, data: Mapping[str, Any], shape: Shape, conn: Conn,
@@ -404,14 +404,14 @@ def widening(old: str, new: str) -> bool:
 
 
 
-def _changed(cols: Iterable[str]) -> sql.Composable:
+def any_changed(cols: Iterable[str]) -> sql.Composable:
     """In a row trigger: the write changed one of ``cols`` (``NEW.c IS DISTINCT FROM OLD.c OR
     ...``)."""
     return sql.SQL(" OR ").join(
         sql.SQL("NEW.{c} IS DISTINCT FROM OLD.{c}").format(c=sql.Identifier(c)) for c in cols)
 
 
-def _touched(c: str) -> sql.Composable:
+def touched(c: str) -> sql.Composable:
     """In a row trigger: an INSERT (which writes every column) or an UPDATE that changed ``c``."""
     return sql.SQL("(TG_OP = 'INSERT' OR NEW.{c} IS DISTINCT FROM OLD.{c})").format(
         c=sql.Identifier(c))
@@ -427,7 +427,7 @@ def object_name(*parts: str) -> str:
     return base[:54] + "_" + digest
 
 
-def _no_column(t: TableShape, col: str) -> sql.Composable:
+def no_column(t: TableShape, col: str) -> sql.Composable:
     return sql.SQL("NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {}::regclass "
                    "AND attname = {} AND NOT attisdropped)").format(
         sql.Literal(t.regclass), sql.Literal(col))

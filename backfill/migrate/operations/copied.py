@@ -7,11 +7,11 @@ from psycopg import sql
 
 from backfill.core import sqltext
 from backfill.core.sqltext import column_names
-from backfill.migrate.operations.base import _no_column, _Op, object_name
+from backfill.migrate.operations.base import Operation, no_column, object_name
 from backfill.migrate.shape import ColumnShape, TableShape
 
 
-class _Copied(_Op):
+class _Copied(Operation):
     """A column replaced by a new one kept in sync by a trigger until ``complete`` swaps them
     (rename, change of type): old and new application versions both keep working."""
 
@@ -142,7 +142,7 @@ class _Copied(_Op):
                    else f"{final} has type {t.columns[new].type}", sql.SQL(
             "SELECT ({gone}) AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {t}::regclass"
             " AND attname = {f} AND NOT attisdropped{nn}{typed})").format(
-                gone=_no_column(t, old) if old != final else sql.SQL("true"),
+                gone=no_column(t, old) if old != final else sql.SQL("true"),
                 t=sql.Literal(t.regclass), f=sql.Literal(final), typed=typed,
                 nn=sql.SQL(" AND attnotnull") if self.chk else sql.SQL("")))
         self.t, self.old = t, old

@@ -8,11 +8,11 @@ from typing import Any
 from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
 from backfill.job.spec import JobSpec, source_engine
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 from backfill.migrate.steps import Step
 
 
-class CopyFrom(_Op):
+class CopyFrom(Operation):
     """``source`` (a DSN without password), ``table`` (there), ``dest`` (here: it must exist
     when ``start`` runs, e.g. made by ``create_table`` earlier in the file, or by
     ``convert-schema --apply``); optional ``key``, and for MySQL ``casts``

@@ -9,10 +9,10 @@ from psycopg import sql
 
 from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _Op, object_name
+from backfill.migrate.operations.base import Operation, object_name
 
 
-class CreateIndex(_Op):
+class CreateIndex(Operation):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         cols = self.names("columns", required=False)

@@ -6,11 +6,11 @@ from psycopg import sql
 
 from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 from backfill.migrate.shape import ColumnShape
 
 
-class CreateTable(_Op):
+class CreateTable(Operation):
     def build(self) -> str:
         name = self.text("table")
         cols = self.get("columns", required=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from psycopg import sql
 
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _no_column, _Op
+from backfill.migrate.operations.base import Operation, no_column
 
 
-class DropColumn(_Op):
+class DropColumn(Operation):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         col = self.ident("column")
@@ -22,7 +22,7 @@ class DropColumn(_Op):
         self.add("complete", f"drop column {col}", "tx",
                  sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
                      t.ident, sql.Identifier(col)), lock=self.brief(t), risk="high")
-        self.check("complete", f"{col} is gone", _no_column(t, col))
+        self.check("complete", f"{col} is gone", no_column(t, col))
         del t.columns[col]
         self.t, self.col = t, col
         return f"drop column {t.qualified}.{col} (on complete, once nothing reads it)"

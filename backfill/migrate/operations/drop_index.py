@@ -6,11 +6,11 @@ from psycopg import sql
 
 from backfill.core.catalog import split_name
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 from backfill.migrate.shape import quote
 
 
-class DropIndex(_Op):
+class DropIndex(Operation):
     def build(self) -> str:
         name = self.text("name")
         schema, idx = split_name(name)

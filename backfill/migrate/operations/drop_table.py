@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 
 
-class DropTable(_Op):
+class DropTable(Operation):
     def build(self) -> str:
         t = self.shape.table(self.text("table"))
         self.add("complete", f"drop table {t.qualified}", "tx",

@@ -5,11 +5,11 @@ from __future__ import annotations
 from psycopg import sql
 
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _changed, _Op, _touched, object_name
+from backfill.migrate.operations.base import Operation, any_changed, object_name, touched
 from backfill.migrate.shape import ColumnShape, quote
 
 
-class MergeTables(_Op):
+class MergeTables(Operation):
     """Bring a table's columns into another that shares its key: new nullable columns, a
     trigger mirroring writes to the source, a backfill, then complete drops the source."""
 
@@ -60,7 +60,7 @@ class MergeTables(_Op):
                     t=t.ident, new=sql.SQL(" AND ").join([sql.SQL("bf_t.{k} = NEW.{k}").format(
                         k=sql.Identifier(k)) for k in key]),
                     set=ids(sql.SQL("{c} = CASE WHEN {t} THEN NEW.{c} ELSE bf_t.{c} END").format(
-                        c=sql.Identifier(c), t=_touched(c)) for c in cols))))
+                        c=sql.Identifier(c), t=touched(c)) for c in cols))))
         self.trg = object_name("merge", src.name, t.name)
         self.trigger(src, self.trg, "AFTER", "INSERT OR UPDATE OR DELETE", body)
         every = (*key, *cols)
@@ -70,7 +70,7 @@ class MergeTables(_Op):
             "    IF TG_OP = 'UPDATE' AND NOT ({any}) THEN RETURN NULL; END IF;\n"
             "{upsert}\n    RETURN NULL;").format(
                 syncing=self.syncing(), new_app=self.from_new(),
-                any=_changed(cols),
+                any=any_changed(cols),
                 upsert=self.guarded(sql.SQL(
                     "        INSERT INTO {src} AS bf_s ({cols}) VALUES ({vals})\n"
                     "            ON CONFLICT ({key}) DO UPDATE SET {set};").format(
@@ -78,7 +78,7 @@ class MergeTables(_Op):
                     vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every),
                     key=ids(map(sql.Identifier, key)),
                     set=ids(sql.SQL("{c} = CASE WHEN {t} THEN EXCLUDED.{c} ELSE bf_s.{c} END")
-                            .format(c=sql.Identifier(c), t=_touched(c)) for c in cols)))))
+                            .format(c=sql.Identifier(c), t=touched(c)) for c in cols)))))
         # The new version deletes the merged row; the source row goes first (BEFORE: a foreign
         # key from the source would refuse the target's delete).
         self.back_del = object_name("unmergedel", t.name, src.name)

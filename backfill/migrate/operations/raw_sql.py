@@ -6,10 +6,10 @@ from psycopg import sql
 
 from backfill.core import sqltext
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _Op
+from backfill.migrate.operations.base import Operation
 
 
-class RawSql(_Op):
+class RawSql(Operation):
     """An escape hatch: statements for each phase, linted; flagged rules must be allowed."""
 
     def build(self) -> str:

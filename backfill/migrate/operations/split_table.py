@@ -5,10 +5,10 @@ from __future__ import annotations
 from psycopg import sql
 
 from backfill.core.errors import InvalidInput
-from backfill.migrate.operations.base import _changed, _Op, _touched, object_name
+from backfill.migrate.operations.base import Operation, any_changed, object_name, touched
 
 
-class SplitTable(_Op):
+class SplitTable(Operation):
     """Move columns to a new table sharing the key: a trigger mirrors every write, a copy job
     fills the rest, the application switches to the new table, complete drops the old columns."""
 
@@ -53,7 +53,7 @@ class SplitTable(_Op):
                     a=sql.SQL(f"{alias}.") if alias else sql.SQL(""), k=sql.Identifier(k),
                     r=sql.SQL(rec)) for k in key)
 
-        key_changed = _changed(key)
+        key_changed = any_changed(key)
         upsert = sql.SQL(
             "        INSERT INTO {new} AS bf_t ({cols}) VALUES ({vals})\n"
             "            ON CONFLICT ({key}) DO UPDATE SET {set};").format(
@@ -61,7 +61,7 @@ class SplitTable(_Op):
                 vals=ids(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in every),
                 key=ids(map(sql.Identifier, key)),
                 set=ids(sql.SQL("{c} = CASE WHEN {t} THEN EXCLUDED.{c} ELSE bf_t.{c} END").format(
-                    c=sql.Identifier(c), t=_touched(c)) for c in cols))
+                    c=sql.Identifier(c), t=touched(c)) for c in cols))
         # The old version's inserts and updates (AFTER: with a foreign key from the new table
         # the source row must exist). An INSERT by the new version is left alone: it inserts
         # the new table's row itself, which must not collide with one made here.
@@ -78,7 +78,7 @@ class SplitTable(_Op):
             "{upsert}\n"
             "    RETURN NULL;").format(
                 syncing=self.syncing(), new_app=self.from_new(), key_changed=key_changed,
-                any=_changed(cols),
+                any=any_changed(cols),
                 move=self.guarded(sql.SQL(
                     "        DELETE FROM {new} WHERE {m};\n"
                     "        INSERT INTO {new} ({cols}) VALUES ({vals});").format(
@@ -111,7 +111,7 @@ class SplitTable(_Op):
                     "        UPDATE {t} AS bf_s SET {set} WHERE {m};").format(
                     t=t.ident, m=key_is("NEW", "bf_s"),
                     set=ids(sql.SQL("{c} = CASE WHEN {t} THEN NEW.{c} ELSE bf_s.{c} END").format(
-                        c=sql.Identifier(c), t=_touched(c)) for c in cols)))))
+                        c=sql.Identifier(c), t=touched(c)) for c in cols)))))
         self.shape.version(t)
         # on_conflict=update copies lock the source rows they read (FOR SHARE), so a batch
         # never overwrites a newer value the trigger mirrored with the one it read earlier.
