@@ -58,6 +58,10 @@ def explain_error(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, UnicodeError):  # e.g. an argument with bytes that are not UTF-8
         return 2, f"input is not valid text: {exc}"
     if isinstance(exc, ImportError):  # modules users name are checked where they are named
+        from backfill.mysql.source import EXTRA_MODULES, MISSING_EXTRA
+
+        if (exc.name or "").split(".")[0] in EXTRA_MODULES:   # a plain install, no extra
+            return 2, MISSING_EXTRA
         return 1, f"cannot import {exc.name or 'a module'}: {exc} (is it installed?)"
     if isinstance(exc, OSError):
         if exc.filename is not None:

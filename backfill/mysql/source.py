@@ -152,13 +152,18 @@ def connect(source: MySQLSource, *, raw: bool = True, read_timeout: int = 600) -
                                   f"{_first_line(exc)}") from None
 
 
+#: The modules the ``mysql`` extra brings, and what a user without them is told.
+EXTRA_MODULES = frozenset({"pymysql", "pymysqlreplication"})
+MISSING_EXTRA = ("a MySQL source needs PyMySQL and mysql-replication: "
+                 "pip install 'backfill[mysql]'")
+
+
 def driver() -> Any:
     """The PyMySQL module, or :class:`InvalidInput` saying which extra brings it."""
     try:
         import pymysql  # type: ignore[import-untyped]
     except ImportError:
-        raise InvalidInput("a MySQL source needs PyMySQL and mysql-replication: "
-                           "pip install 'backfill[mysql]'") from None
+        raise InvalidInput(MISSING_EXTRA) from None
     return pymysql
 
 

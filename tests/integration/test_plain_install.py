@@ -38,6 +38,19 @@ def test_the_installed_package_imports_its_broker_transport(plain_venv: Path,
     assert plain_venv.parent in installed.parents, f"imported from {installed}, not the venv"
 
 
+def test_a_plain_install_names_the_extra_a_mysql_command_needs(plain_venv: Path, bare_dsn: str,
+                                                               tmp_path: Path) -> None:
+    # No `mysql` extra: every MySQL command says which extra to install, in one line.
+    env = clean_env(BACKFILL_DSN=bare_dsn)
+    source = "mysql://root@127.0.0.1:1/db"
+    for args in (("convert-schema", "--source", source), ("mysql", "show", "--source", source)):
+        res = _run(plain_venv, tmp_path, "backfill", *args, env=env)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "pip install 'backfill[mysql]'" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
 def test_a_plain_install_runs_a_job_on_its_workers(plain_venv: Path, bare_dsn: str,
                                                    tmp_path: Path) -> None:
     env = clean_env(BACKFILL_DSN=bare_dsn, BACKFILL_LOG_FORMAT="json")
