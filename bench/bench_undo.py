@@ -7,9 +7,14 @@ Each shape runs the same job: ``total = qty::bigint * price`` over a freshly loa
 The shapes:
 
 - ``plain``: the update alone (no undo log): the baseline.
-- ``logged``: the engine's statement before PostgreSQL 18 (``engine/kinds.py``,
-  ``_update_logged(optimistic=True)``): read the batch's old values and row versions (ctid),
-  update exactly those versions, insert (key, old, new) into the undo table.
+- ``split``: the engine's statement before PostgreSQL 18 (``engine/kinds.py``,
+  ``_update_logged_split``): the batch's rows whose written column is NULL are updated and
+  logged as (key, NULL, new) without being read first; the others' (``--filled``) row
+  versions are gathered by the scan that counts the batch, exactly those updated, and their
+  old values read back by ctid.
+- ``logged``: the engine's statement before 18 after a batch with more than a quarter of
+  its rows filled (``_update_logged(optimistic=True)``): read every row's old value and
+  version (ctid), update exactly those versions, insert (key, old, new) into the undo table.
 - ``returning-old`` (18 and later): the engine's statement there, ``UPDATE … RETURNING old.…``
   into the undo table: one pass.
 - ``insert-only``: the update plus the insert of (key, NULL, new): no old values read at all,
@@ -53,6 +58,16 @@ _UPD_PREV = (f"UPDATE bench_t SET total = {EXPR} FROM prev WHERE {RANGE} "
              "bench_t.total")
 SHAPES: dict[str, str] = {
     "plain": f"UPDATE bench_t SET total = {EXPR} WHERE {RANGE}",
+    "split": (f"WITH batch AS (SELECT count(*) AS n, array_agg(ctid) FILTER (WHERE total "
+              f"IS NOT NULL) AS tids FROM bench_t WHERE {RANGE}), fill AS (UPDATE bench_t "
+              f"SET total = {EXPR} WHERE {RANGE} AND total IS NULL RETURNING id, total), "
+              f"upd AS (UPDATE bench_t SET total = {EXPR} FROM unnest((SELECT tids FROM "
+              "batch)) AS prev(tid) WHERE bench_t.ctid = prev.tid RETURNING bench_t.id, "
+              "(SELECT o.total FROM bench_t o WHERE o.ctid = prev.tid), bench_t.total), "
+              'i1 AS (INSERT INTO undo_rows (id, "new:total") SELECT * FROM fill RETURNING 1), '
+              "i2 AS (INSERT INTO undo_rows SELECT * FROM upd RETURNING 1) "
+              "SELECT (SELECT n FROM batch), (SELECT count(*) FROM i1) + "
+              "(SELECT count(*) FROM i2)"),
     "logged": (f"WITH {_PREV}, upd AS ({_UPD_PREV}), "
                "ins AS (INSERT INTO undo_rows SELECT * FROM upd RETURNING 1) "
                "SELECT (SELECT count(*) FROM prev), (SELECT count(*) FROM ins)"),
@@ -77,7 +92,7 @@ CREATE TRIGGER bench_undo AFTER UPDATE ON bench_t
 """
 
 
-def reset(dsn: str, rows: int, shape: str) -> None:
+def reset(dsn: str, rows: int, shape: str, filled: float = 0.0) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("DROP TABLE IF EXISTS bench_t, undo_rows, undo_arrays CASCADE")
         c.execute("DROP FUNCTION IF EXISTS bench_undo_capture()")
@@ -85,6 +100,8 @@ def reset(dsn: str, rows: int, shape: str) -> None:
                   "qty int NOT NULL, price int NOT NULL, total bigint)")
         c.execute(f"INSERT INTO bench_t (qty, price) SELECT {_VALUES} "
                   "FROM generate_series(1, %s) g", (rows,))
+        if filled:   # rows the job finds holding a value already, spread evenly
+            c.execute("UPDATE bench_t SET total = -1 WHERE id %% %s = 0", (round(1 / filled),))
         c.execute("VACUUM ANALYZE bench_t")
         # As the engine makes its undo tables: no key, no index, autovacuum off.
         c.execute('CREATE TABLE undo_rows (id bigint, "old:total" bigint, "new:total" bigint) '
@@ -96,8 +113,8 @@ def reset(dsn: str, rows: int, shape: str) -> None:
         c.execute("CHECKPOINT")
 
 
-def run(dsn: str, rows: int, batch: int, shape: str) -> float:
-    reset(dsn, rows, shape)
+def run(dsn: str, rows: int, batch: int, shape: str, filled: float = 0.0) -> float:
+    reset(dsn, rows, shape, filled)
     with psycopg.connect(dsn) as c:
         started = time.perf_counter()
         for lo in range(0, rows, batch):
@@ -120,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--filled", type=float, default=0.0,
+                   help="share of rows holding a value before the job (default 0: a new column)")
     p.add_argument("--dsn", help="an existing server (default: a throwaway one, durable)")
     p.add_argument("--bindir", type=Path,
                    help="server binaries for the throwaway server (default: as the tests find them)")
@@ -146,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[float]] = {s: [] for s in shapes}
             for r in range(args.repeats):
                 for shape in shapes:
-                    times[shape].append(run(dsn, args.rows, args.batch_size, shape))
+                    times[shape].append(run(dsn, args.rows, args.batch_size, shape, args.filled))
                     print(f"round {r + 1}: {shape:13s} {times[shape][-1]:7.2f} s", file=sys.stderr)
         finally:
             if pg is not None:
                 pg.stop()
     print(f"\nPostgreSQL {version // 10000}, {args.rows:,} rows in batches of "
-          f"{args.batch_size:,}, {args.repeats} rounds")
+          f"{args.batch_size:,}, {args.filled:.0%} filled before, {args.repeats} rounds")
     print("| shape | seconds (median) | min-max | cost vs plain (median, min-max) |")
     print("|---|---|---|---|")
     for shape in shapes:

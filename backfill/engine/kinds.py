@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -69,6 +69,9 @@ class PreparedJob:
     #: A source in another engine (MySQL/MariaDB), prepared with the job: the
     #: :class:`~backfill.engine.sources.Source` its batches read (None: PostgreSQL).
     foreign: Any = None
+    #: Logged updates before 18: the share of the last batch's rows whose written columns
+    #: held values (see :meth:`_write_optimistic`), per process; not part of the job.
+    _held: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def remote(self) -> bool:
@@ -201,8 +204,10 @@ class PreparedJob:
         t = table_ident(self.table)
         if s.kind == "update":
             assignments = self._assignments()
+            if self.optimistic_log:
+                return self._update_logged_split(assignments, pred)
             if self.undo is not None:
-                return self._update_logged(assignments, pred, optimistic=True)
+                return self._update_logged(assignments, pred)
             return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
                 t=t, a=assignments, p=pred, f=self.extra_filter()
             )
@@ -322,38 +327,89 @@ class PreparedJob:
                              *(sql.SQL("new.{} AS {}").format(sql.Identifier(c),
                                                              sql.Identifier(f"new:{c}"))
                                for c in writes)]))
-        # The read's CTE is "prev" (on 18, "old" in RETURNING is the old row); its columns
-        # are renamed so the user's SET expressions still name the table's columns. The
-        # update returns the old values from it: no second join to log them.
+        # The read's CTE is "t:prev" (a name no table in the statement can have; on 18, "old"
+        # in RETURNING is the old row); its columns are renamed so the user's SET expressions
+        # still name the table's columns. The update returns the old values from it: no
+        # second join to log them.
+        prev = sql.Identifier("t:prev")
         old_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"old:{c}"))
                      for c in writes)
         returning = ids([*(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(k)) for k in self.key),
-                         *(sql.SQL("prev.{}").format(sql.Identifier(f"old:{c}")) for c in writes),
+                         *(sql.SQL("{}.{}").format(prev, sql.Identifier(f"old:{c}"))
+                           for c in writes),
                          *(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c)) for c in writes)])
         cols = ids(map(sql.Identifier, self.undo_columns()))
         if optimistic:
             return sql.SQL(
-                "WITH prev AS (SELECT ctid AS {tid}, {old_as} FROM {t} WHERE {p}{f}), "
-                "upd AS (UPDATE {t} SET {a} FROM prev WHERE {p}{f} AND {t}.ctid = prev.{tid} "
+                "WITH {prev} AS (SELECT ctid AS {tid}, {old_as} FROM {t} WHERE {p}{f}), "
+                "upd AS (UPDATE {t} SET {a} FROM {prev} WHERE {p}{f} AND {t}.ctid = {prev}.{tid} "
                 "RETURNING {ret}), "
                 "ins AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
-                "SELECT (SELECT count(*) FROM prev), (SELECT count(*) FROM ins)").format(
-                    tid=sql.Identifier("t:ctid"), old_as=old_as, t=t, p=pred,
-                    f=self.extra_filter(), a=assignments, ret=returning, u=self.undo, cols=cols)
+                "SELECT (SELECT count(*) FROM {prev}), "
+                "(SELECT count(*) FROM {prev} WHERE num_nonnulls({olds}) > 0), "
+                "(SELECT count(*) FROM ins)").format(
+                    prev=prev, tid=sql.Identifier("t:ctid"), old_as=old_as, t=t, p=pred,
+                    f=self.extra_filter(), a=assignments, ret=returning, u=self.undo, cols=cols,
+                    olds=ids(sql.Identifier(f"old:{c}") for c in writes))
         key_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(k), sql.Identifier(f"k:{k}"))
                      for k in self.key)
         join = sql.SQL(" AND ").join(
-            sql.SQL("{t}.{k} = prev.{ok}").format(t=t, k=sql.Identifier(k),
-                                                  ok=sql.Identifier(f"k:{k}"))
+            sql.SQL("{t}.{k} = {prev}.{ok}").format(t=t, k=sql.Identifier(k), prev=prev,
+                                                    ok=sql.Identifier(f"k:{k}"))
             for k in self.key)
         return sql.SQL(
-            "WITH prev AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
+            "WITH {prev} AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
             # The batch's range again on the table: joined on the key alone, the planner may
             # walk the table from its first key for every batch.
-            "upd AS (UPDATE {t} SET {a} FROM prev WHERE {p}{f} AND {join} RETURNING {ret}) "
+            "upd AS (UPDATE {t} SET {a} FROM {prev} WHERE {p}{f} AND {join} RETURNING {ret}) "
             "INSERT INTO {u} ({cols}) SELECT * FROM upd").format(
-                key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(), a=assignments,
-                join=join, ret=returning, u=self.undo, cols=cols)
+                prev=prev, key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(),
+                a=assignments, join=join, ret=returning, u=self.undo, cols=cols)
+
+    def _update_logged_split(self, assignments: sql.Composable,
+                             pred: sql.Composable) -> sql.Composed:
+        """The logged update before 18 when few of the batch's rows hold values in the
+        written columns (a backfill of a new column): those rows' old values are known to
+        be NULL, with no read of them into a CTE to join back.
+
+        One statement, one snapshot, two disjoint sets of the batch's rows: ``fill`` updates
+        the rows whose written columns are all NULL (a concurrent change is rechecked on
+        the newest version, so the NULL logged is the value overwritten); the others' row
+        versions are gathered (``ctid``, by the same scan that counts the batch), exactly
+        those versions updated, and each one's old values read back by ``ctid`` (the
+        statement's snapshot still sees the version it replaces). Returns (rows in the
+        batch, rows holding values, rows logged): a row another session changed in between
+        is in neither set, and :meth:`_write_optimistic` redoes the batch."""
+        t = table_ident(self.table)
+        writes = self.spec.write_columns()
+        ids = sql.SQL(", ").join
+        names = ids(map(sql.Identifier, writes))
+        batch, prev, tid, old = (sql.Identifier(n) for n in ("t:batch", "t:prev", "t:ctid",
+                                                               "t:old"))
+        return sql.SQL(
+            "WITH {batch} AS (SELECT count(*) AS n, array_agg(ctid) FILTER "
+            "(WHERE num_nonnulls({names}) > 0) AS tids FROM {t} WHERE {p}{f}), "
+            "fill AS (UPDATE {t} SET {a} WHERE {p}{f} AND num_nulls({names}) = {k} "
+            "RETURNING {fill_ret}), "
+            "upd AS (UPDATE {t} SET {a} FROM unnest((SELECT tids FROM {batch})) AS {prev}({tid}) "
+            "WHERE {t}.ctid = {prev}.{tid} RETURNING {ret}), "
+            "ins_fill AS (INSERT INTO {u} ({fill_cols}) SELECT * FROM fill RETURNING 1), "
+            "ins_upd AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
+            "SELECT (SELECT n FROM {batch}), (SELECT coalesce(cardinality(tids), 0) FROM {batch}), "
+            "(SELECT count(*) FROM ins_fill) + (SELECT count(*) FROM ins_upd)").format(
+                batch=batch, names=names, t=t, p=pred, f=self.extra_filter(), a=assignments,
+                k=sql.Literal(len(writes)), prev=prev, tid=tid, u=self.undo,
+                fill_ret=ids(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c))
+                             for c in (*self.key, *writes)),
+                ret=ids([*(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(k)) for k in self.key),
+                         *(sql.SQL("(SELECT {old}.{c} FROM {t} AS {old} WHERE {old}.ctid = "
+                                   "{prev}.{tid})").format(old=old, c=sql.Identifier(c), t=t,
+                                                           prev=prev, tid=tid)
+                           for c in writes),
+                         *(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c)) for c in writes)]),
+                fill_cols=ids([*map(sql.Identifier, self.key),
+                               *(sql.Identifier(f"new:{c}") for c in writes)]),
+                cols=ids(map(sql.Identifier, self.undo_columns())))
 
     def _revert_statement(self, lower: bool) -> sql.Composed:
         """Apply a batch of an undo log (this job's "table") back to its table ("dest").
@@ -442,18 +498,32 @@ class PreparedJob:
             return max(cur.rowcount, 0)
         return self._transform_batch(conn, stmt, params)
 
+    #: Above this share of a batch's rows holding values in the written columns, the next
+    #: batch reads every row's old values (one join) rather than splitting the batch.
+    SPLIT_HELD_MAX = 0.25
+
     def _write_optimistic(self, conn: Conn, stmt: sql.Composed, params: dict[str, Any], *,
                           lower: bool, sync: Callable[[], None] | None) -> int:
         """The logged update without locking its rows first; if another session updated
         one of them between the read and the write (rows read != rows logged), roll back to
-        before it and run the locking statement instead. Rows logged."""
+        before it and run the locking statement instead. Rows logged.
+
+        ``stmt`` splits the batch (:meth:`_update_logged_split`) unless the last batch
+        here found more than :attr:`SPLIT_HELD_MAX` of its rows holding values (a job
+        recomputing a filled column): then every row's old values are read
+        (:meth:`_update_logged`), which costs less there. Both report the share."""
+        pred = self.keyset.predicate(lower=lower)
+        if self._held and self._held[-1] > self.SPLIT_HELD_MAX:
+            stmt = self._update_logged(self._assignments(), pred, optimistic=True)
         conn.execute("SAVEPOINT backfill_logged")
         row = conn.execute(stmt, params).fetchone()
-        read, logged = (int(row[0]), int(row[1])) if row else (0, 0)
+        read, held, logged = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+        if read:
+            self._held[:] = [held / read]
         if read == logged:
             return logged
         conn.execute("ROLLBACK TO SAVEPOINT backfill_logged")
-        careful = self._update_logged(self._assignments(), self.keyset.predicate(lower=lower))
+        careful = self._update_logged(self._assignments(), pred)
         cur = conn.execute(careful, params)
         if sync is not None:
             sync()

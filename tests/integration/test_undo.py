@@ -8,6 +8,7 @@ import datetime as dt
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from backfill import Backfill, delete, transform, update
 from backfill.core.errors import IllegalTransition, InvalidInput
@@ -286,19 +287,24 @@ def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: st
     assert logs[0] == logs[1]
 
 
+@pytest.mark.parametrize(("row", "app_set", "logged", "final"), [
+    (5, "note = 'app'", "(app,APP)", "APP"),      # a value: its row version changed
+    (7, "note = 'app'", "(app,APP)", "APP"),      # NULL, then a value: no longer empty
+    (14, "balance = 1", "(,-)", "-"),             # stays NULL: updated as it is now
+])
 def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_value(
-        dsn: str) -> None:
+        dsn: str, row: int, app_set: str, logged: str, final: str) -> None:
     """Before PostgreSQL 18 the logged update reads the old values without locking; a row
-    another session updates in between is caught (its row version changed) and the batch
-    is redone locking its rows: the undo log holds the value the job overwrote, not the one
-    it first read."""
+    another session updates in between is caught (its row version changed, or its written
+    columns are no longer all NULL) and the batch is redone locking its rows: the undo log
+    holds the value the job overwrote, not the one it first read."""
     import threading
     import time
 
     from backfill.engine.prepare import prepare_stored
     from backfill.state import store
 
-    _accounts(dsn, 100)
+    _accounts(dsn, 100)   # note is NULL where id % 7 = 0
     bf = Backfill(dsn)
     job = bf.enqueue(update("accounts", {"note": "upper(coalesce(note, '-'))"}))
     with psycopg.connect(dsn, autocommit=True) as c, \
@@ -308,13 +314,123 @@ def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_
             prepared = dataclasses.replace(prepared, server_version=170000)
         assert prepared.optimistic_log
         app.execute("BEGIN")
-        app.execute("UPDATE accounts SET note = 'app' WHERE id = 5")
+        app.execute(f"UPDATE accounts SET {app_set} WHERE id = {row}")
         threading.Thread(target=lambda: (time.sleep(0.3), app.execute("COMMIT"))).start()
         with c.transaction():
-            rows = prepared.write_batch(c, None, (10,), None)
+            rows = prepared.write_batch(c, None, (20,), None)
         undo = dict(c.execute(f'SELECT id, ROW("old:note", "new:note")::text '
                               f"FROM backfill.undo_{job.id}").fetchall())
-    assert rows == 10
-    assert undo[5] == "(app,APP)"
+    assert rows == 20
+    assert len(undo) == 20
+    assert undo[row] == logged
     assert undo[6] == "(n6,N6)"
-    assert scalar(dsn, "SELECT note FROM accounts WHERE id = 5") == "APP"
+    if row != 14:
+        assert undo[14] == "(,-)"
+    assert scalar(dsn, f"SELECT note FROM accounts WHERE id = {row}") == final
+
+
+def test_before_18_each_logging_statement_writes_the_same_undo_rows(dsn: str) -> None:
+    """Before PostgreSQL 18 a logged update runs one of three statements: the batch split
+    into rows whose written columns are all NULL and the others (the default), every row's
+    old values read and joined back (after a batch of mostly filled rows), or the rows
+    locked first (after a concurrent change). All three log the same rows and leave the
+    same table; the split one reports (rows, rows holding values, rows logged), and
+    reads the filled rows back by row version, never by a scan of the whole table."""
+    from backfill.engine.prepare import prepare_stored
+    from backfill.state import store
+
+    _accounts(dsn, 20_000)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE accounts ADD COLUMN score bigint, ADD COLUMN labels text[]")
+        c.execute("UPDATE accounts SET score = -id WHERE id % 4 = 0")
+        c.execute("UPDATE accounts SET labels = ARRAY['x', NULL] WHERE id % 6 = 0")
+        c.execute("VACUUM ANALYZE accounts")
+    bf = Backfill(dsn)
+    job = bf.enqueue(update("accounts", {"score": "balance::bigint", "labels": "tags"},
+                            where="id % 5 <> 0"))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        prepared = prepare_stored(c, store.get_job(c, job.id), explain=False)
+        prepared = dataclasses.replace(prepared, server_version=170000)
+        pred = prepared.keyset.predicate(lower=True)
+        a = prepared._assignments()
+        statements = {"split": prepared.write_statement(lower=True),
+                      "read all": prepared._update_logged(a, pred, optimistic=True),
+                      "locking": prepared._update_logged(a, pred)}
+        assert "num_nulls" in statements["split"].as_string(c)
+        params = {"lo0": 1_000, "hi0": 4_000}
+        plan = [r[0] for r in c.execute(
+            sql.SQL("EXPLAIN (COSTS OFF) ") + statements["split"], params)]
+        start = plan.index("  CTE upd")
+        upd = plan[start:next(i for i in range(start + 1, len(plan))
+                              if not plan[i].startswith("   "))]
+        assert any("Tid Scan on accounts" in line for line in upd), plan
+        assert not any("Seq Scan" in line for line in upd), plan
+        results = {}
+        for name, stmt in statements.items():
+            with c.transaction(force_rollback=True):
+                cur = c.execute(stmt, params)
+                counts = cur.fetchone() if name != "locking" else (cur.rowcount,)
+                results[name] = (
+                    counts[-1],
+                    c.execute(f"SELECT u::text FROM backfill.undo_{job.id} u ORDER BY id"
+                              ).fetchall(),
+                    c.execute(CHECKSUM.format("accounts")).fetchone())
+                if name == "split":
+                    assert counts[:2] == (2_400, 800)   # of 3,000 keys: 1 in 5 skipped
+    assert results["split"][0] == 2_400
+    assert results["split"] == results["read all"] == results["locking"]
+
+    # write_batch splits a batch unless the one before found more than a quarter of its
+    # rows filled (here: a third of the table; all of 4,000-4,200; none of 4,300-4,400).
+    class Recording(psycopg.Cursor):  # type: ignore[type-arg]
+        def execute(self, query, params=None, **kw):  # type: ignore[no-untyped-def]
+            ran.append(query.as_string(self) if isinstance(query, sql.Composable) else query)
+            return super().execute(query, params, **kw)
+
+    ran: list[str] = []
+    with psycopg.connect(dsn, autocommit=True, cursor_factory=Recording) as c:
+        for lo, hi, split, share in [(1_000, 1_300, True, 80 / 240),
+                                     (4_000, 4_200, False, 1.0),
+                                     (4_300, 4_400, False, 0.0),
+                                     (4_400, 4_700, True, 80 / 240)]:
+            with c.transaction(force_rollback=True):
+                c.execute("UPDATE accounts SET score = 0 WHERE id > 4000 AND id <= 4200")
+                c.execute("UPDATE accounts SET score = NULL, labels = NULL "
+                          "WHERE id > 4300 AND id <= 4400")
+                ran.clear()
+                prepared.write_batch(c, (lo,), (hi,), None)
+            assert ("num_nulls" in ran[1]) == split, (lo, ran)
+            assert prepared._held == [share]
+    assert results["split"][1][:4] == [  # id, old score, old labels, new score, new labels
+        ('(1001,,,1251,"{a,1001}")',), ('(1002,,"{x,NULL}",1253,"{a,1002}")',),
+        ('(1003,,,1254,"{a,1003}")',), ('(1004,-1004,,1255,"{a,1004}")',)]
+
+
+def test_a_table_named_like_the_statements_parts_is_logged_and_reverted(dsn: str) -> None:
+    """The logged update's CTEs are named so no table can clash with them (a table named
+    ``prev`` made the statement before 18 fail: "table name specified more than once")."""
+    from backfill.engine.prepare import prepare_stored
+    from backfill.state import store
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE prev (id int PRIMARY KEY, v int)")
+        c.execute("INSERT INTO prev SELECT g, CASE WHEN g % 2 = 0 THEN g END "
+                  "FROM generate_series(1, 500) g")
+    bf = Backfill(dsn)
+    before = _sum(dsn, "prev")
+    job = bf.run(update("prev", {"v": "coalesce(v, 0) + 1"}, batch_size=100))
+    assert job.state == JobState.SUCCEEDED
+    assert scalar(dsn, "SELECT count(*) FROM prev "
+                       "WHERE v = CASE WHEN id % 2 = 0 THEN id + 1 ELSE 1 END") == 500
+    with psycopg.connect(dsn, autocommit=True) as c:
+        prepared = dataclasses.replace(
+            prepare_stored(c, store.get_job(c, job.id), explain=False), server_version=170000)
+        pred = prepared.keyset.predicate(lower=True)
+        a = prepared._assignments()
+        for stmt in (prepared.write_statement(lower=True),
+                     prepared._update_logged(a, pred, optimistic=True),
+                     prepared._update_logged(a, pred)):
+            with c.transaction(force_rollback=True):
+                c.execute(stmt, {"lo0": 0, "hi0": 10})
+    assert bf.run(bf.revert(job.id).id).state == JobState.SUCCEEDED
+    assert _sum(dsn, "prev") == before
