@@ -104,7 +104,8 @@ class PreparedJob:
                          (f"{max(1, int(self.spec.options.lock_timeout_ms))}ms",
                           f"{max(1, int(self.spec.options.statement_timeout_ms))}ms"))
             rows = read.execute(sql.SQL(
-                "SELECT s.ctid, {keys}, {h} FROM {t} AS s WHERE {p}{f} FOR UPDATE").format(
+                "SELECT s.tableoid, s.ctid, {keys}, {h} FROM {t} AS s WHERE {p}{f} FOR UPDATE"
+            ).format(
                     keys=sql.SQL(", ").join(sql.Identifier("s", k) for k in self.key),
                     h=self.source_hash("s"), t=table_ident(self.table),
                     p=self.keyset.predicate(lower=lo is not None, alias="s"),
@@ -112,7 +113,7 @@ class PreparedJob:
             if not rows:
                 return 0
             total = sum(r[-1] for r in rows)
-            keys = [codec.encode(tuple(r[1:-1])) for r in rows]
+            keys = [codec.encode(tuple(r[2:-1])) for r in rows]
             pick = sql.SQL(" AND ").join(
                 sql.SQL("d.{k} = (e ->> {i})::{t}").format(k=sql.Identifier(k), i=sql.Literal(i),
                                                           t=sql.SQL(typ))
@@ -132,8 +133,13 @@ class PreparedJob:
                     f"{render_key(hi)}, the destination has {there[0] if there else 0} with "
                     "those keys, and their contents differ: changed since the copy, or never "
                     "copied. Nothing was deleted; reconcile the two, then retry")
-            cur = read.execute(sql.SQL("DELETE FROM {t} WHERE ctid = ANY (%s::tid[])").format(
-                t=table_ident(self.table)), ([r[0] for r in rows],))
+            # A row version is (partition, ctid): ctids repeat across a partitioned table's
+            # partitions.
+            cur = read.execute(sql.SQL(
+                "DELETE FROM {t} WHERE ctid = ANY (%(tids)s::tid[]) AND (tableoid, ctid) IN "
+                "(SELECT * FROM unnest(%(oids)s::oid[], %(tids)s::tid[]))").format(
+                    t=table_ident(self.table)),
+                {"oids": [r[0] for r in rows], "tids": [r[1] for r in rows]})
             if self.source_binding is not None:
                 self.source_binding.prove(read)   # the rows deleted are the bound table's
             return max(cur.rowcount, 0)
@@ -341,14 +347,16 @@ class PreparedJob:
         cols = ids(map(sql.Identifier, self.undo_columns()))
         if optimistic:
             return sql.SQL(
-                "WITH {prev} AS (SELECT ctid AS {tid}, {old_as} FROM {t} WHERE {p}{f}), "
+                "WITH {prev} AS (SELECT tableoid AS {oid}, ctid AS {tid}, {old_as} FROM {t} "
+                "WHERE {p}{f}), "
                 "upd AS (UPDATE {t} SET {a} FROM {prev} WHERE {p}{f} AND {t}.ctid = {prev}.{tid} "
-                "RETURNING {ret}), "
+                "AND {t}.tableoid = {prev}.{oid} RETURNING {ret}), "
                 "ins AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
                 "SELECT (SELECT count(*) FROM {prev}), "
                 "(SELECT count(*) FROM {prev} WHERE num_nonnulls({olds}) > 0), "
                 "(SELECT count(*) FROM ins)").format(
-                    prev=prev, tid=sql.Identifier("t:ctid"), old_as=old_as, t=t, p=pred,
+                    prev=prev, tid=sql.Identifier("t:ctid"), oid=sql.Identifier("t:oid"),
+                    old_as=old_as, t=t, p=pred,
                     f=self.extra_filter(), a=assignments, ret=returning, u=self.undo, cols=cols,
                     olds=ids(sql.Identifier(f"old:{c}") for c in writes))
         key_as = ids(sql.SQL("{} AS {}").format(sql.Identifier(k), sql.Identifier(f"k:{k}"))
@@ -384,27 +392,33 @@ class PreparedJob:
         writes = self.spec.write_columns()
         ids = sql.SQL(", ").join
         names = ids(map(sql.Identifier, writes))
-        batch, prev, tid, old = (sql.Identifier(n) for n in ("t:batch", "t:prev", "t:ctid",
-                                                               "t:old"))
+        # A row version is (partition, ctid): ctids repeat across a partitioned table's
+        # partitions.
+        batch, prev, oid, tid, old = (sql.Identifier(n) for n in (
+            "t:batch", "t:prev", "t:oid", "t:ctid", "t:old"))
         return sql.SQL(
-            "WITH {batch} AS (SELECT count(*) AS n, array_agg(ctid) FILTER "
-            "(WHERE num_nonnulls({names}) > 0) AS tids FROM {t} WHERE {p}{f}), "
+            "WITH {batch} AS (SELECT count(*) AS n, "
+            "array_agg(tableoid) FILTER (WHERE num_nonnulls({names}) > 0) AS oids, "
+            "array_agg(ctid) FILTER (WHERE num_nonnulls({names}) > 0) AS tids "
+            "FROM {t} WHERE {p}{f}), "
             "fill AS (UPDATE {t} SET {a} WHERE {p}{f} AND num_nulls({names}) = {k} "
             "RETURNING {fill_ret}), "
-            "upd AS (UPDATE {t} SET {a} FROM unnest((SELECT tids FROM {batch})) AS {prev}({tid}) "
-            "WHERE {t}.ctid = {prev}.{tid} RETURNING {ret}), "
+            "upd AS (UPDATE {t} SET {a} FROM unnest((SELECT oids FROM {batch}), "
+            "(SELECT tids FROM {batch})) AS {prev}({oid}, {tid}) "
+            "WHERE {t}.ctid = {prev}.{tid} AND {t}.tableoid = {prev}.{oid} RETURNING {ret}), "
             "ins_fill AS (INSERT INTO {u} ({fill_cols}) SELECT * FROM fill RETURNING 1), "
             "ins_upd AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
             "SELECT (SELECT n FROM {batch}), (SELECT coalesce(cardinality(tids), 0) FROM {batch}), "
             "(SELECT count(*) FROM ins_fill) + (SELECT count(*) FROM ins_upd)").format(
                 batch=batch, names=names, t=t, p=pred, f=self.extra_filter(), a=assignments,
-                k=sql.Literal(len(writes)), prev=prev, tid=tid, u=self.undo,
+                k=sql.Literal(len(writes)), prev=prev, oid=oid, tid=tid, u=self.undo,
                 fill_ret=ids(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c))
                              for c in (*self.key, *writes)),
                 ret=ids([*(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(k)) for k in self.key),
                          *(sql.SQL("(SELECT {old}.{c} FROM {t} AS {old} WHERE {old}.ctid = "
-                                   "{prev}.{tid})").format(old=old, c=sql.Identifier(c), t=t,
-                                                           prev=prev, tid=tid)
+                                   "{prev}.{tid} AND {old}.tableoid = {prev}.{oid})").format(
+                                       old=old, c=sql.Identifier(c), t=t, prev=prev, tid=tid,
+                                       oid=oid)
                            for c in writes),
                          *(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c)) for c in writes)]),
                 fill_cols=ids([*map(sql.Identifier, self.key),

@@ -146,6 +146,32 @@ def test_a_move_between_databases_deletes_only_what_arrived_unchanged(
     assert f"phase 2   job {phase2[0].id} (succeeded)" in cli(dsn, "show", str(move)).stdout
 
 
+def test_a_move_from_a_partitioned_source_deletes_only_the_rows_it_moved(
+        dsn: str, source: str) -> None:
+    """ctids repeat across a partitioned table's partitions: the second phase deletes each
+    row by (partition, ctid), so rows of other partitions sharing a ctid (here: the rows
+    the filter keeps out, and rows arriving after the copy) stay."""
+    _whole_dest(dsn)
+    with psycopg.connect(source, autocommit=True) as c:
+        c.execute("CREATE TABLE pevents (LIKE events INCLUDING ALL) PARTITION BY HASH (id)")
+        for r in range(3):
+            c.execute(f"CREATE TABLE pevents_{r} PARTITION OF pevents "
+                      f"FOR VALUES WITH (MODULUS 3, REMAINDER {r})")
+        c.execute("INSERT INTO pevents SELECT * FROM events WHERE id <= 6000")
+    r = cli(dsn, "enqueue", "--kind", "move", "-t", "pevents", "--dest", "archive", "--source",
+            source, "--map", "category=kind", "--where", "amount % 2 = 0",
+            "--batch-size", "500", "-q")
+    assert r.returncode == 0, r.stderr
+    move = int(r.stdout.strip())
+    kept = _sum(source, "pevents WHERE amount % 2 = 1", "id, kind, amount, tags, at, note")
+    r = cli(dsn, "run", str(move), "--no-progress", "--skip-preflight")
+    assert r.returncode == 0, r.stderr
+    assert scalar(dsn, "SELECT count(*) FROM archive") == 3_000
+    assert scalar(source, "SELECT count(*) FROM pevents WHERE amount % 2 = 0") == 0
+    assert scalar(source, "SELECT count(*) FROM pevents") == 3_000
+    assert _sum(source, "pevents", "id, kind, amount, tags, at, note") == kept
+
+
 def test_a_move_whose_phase_2_was_not_created_resumes_with_run(dsn: str, source: str) -> None:
     """The moment between the copy's end and the delete phase's creation fails (the process
     killed, the source unreachable): `run MOVE` later creates phase 2 and finishes it."""

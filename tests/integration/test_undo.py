@@ -406,31 +406,53 @@ def test_before_18_each_logging_statement_writes_the_same_undo_rows(dsn: str) ->
         ('(1003,,,1254,"{a,1003}")',), ('(1004,-1004,,1255,"{a,1004}")',)]
 
 
-def test_a_table_named_like_the_statements_parts_is_logged_and_reverted(dsn: str) -> None:
-    """The logged update's CTEs are named so no table can clash with them (a table named
-    ``prev`` made the statement before 18 fail: "table name specified more than once")."""
+@pytest.mark.parametrize("ddl", [
+    # Named like the statement's CTE before: "table name specified more than once".
+    "CREATE TABLE prev (id int PRIMARY KEY, v int)",
+    # ctids repeat across partitions: a row version is (partition, ctid).
+    "CREATE TABLE prev (id int PRIMARY KEY, v int) PARTITION BY HASH (id); "
+    "CREATE TABLE prev_0 PARTITION OF prev FOR VALUES WITH (MODULUS 3, REMAINDER 0); "
+    "CREATE TABLE prev_1 PARTITION OF prev FOR VALUES WITH (MODULUS 3, REMAINDER 1); "
+    "CREATE TABLE prev_2 PARTITION OF prev FOR VALUES WITH (MODULUS 3, REMAINDER 2)",
+])
+def test_every_logging_statement_updates_and_logs_exactly_the_batchs_rows(
+        dsn: str, ddl: str) -> None:
+    """Each logged update (before 18: split, read all, locking; on 18 also RETURNING OLD)
+    changes and logs exactly the batch's rows, on a table named like the statement's parts
+    and on a partitioned one, where row versions of different partitions share ctids; a
+    run and its revert restore the table."""
     from backfill.engine.prepare import prepare_stored
     from backfill.state import store
 
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("CREATE TABLE prev (id int PRIMARY KEY, v int)")
+        c.execute(ddl)
         c.execute("INSERT INTO prev SELECT g, CASE WHEN g % 2 = 0 THEN g END "
-                  "FROM generate_series(1, 500) g")
+                  "FROM generate_series(1, 600) g")
     bf = Backfill(dsn)
     before = _sum(dsn, "prev")
-    job = bf.run(update("prev", {"v": "coalesce(v, 0) + 1"}, batch_size=100))
-    assert job.state == JobState.SUCCEEDED
-    assert scalar(dsn, "SELECT count(*) FROM prev "
-                       "WHERE v = CASE WHEN id % 2 = 0 THEN id + 1 ELSE 1 END") == 500
+    job = bf.enqueue(update("prev", {"v": "coalesce(v, 0) + 1"}, batch_size=100))
     with psycopg.connect(dsn, autocommit=True) as c:
         prepared = dataclasses.replace(
             prepare_stored(c, store.get_job(c, job.id), explain=False), server_version=170000)
         pred = prepared.keyset.predicate(lower=True)
         a = prepared._assignments()
-        for stmt in (prepared.write_statement(lower=True),
-                     prepared._update_logged(a, pred, optimistic=True),
-                     prepared._update_logged(a, pred)):
+        for name, stmt in [("split", prepared.write_statement(lower=True)),
+                           ("read all", prepared._update_logged(a, pred, optimistic=True)),
+                           ("locking", prepared._update_logged(a, pred))]:
             with c.transaction(force_rollback=True):
-                c.execute(stmt, {"lo0": 0, "hi0": 10})
+                c.execute(stmt, {"lo0": 100, "hi0": 400})
+                changed = c.execute("SELECT count(*), min(id), max(id) FROM prev "
+                                    "WHERE v IS DISTINCT FROM CASE WHEN id % 2 = 0 THEN id END"
+                                    ).fetchone()
+                logged = c.execute(
+                    f'SELECT count(*), count(DISTINCT id), min(id), max(id), count(*) FILTER '
+                    f'(WHERE "old:v" IS NOT DISTINCT FROM CASE WHEN id % 2 = 0 THEN id END '
+                    f'AND "new:v" = coalesce("old:v", 0) + 1) FROM backfill.undo_{job.id}'
+                ).fetchone()
+            assert changed == (300, 101, 400), name
+            assert logged == (300, 300, 101, 400, 300), name
+    assert bf.run(job.id).state == JobState.SUCCEEDED
+    assert scalar(dsn, "SELECT count(*) FROM prev "
+                       "WHERE v = CASE WHEN id % 2 = 0 THEN id + 1 ELSE 1 END") == 600
     assert bf.run(bf.revert(job.id).id).state == JobState.SUCCEEDED
     assert _sum(dsn, "prev") == before
