@@ -7,14 +7,15 @@ Each shape runs the same job: ``total = qty::bigint * price`` over a freshly loa
 The shapes:
 
 - ``plain``: the update alone (no undo log): the baseline.
-- ``split``: the engine's statement before PostgreSQL 18 (``engine/kinds.py``,
-  ``_update_logged_split``): the batch's rows whose written column is NULL are updated and
-  logged as (key, NULL, new) without being read first; the others' (``--filled``) row
-  versions are gathered by the scan that counts the batch, exactly those updated, and their
-  old values read back by ctid.
-- ``logged``: the engine's statement before 18 after a batch with more than a quarter of
-  its rows filled (``_update_logged(optimistic=True)``): read every row's old value and
-  version (ctid), update exactly those versions, insert (key, old, new) into the undo table.
+- ``fill``: what the engine does before PostgreSQL 18 (``engine/kinds.py``,
+  ``_write_optimistic``): a batch whose written column is all NULL is updated and logged as
+  (key, NULL, new) without reading the old values (``_update_logged_fill``, after counting
+  the batch's rows and those holding a value); a batch holding values (``--filled``) runs
+  ``logged`` instead, at once after the fill changed nothing or, after such a batch,
+  without trying the fill.
+- ``logged``: the engine's statement before 18 for a batch holding values
+  (``_update_logged(optimistic=True)``): read every row's old value and version (ctid),
+  update exactly those versions, insert (key, old, new) into the undo table.
 - ``returning-old`` (18 and later): the engine's statement there, ``UPDATE … RETURNING old.…``
   into the undo table: one pass.
 - ``insert-only``: the update plus the insert of (key, NULL, new): no old values read at all,
@@ -52,25 +53,23 @@ from backfill_dev.localpg import LocalPostgres  # noqa: E402
 EXPR = "qty::bigint * price"
 _VALUES = "1 + (g::bigint * 7919) %% 100000, 1 + (g::bigint * 104729) %% 100000"
 RANGE = "id > %(lo)s AND id <= %(hi)s"
-_PREV = f'prev AS (SELECT ctid AS tid, total AS "old:total" FROM bench_t WHERE {RANGE})'
+_PREV = (f'prev AS (SELECT tableoid AS oid, ctid AS tid, xmin AS xm, total AS "old:total" '
+         f"FROM bench_t WHERE {RANGE})")
 _UPD_PREV = (f"UPDATE bench_t SET total = {EXPR} FROM prev WHERE {RANGE} "
-             'AND bench_t.ctid = prev.tid RETURNING bench_t.id, prev."old:total" AS o, '
+             "AND bench_t.ctid = prev.tid AND bench_t.tableoid = prev.oid AND bench_t.xmin = prev.xm "
+             'RETURNING bench_t.id, prev."old:total" AS o, '
              "bench_t.total")
 SHAPES: dict[str, str] = {
     "plain": f"UPDATE bench_t SET total = {EXPR} WHERE {RANGE}",
-    "split": (f"WITH batch AS (SELECT count(*) AS n, array_agg(ctid) FILTER (WHERE total "
-              f"IS NOT NULL) AS tids FROM bench_t WHERE {RANGE}), fill AS (UPDATE bench_t "
-              f"SET total = {EXPR} WHERE {RANGE} AND total IS NULL RETURNING id, total), "
-              f"upd AS (UPDATE bench_t SET total = {EXPR} FROM unnest((SELECT tids FROM "
-              "batch)) AS prev(tid) WHERE bench_t.ctid = prev.tid RETURNING bench_t.id, "
-              "(SELECT o.total FROM bench_t o WHERE o.ctid = prev.tid), bench_t.total), "
-              'i1 AS (INSERT INTO undo_rows (id, "new:total") SELECT * FROM fill RETURNING 1), '
-              "i2 AS (INSERT INTO undo_rows SELECT * FROM upd RETURNING 1) "
-              "SELECT (SELECT n FROM batch), (SELECT count(*) FROM i1) + "
-              "(SELECT count(*) FROM i2)"),
+    "fill": (f"WITH batch AS (SELECT count(*) AS n, count(total) AS held FROM bench_t "
+             f"WHERE {RANGE}), fill AS (UPDATE bench_t SET total = {EXPR} WHERE {RANGE} AND "
+             "total IS NULL AND (SELECT held FROM batch) = 0 RETURNING id, total), "
+             'ins AS (INSERT INTO undo_rows (id, "new:total") SELECT * FROM fill RETURNING 1) '
+             "SELECT (SELECT n FROM batch), (SELECT held FROM batch), (SELECT count(*) FROM ins)"),
     "logged": (f"WITH {_PREV}, upd AS ({_UPD_PREV}), "
                "ins AS (INSERT INTO undo_rows SELECT * FROM upd RETURNING 1) "
-               "SELECT (SELECT count(*) FROM prev), (SELECT count(*) FROM ins)"),
+               'SELECT (SELECT count(*) FROM prev), (SELECT count("old:total") FROM prev), '
+               "(SELECT count(*) FROM ins)"),
     "returning-old": (f"WITH upd AS (UPDATE bench_t SET total = {EXPR} WHERE {RANGE} "
                       "RETURNING new.id, old.total, new.total) "
                       "INSERT INTO undo_rows SELECT * FROM upd"),
@@ -117,8 +116,15 @@ def run(dsn: str, rows: int, batch: int, shape: str, filled: float = 0.0) -> flo
     reset(dsn, rows, shape, filled)
     with psycopg.connect(dsn) as c:
         started = time.perf_counter()
+        held = 0
         for lo in range(0, rows, batch):
-            c.execute(SHAPES[shape].encode(), {"lo": lo, "hi": lo + batch})
+            bounds = {"lo": lo, "hi": lo + batch}
+            if shape != "fill" or held == 0:
+                got = c.execute(SHAPES[shape].encode(), bounds)
+                if shape == "fill":
+                    held = got.fetchone()[1]  # type: ignore[index]
+            if shape == "fill" and held:   # as the engine: the batch holds values
+                held = c.execute(SHAPES["logged"].encode(), bounds).fetchone()[1]  # type: ignore[index]
             c.commit()
         elapsed = time.perf_counter() - started
         logged = c.execute("SELECT (SELECT count(*) FROM undo_rows) + (SELECT "

@@ -69,9 +69,9 @@ class PreparedJob:
     #: A source in another engine (MySQL/MariaDB), prepared with the job: the
     #: :class:`~backfill.engine.sources.Source` its batches read (None: PostgreSQL).
     foreign: Any = None
-    #: Logged updates before 18: the share of the last batch's rows whose written columns
-    #: held values (see :meth:`_write_optimistic`), per process; not part of the job.
-    _held: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
+    #: Logged updates before 18: how many of the last batch's rows held values in the
+    #: written columns (see :meth:`_write_optimistic`), per process; not part of the job.
+    _held: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def remote(self) -> bool:
@@ -211,7 +211,7 @@ class PreparedJob:
         if s.kind == "update":
             assignments = self._assignments()
             if self.optimistic_log:
-                return self._update_logged_split(assignments, pred)
+                return self._update_logged_fill(assignments, pred)
             if self.undo is not None:
                 return self._update_logged(assignments, pred)
             return sql.SQL("UPDATE {t} SET {a} WHERE {p}{f}").format(
@@ -308,11 +308,13 @@ class PreparedJob:
 
         PostgreSQL 18: ``RETURNING OLD``. Before: read the old values, then update exactly
         those row versions. ``optimistic``: the read does not lock (locking writes every row
-        an extra time); the update is restricted to the row versions read (``ctid``), so a
-        row another session updated in between is skipped, and the statement returns
-        (rows read, rows logged) for :meth:`write_batch` to see that it must redo the batch
-        with ``FOR NO KEY UPDATE``. The CTE's columns are renamed so the user's SET
-        expressions still name the table's columns."""
+        an extra time); the update is restricted to the row versions read (partition,
+        ``ctid`` and ``xmin``: a filter every plan rechecks on a row's newer version, where
+        a Tid Scan's own recheck passed anything before PostgreSQL 15.15), so a row another
+        session updated in between is skipped, and the statement returns (rows read, rows
+        holding values, rows logged) for :meth:`_write_optimistic` to see that it must redo
+        the batch with ``FOR NO KEY UPDATE``. The CTE's columns are renamed so the user's
+        SET expressions still name the table's columns; the CTEs' names cannot be a table's."""
         t = table_ident(self.table)
         writes = self.spec.write_columns()
         ids = sql.SQL(", ").join
@@ -321,9 +323,10 @@ class PreparedJob:
             # update, the newest: what the FOR NO KEY UPDATE read below achieves on older
             # servers), with no second scan of the range and no join.
             return sql.SQL(
-                "WITH upd AS (UPDATE {t} SET {a} WHERE {p}{f} RETURNING {ret}) "
-                "INSERT INTO {u} ({cols}) SELECT * FROM upd").format(
-                    t=t, a=assignments, p=pred, f=self.extra_filter(), u=self.undo,
+                "WITH {upd} AS (UPDATE {t} SET {a} WHERE {p}{f} RETURNING {ret}) "
+                "INSERT INTO {u} ({cols}) SELECT * FROM {upd}").format(
+                    upd=sql.Identifier("t:upd"), t=t, a=assignments, p=pred,
+                    f=self.extra_filter(), u=self.undo,
                     cols=ids(map(sql.Identifier, self.undo_columns())),
                     ret=ids([*(sql.SQL("new.{} AS {}").format(sql.Identifier(k), sql.Identifier(k))
                                for k in self.key),
@@ -345,17 +348,19 @@ class PreparedJob:
                            for c in writes),
                          *(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c)) for c in writes)])
         cols = ids(map(sql.Identifier, self.undo_columns()))
+        upd, ins = sql.Identifier("t:upd"), sql.Identifier("t:ins")
         if optimistic:
             return sql.SQL(
-                "WITH {prev} AS (SELECT tableoid AS {oid}, ctid AS {tid}, {old_as} FROM {t} "
-                "WHERE {p}{f}), "
-                "upd AS (UPDATE {t} SET {a} FROM {prev} WHERE {p}{f} AND {t}.ctid = {prev}.{tid} "
-                "AND {t}.tableoid = {prev}.{oid} RETURNING {ret}), "
-                "ins AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
+                "WITH {prev} AS (SELECT tableoid AS {oid}, ctid AS {tid}, xmin AS {xmin}, "
+                "{old_as} FROM {t} WHERE {p}{f}), "
+                "{upd} AS (UPDATE {t} SET {a} FROM {prev} WHERE {p}{f} AND {t}.ctid = {prev}.{tid} "
+                "AND {t}.tableoid = {prev}.{oid} AND {t}.xmin = {prev}.{xmin} RETURNING {ret}), "
+                "{ins} AS (INSERT INTO {u} ({cols}) SELECT * FROM {upd} RETURNING 1) "
                 "SELECT (SELECT count(*) FROM {prev}), "
                 "(SELECT count(*) FROM {prev} WHERE num_nonnulls({olds}) > 0), "
-                "(SELECT count(*) FROM ins)").format(
+                "(SELECT count(*) FROM {ins})").format(
                     prev=prev, tid=sql.Identifier("t:ctid"), oid=sql.Identifier("t:oid"),
+                    xmin=sql.Identifier("t:xmin"), upd=upd, ins=ins,
                     old_as=old_as, t=t, p=pred,
                     f=self.extra_filter(), a=assignments, ret=returning, u=self.undo, cols=cols,
                     olds=ids(sql.Identifier(f"old:{c}") for c in writes))
@@ -369,61 +374,44 @@ class PreparedJob:
             "WITH {prev} AS (SELECT {key_as}, {old_as} FROM {t} WHERE {p}{f} FOR NO KEY UPDATE), "
             # The batch's range again on the table: joined on the key alone, the planner may
             # walk the table from its first key for every batch.
-            "upd AS (UPDATE {t} SET {a} FROM {prev} WHERE {p}{f} AND {join} RETURNING {ret}) "
-            "INSERT INTO {u} ({cols}) SELECT * FROM upd").format(
-                prev=prev, key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(),
+            "{upd} AS (UPDATE {t} SET {a} FROM {prev} WHERE {p}{f} AND {join} RETURNING {ret}) "
+            "INSERT INTO {u} ({cols}) SELECT * FROM {upd}").format(
+                prev=prev, upd=upd, key_as=key_as, old_as=old_as, t=t, p=pred, f=self.extra_filter(),
                 a=assignments, join=join, ret=returning, u=self.undo, cols=cols)
 
-    def _update_logged_split(self, assignments: sql.Composable,
-                             pred: sql.Composable) -> sql.Composed:
-        """The logged update before 18 when few of the batch's rows hold values in the
-        written columns (a backfill of a new column): those rows' old values are known to
-        be NULL, with no read of them into a CTE to join back.
+    def _update_logged_fill(self, assignments: sql.Composable,
+                            pred: sql.Composable) -> sql.Composed:
+        """The logged update before 18 of a batch whose written columns are all NULL (a new
+        column being filled): the old values are known, so nothing is read into a CTE and
+        joined back. Returns (rows in the batch, rows holding values, rows logged).
 
-        One statement, one snapshot, two disjoint sets of the batch's rows: ``fill`` updates
-        the rows whose written columns are all NULL (a concurrent change is rechecked on
-        the newest version, so the NULL logged is the value overwritten); the others' row
-        versions are gathered (``ctid``, by the same scan that counts the batch), exactly
-        those versions updated, and each one's old values read back by ``ctid`` (the
-        statement's snapshot still sees the version it replaces). Returns (rows in the
-        batch, rows holding values, rows logged): a row another session changed in between
-        is in neither set, and :meth:`_write_optimistic` redoes the batch."""
+        One statement, one snapshot: ``t:batch`` counts the batch's rows and those holding
+        a value in a written column; only if none does, the update runs, over the same rows
+        in key order (as a plain update locks them), each still required to hold no value
+        (rechecked by PostgreSQL on the newest version of a row another session changed
+        meanwhile, so the NULL logged is what the job overwrote) and logged with NULL as
+        its old values. A batch holding values changes nothing here (0 logged) and
+        :meth:`_write_optimistic` runs :meth:`_update_logged` instead; a row changed in
+        between so that it holds a value is skipped, and the batch is redone locking."""
         t = table_ident(self.table)
         writes = self.spec.write_columns()
         ids = sql.SQL(", ").join
         names = ids(map(sql.Identifier, writes))
-        # A row version is (partition, ctid): ctids repeat across a partitioned table's
-        # partitions.
-        batch, prev, oid, tid, old = (sql.Identifier(n) for n in (
-            "t:batch", "t:prev", "t:oid", "t:ctid", "t:old"))
+        batch, fill, ins = (sql.Identifier(n) for n in ("t:batch", "t:fill", "t:ins"))
         return sql.SQL(
-            "WITH {batch} AS (SELECT count(*) AS n, "
-            "array_agg(tableoid) FILTER (WHERE num_nonnulls({names}) > 0) AS oids, "
-            "array_agg(ctid) FILTER (WHERE num_nonnulls({names}) > 0) AS tids "
-            "FROM {t} WHERE {p}{f}), "
-            "fill AS (UPDATE {t} SET {a} WHERE {p}{f} AND num_nulls({names}) = {k} "
-            "RETURNING {fill_ret}), "
-            "upd AS (UPDATE {t} SET {a} FROM unnest((SELECT oids FROM {batch}), "
-            "(SELECT tids FROM {batch})) AS {prev}({oid}, {tid}) "
-            "WHERE {t}.ctid = {prev}.{tid} AND {t}.tableoid = {prev}.{oid} RETURNING {ret}), "
-            "ins_fill AS (INSERT INTO {u} ({fill_cols}) SELECT * FROM fill RETURNING 1), "
-            "ins_upd AS (INSERT INTO {u} ({cols}) SELECT * FROM upd RETURNING 1) "
-            "SELECT (SELECT n FROM {batch}), (SELECT coalesce(cardinality(tids), 0) FROM {batch}), "
-            "(SELECT count(*) FROM ins_fill) + (SELECT count(*) FROM ins_upd)").format(
-                batch=batch, names=names, t=t, p=pred, f=self.extra_filter(), a=assignments,
-                k=sql.Literal(len(writes)), prev=prev, oid=oid, tid=tid, u=self.undo,
+            "WITH {batch} AS (SELECT count(*) AS n, count(*) FILTER "
+            "(WHERE num_nonnulls({names}) > 0) AS held FROM {t} WHERE {p}{f}), "
+            "{fill} AS (UPDATE {t} SET {a} WHERE {p}{f} AND num_nulls({names}) = {k} "
+            "AND (SELECT held FROM {batch}) = 0 RETURNING {fill_ret}), "
+            "{ins} AS (INSERT INTO {u} ({fill_cols}) SELECT * FROM {fill} RETURNING 1) "
+            "SELECT (SELECT n FROM {batch}), (SELECT held FROM {batch}), "
+            "(SELECT count(*) FROM {ins})").format(
+                batch=batch, fill=fill, ins=ins, names=names, t=t, p=pred,
+                f=self.extra_filter(), a=assignments, k=sql.Literal(len(writes)), u=self.undo,
                 fill_ret=ids(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c))
                              for c in (*self.key, *writes)),
-                ret=ids([*(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(k)) for k in self.key),
-                         *(sql.SQL("(SELECT {old}.{c} FROM {t} AS {old} WHERE {old}.ctid = "
-                                   "{prev}.{tid} AND {old}.tableoid = {prev}.{oid})").format(
-                                       old=old, c=sql.Identifier(c), t=t, prev=prev, tid=tid,
-                                       oid=oid)
-                           for c in writes),
-                         *(sql.SQL("{t}.{c}").format(t=t, c=sql.Identifier(c)) for c in writes)]),
                 fill_cols=ids([*map(sql.Identifier, self.key),
-                               *(sql.Identifier(f"new:{c}") for c in writes)]),
-                cols=ids(map(sql.Identifier, self.undo_columns())))
+                               *(sql.Identifier(f"new:{c}") for c in writes)]))
 
     def _revert_statement(self, lower: bool) -> sql.Composed:
         """Apply a batch of an undo log (this job's "table") back to its table ("dest").
@@ -512,30 +500,32 @@ class PreparedJob:
             return max(cur.rowcount, 0)
         return self._transform_batch(conn, stmt, params)
 
-    #: Above this share of a batch's rows holding values in the written columns, the next
-    #: batch reads every row's old values (one join) rather than splitting the batch.
-    SPLIT_HELD_MAX = 0.25
-
     def _write_optimistic(self, conn: Conn, stmt: sql.Composed, params: dict[str, Any], *,
                           lower: bool, sync: Callable[[], None] | None) -> int:
         """The logged update without locking its rows first; if another session updated
         one of them between the read and the write (rows read != rows logged), roll back to
         before it and run the locking statement instead. Rows logged.
 
-        ``stmt`` splits the batch (:meth:`_update_logged_split`) unless the last batch
-        here found more than :attr:`SPLIT_HELD_MAX` of its rows holding values (a job
-        recomputing a filled column): then every row's old values are read
-        (:meth:`_update_logged`), which costs less there. Both report the share."""
+        ``stmt`` (:meth:`_update_logged_fill`) updates a batch whose written columns are all
+        NULL without reading them; it is tried while the batches before held no values
+        (or the first), and a batch holding some runs :meth:`_update_logged`, which reads
+        every row's old values, at once after it (nothing was changed) or instead of it
+        until a batch holds none again. Every row is locked in key order either way."""
         pred = self.keyset.predicate(lower=lower)
-        if self._held and self._held[-1] > self.SPLIT_HELD_MAX:
-            stmt = self._update_logged(self._assignments(), pred, optimistic=True)
         conn.execute("SAVEPOINT backfill_logged")
-        row = conn.execute(stmt, params).fetchone()
-        read, held, logged = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
-        if read:
-            self._held[:] = [held / read]
-        if read == logged:
-            return logged
+        if not self._held or self._held[-1] == 0:
+            row = conn.execute(stmt, params).fetchone()
+            read, held, logged = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+            self._held[:] = [held]
+            if held == 0 and read == logged:
+                return logged
+        if self._held[-1] > 0:   # this batch holds values: nothing written yet, read them
+            read_all = self._update_logged(self._assignments(), pred, optimistic=True)
+            row = conn.execute(read_all, params).fetchone()
+            read, held, logged = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+            self._held[:] = [held]
+            if read == logged:
+                return logged
         conn.execute("ROLLBACK TO SAVEPOINT backfill_logged")
         careful = self._update_logged(self._assignments(), pred)
         cur = conn.execute(careful, params)

@@ -277,27 +277,35 @@ def test_returning_old_logs_the_same_undo_rows_as_the_two_pass_statement(dsn: st
         if version < 180000:
             return
         old_style = dataclasses.replace(prepared, server_version=0)
+        read_all = old_style._update_logged(old_style._assignments(),
+                                            old_style.keyset.predicate(lower=True),
+                                            optimistic=True)
         logs = []
-        for p in (prepared, old_style):
+        for stmt in (prepared.write_statement(lower=True), read_all):
             with c.transaction(force_rollback=True):
-                c.execute(p.write_statement(lower=True), {"lo0": 100, "hi0": 2_600})
+                c.execute(stmt, {"lo0": 100, "hi0": 2_600})
                 logs.append(c.execute(f"SELECT u::text FROM backfill.undo_{job.id} u "
                                       "ORDER BY id").fetchall())
     assert len(logs[0]) == 2_000
     assert logs[0] == logs[1]
 
 
-@pytest.mark.parametrize(("row", "app_set", "logged", "final"), [
-    (5, "note = 'app'", "(app,APP)", "APP"),      # a value: its row version changed
-    (7, "note = 'app'", "(app,APP)", "APP"),      # NULL, then a value: no longer empty
-    (14, "balance = 1", "(,-)", "-"),             # stays NULL: updated as it is now
+@pytest.mark.parametrize(("column", "row", "app_set", "logged", "final"), [
+    # A filled column: every old value is read, and the row version must still match.
+    ("note", 5, "note = 'app'", "(app,APP)", "APP"),     # a value: its row version changed
+    ("note", 7, "note = 'app'", "(app,APP)", "APP"),     # NULL, then a value
+    ("note", 14, "balance = 1", "(,-)", "-"),            # stays NULL, a newer version
+    # A new column, all NULL: the batch is filled without reading the old values.
+    ("memo", 5, "memo = 'app'", "(app,APP)", "APP"),     # no longer NULL: redone, locking
+    ("memo", 13, "balance = 1", "(,N13)", "N13"),        # stays NULL: updated as it is now
 ])
 def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_value(
-        dsn: str, row: int, app_set: str, logged: str, final: str) -> None:
-    """Before PostgreSQL 18 the logged update reads the old values without locking; a row
-    another session updates in between is caught (its row version changed, or its written
-    columns are no longer all NULL) and the batch is redone locking its rows: the undo log
-    holds the value the job overwrote, not the one it first read."""
+        dsn: str, column: str, row: int, app_set: str, logged: str, final: str) -> None:
+    """Before PostgreSQL 18 the logged update reads the old values without locking (or,
+    when the batch's written columns are all NULL, does not read them); a row another
+    session updates in between is caught (its row version changed, or it holds a value
+    now) and the batch is redone locking its rows: the undo log holds the value the job
+    overwrote, not the one it first read."""
     import threading
     import time
 
@@ -305,8 +313,10 @@ def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_
     from backfill.state import store
 
     _accounts(dsn, 100)   # note is NULL where id % 7 = 0
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE accounts ADD COLUMN memo text")
     bf = Backfill(dsn)
-    job = bf.enqueue(update("accounts", {"note": "upper(coalesce(note, '-'))"}))
+    job = bf.enqueue(update("accounts", {column: f"upper(coalesce({column}, note, '-'))"}))
     with psycopg.connect(dsn, autocommit=True) as c, \
             psycopg.connect(dsn, autocommit=True) as app:
         prepared = prepare_stored(c, store.get_job(c, job.id), explain=False)
@@ -318,24 +328,23 @@ def test_a_row_updated_between_the_read_and_the_write_is_logged_with_its_newest_
         threading.Thread(target=lambda: (time.sleep(0.3), app.execute("COMMIT"))).start()
         with c.transaction():
             rows = prepared.write_batch(c, None, (20,), None)
-        undo = dict(c.execute(f'SELECT id, ROW("old:note", "new:note")::text '
+        undo = dict(c.execute(f'SELECT id, ROW("old:{column}", "new:{column}")::text '
                               f"FROM backfill.undo_{job.id}").fetchall())
     assert rows == 20
     assert len(undo) == 20
     assert undo[row] == logged
-    assert undo[6] == "(n6,N6)"
+    assert undo[6] == ("(n6,N6)" if column == "note" else "(,N6)")
     if row != 14:
         assert undo[14] == "(,-)"
-    assert scalar(dsn, f"SELECT note FROM accounts WHERE id = {row}") == final
+    assert scalar(dsn, f"SELECT {column} FROM accounts WHERE id = {row}") == final
 
 
 def test_before_18_each_logging_statement_writes_the_same_undo_rows(dsn: str) -> None:
-    """Before PostgreSQL 18 a logged update runs one of three statements: the batch split
-    into rows whose written columns are all NULL and the others (the default), every row's
-    old values read and joined back (after a batch of mostly filled rows), or the rows
-    locked first (after a concurrent change). All three log the same rows and leave the
-    same table; the split one reports (rows, rows holding values, rows logged), and
-    reads the filled rows back by row version, never by a scan of the whole table."""
+    """Before PostgreSQL 18 a logged update runs one of three statements: the batch filled
+    without reading its old values when its written columns are all NULL (tried first),
+    every row's old values read and joined back (when the batch holds values), or the
+    rows locked first (after a concurrent change). Where each applies, they log the same
+    rows and leave the same table; the first changes nothing in a batch holding values."""
     from backfill.engine.prepare import prepare_stored
     from backfill.state import store
 
@@ -348,66 +357,75 @@ def test_before_18_each_logging_statement_writes_the_same_undo_rows(dsn: str) ->
     bf = Backfill(dsn)
     job = bf.enqueue(update("accounts", {"score": "balance::bigint", "labels": "tags"},
                             where="id % 5 <> 0"))
+    clear = "UPDATE accounts SET score = NULL, labels = NULL WHERE id > 1000 AND id <= 4000"
     with psycopg.connect(dsn, autocommit=True) as c:
         prepared = prepare_stored(c, store.get_job(c, job.id), explain=False)
         prepared = dataclasses.replace(prepared, server_version=170000)
         pred = prepared.keyset.predicate(lower=True)
         a = prepared._assignments()
-        statements = {"split": prepared.write_statement(lower=True),
+        statements = {"fill": prepared.write_statement(lower=True),
                       "read all": prepared._update_logged(a, pred, optimistic=True),
                       "locking": prepared._update_logged(a, pred)}
-        assert "num_nulls" in statements["split"].as_string(c)
+        assert "num_nulls" in statements["fill"].as_string(c)
         params = {"lo0": 1_000, "hi0": 4_000}
-        plan = [r[0] for r in c.execute(
-            sql.SQL("EXPLAIN (COSTS OFF) ") + statements["split"], params)]
-        start = plan.index("  CTE upd")
-        upd = plan[start:next(i for i in range(start + 1, len(plan))
-                              if not plan[i].startswith("   "))]
-        assert any("Tid Scan on accounts" in line for line in upd), plan
-        assert not any("Seq Scan" in line for line in upd), plan
-        results = {}
-        for name, stmt in statements.items():
-            with c.transaction(force_rollback=True):
-                cur = c.execute(stmt, params)
-                counts = cur.fetchone() if name != "locking" else (cur.rowcount,)
-                results[name] = (
-                    counts[-1],
-                    c.execute(f"SELECT u::text FROM backfill.undo_{job.id} u ORDER BY id"
-                              ).fetchall(),
-                    c.execute(CHECKSUM.format("accounts")).fetchone())
-                if name == "split":
-                    assert counts[:2] == (2_400, 800)   # of 3,000 keys: 1 in 5 skipped
-    assert results["split"][0] == 2_400
-    assert results["split"] == results["read all"] == results["locking"]
+        for held in (True, False):    # the batch as loaded (a third filled), or all NULL
+            results = {}
+            for name, stmt in statements.items():
+                with c.transaction(force_rollback=True):
+                    if not held:
+                        c.execute(clear)
+                    start = c.execute(CHECKSUM.format("accounts")).fetchone()
+                    cur = c.execute(stmt, params)
+                    counts = cur.fetchone() if name != "locking" else (cur.rowcount,)
+                    results[name] = (
+                        counts[-1],
+                        c.execute(f"SELECT u::text FROM backfill.undo_{job.id} u ORDER BY id"
+                                  ).fetchall(),
+                        c.execute(CHECKSUM.format("accounts")).fetchone())
+                    if name == "fill":   # of 3,000 keys: 1 in 5 skipped, a third filled
+                        assert counts == ((2_400, 800, 0) if held else (2_400, 0, 2_400))
+                        if held:
+                            assert results[name] == (0, [], start)   # nothing changed
+                    if name == "read all":
+                        assert counts == (2_400, 800 if held else 0, 2_400)
+            assert results["read all"][0] == 2_400
+            assert results["read all"] == results["locking"]
+            if held:
+                assert results["read all"][1][:4] == [  # id, old/new score, old/new labels
+                    ('(1001,,,1251,"{a,1001}")',), ('(1002,,"{x,NULL}",1253,"{a,1002}")',),
+                    ('(1003,,,1254,"{a,1003}")',), ('(1004,-1004,,1255,"{a,1004}")',)]
+            else:
+                assert results["fill"] == results["read all"]
 
-    # write_batch splits a batch unless the one before found more than a quarter of its
-    # rows filled (here: a third of the table; all of 4,000-4,200; none of 4,300-4,400).
+    # write_batch tries the fill while the batch before held no values (or it is the
+    # first); a batch holding values runs the read-all statement, at once after the fill
+    # changed nothing or, after such a batch, instead of it.
     class Recording(psycopg.Cursor):  # type: ignore[type-arg]
         def execute(self, query, params=None, **kw):  # type: ignore[no-untyped-def]
-            ran.append(query.as_string(self) if isinstance(query, sql.Composable) else query)
+            text = query.as_string(self) if isinstance(query, sql.Composable) else query
+            ran.append("fill" if '"t:fill"' in text else "read all" if '"t:xmin"' in text
+                       else "locking" if "FOR NO KEY UPDATE" in text else text)
             return super().execute(query, params, **kw)
 
     ran: list[str] = []
     with psycopg.connect(dsn, autocommit=True, cursor_factory=Recording) as c:
-        for lo, hi, split, share in [(1_000, 1_300, True, 80 / 240),
-                                     (4_000, 4_200, False, 1.0),
-                                     (4_300, 4_400, False, 0.0),
-                                     (4_400, 4_700, True, 80 / 240)]:
+        for lo, hi, statements_run, held_after in [
+                (4_000, 4_300, ["fill", "read all"], 80),
+                (2_000, 2_300, ["read all"], 0),          # cleared: all NULL
+                (2_300, 2_600, ["fill"], 0),
+                (4_300, 4_600, ["fill", "read all"], 80)]:
             with c.transaction(force_rollback=True):
-                c.execute("UPDATE accounts SET score = 0 WHERE id > 4000 AND id <= 4200")
-                c.execute("UPDATE accounts SET score = NULL, labels = NULL "
-                          "WHERE id > 4300 AND id <= 4400")
+                c.execute(clear)
                 ran.clear()
                 prepared.write_batch(c, (lo,), (hi,), None)
-            assert ("num_nulls" in ran[1]) == split, (lo, ran)
-            assert prepared._held == [share]
-    assert results["split"][1][:4] == [  # id, old score, old labels, new score, new labels
-        ('(1001,,,1251,"{a,1001}")',), ('(1002,,"{x,NULL}",1253,"{a,1002}")',),
-        ('(1003,,,1254,"{a,1003}")',), ('(1004,-1004,,1255,"{a,1004}")',)]
+            assert ran[0] == "SAVEPOINT backfill_logged"
+            assert ran[1:] == statements_run, (lo, ran)
+            assert prepared._held == [held_after]
 
 
 @pytest.mark.parametrize("ddl", [
-    # Named like the statement's CTE before: "table name specified more than once".
+    # Named like the statement's CTEs before: "table name specified more than once" (and a
+    # table named "fill" read by the SET expression was the CTE there).
     "CREATE TABLE prev (id int PRIMARY KEY, v int)",
     # ctids repeat across partitions: a row version is (partition, ctid).
     "CREATE TABLE prev (id int PRIMARY KEY, v int) PARTITION BY HASH (id); "
@@ -417,7 +435,7 @@ def test_before_18_each_logging_statement_writes_the_same_undo_rows(dsn: str) ->
 ])
 def test_every_logging_statement_updates_and_logs_exactly_the_batchs_rows(
         dsn: str, ddl: str) -> None:
-    """Each logged update (before 18: split, read all, locking; on 18 also RETURNING OLD)
+    """Each logged update (before 18: fill, read all, locking; on 18 also RETURNING OLD)
     changes and logs exactly the batch's rows, on a table named like the statement's parts
     and on a partitioned one, where row versions of different partitions share ctids; a
     run and its revert restore the table."""
@@ -428,29 +446,32 @@ def test_every_logging_statement_updates_and_logs_exactly_the_batchs_rows(
         c.execute(ddl)
         c.execute("INSERT INTO prev SELECT g, CASE WHEN g % 2 = 0 THEN g END "
                   "FROM generate_series(1, 600) g")
+        c.execute("CREATE TABLE fill (id int)")   # empty, and read by the SET expression
     bf = Backfill(dsn)
     before = _sum(dsn, "prev")
-    job = bf.enqueue(update("prev", {"v": "coalesce(v, 0) + 1"}, batch_size=100))
+    job = bf.enqueue(update("prev", {"v": "coalesce(v, 0) + 1 + (SELECT count(*) FROM fill)"},
+                            batch_size=100))
     with psycopg.connect(dsn, autocommit=True) as c:
         prepared = dataclasses.replace(
             prepare_stored(c, store.get_job(c, job.id), explain=False), server_version=170000)
         pred = prepared.keyset.predicate(lower=True)
         a = prepared._assignments()
-        for name, stmt in [("split", prepared.write_statement(lower=True)),
-                           ("read all", prepared._update_logged(a, pred, optimistic=True)),
-                           ("locking", prepared._update_logged(a, pred))]:
+        for name, stmt, clear in [("fill", prepared.write_statement(lower=True), True),
+                                  ("read all", prepared._update_logged(a, pred, optimistic=True),
+                                   False),
+                                  ("locking", prepared._update_logged(a, pred), False)]:
             with c.transaction(force_rollback=True):
+                if clear:   # the fill applies to a batch whose written column is all NULL
+                    c.execute("UPDATE prev SET v = NULL WHERE id > 100 AND id <= 400")
+                was = dict(c.execute("SELECT id, v FROM prev").fetchall())
                 c.execute(stmt, {"lo0": 100, "hi0": 400})
-                changed = c.execute("SELECT count(*), min(id), max(id) FROM prev "
-                                    "WHERE v IS DISTINCT FROM CASE WHEN id % 2 = 0 THEN id END"
-                                    ).fetchone()
-                logged = c.execute(
-                    f'SELECT count(*), count(DISTINCT id), min(id), max(id), count(*) FILTER '
-                    f'(WHERE "old:v" IS NOT DISTINCT FROM CASE WHEN id % 2 = 0 THEN id END '
-                    f'AND "new:v" = coalesce("old:v", 0) + 1) FROM backfill.undo_{job.id}'
-                ).fetchone()
-            assert changed == (300, 101, 400), name
-            assert logged == (300, 300, 101, 400, 300), name
+                now = dict(c.execute("SELECT id, v FROM prev").fetchall())
+                undo = c.execute(f'SELECT id, "old:v", "new:v" FROM backfill.undo_{job.id}'
+                                 ).fetchall()
+            changed = sorted(k for k in now if now[k] != was[k])
+            assert changed == list(range(101, 401)), name
+            assert sorted(undo) == [(k, was[k], (was[k] or 0) + 1)
+                                    for k in range(101, 401)], name
     assert bf.run(job.id).state == JobState.SUCCEEDED
     assert scalar(dsn, "SELECT count(*) FROM prev "
                        "WHERE v = CASE WHEN id % 2 = 0 THEN id + 1 ELSE 1 END") == 600
