@@ -310,7 +310,7 @@ class PreparedJob:
         those row versions. ``optimistic``: the read does not lock (locking writes every row
         an extra time); the update is restricted to the row versions read (partition,
         ``ctid`` and ``xmin``: a filter every plan rechecks on a row's newer version, where
-        a Tid Scan's own recheck passed anything before PostgreSQL 15.15), so a row another
+        older minor releases did not recheck a Tid Scan's own condition), so a row another
         session updated in between is skipped, and the statement returns (rows read, rows
         holding values, rows logged) for :meth:`_write_optimistic` to see that it must redo
         the batch with ``FOR NO KEY UPDATE``. The CTE's columns are renamed so the user's
@@ -510,7 +510,9 @@ class PreparedJob:
         NULL without reading them; it is tried while the batches before held no values
         (or the first), and a batch holding some runs :meth:`_update_logged`, which reads
         every row's old values, at once after it (nothing was changed) or instead of it
-        until a batch holds none again. Every row is locked in key order either way."""
+        until a batch holds none again. Either way one update locks the batch's rows (no
+        second pass over some of them, which could deadlock with an application
+        transaction locking rows in key order)."""
         pred = self.keyset.predicate(lower=lower)
         conn.execute("SAVEPOINT backfill_logged")
         if not self._held or self._held[-1] == 0:
