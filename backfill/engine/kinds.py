@@ -514,18 +514,22 @@ class PreparedJob:
         second pass over some of them, which could deadlock with an application
         transaction locking rows in key order)."""
         pred = self.keyset.predicate(lower=lower)
-        conn.execute("SAVEPOINT backfill_logged")
-        if not self._held or self._held[-1] == 0:
-            row = conn.execute(stmt, params).fetchone()
+
+        def counts(statement: sql.Composed) -> tuple[int, int, int]:
+            """(rows in the batch, rows holding values, rows logged); the second kept."""
+            row = conn.execute(statement, params).fetchone()
             read, held, logged = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
             self._held[:] = [held]
+            return read, held, logged
+
+        conn.execute("SAVEPOINT backfill_logged")
+        if not self._held or self._held[-1] == 0:
+            read, held, logged = counts(stmt)
             if held == 0 and read == logged:
                 return logged
         if self._held[-1] > 0:   # this batch holds values: nothing written yet, read them
-            read_all = self._update_logged(self._assignments(), pred, optimistic=True)
-            row = conn.execute(read_all, params).fetchone()
-            read, held, logged = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
-            self._held[:] = [held]
+            read, _, logged = counts(
+                self._update_logged(self._assignments(), pred, optimistic=True))
             if read == logged:
                 return logged
         conn.execute("ROLLBACK TO SAVEPOINT backfill_logged")
